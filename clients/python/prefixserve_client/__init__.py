@@ -1,0 +1,1 @@
+"""prefixserve-client: PrefixServeClient, AsyncPrefixServeClient and the prefixctl CLI."""

@@ -1,0 +1,274 @@
+"""The native prefix file, PEFT import, and validation against a backbone.
+
+Native file (safetensors, format version 1)
+-------------------------------------------
+One tensor per target, each shaped ``[num_layers, 2, num_heads, P, head_dim]`` (index 1: 0 = key,
+1 = value), all with the same ``P`` and dtype:
+
+- ``decoder``: GPT-2 self-attention in every layer, or BART decoder self-attention;
+- ``encoder``: BART encoder self-attention;
+- ``cross``:   BART decoder cross-attention (keys/values the decoder attends to beside the encoder's).
+
+``__metadata__`` (all strings): ``format`` = ``prefixserve``, ``format_version`` = ``1``, ``model_type``
+(``gpt2`` | ``bart``), ``num_layers``, ``num_heads``, ``head_dim``, ``num_virtual_tokens``, ``targets``
+(comma-separated), and optionally ``prompt_template`` (a string containing ``{source}``) and any other
+``x-*`` keys a producer wants to keep.
+
+Positions: real tokens of GPT-2 and of the BART decoder start at position P (as PEFT does); the BART
+encoder is not shifted. Prefix positions are never masked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT_NAME = "prefixserve"
+FORMAT_VERSION = "1"
+TARGETS_BY_MODEL = {"gpt2": ("decoder",), "bart": ("encoder", "decoder", "cross")}
+ALLOWED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DEFAULT_MAX_VIRTUAL_TOKENS = 256
+
+
+class PrefixFormatError(ValueError):
+    """The bytes or tensors are not a prefix this backbone can serve. The message says how to fix it."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """What a prefix must match: the loaded backbone's architecture."""
+
+    model_type: str  # "gpt2" | "bart"
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+@dataclass
+class Prefix:
+    """A prefix in memory: per-target tensors `[num_layers, 2, num_heads, P, head_dim]`."""
+
+    model_type: str
+    targets: dict[str, torch.Tensor]
+    prompt_template: str | None = None
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return next(iter(self.targets.values())).shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.targets.values())).dtype
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.targets.values())
+
+    def target_names(self) -> list[str]:
+        order = TARGETS_BY_MODEL.get(self.model_type, ())
+        return [t for t in order if t in self.targets]
+
+
+def save_prefix(prefix: Prefix) -> bytes:
+    """Serialise a prefix to native-file bytes (the trainer and the server both use this)."""
+    first = next(iter(prefix.targets.values()))
+    num_layers, _, num_heads, num_tokens, head_dim = first.shape
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_type": prefix.model_type,
+        "num_layers": str(num_layers),
+        "num_heads": str(num_heads),
+        "head_dim": str(head_dim),
+        "num_virtual_tokens": str(num_tokens),
+        "targets": ",".join(prefix.target_names()),
+        **{k: v for k, v in prefix.extra_metadata.items() if k.startswith("x-")},
+    }
+    if prefix.prompt_template is not None:
+        metadata["prompt_template"] = prefix.prompt_template
+    tensors = {name: t.detach().contiguous().cpu() for name, t in prefix.targets.items()}
+    return st_save(tensors, metadata=metadata)
+
+
+def _read_safetensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse safetensors bytes without trusting them: header checked, no pickle anywhere."""
+    if len(data) < 8:
+        raise PrefixFormatError("invalid_safetensors", f"{what} is {len(data)} bytes; not a safetensors file")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len <= 0 or 8 + header_len > len(data):
+        raise PrefixFormatError(
+            "invalid_safetensors", f"{what} is not a safetensors file (bad header length); upload the file as saved"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        tensors = st_load(data)
+    except (SafetensorsError, ValueError, UnicodeDecodeError, RuntimeError) as exc:
+        raise PrefixFormatError(
+            "invalid_safetensors", f"{what} is not a valid safetensors file ({exc}); upload the file unmodified"
+        ) from exc
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise PrefixFormatError("invalid_safetensors", f"{what} has a malformed __metadata__ block")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def load_prefix(data: bytes) -> Prefix:
+    """Parse native-file bytes. Shapes are checked against each other here, against a backbone by validate()."""
+    tensors, metadata = _read_safetensors(data, "the prefix file")
+    if metadata.get("format") != FORMAT_NAME:
+        raise PrefixFormatError(
+            "not_a_prefix_file",
+            "the file's metadata lacks format=prefixserve; upload a native prefix file, or a PEFT adapter as "
+            "multipart with parts adapter_model and adapter_config",
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise PrefixFormatError(
+            "unsupported_format_version",
+            f"format_version {metadata.get('format_version')!r} is not supported; this server reads {FORMAT_VERSION}",
+        )
+    model_type = metadata.get("model_type", "")
+    allowed = TARGETS_BY_MODEL.get(model_type)
+    if allowed is None:
+        raise PrefixFormatError("wrong_model_type", f"model_type {model_type!r} must be one of gpt2, bart")
+    unknown = sorted(set(tensors) - set(allowed))
+    if unknown or not tensors:
+        raise PrefixFormatError(
+            "bad_targets",
+            f"a {model_type} prefix holds tensors named {', '.join(allowed)} (at least one); found {sorted(tensors)}",
+        )
+    return Prefix(
+        model_type=model_type,
+        targets=tensors,
+        prompt_template=metadata.get("prompt_template"),
+        extra_metadata={k: v for k, v in metadata.items() if k.startswith("x-")},
+    )
+
+
+def import_peft(config_json: bytes, weights: bytes) -> Prefix:
+    """Convert a PEFT prefix-tuning adapter to a native prefix, placed exactly as PEFT applies it.
+
+    PEFT saves `prompt_embeddings` `[P, 2*L*D]`. Causal LM: view `[P, 2L, H, D/H]`, layer l takes
+    key = slot 2l, value = slot 2l+1. Seq2seq: PEFT concatenates the 2L slots with themselves before
+    splitting, so decoder layer l takes key = slot (4l) mod 2L and value = slot (4l+1) mod 2L, and only
+    the decoder self-attention gets a prefix.
+    """
+    try:
+        config = json.loads(config_json)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PrefixFormatError("invalid_adapter_config", f"adapter_config is not JSON ({exc})") from exc
+    if not isinstance(config, dict) or config.get("peft_type") != "PREFIX_TUNING":
+        raise PrefixFormatError(
+            "unsupported_adapter",
+            "adapter_config.peft_type must be PREFIX_TUNING; other PEFT methods (LoRA, prompt tuning) are not prefixes",
+        )
+    task_type = config.get("task_type")
+    model_type = {"CAUSAL_LM": "gpt2", "SEQ_2_SEQ_LM": "bart"}.get(str(task_type))
+    if model_type is None:
+        raise PrefixFormatError("unsupported_adapter", f"task_type {task_type!r} must be CAUSAL_LM or SEQ_2_SEQ_LM")
+    try:
+        num_tokens = int(config["num_virtual_tokens"])
+        num_layers = int(config["num_layers"])
+        token_dim = int(config["token_dim"])
+        num_heads = int(config["num_attention_heads"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PrefixFormatError(
+            "invalid_adapter_config",
+            "adapter_config needs integer num_virtual_tokens, num_layers, token_dim, num_attention_heads "
+            f"(missing or not an integer: {exc})",
+        ) from exc
+    if min(num_tokens, num_layers, token_dim, num_heads) <= 0 or token_dim % num_heads:
+        raise PrefixFormatError(
+            "invalid_adapter_config", "num_virtual_tokens, num_layers, token_dim, num_attention_heads must be > 0 "
+            "and token_dim divisible by num_attention_heads",
+        )
+    tensors, _ = _read_safetensors(weights, "adapter_model")
+    embeddings = tensors.get("prompt_embeddings")
+    expected = (num_tokens, 2 * num_layers * token_dim)
+    if embeddings is None or tuple(embeddings.shape) != expected:
+        found = None if embeddings is None else tuple(embeddings.shape)
+        raise PrefixFormatError(
+            "shape_mismatch",
+            f"adapter_model must hold prompt_embeddings shaped {list(expected)} for this adapter_config; found {found}",
+        )
+    head_dim = token_dim // num_heads
+    # [P, 2L*D] -> [P, 2L, H, d] -> [2L, H, P, d]
+    slots = embeddings.view(num_tokens, 2 * num_layers, num_heads, head_dim).permute(1, 2, 0, 3)
+    if model_type == "gpt2":
+        keys, values = slots[0::2], slots[1::2]
+    else:
+        layer = torch.arange(num_layers)
+        keys = slots[(4 * layer) % (2 * num_layers)]
+        values = slots[(4 * layer + 1) % (2 * num_layers)]
+    decoder = torch.stack([keys, values], dim=1).contiguous()  # [L, 2, H, P, d]
+    return Prefix(model_type=model_type, targets={"decoder": decoder})
+
+
+def validate(prefix: Prefix, backbone: BackboneShape, max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS) -> None:
+    """Refuse anything the backbone cannot serve exactly. Raises PrefixFormatError saying what to fix."""
+    if prefix.model_type != backbone.model_type:
+        raise PrefixFormatError(
+            "wrong_model_type",
+            f"the prefix is for {prefix.model_type} but the server runs a {backbone.model_type} backbone",
+        )
+    allowed = TARGETS_BY_MODEL[backbone.model_type]
+    expected_head = (backbone.num_layers, 2, backbone.num_heads)
+    num_tokens: int | None = None
+    dtype: torch.dtype | None = None
+    for name, tensor in prefix.targets.items():
+        if name not in allowed:
+            raise PrefixFormatError("bad_targets", f"target {name!r} is not one of {', '.join(allowed)}")
+        if tensor.dtype not in ALLOWED_DTYPES:
+            raise PrefixFormatError(
+                "wrong_dtype", f"target {name!r} is {tensor.dtype}; save it as float32, float16 or bfloat16"
+            )
+        shape = tuple(tensor.shape)
+        if len(shape) != 5 or shape[:3] != expected_head or shape[4] != backbone.head_dim:
+            want = [backbone.num_layers, 2, backbone.num_heads, "P", backbone.head_dim]
+            raise PrefixFormatError(
+                "shape_mismatch",
+                f"target {name!r} is shaped {list(shape)}; this backbone needs {want} "
+                f"({backbone.num_layers} layers, {backbone.num_heads} heads, head_dim {backbone.head_dim})",
+            )
+        if num_tokens is not None and shape[3] != num_tokens:
+            raise PrefixFormatError("shape_mismatch", "all targets must have the same number of virtual tokens P")
+        if dtype is not None and tensor.dtype != dtype:
+            raise PrefixFormatError("wrong_dtype", "all targets must have the same dtype")
+        num_tokens, dtype = shape[3], tensor.dtype
+        if not bool(torch.isfinite(tensor).all()):
+            raise PrefixFormatError(
+                "non_finite_values", f"target {name!r} contains NaN or Inf; retrain or re-export the prefix"
+            )
+    assert num_tokens is not None
+    if not 1 <= num_tokens <= max_virtual_tokens:
+        raise PrefixFormatError(
+            "prefix_too_long",
+            f"the prefix has {num_tokens} virtual tokens; this server accepts 1 to {max_virtual_tokens} "
+            "(PREFIXSERVE_MAX_PREFIX_TOKENS)",
+        )
+    if prefix.prompt_template is not None and "{source}" not in prefix.prompt_template:
+        raise PrefixFormatError("bad_prompt_template", "prompt_template must contain the placeholder {source}")
+
+
+def apply_template(template: str | None, source: str) -> str:
+    """Fill a prefix's prompt template: a client sends only the source."""
+    return source if template is None else template.replace("{source}", source)
+
+
+def count_parameters(prefix: Prefix) -> int:
+    return sum(math.prod(t.shape) for t in prefix.targets.values())
