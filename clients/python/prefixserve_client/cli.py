@@ -1,0 +1,271 @@
+"""prefixctl: the command line for a prefixserve server.
+
+    prefixctl upload acme/e2e ./e2e.safetensors        # a native prefix file
+    prefixctl upload acme/peft ./adapter_dir --public  # a PEFT prefix-tuning adapter directory (admin for --public)
+    prefixctl list [--tenant acme]
+    prefixctl show acme/e2e
+    prefixctl generate acme/e2e "name : Blue Spice" --stream --max-new-tokens 32
+    prefixctl delete acme/e2e
+    prefixctl keys create acme            # admin: prints key_id and the key (shown once)
+    prefixctl keys revoke acme KEY_ID     # admin
+
+`--url` and `--api-key` override PREFIXSERVE_URL and PREFIXSERVE_API_KEY; `--json` prints JSON.
+Exit codes: 0 ok, 1 the server refused or failed, 2 bad usage or local file, 3 server unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from prefixserve_client.client import PrefixServeClient
+from prefixserve_client.errors import ConnectionError, PrefixServeError
+from prefixserve_client.types import PrefixInfo
+
+EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+BARE_BACKBONE = "-"  # `prefixctl generate - PROMPT` uses the backbone without a prefix
+
+
+def _global_flags(suppress: bool) -> argparse.ArgumentParser:
+    """--url/--api-key/--json, accepted before or after the verb (the sub-parsers must not reset them)."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--url", default=default, help="server URL (default: $PREFIXSERVE_URL or http://127.0.0.1:8000)"
+    )
+    parser.add_argument("--api-key", default=default, help="API key (default: $PREFIXSERVE_API_KEY)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="print JSON instead of readable text",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS if suppress else 60.0,
+        help="seconds to wait for the server (default 60)",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _global_flags(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="prefixctl",
+        description="Manage and use prefixes on a prefixserve server.",
+        parents=[_global_flags(False)],
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser(
+        "upload", parents=[common], help="store a native prefix file or a PEFT adapter directory"
+    )
+    p.add_argument("id", help="<tenant>/<name>")
+    p.add_argument("path", help="a native .safetensors prefix file or a PEFT adapter directory")
+    p.add_argument("--public", action="store_true", help="every tenant may generate with it (admin key only)")
+
+    p = verbs.add_parser("list", parents=[common], help="list the prefixes the key can see")
+    p.add_argument("--tenant", help="only this tenant's prefixes")
+    p.add_argument("--limit", type=int, help="page size asked of the server (all pages are fetched)")
+
+    p = verbs.add_parser("show", parents=[common], help="show a prefix's metadata")
+    p.add_argument("id")
+
+    p = verbs.add_parser("delete", parents=[common], help="delete a prefix")
+    p.add_argument("id")
+
+    p = verbs.add_parser("generate", parents=[common], help="generate text with a prefix")
+    p.add_argument("id", help=f"<tenant>/<name>, or {BARE_BACKBONE} for the bare backbone")
+    p.add_argument("prompt", help="the prompt; - reads it from standard input")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+
+    keys = verbs.add_parser("keys", parents=[common], help="tenant API keys (admin)")
+    key_verbs = keys.add_subparsers(dest="key_verb", required=True, metavar="ACTION")
+    p = key_verbs.add_parser("create", parents=[common], help="create a key for TENANT (shown once)")
+    p.add_argument("tenant")
+    p = key_verbs.add_parser("revoke", parents=[common], help="revoke a key")
+    p.add_argument("tenant")
+    p.add_argument("key_id")
+
+    verbs.add_parser("health", parents=[common], help="is the server alive and ready")
+    verbs.add_parser("models", parents=[common], help="the backbone and the prefixes usable as OpenAI models")
+    return parser
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def _describe(prefix: PrefixInfo) -> str:
+    rows = [
+        ("id", prefix.id),
+        ("tenant", prefix.tenant),
+        ("name", prefix.name),
+        ("source", prefix.source),
+        ("targets", ",".join(prefix.targets)),
+        ("virtual tokens", str(prefix.num_virtual_tokens)),
+        ("dtype", prefix.dtype),
+        ("bytes", str(prefix.bytes)),
+        ("public", "yes" if prefix.public else "no"),
+        ("sha256", prefix.sha256),
+        ("created", _when(prefix.created_at)),
+        ("updated", _when(prefix.updated_at)),
+    ]
+    if prefix.prompt_template is not None:
+        rows.append(("prompt template", prefix.prompt_template))
+    return "\n".join(f"{k + ':':<16} {v}" for k, v in rows)
+
+
+def _table(prefixes: Sequence[PrefixInfo]) -> str:
+    header = ("ID", "TOKENS", "SOURCE", "TARGETS", "PUBLIC", "BYTES", "UPDATED")
+    rows = [header] + [
+        (
+            p.id,
+            str(p.num_virtual_tokens),
+            p.source,
+            ",".join(p.targets),
+            "yes" if p.public else "no",
+            str(p.bytes),
+            _when(p.updated_at),
+        )
+        for p in prefixes
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def cmd_upload(client: PrefixServeClient, args: argparse.Namespace) -> None:
+    info = client.upload(args.id, args.path, public=args.public)
+    _emit(
+        args,
+        {**info.to_dict(), "created": info.created},
+        f"{'created' if info.created else 'replaced'} {info.id}\n{_describe(info)}",
+    )
+
+
+def cmd_list(client: PrefixServeClient, args: argparse.Namespace) -> None:
+    prefixes = list(client.list_prefixes(tenant=args.tenant, limit=args.limit))
+    text = _table(prefixes) if prefixes else "no prefixes"
+    _emit(args, {"prefixes": [p.to_dict() for p in prefixes]}, text)
+
+
+def cmd_show(client: PrefixServeClient, args: argparse.Namespace) -> None:
+    info = client.get_prefix(args.id)
+    _emit(args, info.to_dict(), _describe(info))
+
+
+def cmd_delete(client: PrefixServeClient, args: argparse.Namespace) -> None:
+    client.delete_prefix(args.id)
+    _emit(args, {"deleted": args.id}, f"deleted {args.id}")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def cmd_generate(client: PrefixServeClient, args: argparse.Namespace) -> None:
+    prefix = None if args.id == BARE_BACKBONE else args.id
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not args.stream:
+        result = client.generate(prefix, prompt, **_sampling(args))
+        _emit(args, result.raw, result.text)
+        return
+    out: TextIO = sys.stdout
+    for event in client.stream_generate(prefix, prompt, **_sampling(args)):
+        if args.json:
+            out.write(json.dumps(event.raw) + "\n")  # one JSON object per line, as the server sent them
+        else:
+            out.write(event.text)
+        out.flush()
+        if event.is_final and not args.json:
+            out.write("\n")
+            usage = event.usage
+            tokens = (
+                f", {usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens"
+                if usage
+                else ""
+            )
+            print(f"[finish: {event.finish_reason}{tokens}]", file=sys.stderr)
+
+
+def cmd_keys(client: PrefixServeClient, args: argparse.Namespace) -> None:
+    if args.key_verb == "create":
+        created = client.create_key(args.tenant)
+        _emit(args, created._asdict(), f"key_id: {created.key_id}\nkey:    {created.key}")
+        if not args.json:
+            print("the key is shown only once: store it now", file=sys.stderr)
+    else:
+        client.revoke_key(args.tenant, args.key_id)
+        _emit(
+            args, {"revoked": args.key_id, "tenant": args.tenant}, f"revoked {args.key_id} of {args.tenant}"
+        )
+
+
+def cmd_health(client: PrefixServeClient, args: argparse.Namespace) -> None:
+    alive = client.health()
+    ready = client.ready()
+    _emit(args, {"healthz": alive, "readyz": ready}, f"alive and ready at {client.base_url}")
+
+
+def cmd_models(client: PrefixServeClient, args: argparse.Namespace) -> None:
+    models = client.models()
+    _emit(args, [m.raw for m in models], "\n".join(m.id for m in models))
+
+
+COMMANDS: dict[str, Callable[[PrefixServeClient, argparse.Namespace], None]] = {
+    "upload": cmd_upload,
+    "list": cmd_list,
+    "show": cmd_show,
+    "delete": cmd_delete,
+    "generate": cmd_generate,
+    "keys": cmd_keys,
+    "health": cmd_health,
+    "models": cmd_models,
+}
+
+
+def _fail(args: argparse.Namespace, code: str, message: str, status: int | None, exit_code: int) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": message, "status": status}}), file=sys.stderr)
+    else:
+        where = f" (HTTP {status})" if status is not None else ""
+        print(f"prefixctl: {code}{where}: {message}", file=sys.stderr)
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with PrefixServeClient(args.url, args.api_key, timeout=args.timeout) as client:
+            COMMANDS[args.verb](client, args)
+    except ConnectionError as exc:
+        return _fail(args, exc.code, exc.message, exc.status, EXIT_UNREACHABLE)
+    except PrefixServeError as exc:
+        exit_code = EXIT_USAGE if exc.status is None else EXIT_API  # None: refused before sending
+        return _fail(args, exc.code, exc.message, exc.status, exit_code)
+    except OSError as exc:  # a local file that is missing or unreadable
+        return _fail(args, "local_file", str(exc), None, EXIT_USAGE)
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Typed results. Each keeps the server's JSON in `raw`, so fields added to the contract later stay reachable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Usage:
+        data = data or {}
+        return cls(int(data.get("prompt_tokens", 0)), int(data.get("completion_tokens", 0)))
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """The answer of POST /v1/generate. `token_ids` are the generated ids only (no prompt, no final EOS)."""
+
+    id: str
+    prefix: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    usage: Usage
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerateResult:
+        return cls(
+            id=str(data.get("id", "")),
+            prefix=data.get("prefix"),
+            text=str(data.get("text", "")),
+            token_ids=[int(t) for t in data.get("token_ids", [])],
+            finish_reason=str(data.get("finish_reason", "")),
+            usage=Usage.from_dict(data.get("usage")),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One server-sent event of a streamed generation.
+
+    Token events carry `token_id` and `text`; the last event carries `finish_reason` and `usage` (and
+    `text` is "" there unless the server put text in it), so `print(event.text, end="")` works for all.
+    """
+
+    token_id: int | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamEvent:
+        token_id = data.get("token_id")
+        usage = data.get("usage")
+        return cls(
+            token_id=int(token_id) if token_id is not None else None,
+            text=str(data.get("text") or ""),
+            finish_reason=data.get("finish_reason"),
+            usage=Usage.from_dict(usage) if usage is not None else None,
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class PrefixInfo:
+    """Metadata of a stored prefix (GET /v1/prefixes/{tenant}/{name}).
+
+    `created` is set only on the result of an upload: True when the id was new (201), False when an
+    existing prefix was replaced (200).
+    """
+
+    id: str
+    tenant: str
+    name: str
+    num_virtual_tokens: int
+    bytes: int
+    dtype: str
+    sha256: str
+    source: str  # "native" | "peft"
+    targets: list[str]
+    public: bool
+    created_at: float
+    updated_at: float
+    model_type: str | None = None
+    prompt_template: str | None = None
+    created: bool | None = field(default=None, compare=False)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], created: bool | None = None) -> PrefixInfo:
+        tenant, _, name = str(data.get("id", "")).partition("/")
+        return cls(
+            id=str(data.get("id", "")),
+            tenant=str(data.get("tenant", tenant)),
+            name=str(data.get("name", name)),
+            num_virtual_tokens=int(data.get("num_virtual_tokens", 0)),
+            bytes=int(data.get("bytes", 0)),
+            dtype=str(data.get("dtype", "")),
+            sha256=str(data.get("sha256", "")),
+            source=str(data.get("source", "")),
+            targets=[str(t) for t in data.get("targets", [])],
+            public=bool(data.get("public", False)),
+            created_at=float(data.get("created_at", 0.0)),
+            updated_at=float(data.get("updated_at", 0.0)),
+            model_type=data.get("model_type"),
+            prompt_template=data.get("prompt_template"),
+            created=created,
+            raw=data,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The server's JSON when there is one, else the fields (for printing)."""
+        if self.raw:
+            return dict(self.raw)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in {"raw", "created"}}
+
+
+@dataclass(frozen=True)
+class PrefixPage:
+    """One page of GET /v1/prefixes; pass `next_cursor` to get the next (None: this was the last)."""
+
+    prefixes: list[PrefixInfo]
+    next_cursor: str | None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrefixPage:
+        return cls(
+            [PrefixInfo.from_dict(p) for p in data.get("prefixes", [])], data.get("next_cursor") or None
+        )
+
+
+class CreatedKey(NamedTuple):
+    """A new tenant key. `key` is the secret: the server shows it once and keeps only its hash."""
+
+    key_id: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """An entry of GET /v1/models (OpenAI shape): the backbone's name and each prefix visible to the key."""
+
+    id: str
+    object: str = "model"
+    owned_by: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(str(data.get("id", "")), str(data.get("object", "model")), data.get("owned_by"), raw=data)
