@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prefix_store.store import KeyRecord, PrefixMeta, check_id_part, decode_cursor, encode_cursor, split_id
@@ -147,6 +147,9 @@ class LocalStore:
     # -- operations -----------------------------------------------------------------------------
     def ping(self) -> bool:
         return self.prefix_dir.is_dir() and os.access(self.prefix_dir, os.W_OK)
+
+    def watch(self, on_change: Callable[[str | None], None]) -> None:
+        """Nothing to watch: one process owns the directory and sees its own writes."""
 
     def close(self) -> None:
         pass

@@ -1,0 +1,385 @@
+"""The shared store: prefixes, metadata and tenant keys in Redis, for several replicas at once.
+
+Layout (``NS`` is the namespace, ``prefixserve`` unless the URL says ``?namespace=NAME``)::
+
+    NS:prefix:<tenant>/<name>   hash  meta (JSON), data (native file), created_at (repr of a float)
+    NS:index:all                zset  every prefix id, all scores 0 (ordered by id: ZRANGEBYLEX)
+    NS:index:tenant:<tenant>    zset  that tenant's prefix ids
+    NS:index:public             zset  ids of public prefixes
+    NS:key:<key_id>             hash  key_id, tenant, key_hash, created_at
+    NS:index:keys               zset  every key id
+    NS:changes                  pub/sub channel: the id of every prefix put or deleted
+
+Meta and bytes of one version live in one hash and are written together by a Lua script, which Redis runs
+atomically with the index updates and the change notice: a reader (HMGET) sees the old version or the new
+one, never old meta with new bytes, and a listing never shows an id whose hash is gone. Listing pages
+through the sorted sets by id (ZRANGEBYLEX ... LIMIT), so a page costs O(log N + page), never KEYS/SCAN.
+
+Replicas learn of changes without polling: `watch(on_change)` subscribes to the change channel in a
+daemon thread and calls back with each id, or with None after every (re)subscription, since notices sent
+while it was disconnected are lost (the caller then drops everything it cached).
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from prefix_store.store import (
+    InvalidId,
+    KeyRecord,
+    PrefixMeta,
+    StoreUnavailable,
+    check_id_part,
+    decode_cursor,
+    encode_cursor,
+    split_id,
+)
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# KEYS: prefix hash, index:all, index:tenant:<t>, index:public
+# ARGV: id, meta JSON, data, created_at, "1" if public, channel
+# Returns {1, created_at} when created, {0, created_at of the first version} when replaced.
+PUT_SCRIPT = """
+local old_created = redis.call('HGET', KEYS[1], 'created_at')
+local created = old_created or ARGV[4]
+redis.call('HSET', KEYS[1], 'meta', ARGV[2], 'data', ARGV[3], 'created_at', created)
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
+if ARGV[5] == '1' then
+  redis.call('ZADD', KEYS[4], 0, ARGV[1])
+else
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
+redis.call('PUBLISH', ARGV[6], ARGV[1])
+if old_created then return {0, old_created} end
+return {1, created}
+"""
+
+# KEYS: prefix hash, index:all, index:tenant:<t>, index:public; ARGV: id, channel
+DELETE_SCRIPT = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if existed == 1 then redis.call('PUBLISH', ARGV[2], ARGV[1]) end
+return existed
+"""
+
+# KEYS: key hash, index:keys; ARGV: key_id, tenant
+DELETE_KEY_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# Fail fast when Redis is down (a request answers 503 within about 0.4 s) and heal by itself
+# when it comes back: a dead pooled connection is retried on a fresh one.
+RETRY_ERRORS: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError]
+MISCONF_PREFIXES = ("MISCONF", "OOM", "LOADING", "MASTERDOWN", "NOREPLICAS")
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
+
+
+def _split_namespace(url: str) -> tuple[str, str]:
+    """Take our own `namespace` query parameter off the URL; redis-py gets the rest."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    namespace = next((v for k, v in query if k == "namespace"), "prefixserve")
+    rest = urlencode([(k, v) for k, v in query if k != "namespace"])
+    return urlunsplit(parts._replace(query=rest)), namespace
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unavailable(method: Callable[P, R]) -> Callable[P, R]:
+    """Turn "Redis cannot answer" into StoreUnavailable (the server answers 503); other errors pass."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError) as exc:
+            store = args[0]
+            assert isinstance(store, RedisStore)
+            raise StoreUnavailable(
+                f"Redis store {store.safe_url} is unreachable ({type(exc).__name__}: {exc}); "
+                "check that redis-server is running and reachable from this host"
+            ) from exc
+        except ResponseError as exc:
+            if str(exc).startswith(MISCONF_PREFIXES):
+                store = args[0]
+                assert isinstance(store, RedisStore)
+                raise StoreUnavailable(f"Redis store {store.safe_url} refuses writes: {exc}") from exc
+            raise
+
+    return wrapper
+
+
+class RedisStore:
+    """A `PrefixStore` in Redis; see the module docstring for the layout. Thread-safe."""
+
+    def __init__(self, url: str, socket_timeout: float = 10.0):
+        self.url = url
+        self.safe_url = _redacted(url)
+        redis_url, self.namespace = _split_namespace(url)
+        check_id_part(self.namespace, "namespace")
+        self._client_kwargs: dict[str, Any] = dict(
+            socket_connect_timeout=2.0,
+            socket_timeout=socket_timeout,  # a 1 MB prefix takes milliseconds; this bounds a hung server
+            socket_keepalive=True,
+            health_check_interval=15,  # PING a connection idle this long before using it
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), retries=3),
+            retry_on_error=RETRY_ERRORS,
+        )
+        self._redis_url = redis_url
+        self.client = redis.Redis.from_url(redis_url, **self._client_kwargs)
+        self._put = self.client.register_script(PUT_SCRIPT)
+        self._delete = self.client.register_script(DELETE_SCRIPT)
+        self._delete_key = self.client.register_script(DELETE_KEY_SCRIPT)
+        self.channel = f"{self.namespace}:changes"
+        self._stop = threading.Event()
+        self._watchers: list[threading.Thread] = []
+
+    # -- key names ------------------------------------------------------------------------------
+    def _prefix_key(self, prefix_id: str) -> str:
+        return f"{self.namespace}:prefix:{prefix_id}"
+
+    def _index_keys(self, tenant: str) -> list[str]:
+        ns = self.namespace
+        return [f"{ns}:index:all", f"{ns}:index:tenant:{tenant}", f"{ns}:index:public"]
+
+    def _key_key(self, key_id: str) -> str:
+        return f"{self.namespace}:key:{key_id}"
+
+    # -- prefixes -------------------------------------------------------------------------------
+    @_unavailable
+    def put(self, meta: PrefixMeta, data: bytes) -> bool:
+        """Store or replace atomically; on replace keeps the first version's created_at (set on `meta`)."""
+        tenant, _ = split_id(meta.id)
+        created, created_at = self._put(
+            keys=[self._prefix_key(meta.id), *self._index_keys(tenant)],
+            args=[
+                meta.id,
+                json.dumps(meta.to_dict()),
+                data,
+                repr(meta.created_at),
+                int(meta.public),
+                self.channel,
+            ],
+        )
+        meta.created_at = float(created_at)
+        return bool(created)
+
+    @staticmethod
+    def _parse_meta(raw_meta: Any, raw_created: Any) -> PrefixMeta | None:
+        if raw_meta is None:
+            return None
+        meta = PrefixMeta.from_dict(json.loads(raw_meta))
+        if raw_created is not None:
+            meta.created_at = float(raw_created)
+        return meta
+
+    @_unavailable
+    def get_meta(self, prefix_id: str) -> PrefixMeta | None:
+        split_id(prefix_id)
+        raw_meta, raw_created = self.client.hmget(self._prefix_key(prefix_id), ["meta", "created_at"])
+        return self._parse_meta(raw_meta, raw_created)
+
+    @_unavailable
+    def get(self, prefix_id: str) -> tuple[PrefixMeta, bytes] | None:
+        split_id(prefix_id)
+        # One HMGET: meta and bytes of the same version, whatever writers do meanwhile.
+        raw_meta, raw_created, data = self.client.hmget(
+            self._prefix_key(prefix_id), ["meta", "created_at", "data"]
+        )
+        meta = self._parse_meta(raw_meta, raw_created)
+        if meta is None or not isinstance(data, bytes):
+            return None
+        return meta, data
+
+    @_unavailable
+    def delete(self, prefix_id: str) -> bool:
+        tenant, _ = split_id(prefix_id)
+        keys = [self._prefix_key(prefix_id), *self._index_keys(tenant)]
+        return bool(self._delete(keys=keys, args=[prefix_id, self.channel]))
+
+    def _range(self, index: str, after: str, count: int) -> list[str]:
+        low = f"({after}" if after else "-"
+        return [_text(m) for m in self.client.zrangebylex(index, low, "+", start=0, num=count)]
+
+    @_unavailable
+    def list(
+        self,
+        tenant: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        include_public: bool = False,
+    ) -> tuple[list[PrefixMeta], str | None]:
+        """Prefixes ordered by id, `limit` per page; the cursor is the last id seen, opaque to callers."""
+        if limit < 1:
+            raise InvalidId("limit must be at least 1")
+        after = decode_cursor(cursor)
+        all_index, tenant_index, public_index = self._index_keys(tenant or "-")
+        if tenant is None:
+            ids = self._range(all_index, after, limit + 1)
+        else:
+            check_id_part(tenant, "tenant")
+            ids = self._range(tenant_index, after, limit + 1)
+            if include_public:
+                # Both ranges are sorted by id: the first limit+1 of the union lie within them.
+                ids = sorted(set(ids) | set(self._range(public_index, after, limit + 1)))[: limit + 1]
+        has_more = len(ids) > limit
+        ids = ids[:limit]
+        pipe = self.client.pipeline(transaction=False)
+        for prefix_id in ids:
+            pipe.hmget(self._prefix_key(prefix_id), ["meta", "created_at"])
+        page: list[PrefixMeta] = []
+        for raw_meta, raw_created in pipe.execute():
+            meta = self._parse_meta(raw_meta, raw_created)
+            # None: deleted between the two round trips; not public: made private meanwhile.
+            if meta is None or (tenant is not None and meta.tenant != tenant and not meta.public):
+                continue
+            page.append(meta)
+        return page, encode_cursor(ids[-1]) if has_more else None
+
+    # -- keys -----------------------------------------------------------------------------------
+    @_unavailable
+    def put_key(self, record: KeyRecord) -> None:
+        check_id_part(record.key_id, "key id")
+        fields: dict[Any, Any] = {
+            "key_id": record.key_id,
+            "tenant": record.tenant,
+            "key_hash": record.key_hash,
+            "created_at": repr(record.created_at),
+        }
+        pipe = self.client.pipeline(transaction=True)  # MULTI/EXEC: the key and its index entry together
+        pipe.delete(self._key_key(record.key_id))
+        pipe.hset(self._key_key(record.key_id), mapping=fields)
+        pipe.zadd(f"{self.namespace}:index:keys", {record.key_id: 0})
+        pipe.execute()
+
+    @staticmethod
+    def _parse_key(raw: Any) -> KeyRecord | None:
+        if not raw:
+            return None
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        return KeyRecord(
+            key_id=fields["key_id"],
+            tenant=fields["tenant"],
+            key_hash=fields["key_hash"],
+            created_at=float(fields["created_at"]),
+        )
+
+    @_unavailable
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        try:
+            check_id_part(key_id, "key id")
+        except InvalidId:
+            return None
+        return self._parse_key(self.client.hgetall(self._key_key(key_id)))
+
+    @_unavailable
+    def delete_key(self, tenant: str, key_id: str) -> bool:
+        """Delete a tenant's key; False when it does not exist or belongs to another tenant."""
+        try:
+            check_id_part(key_id, "key id")
+        except InvalidId:
+            return False
+        keys = [self._key_key(key_id), f"{self.namespace}:index:keys"]
+        return bool(self._delete_key(keys=keys, args=[key_id, tenant]))
+
+    @_unavailable
+    def list_keys(self) -> builtins.list[KeyRecord]:
+        """Every stored key record (hashes only), ordered by key id; for copying between stores."""
+        key_ids = self._range(f"{self.namespace}:index:keys", "", -1)
+        pipe = self.client.pipeline(transaction=False)
+        for key_id in key_ids:
+            pipe.hgetall(self._key_key(key_id))
+        return [r for r in map(self._parse_key, pipe.execute()) if r is not None]
+
+    # -- operations -----------------------------------------------------------------------------
+    def ping(self) -> bool:
+        """True when Redis answers; False (never an exception) when it does not."""
+        try:
+            return bool(self.client.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def watch(self, on_change: Callable[[str | None], None]) -> None:
+        """Call `on_change(prefix_id)` for every put/delete by any replica, from a daemon thread.
+
+        `on_change(None)` comes after every (re)subscription, the first included: notices published while
+        this replica was not subscribed are lost, so the caller must drop everything it cached. Reconnects
+        by itself, forever, until close(). Callbacks must be quick and thread-safe.
+        """
+        thread = threading.Thread(
+            target=self._watch_loop, args=(on_change,), name="redis-store-watch", daemon=True
+        )
+        self._watchers.append(thread)
+        thread.start()
+
+    def _watch_loop(self, on_change: Callable[[str | None], None]) -> None:
+        client = redis.Redis.from_url(self._redis_url, **{**self._client_kwargs, "health_check_interval": 5})
+        delay = 0.1
+        while not self._stop.is_set():
+            pubsub = client.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.25)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":  # also after redis-py re-subscribed by itself
+                        delay = 0.1
+                        log.info("watching %s on %s", self.channel, self.safe_url)
+                        self._notify(on_change, None)
+                    elif message["type"] == "message":
+                        self._notify(on_change, _text(message["data"]))
+            except (redis.RedisError, OSError) as exc:
+                log.warning("lost the change feed of %s (%s); retrying in %.1fs", self.safe_url, exc, delay)
+            finally:
+                pubsub.close()
+            self._stop.wait(delay)
+            delay = min(delay * 2, 2.0)
+        client.close()
+
+    @staticmethod
+    def _notify(on_change: Callable[[str | None], None], prefix_id: str | None) -> None:
+        try:
+            on_change(prefix_id)
+        except Exception:
+            log.exception("store change callback failed for %r", prefix_id)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._watchers:
+            thread.join(timeout=3.0)
+        self._watchers.clear()
+        self.client.close()
