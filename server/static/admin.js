@@ -1,0 +1,313 @@
+// prefixserve admin page: prefixes, live figures from /metrics, and a box to try a prefix.
+// Plain DOM, no framework; everything from the server is put in the page with textContent, never innerHTML.
+"use strict";
+
+const KEY_STORAGE = "prefixserve.apiKey";
+const REFRESH_MS = 3000;
+const MAX_PAGES = 50; // prefix list: pages of 100, followed through next_cursor
+
+const $ = (id) => document.getElementById(id);
+let apiKey = localStorage.getItem(KEY_STORAGE) || "";
+let previous = null; // last metrics snapshot, for rates
+
+// ---- HTTP -------------------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (apiKey) headers["Authorization"] = "Bearer " + apiKey;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (!response.ok) {
+    let code = "http_" + response.status;
+    let message = response.statusText || "request failed";
+    try {
+      const body = await response.json();
+      if (body && body.error) ({ code, message } = body.error);
+    } catch (_) { /* not JSON: keep the status line */ }
+    throw new ApiError(response.status, code, message);
+  }
+  return response;
+}
+
+function describe(error) {
+  if (!(error instanceof ApiError)) return "cannot reach the server: " + error.message;
+  const hint = error.status === 401 ? " — enter a valid API key above" : "";
+  return `${error.code} (${error.status}): ${error.message}${hint}`;
+}
+
+// ---- formatting ---------------------------------------------------------------------------------------
+
+const integer = new Intl.NumberFormat("en", { maximumFractionDigits: 0 });
+const decimal = new Intl.NumberFormat("en", { maximumFractionDigits: 2 });
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? decimal.format(n) : integer.format(n)) + " " + units[i];
+}
+
+function when(seconds) {
+  if (!seconds) return "–";
+  return new Date(seconds * 1000).toLocaleString("sv-SE").slice(0, 16); // YYYY-MM-DD HH:MM
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function pill(td, text, className) {
+  td.textContent = "";
+  const span = document.createElement("span");
+  span.className = "pill " + (className || "");
+  span.textContent = text;
+  td.appendChild(span);
+}
+
+function emptyRow(tbody, columns, text) {
+  const td = tbody.insertRow().insertCell();
+  td.colSpan = columns;
+  td.className = "empty";
+  td.textContent = text;
+}
+
+// ---- Prometheus text -----------------------------------------------------------------------------------
+
+// Samples of the exposition format: [{name, labels: {k: v}, value}], comments skipped.
+function parsePrometheus(text) {
+  const samples = [];
+  const line = /^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)/;
+  const label = /([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"/g;
+  for (const raw of text.split("\n")) {
+    if (!raw || raw.startsWith("#")) continue;
+    const m = line.exec(raw);
+    if (!m) continue;
+    const labels = {};
+    for (const l of (m[2] || "").matchAll(label)) labels[l[1]] = l[2].replace(/\\(.)/g, "$1");
+    samples.push({ name: m[1], labels, value: Number(m[3]) });
+  }
+  return samples;
+}
+
+function total(samples, name) {
+  let sum = 0;
+  let seen = false;
+  for (const s of samples) if (s.name === name) { sum += s.value; seen = true; }
+  return seen ? sum : null;
+}
+
+function snapshot(samples) {
+  const requests = samples.filter((s) => s.name === "prefixserve_requests_total");
+  return {
+    at: performance.now(),
+    requests,
+    numRequests: total(samples, "prefixserve_requests_total"),
+    numErrors: requests.filter((s) => /^[45]/.test(s.labels.status || "")).reduce((a, s) => a + s.value, 0),
+    numTokens: total(samples, "prefixserve_generated_tokens_total"),
+    hits: total(samples, "prefixserve_prefix_cache_hits_total"),
+    misses: total(samples, "prefixserve_prefix_cache_misses_total"),
+    evictions: total(samples, "prefixserve_prefix_cache_evictions_total"),
+    queue: total(samples, "prefixserve_queue_depth"),
+    batchSum: total(samples, "prefixserve_batch_size_sum"),
+    batchCount: total(samples, "prefixserve_batch_size_count"),
+  };
+}
+
+function rate(now, key) {
+  if (!previous || now[key] === null || previous[key] === null) return null;
+  const seconds = (now.at - previous.at) / 1000;
+  return seconds > 0 ? Math.max(0, now[key] - previous[key]) / seconds : null;
+}
+
+function show(id, value, format = integer) {
+  $(id).textContent = value === null || Number.isNaN(value) ? "–" : format.format(value);
+}
+
+function renderMetrics(now) {
+  show("m-requests", now.numRequests);
+  const requestRate = rate(now, "numRequests");
+  $("m-requests-sub").textContent =
+    `${integer.format(now.numErrors)} errors` + (requestRate === null ? "" : ` · ${decimal.format(requestRate)}/s`);
+  show("m-tokens", now.numTokens);
+  const tokenRate = rate(now, "numTokens");
+  $("m-tokens-sub").textContent = tokenRate === null ? "\u00a0" : `${decimal.format(tokenRate)} tokens/s`;
+  const lookups = (now.hits || 0) + (now.misses || 0);
+  $("m-hit-rate").textContent = lookups ? decimal.format((100 * now.hits) / lookups) + " %" : "–";
+  $("m-cache-sub").textContent = `${integer.format(now.hits || 0)} hits · ${integer.format(now.misses || 0)} misses`;
+  show("m-evictions", now.evictions);
+  show("m-queue", now.queue);
+  show("m-batch", now.batchCount ? now.batchSum / now.batchCount : null, decimal);
+  $("m-batch-sub").textContent = now.batchCount ? `over ${integer.format(now.batchCount)} steps` : "\u00a0";
+
+  const tbody = $("requests-table").tBodies[0];
+  tbody.textContent = "";
+  const rows = now.requests.slice().sort((a, b) =>
+    (a.labels.endpoint || "").localeCompare(b.labels.endpoint || "") ||
+    (a.labels.status || "").localeCompare(b.labels.status || ""));
+  for (const s of rows) {
+    const row = tbody.insertRow();
+    cell(row, s.labels.endpoint || "–");
+    cell(row, s.labels.status || "–");
+    cell(row, integer.format(s.value), "num");
+  }
+  if (!rows.length) emptyRow(tbody, 3, "no requests yet");
+}
+
+async function refreshMetrics() {
+  try {
+    const text = await (await api("/metrics")).text();
+    const now = snapshot(parsePrometheus(text));
+    renderMetrics(now);
+    previous = now;
+    $("metrics-error").textContent = "";
+    $("metrics-updated").textContent = "updated " + new Date().toLocaleTimeString("en-GB") +
+      ` · every ${REFRESH_MS / 1000} s`;
+  } catch (error) {
+    $("metrics-error").textContent = describe(error);
+  }
+}
+
+async function refreshStatus() {
+  const status = $("status");
+  try {
+    await fetch("/healthz").then((r) => { if (!r.ok) throw new Error("healthz " + r.status); });
+    const ready = await fetch("/readyz");
+    status.dataset.state = ready.ok ? "ready" : "not-ready";
+    status.textContent = ready.ok ? "ready" : "alive, not ready (model loading or store unreachable)";
+  } catch (_) {
+    status.dataset.state = "down";
+    status.textContent = "server unreachable";
+  }
+}
+
+// ---- prefixes -------------------------------------------------------------------------------------------
+
+async function fetchPrefixes() {
+  const prefixes = [];
+  let cursor = null;
+  for (let page = 0; page < MAX_PAGES; page++) {
+    const query = new URLSearchParams({ limit: "100" });
+    if (cursor) query.set("cursor", cursor);
+    const body = await (await api("/v1/prefixes?" + query)).json();
+    prefixes.push(...(body.prefixes || []));
+    if (!body.next_cursor || body.next_cursor === cursor) break;
+    cursor = body.next_cursor;
+  }
+  return prefixes;
+}
+
+function renderPrefixes(prefixes) {
+  const tbody = $("prefix-table").tBodies[0];
+  tbody.textContent = "";
+  for (const p of prefixes) {
+    const row = tbody.insertRow();
+    row.className = "prefix-row";
+    row.dataset.id = p.id;
+    row.title = `sha256 ${p.sha256 || "?"} · ${p.dtype || "?"} · click to try it`;
+    cell(row, p.id, "id");
+    cell(row, integer.format(p.num_virtual_tokens), "num");
+    cell(row, p.source || "–");
+    cell(row, (p.targets || []).join(", "));
+    cell(row, bytes(p.bytes || 0), "num");
+    pill(row.insertCell(), p.public ? "public" : "private", p.public ? "public" : "");
+    cell(row, when(p.updated_at));
+    row.addEventListener("click", () => selectPrefix(p.id));
+  }
+  if (!prefixes.length) emptyRow(tbody, 7, "no prefixes visible to this key — upload one with prefixctl upload");
+
+  const select = $("try-prefix");
+  const chosen = select.value;
+  select.length = 1; // keep "(bare backbone)"
+  for (const p of prefixes) select.add(new Option(p.id, p.id));
+  if (prefixes.some((p) => p.id === chosen)) select.value = chosen;
+}
+
+async function refreshPrefixes() {
+  try {
+    renderPrefixes(await fetchPrefixes());
+    $("prefix-error").textContent = "";
+  } catch (error) {
+    renderPrefixes([]);
+    $("prefix-error").textContent = describe(error);
+  }
+}
+
+function selectPrefix(id) {
+  $("try-prefix").value = id;
+  $("try-prompt").focus();
+}
+
+// ---- try a prefix ----------------------------------------------------------------------------------------
+
+async function tryPrefix(event) {
+  event.preventDefault();
+  const prefix = $("try-prefix").value || null;
+  const body = {
+    prefix,
+    prompt: $("try-prompt").value,
+    max_new_tokens: Number($("try-max").value) || 32,
+    temperature: Number($("try-temp").value) || 0,
+  };
+  const headers = { "Content-Type": "application/json" };
+  if (prefix) headers["X-Prefix-Id"] = prefix;
+  $("try-run").disabled = true;
+  $("try-error").textContent = "";
+  $("try-meta").textContent = "generating…";
+  const started = performance.now();
+  try {
+    const result = await (await api("/v1/generate", { method: "POST", headers, body: JSON.stringify(body) })).json();
+    const seconds = (performance.now() - started) / 1000;
+    $("try-output").textContent = result.text;
+    const usage = result.usage || {};
+    $("try-meta").textContent = `${result.finish_reason} · ${usage.prompt_tokens} prompt + ` +
+      `${usage.completion_tokens} generated tokens · ${decimal.format(seconds)} s`;
+    refreshMetrics();
+  } catch (error) {
+    $("try-output").textContent = "";
+    $("try-meta").textContent = "";
+    $("try-error").textContent = describe(error);
+  } finally {
+    $("try-run").disabled = false;
+  }
+}
+
+// ---- wiring --------------------------------------------------------------------------------------------
+
+function useKey(event) {
+  event.preventDefault();
+  apiKey = $("api-key").value.trim();
+  if (apiKey) localStorage.setItem(KEY_STORAGE, apiKey);
+  else localStorage.removeItem(KEY_STORAGE);
+  refreshAll();
+}
+
+function forgetKey() {
+  apiKey = "";
+  $("api-key").value = "";
+  localStorage.removeItem(KEY_STORAGE);
+  refreshAll();
+}
+
+function refreshAll() {
+  refreshStatus();
+  refreshPrefixes();
+  refreshMetrics();
+}
+
+$("api-key").value = apiKey;
+$("key-form").addEventListener("submit", useKey);
+$("forget-key").addEventListener("click", forgetKey);
+$("refresh-prefixes").addEventListener("click", refreshPrefixes);
+$("try-form").addEventListener("submit", tryPrefix);
+refreshAll();
+setInterval(() => { refreshMetrics(); refreshStatus(); }, REFRESH_MS);
