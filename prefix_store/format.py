@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -118,7 +118,7 @@ def _read_safetensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], 
     try:
         header = json.loads(data[8 : 8 + header_len])
         tensors = st_load(data)
-    except (SafetensorsError, ValueError, UnicodeDecodeError, RuntimeError) as exc:
+    except (SafetensorError, ValueError, UnicodeDecodeError, RuntimeError) as exc:
         raise PrefixFormatError(
             "invalid_safetensors", f"{what} is not a valid safetensors file ({exc}); upload the file unmodified"
         ) from exc

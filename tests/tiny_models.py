@@ -61,7 +61,8 @@ def build_bart(path: Path, layers: int = 2, heads: int = 4, d_model: int = 64, m
                         decoder_ffn_dim=2 * d_model, max_position_embeddings=max_positions,
                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-                        forced_eos_token_id=tokenizer.eos_token_id, init_std=0.08)
+                        forced_eos_token_id=tokenizer.eos_token_id, init_std=0.08,
+                        tie_word_embeddings=False)
     model = BartForConditionalGeneration(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

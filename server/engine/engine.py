@@ -1,0 +1,244 @@
+"""The engine: a loop thread running schedule -> execute -> update, and an asyncio front (add, stream, abort).
+
+The loop runs in its own thread so a forward pass never blocks the event loop; the front hands requests
+in under a lock and gets outputs back through per-request asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine.detokenizer import IncrementalText
+from server.engine.request import Request, RequestOutput, SamplingParams
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger("prefixserve.engine")
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_prefill_tokens: int = 4096
+    max_model_len: int = 1024
+    max_prefix_tokens: int = 256
+    max_queue: int = 1024  # waiting requests before add() refuses (QueueFull -> 429)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "max_prefix_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput]
+    text: IncrementalText
+
+
+class Engine:
+    def __init__(
+        self,
+        backbone: Any,
+        config: EngineConfig,
+        release_prefix: Callable[[Any], None] = lambda prefix: None,
+        on_forward: Callable[[list[Request]], None] | None = None,
+    ):
+        self.backbone = backbone
+        self.config = config
+        self.is_encoder_decoder = backbone.model_type == "bart"
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens, backbone.rules.eos_token_ids)
+        )
+        self.runner = ModelRunner(
+            backbone, config.max_num_seqs, config.max_model_len, config.max_prefix_tokens, on_forward
+        )
+        self.release_prefix = release_prefix
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._is_stopping = False
+
+    # -- prompts ------------------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    def tokenize(self, prompt: str) -> list[int]:
+        token_ids = list(self.backbone.tokenizer(prompt)["input_ids"])
+        if not token_ids and self.backbone.rules.bos_token_id is not None:
+            token_ids = [self.backbone.rules.bos_token_id]  # what HF generate does with an empty prompt
+        return token_ids
+
+    def check_fits(self, num_prompt_tokens: int, num_prefix_tokens: int, max_new_tokens: int) -> None:
+        """Raise PromptTooLong unless prefix + prompt + new tokens fit the backbone's positions."""
+        limit = self.max_model_len
+        if num_prompt_tokens == 0:
+            raise PromptTooLong("the prompt is empty and the backbone has no BOS token; send at least one token")
+        if self.is_encoder_decoder:
+            if num_prompt_tokens > limit:
+                raise PromptTooLong(f"the prompt has {num_prompt_tokens} tokens; this backbone encodes at most {limit}")
+            needed, what = num_prefix_tokens + max_new_tokens, "prefix + max_new_tokens"
+        else:
+            needed, what = num_prefix_tokens + num_prompt_tokens + max_new_tokens, "prefix + prompt + max_new_tokens"
+        if needed > limit:
+            raise PromptTooLong(
+                f"{what} = {needed} tokens, over this backbone's {limit} positions; shorten the prompt or lower "
+                "max_new_tokens"
+            )
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def step(self) -> list[tuple[Request, RequestOutput]]:
+        """One engine step: schedule -> execute -> update. Returns the outputs to deliver."""
+        with self._lock:
+            batch = self.scheduler.schedule()
+        for request in batch.finished:
+            if request.prefix is not None:
+                self.release_prefix(request.prefix)
+        if not batch.sequences:
+            self.runner.execute(batch)  # frees the slots of aborted requests
+            return []
+        before = [len(r.output_token_ids) for r in batch.sequences]
+        try:
+            token_ids = self.runner.execute(batch)
+        except Exception as exc:  # a bad step fails its requests, not the service
+            log.exception("engine step failed")
+            with self._lock:
+                for request in batch.sequences:
+                    request.finish("error")
+            return [(r, self._output(r, None, "", error=f"engine error: {exc}")) for r in batch.sequences]
+        with self._lock:
+            self.scheduler.update(batch, token_ids)
+        self.num_steps += 1
+        return [self._after_token(r, n) for r, n in zip(batch.sequences, before, strict=True)]
+
+    def _after_token(self, request: Request, num_before: int) -> tuple[Request, RequestOutput]:
+        stream = self._streams.get(request.request_id)
+        token_id = request.output_token_ids[-1] if len(request.output_token_ids) > num_before else None
+        delta = ""
+        if token_id is not None:
+            self.num_generated_tokens += 1
+            if stream is not None:
+                delta = stream.text.add(token_id)
+                if stream.text.is_stopped:
+                    request.finish("stop")
+        if request.is_finished and stream is not None:
+            delta += stream.text.flush()
+        return request, self._output(request, token_id, delta)
+
+    def _output(self, request: Request, token_id: int | None, text: str, error: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            token_id=token_id,
+            text=text,
+            is_finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_output_tokens=len(request.output_token_ids),
+            error=error,
+        )
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self.scheduler.has_work() and not self._is_stopping:
+                    self._lock.wait()
+                if self._is_stopping:
+                    return
+            for request, output in self.step():
+                self._deliver(request, output)
+
+    def _deliver(self, request: Request, output: RequestOutput) -> None:
+        stream = self._streams.get(request.request_id)
+        if stream is None:
+            return
+        if output.is_finished:
+            self._streams.pop(request.request_id, None)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._is_stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- the async front ------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    def add(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefix: Any = None,
+        prefix_id: str | None = None,
+        tenant: str | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Queue a request (its prefix already pinned). Raises QueueFull. Stream it with stream()."""
+        request = Request(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            prefix=prefix,
+            prefix_id=prefix_id,
+            num_prefix_tokens=0 if prefix is None else prefix.num_virtual_tokens,
+            tenant=tenant,
+        )
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self.backbone.tokenizer, params.stop))
+        with self._lock:
+            if self.scheduler.num_waiting >= self.config.max_queue:
+                raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting; retry shortly")
+            self._streams[request.request_id] = stream
+            self.scheduler.add(request)
+            self._lock.notify_all()
+        return request
+
+    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Outputs of a request until it finishes. Cancelling the consumer aborts the request."""
+        stream = self._streams.get(request.request_id)
+        if stream is None:
+            return
+        try:
+            while True:
+                output = await stream.queue.get()
+                yield output
+                if output.is_finished:
+                    return
+        finally:
+            if not request.is_finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its slot is freed at the next step."""
+        with self._lock:
+            self.scheduler.abort(request_id)
+            self._streams.pop(request_id, None)
+            self._lock.notify_all()

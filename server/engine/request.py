@@ -1,0 +1,101 @@
+"""Plain data passed between the engine front, the scheduler and the runner. No torch here."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; temperature 0 means greedy (exactly HF/PEFT `do_sample=False`)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 = off)")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. `prefix` is the pinned device prefix (opaque here) or None for the bare backbone."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prefix: Any = None
+    prefix_id: str | None = None
+    num_prefix_tokens: int = 0
+    tenant: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    first_token_time: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+
+@dataclass
+class ScheduledBatch:
+    """One engine step: free `finished`, prefill `prefill` (new rows), decode `decode` (running rows)."""
+
+    prefill: list[Request]
+    decode: list[Request]
+    finished: list[Request]
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.prefill or self.decode or self.finished)
+
+    @property
+    def sequences(self) -> list[Request]:
+        """Requests that get a token this step, in the order the runner returns them."""
+        return self.prefill + self.decode
+
+
+@dataclass
+class RequestOutput:
+    """What the front streams to a client after a step: the new token (if any) and its text delta."""
+
+    request_id: str
+    token_id: int | None
+    text: str
+    is_finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
