@@ -1,0 +1,164 @@
+"""Pretrain the demo backbone shipped at models/demo-gpt2: a small GPT-2 and its byte-level BPE tokenizer,
+trained from scratch on ../shared/data only (recipe and figures: docs/demo.md).
+
+Corpus: WikiText-2 valid+test (general English), the E2E references of the *training* part of
+e2e/valid.txt (the held-out MRs used by docs/quality.md are left out) and the WebNLG train lexicalisations.
+Only natural text goes into the language model; the MRs and triples go only into the tokenizer, so that
+reading a table is what the prefixes learn.
+
+    nohup .venv/bin/python scripts/train_demo_backbone.py > var/demo-backbone/log.txt 2>&1 &
+
+Single CPU thread by default (shared machine). The learning-rate schedule follows the *larger* of step
+progress and wall-clock progress, so a run always ends, fully decayed, within --max-minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.data import e2e_split, read_source_target, read_webnlg  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+EOS = "<|endoftext|>"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--out", type=Path, default=ROOT / "models" / "demo-gpt2")
+    p.add_argument("--work", type=Path, default=ROOT / "var" / "demo-backbone")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--block", type=int, default=256, help="training sequence length = n_positions")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--max-minutes", type=float, default=33.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def corpus(data: Path) -> tuple[list[str], list[str]]:
+    """(documents for the language model, extra lines for the tokenizer only)."""
+    docs: list[str] = []
+    for name in ("valid.txt", "test.txt"):
+        article: list[str] = []
+        for line in (data / "wikitext2" / name).read_text(encoding="utf-8").splitlines():
+            is_title = line.startswith(" = ") and not line.startswith(" = = ")
+            if is_title and article:
+                docs.append(" ".join(article))
+                article = []
+            if line.strip():
+                article.append(line.strip())
+        if article:
+            docs.append(" ".join(article))
+    e2e_train, _ = e2e_split(read_source_target(data / "e2e" / "valid.txt"))
+    webnlg = read_webnlg(data / "webnlg" / "train")
+    docs += [ex.target for ex in e2e_train] + [ex.target for ex in webnlg]
+    tables = sorted({ex.source for ex in e2e_train} | {ex.source for ex in webnlg})
+    return docs, tables
+
+
+def train_tokenizer(docs: list[str], tables: list[str], vocab_size: int) -> GPT2Tokenizer:
+    bpe = ByteLevelBPETokenizer()
+    lines = [" " + d for d in docs] + [" " + t for t in tables]
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS])
+    model = json.loads(bpe._tokenizer.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return GPT2Tokenizer(vocab=bpe.get_vocab(), merges=merges)
+
+
+def pack(tokenizer: GPT2Tokenizer, docs: list[str], block: int, seed: int) -> torch.Tensor:
+    """Shuffle the documents, join them with EOS and cut the stream into [num_blocks, block] rows."""
+    docs = list(docs)
+    random.Random(seed).shuffle(docs)
+    stream: list[int] = []
+    for doc in docs:
+        stream += tokenizer(" " + doc)["input_ids"] + [tokenizer.eos_token_id]
+    num_blocks = len(stream) // block
+    return torch.tensor(stream[: num_blocks * block]).view(num_blocks, block)
+
+
+def lr_at(args: argparse.Namespace, step: int, started: float) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = max(step / args.max_steps, (time.time() - started) / (60 * args.max_minutes))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    docs, tables = corpus(args.data)
+    tokenizer = train_tokenizer(docs, tables, args.vocab_size)
+    blocks = pack(tokenizer, docs, args.block, args.seed)
+    num_heldout = max(8, len(blocks) // 50)
+    heldout, blocks = blocks[:num_heldout], blocks[num_heldout:]
+    print(f"{len(docs)} documents, {blocks.numel()} training tokens, {heldout.numel()} held-out", flush=True)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=args.block, n_embd=args.n_embd, n_layer=args.n_layer,
+        n_head=args.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    started = time.time()
+    step, epoch = 0, 0
+    while step < args.max_steps and time.time() - started < 60 * args.max_minutes:
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed + epoch))
+        for start in range(0, len(order) - args.batch + 1, args.batch):
+            if step >= args.max_steps or time.time() - started >= 60 * args.max_minutes:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(args, step, started)
+            batch = blocks[order[start : start + args.batch]]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % 10 == 0:
+                elapsed = time.time() - started
+                rate = step * args.batch * args.block / elapsed
+                print(f"step {step} epoch {epoch} loss {loss.item():.3f} lr {group['lr']:.2e} "
+                      f"{rate:.0f} tok/s {elapsed / 60:.1f} min", flush=True)  # fmt: skip
+            if step % 100 == 0:
+                torch.save({"model": model.state_dict(), "step": step}, args.work / "checkpoint.pt")
+        epoch += 1
+    model.eval()
+    with torch.no_grad():
+        heldout_loss = sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in heldout) / len(
+            heldout
+        )
+    print(f"done: {step} steps, {epoch} epochs, held-out loss {heldout_loss:.3f} "
+          f"(perplexity {math.exp(heldout_loss):.1f}), {(time.time() - started) / 60:.1f} min", flush=True)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.half().save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    recipe = {**{k: str(v) for k, v in vars(args).items()}, "steps": step, "heldout_loss": heldout_loss}
+    (args.out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
