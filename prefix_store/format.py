@@ -113,14 +113,16 @@ def _read_safetensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], 
     header_len = int.from_bytes(data[:8], "little")
     if header_len <= 0 or 8 + header_len > len(data):
         raise PrefixFormatError(
-            "invalid_safetensors", f"{what} is not a safetensors file (bad header length); upload the file as saved"
+            "invalid_safetensors",
+            f"{what} is not a safetensors file (bad header length); upload the file as saved",
         )
     try:
         header = json.loads(data[8 : 8 + header_len])
         tensors = st_load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError, RuntimeError) as exc:
         raise PrefixFormatError(
-            "invalid_safetensors", f"{what} is not a valid safetensors file ({exc}); upload the file unmodified"
+            "invalid_safetensors",
+            f"{what} is not a valid safetensors file ({exc}); upload the file unmodified",
         ) from exc
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
@@ -180,7 +182,9 @@ def import_peft(config_json: bytes, weights: bytes) -> Prefix:
     task_type = config.get("task_type")
     model_type = {"CAUSAL_LM": "gpt2", "SEQ_2_SEQ_LM": "bart"}.get(str(task_type))
     if model_type is None:
-        raise PrefixFormatError("unsupported_adapter", f"task_type {task_type!r} must be CAUSAL_LM or SEQ_2_SEQ_LM")
+        raise PrefixFormatError(
+            "unsupported_adapter", f"task_type {task_type!r} must be CAUSAL_LM or SEQ_2_SEQ_LM"
+        )
     try:
         num_tokens = int(config["num_virtual_tokens"])
         num_layers = int(config["num_layers"])
@@ -194,7 +198,8 @@ def import_peft(config_json: bytes, weights: bytes) -> Prefix:
         ) from exc
     if min(num_tokens, num_layers, token_dim, num_heads) <= 0 or token_dim % num_heads:
         raise PrefixFormatError(
-            "invalid_adapter_config", "num_virtual_tokens, num_layers, token_dim, num_attention_heads must be > 0 "
+            "invalid_adapter_config",
+            "num_virtual_tokens, num_layers, token_dim, num_attention_heads must be > 0 "
             "and token_dim divisible by num_attention_heads",
         )
     tensors, _ = _read_safetensors(weights, "adapter_model")
@@ -219,7 +224,9 @@ def import_peft(config_json: bytes, weights: bytes) -> Prefix:
     return Prefix(model_type=model_type, targets={"decoder": decoder})
 
 
-def validate(prefix: Prefix, backbone: BackboneShape, max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS) -> None:
+def validate(
+    prefix: Prefix, backbone: BackboneShape, max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS
+) -> None:
     """Refuse anything the backbone cannot serve exactly. Raises PrefixFormatError saying what to fix."""
     if prefix.model_type != backbone.model_type:
         raise PrefixFormatError(
@@ -246,7 +253,9 @@ def validate(prefix: Prefix, backbone: BackboneShape, max_virtual_tokens: int = 
                 f"({backbone.num_layers} layers, {backbone.num_heads} heads, head_dim {backbone.head_dim})",
             )
         if num_tokens is not None and shape[3] != num_tokens:
-            raise PrefixFormatError("shape_mismatch", "all targets must have the same number of virtual tokens P")
+            raise PrefixFormatError(
+                "shape_mismatch", "all targets must have the same number of virtual tokens P"
+            )
         if dtype is not None and tensor.dtype != dtype:
             raise PrefixFormatError("wrong_dtype", "all targets must have the same dtype")
         num_tokens, dtype = shape[3], tensor.dtype
@@ -262,7 +271,9 @@ def validate(prefix: Prefix, backbone: BackboneShape, max_virtual_tokens: int = 
             "(PREFIXSERVE_MAX_PREFIX_TOKENS)",
         )
     if prefix.prompt_template is not None and "{source}" not in prefix.prompt_template:
-        raise PrefixFormatError("bad_prompt_template", "prompt_template must contain the placeholder {source}")
+        raise PrefixFormatError(
+            "bad_prompt_template", "prompt_template must contain the placeholder {source}"
+        )
 
 
 def apply_template(template: str | None, source: str) -> str:

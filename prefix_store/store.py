@@ -130,7 +130,11 @@ class PrefixStore(Protocol):
     def delete(self, prefix_id: str) -> bool: ...
 
     def list(
-        self, tenant: str | None = None, limit: int = 100, cursor: str | None = None, include_public: bool = False
+        self,
+        tenant: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        include_public: bool = False,
     ) -> tuple[list[PrefixMeta], str | None]:
         """Prefixes ordered by id; `tenant` filters (plus public ones if include_public); next cursor or None."""
 

@@ -25,8 +25,9 @@ BART_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 def _train_bpe(specials: list[str], vocab_size: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(LINES * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
-                            show_progress=False)
+    bpe.train_from_iterator(
+        LINES * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=specials, show_progress=False
+    )
     model = bpe._tokenizer.model
     vocab = bpe.get_vocab()
     # merges in rank order, read back from the serialised model
@@ -37,32 +38,52 @@ def _train_bpe(specials: list[str], vocab_size: int = 400) -> tuple[dict[str, in
     return vocab, [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
 
 
-def build_gpt2(path: Path, n_layer: int = 2, n_head: int = 4, n_embd: int = 64, n_positions: int = 128,
-               seed: int = 0) -> Path:
+def build_gpt2(
+    path: Path, n_layer: int = 2, n_head: int = 4, n_embd: int = 64, n_positions: int = 128, seed: int = 0
+) -> Path:
     vocab, merges = _train_bpe(["<|endoftext|>"])
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        initializer_range=0.08)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.08,
+    )
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def build_bart(path: Path, layers: int = 2, heads: int = 4, d_model: int = 64, max_positions: int = 128,
-               seed: int = 0) -> Path:
+def build_bart(
+    path: Path, layers: int = 2, heads: int = 4, d_model: int = 64, max_positions: int = 128, seed: int = 0
+) -> Path:
     vocab, merges = _train_bpe(BART_SPECIALS)
     tokenizer = BartTokenizer(vocab=vocab, merges=merges)
     torch.manual_seed(seed)
-    config = BartConfig(vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-                        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=2 * d_model,
-                        decoder_ffn_dim=2 * d_model, max_position_embeddings=max_positions,
-                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-                        forced_eos_token_id=tokenizer.eos_token_id, init_std=0.08,
-                        tie_word_embeddings=False)
+    config = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+        init_std=0.08,
+        tie_word_embeddings=False,
+    )
     model = BartForConditionalGeneration(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -15,7 +15,10 @@ import torch
 
 from prefix_store.format import BackboneShape
 
-SUPPORTED = {"gpt2": "GPT-2 family causal LM (GPT2LMHeadModel)", "bart": "BART family seq2seq (BartForConditionalGeneration)"}
+SUPPORTED = {
+    "gpt2": "GPT-2 family causal LM (GPT2LMHeadModel)",
+    "bart": "BART family seq2seq (BartForConditionalGeneration)",
+}
 
 
 class BackboneError(ValueError):
@@ -43,7 +46,9 @@ class KVCache:
     never hold NaN/Inf; everything written later is finite.
     """
 
-    def __init__(self, shape: BackboneShape, num_slots: int, max_positions: int, cross_len: int, device, dtype):
+    def __init__(
+        self, shape: BackboneShape, num_slots: int, max_positions: int, cross_len: int, device, dtype
+    ):
         dims = (shape.num_layers, 2, num_slots, shape.num_heads)
         self.self_kv = torch.zeros(*dims, max_positions, shape.head_dim, device=device, dtype=dtype)
         self.cross_kv = (
@@ -96,7 +101,11 @@ def _generation_rules(model: Any, tokenizer: Any) -> GenerationRules:
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    pad = gen.pad_token_id if gen.pad_token_id is not None else (tokenizer.pad_token_id or min(eos_ids, default=0))
+    pad = (
+        gen.pad_token_id
+        if gen.pad_token_id is not None
+        else (tokenizer.pad_token_id or min(eos_ids, default=0))
+    )
     return GenerationRules(
         eos_token_ids=eos_ids,
         bos_token_id=gen.bos_token_id if gen.bos_token_id is not None else tokenizer.bos_token_id,

@@ -18,7 +18,9 @@ from prefix_store.format import BackboneShape
 from server.engine.backbone import BackboneError, GenerationRules, KVCache
 
 
-def _pad_prefixes(prefixes: list[torch.Tensor | None], like: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+def _pad_prefixes(
+    prefixes: list[torch.Tensor | None], like: torch.Tensor
+) -> tuple[torch.Tensor | None, list[int]]:
     """Stack per-row prefixes [L, 2, H, P_i, d] (or None) into [L, 2, n, H, P_max, d], zero-padded on the right."""
     lens = [0 if p is None else p.shape[3] for p in prefixes]
     if max(lens) == 0:
@@ -37,7 +39,10 @@ class BartBackbone:
 
     def __init__(self, model, tokenizer, rules: GenerationRules, name: str):
         config = model.config
-        if config.encoder_layers != config.decoder_layers or config.encoder_attention_heads != config.decoder_attention_heads:
+        if (
+            config.encoder_layers != config.decoder_layers
+            or config.encoder_attention_heads != config.decoder_attention_heads
+        ):
             raise BackboneError("BART backbones need as many encoder as decoder layers and heads")
         if rules.decoder_start_token_id is None:
             raise BackboneError("the BART config has no decoder_start_token_id")
@@ -48,7 +53,10 @@ class BartBackbone:
         self.encoder = model.model.encoder
         self.decoder = model.model.decoder
         self.shape = BackboneShape(
-            "bart", config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads
+            "bart",
+            config.decoder_layers,
+            config.decoder_attention_heads,
+            config.d_model // config.decoder_attention_heads,
         )
         self.max_positions = config.max_position_embeddings
         self.device = model.lm_head.weight.device
@@ -92,7 +100,10 @@ class BartBackbone:
         prefix, prefix_lens = _pad_prefixes(encoder_prefixes, cache.self_kv)
         key_valid = valid
         if prefix is not None:
-            prefix_valid = torch.arange(prefix.shape[4], device=device)[None, :] < torch.tensor(prefix_lens, device=device)[:, None]
+            prefix_valid = (
+                torch.arange(prefix.shape[4], device=device)[None, :]
+                < torch.tensor(prefix_lens, device=device)[:, None]
+            )
             key_valid = torch.cat([prefix_valid, valid], dim=1)
         mask = key_valid[:, None, None, :]  # [n, 1, 1, P_max + S]: bidirectional, pads and prefix padding out
 
@@ -136,8 +147,12 @@ class BartBackbone:
         num_rows = tokens.shape[0]
         rows = torch.arange(num_rows, device=device)
         self_mask = (torch.arange(length, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-        cross_mask = (torch.arange(cross_length, device=device)[None, :] < cross_lens[:, None])[:, None, None, :]
-        h = self.decoder.embed_tokens(tokens[:, None]) + self._positions(self.decoder.embed_positions, positions[:, None])
+        cross_mask = (torch.arange(cross_length, device=device)[None, :] < cross_lens[:, None])[
+            :, None, None, :
+        ]
+        h = self.decoder.embed_tokens(tokens[:, None]) + self._positions(
+            self.decoder.embed_positions, positions[:, None]
+        )
         h = self.decoder.layernorm_embedding(h)  # [B, 1, D]
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
@@ -146,7 +161,11 @@ class BartBackbone:
             kv[0][rows, :, positions] = k[:, :, 0]
             kv[1][rows, :, positions] = v[:, :, 0]
             out = F.scaled_dot_product_attention(
-                q, kv[0, :num_rows, :, :length], kv[1, :num_rows, :, :length], attn_mask=self_mask, scale=attn.scaling
+                q,
+                kv[0, :num_rows, :, :length],
+                kv[1, :num_rows, :, :length],
+                attn_mask=self_mask,
+                scale=attn.scaling,
             )
             h = layer.self_attn_layer_norm(h + attn.out_proj(self._merge(out)))
 

@@ -91,13 +91,20 @@ class Engine:
         """Raise PromptTooLong unless prefix + prompt + new tokens fit the backbone's positions."""
         limit = self.max_model_len
         if num_prompt_tokens == 0:
-            raise PromptTooLong("the prompt is empty and the backbone has no BOS token; send at least one token")
+            raise PromptTooLong(
+                "the prompt is empty and the backbone has no BOS token; send at least one token"
+            )
         if self.is_encoder_decoder:
             if num_prompt_tokens > limit:
-                raise PromptTooLong(f"the prompt has {num_prompt_tokens} tokens; this backbone encodes at most {limit}")
+                raise PromptTooLong(
+                    f"the prompt has {num_prompt_tokens} tokens; this backbone encodes at most {limit}"
+                )
             needed, what = num_prefix_tokens + max_new_tokens, "prefix + max_new_tokens"
         else:
-            needed, what = num_prefix_tokens + num_prompt_tokens + max_new_tokens, "prefix + prompt + max_new_tokens"
+            needed, what = (
+                num_prefix_tokens + num_prompt_tokens + max_new_tokens,
+                "prefix + prompt + max_new_tokens",
+            )
         if needed > limit:
             raise PromptTooLong(
                 f"{what} = {needed} tokens, over this backbone's {limit} positions; shorten the prompt or lower "
@@ -143,7 +150,9 @@ class Engine:
             delta += stream.text.flush()
         return request, self._output(request, token_id, delta)
 
-    def _output(self, request: Request, token_id: int | None, text: str, error: str | None = None) -> RequestOutput:
+    def _output(
+        self, request: Request, token_id: int | None, text: str, error: str | None = None
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
             token_id=token_id,
@@ -212,7 +221,9 @@ class Engine:
             num_prefix_tokens=0 if prefix is None else prefix.num_virtual_tokens,
             tenant=tenant,
         )
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self.backbone.tokenizer, params.stop))
+        stream = _Stream(
+            asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self.backbone.tokenizer, params.stop)
+        )
         with self._lock:
             if self.scheduler.num_waiting >= self.config.max_queue:
                 raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting; retry shortly")

@@ -26,14 +26,14 @@ class GPT2Backbone:
         self.transformer = model.transformer
         self.lm_head = model.lm_head
         self.blocks = list(self.transformer.h)
-        self.shape = BackboneShape(
-            "gpt2", config.n_layer, config.n_head, config.n_embd // config.n_head
-        )
+        self.shape = BackboneShape("gpt2", config.n_layer, config.n_head, config.n_embd // config.n_head)
         self.max_positions = config.n_positions
         self.device = self.lm_head.weight.device
         self.dtype = self.lm_head.weight.dtype
 
-    def _layer(self, h: torch.Tensor, index: int, cache: KVCache, write: tuple, read: slice, length: int, mask):
+    def _layer(
+        self, h: torch.Tensor, index: int, cache: KVCache, write: tuple, read: slice, length: int, mask
+    ):
         """One block. h [n, T, D]; writes the K/V of queries `valid` [n, T] at cache (rows, cols) [N], then
         attends over slots `read`, cache entries [0, length)."""
         rows, cols, valid = write
@@ -84,7 +84,9 @@ class GPT2Backbone:
         return self.lm_head(self.transformer.ln_f(last)).float()
 
     @torch.inference_mode()
-    def decode(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+    def decode(
+        self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, length: int
+    ) -> torch.Tensor:
         """One token for each of the slots [0, B): tokens/positions [B]; `length` = max(positions) + 1."""
         num_rows = tokens.shape[0]
         device = self.device

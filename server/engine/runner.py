@@ -82,7 +82,9 @@ class ModelRunner:
         if not requests:
             return []
         start = len(self.slots)
-        prefix_lens = [self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)]
+        prefix_lens = [
+            self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
+        ]
         prompts = [r.prompt_token_ids for r in requests]
         self.on_forward(requests)
         logits = self.backbone.prefill(self.cache, start, prompts, prefix_lens)
@@ -96,7 +98,9 @@ class ModelRunner:
         if not requests:
             return
         start = len(self.slots)
-        written = [self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)]
+        written = [
+            self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
+        ]
         cross_lens = self.backbone.encode(
             self.cache,
             start,

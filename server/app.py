@@ -1,0 +1,162 @@
+"""create_app() and its lifespan: load the backbone once, open the store, start the engine loop, stop it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+from typing import Any
+
+from fastapi import FastAPI
+
+from prefix_store.cache import PrefixCache
+from prefix_store.store import open_store
+from server.engine.backbone import load_backbone
+from server.engine.engine import Engine, EngineConfig
+from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.settings import Settings, get_settings
+
+log = logging.getLogger("prefixserve")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class LimitsMiddleware:
+    """Pure ASGI: refuse bodies over max_body_bytes (413), count requests by route and status, tag the replica."""
+
+    def __init__(self, app: Any, max_body_bytes: int, replica: str):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.replica = replica.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500, "started": False}
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tagged_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-prefixserve-replica", self.replica)]
+            await send(message)
+
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise _BodyTooLarge
+            await self.app(scope, limited_receive, tagged_send)
+        except _BodyTooLarge:
+            if status["started"]:
+                raise
+            await self._too_large(tagged_send)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+            if metrics is not None:
+                metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+    async def _too_large(self, send: Any) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "code": "body_too_large",
+                    "message": f"the request body is over {self.max_body_bytes} bytes (PREFIXSERVE_MAX_BODY_BYTES)",
+                }
+            }
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def build_state(settings: Settings) -> SimpleNamespace:
+    """Everything the handlers share: settings, store, device cache, engine, metrics."""
+    state = SimpleNamespace(settings=settings, store=None, cache=None, engine=None, metrics=None)
+    state.metrics = Metrics(state)
+    backbone = load_backbone(settings.model, settings.device, settings.dtype)
+    state.store = open_store(settings.store)
+    state.cache = PrefixCache(state.store, lambda p: _to_device(p, backbone), settings.cache_bytes)
+    config = EngineConfig(
+        max_num_seqs=settings.max_num_seqs,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        max_model_len=settings.max_model_len,
+        max_prefix_tokens=settings.max_prefix_tokens,
+        max_queue=settings.max_queue,
+    )
+    state.engine = Engine(
+        backbone, config, release_prefix=state.cache.release, on_forward=state.metrics.on_forward
+    )
+    watch = getattr(state.store, "watch", None)
+    if watch is not None:
+        watch(
+            lambda prefix_id: (
+                state.cache.invalidate_all() if prefix_id is None else state.cache.invalidate(prefix_id)
+            )
+        )
+    return state
+
+
+def _to_device(prefix: Any, backbone: Any) -> dict:
+    return {k: v.to(device=backbone.device, dtype=backbone.dtype) for k, v in prefix.targets.items()}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.admin_key is None:
+            log.warning(
+                "!!! PREFIXSERVE_ADMIN_KEY is not set: AUTH IS OFF, every caller is admin. Set it in production."
+            )
+        state = build_state(settings)
+        for key, value in vars(state).items():
+            setattr(app.state, key, value)
+        state.engine.start()
+        backbone = state.engine.backbone
+        log.info(
+            "serving %s (%s, %d layers) on %s/%s; store %s; KV cache %.1f MiB for %d sequences",
+            settings.model,
+            backbone.model_type,
+            backbone.shape.num_layers,
+            backbone.device,
+            backbone.dtype,
+            state.store.url,
+            state.engine.runner.cache.num_bytes / 2**20,
+            settings.max_num_seqs,
+        )
+        try:
+            yield
+        finally:
+            state.engine.stop()
+            state.store.close()
+
+    app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = None
+    replica = settings.replica_name or f"{socket.gethostname()}:{settings.port}"
+    app.add_middleware(LimitsMiddleware, max_body_bytes=settings.max_body_bytes, replica=replica)
+    install_error_handlers(app)
+
+    from server.routes import admin, completions, generate, ops, prefixes, tenants
+
+    for module in (generate, completions, prefixes, tenants, ops, admin):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,88 @@
+"""Keys, tenants, and who may touch what.
+
+Keys look like `psk_<key_id>_<secret>`. Only a SHA-256 of the whole key is stored, in the prefix store
+(so every replica knows it), and compared in constant time. The admin key comes from
+PREFIXSERVE_ADMIN_KEY; when it is unset, auth is off and every caller is admin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from prefix_store.store import KeyRecord, PrefixMeta, StoreUnavailable
+from server.errors import ServiceError
+
+KEY_PREFIX = "psk_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    is_admin: bool
+    tenant: str | None  # None for the admin
+
+    def can_manage(self, tenant: str) -> bool:
+        """PUT/GET/DELETE/list under `tenant`."""
+        return self.is_admin or self.tenant == tenant
+
+    def can_generate(self, meta: PrefixMeta) -> bool:
+        return self.is_admin or meta.public or meta.tenant == self.tenant
+
+
+ADMIN = Principal(is_admin=True, tenant=None)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(tenant: str) -> tuple[KeyRecord, str]:
+    key_id = secrets.token_hex(6)
+    key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    return KeyRecord(key_id=key_id, tenant=tenant, key_hash=hash_key(key), created_at=time.time()), key
+
+
+def _unauthorized(message: str) -> ServiceError:
+    return ServiceError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+def authenticate(authorization: str | None, admin_key: str | None, store) -> Principal:
+    if admin_key is None:
+        return ADMIN
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise _unauthorized("send Authorization: Bearer <key>")
+    key = authorization[7:].strip()
+    if hmac.compare_digest(key.encode(), admin_key.encode()):
+        return ADMIN
+    parts = key.split("_")
+    if len(parts) == 3 and key.startswith(KEY_PREFIX):
+        try:
+            record = store.get_key(parts[1])
+        except StoreUnavailable as exc:
+            raise ServiceError(503, "store_unavailable", f"cannot check the key: {exc}") from exc
+        if record is not None and hmac.compare_digest(hash_key(key), record.key_hash):
+            return Principal(is_admin=False, tenant=record.tenant)
+    else:
+        hmac.compare_digest(hash_key(key), hash_key(admin_key))  # same work either way
+    raise _unauthorized("the key is not valid (revoked, mistyped, or for another deployment)")
+
+
+def get_principal(request: Request) -> Principal:
+    state = request.app.state
+    return authenticate(request.headers.get("authorization"), state.settings.admin_key, state.store)
+
+
+def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if not principal.is_admin:
+        raise ServiceError(403, "forbidden", "this endpoint needs the admin key")
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+AdminPrincipal = Annotated[Principal, Depends(require_admin)]

@@ -1,0 +1,60 @@
+"""`prefix-serve` (also `python -m server`): every setting is a flag here and a PREFIXSERVE_* env variable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from server.settings import Settings
+
+SECRET_FIELDS = {"admin_key"}  # env only: a key on the command line shows in `ps`
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefix-serve",
+        description="Serve many prefix-tuned tasks from one frozen GPT-2 or BART backbone.",
+        epilog="Every flag has an environment twin PREFIXSERVE_<FLAG> (e.g. PREFIXSERVE_MAX_NUM_SEQS). "
+        "The admin key is read from PREFIXSERVE_ADMIN_KEY only.",
+    )
+    for name, field in Settings.model_fields.items():
+        if name in SECRET_FIELDS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind: Any = str
+        annotation = field.annotation
+        if annotation in (int, float):
+            kind = annotation
+        help_text = f"{field.description} (env PREFIXSERVE_{name.upper()}, default {field.default!r})"
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+    return parser
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = settings_from_args(argv)
+    except Exception as exc:  # pydantic validation: say which flag is wrong
+        print(f"prefix-serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    serve(settings)

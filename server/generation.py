@@ -1,0 +1,165 @@
+"""What /v1/generate and /v1/completions share: resolve the prefix, build the request, run it, stream it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request as HttpRequest
+
+from prefix_store.cache import DevicePrefix, PrefixNotFound
+from prefix_store.format import apply_template
+from prefix_store.store import InvalidId, StoreUnavailable, split_id
+from server.auth import Principal
+from server.engine.engine import PromptTooLong, QueueFull
+from server.engine.request import Request, RequestOutput, SamplingParams
+from server.errors import ServiceError
+
+
+@dataclass
+class Generation:
+    request: Request
+    prefix_id: str | None
+    started: float = field(default_factory=time.monotonic)
+
+
+def not_found(prefix_id: str) -> ServiceError:
+    return ServiceError(
+        404, "prefix_not_found", f"no prefix {prefix_id!r} that this key can use; check the id"
+    )
+
+
+async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> DevicePrefix:
+    try:
+        split_id(prefix_id)
+    except InvalidId as exc:
+        raise ServiceError(400, "invalid_prefix_id", str(exc)) from exc
+    try:
+        prefix = await asyncio.to_thread(state.cache.acquire, prefix_id)
+    except PrefixNotFound:
+        raise not_found(prefix_id) from None
+    except StoreUnavailable as exc:
+        raise ServiceError(
+            503, "store_unavailable", f"the prefix store is unreachable ({exc}); retry shortly"
+        ) from exc
+    if not principal.can_generate(prefix.meta):
+        state.cache.release(prefix)
+        raise not_found(prefix_id)
+    return prefix
+
+
+async def start(
+    state: Any, principal: Principal, prefix_id: str | None, prompt: str, params: SamplingParams
+) -> Generation:
+    """Validate and queue a generation. Raises ServiceError (404, 422, 429, 503)."""
+    engine = state.engine
+    prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id else None
+    try:
+        if prefix is not None:
+            prompt = apply_template(prefix.meta.prompt_template, prompt)
+        token_ids = engine.tokenize(prompt)
+        engine.check_fits(
+            len(token_ids), 0 if prefix is None else prefix.num_virtual_tokens, params.max_new_tokens
+        )
+        request = engine.add(token_ids, params, prefix, prefix_id, principal.tenant or "admin")
+    except PromptTooLong as exc:
+        _release(state, prefix)
+        raise ServiceError(422, "prompt_too_long", str(exc)) from exc
+    except QueueFull as exc:
+        _release(state, prefix)
+        raise ServiceError(429, "queue_full", str(exc), {"Retry-After": "1"}) from exc
+    except BaseException:
+        _release(state, prefix)
+        raise
+    state.metrics.tenant_requests.labels(principal.tenant or "admin").inc()
+    return Generation(request, prefix_id)
+
+
+def _release(state: Any, prefix: DevicePrefix | None) -> None:
+    if prefix is not None:
+        state.cache.release(prefix)
+
+
+async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
+    """The request's outputs; counts tokens and latency; aborts on timeout or when the consumer goes away."""
+    metrics = state.metrics
+    tenant = gen.request.tenant or "admin"
+    deadline = gen.started + state.settings.request_timeout
+    stream = state.engine.stream(gen.request)
+    try:
+        while True:
+            try:
+                output = await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                state.engine.abort(gen.request.request_id)
+                raise ServiceError(
+                    504,
+                    "timeout",
+                    f"generation took over {state.settings.request_timeout:g} s and was aborted",
+                ) from None
+            if output.error:
+                raise ServiceError(500, "engine_error", output.error)
+            if output.token_id is not None:
+                if output.num_output_tokens == 1:
+                    metrics.time_to_first_token.observe(time.monotonic() - gen.started)
+                metrics.generated_tokens.inc()
+                metrics.tenant_tokens.labels(tenant).inc()
+            yield output
+            if output.is_finished:
+                metrics.request_latency.observe(time.monotonic() - gen.started)
+                return
+    finally:
+        await stream.aclose()
+
+
+async def run_to_end(
+    state: Any, gen: Generation, http_request: HttpRequest
+) -> tuple[list[int], str, RequestOutput]:
+    """Collect a whole generation; a client that disconnects aborts it (its slot frees at the next step)."""
+
+    async def collect() -> tuple[list[int], str, RequestOutput]:
+        token_ids: list[int] = []
+        text = ""
+        last: RequestOutput | None = None
+        async for output in outputs(state, gen):
+            if output.token_id is not None:
+                token_ids.append(output.token_id)
+            text += output.text
+            last = output
+        assert last is not None
+        return token_ids, text, last
+
+    task = asyncio.ensure_future(collect())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await http_request.is_disconnected():
+            task.cancel()
+            state.engine.abort(gen.request.request_id)
+            raise ServiceError(499, "client_closed", "the client disconnected")
+
+
+def sse(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def params_from(body: Any) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_new_tokens=body.max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=tuple(body.stop or ()),
+            ignore_eos=body.ignore_eos,
+        )
+    except ValueError as exc:
+        raise ServiceError(422, "invalid_sampling", str(exc)) from exc

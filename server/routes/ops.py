@@ -1,0 +1,37 @@
+"""/healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Model loaded and store reachable; 503 with the reason otherwise."""
+    state = request.app.state
+    if state.engine is None:
+        return JSONResponse({"status": "loading", "model": False, "store": False}, status_code=503)
+    try:
+        store_ok = bool(await asyncio.wait_for(asyncio.to_thread(state.store.ping), 2.0))
+    except Exception:
+        store_ok = False
+    body = {"status": "ready" if store_ok else "store_unavailable", "model": True, "store": store_ok}
+    return JSONResponse(body, status_code=200 if store_ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,53 @@
+"""Service settings: every knob is a CLI flag of prefix-serve and a PREFIXSERVE_* environment variable."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", extra="ignore")
+
+    model: str = Field(
+        "models/demo-gpt2", description="HF directory: a GPT-2-family causal LM or a BART seq2seq model"
+    )
+    store: str = Field("var/prefixes", description="directory, file://DIR, or redis://host:port/db")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = float32 on CPU, bfloat16 on CUDA"
+    )
+    admin_key: str | None = Field(
+        None, description="admin bearer key; unset = auth off (a warning is logged)"
+    )
+
+    max_num_seqs: int = Field(
+        64, ge=1, description="sequences decoded together in one forward pass (KV slots)"
+    )
+    max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens prefilled in one step")
+    max_model_len: int = Field(
+        1024, ge=8, description="positions per sequence (prefix + prompt + output), capped by the model"
+    )
+    max_prefix_tokens: int = Field(
+        256, ge=1, description="longest prefix (virtual tokens) accepted on upload"
+    )
+    max_queue: int = Field(1024, ge=1, description="waiting requests before new ones get 429")
+    cache_bytes: int = Field(1 << 30, ge=0, description="device cache budget for resident prefixes, in bytes")
+    max_body_bytes: int = Field(
+        64 << 20, ge=1024, description="largest request body (uploads), in bytes; over it: 413"
+    )
+    request_timeout: float = Field(
+        300.0, gt=0, description="seconds a generation may take before it is aborted (504)"
+    )
+    replica_name: str | None = Field(None, description="sent as X-Prefixserve-Replica; default host:port")
+    log_level: str = Field("info", description="python logging level")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

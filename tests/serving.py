@@ -1,0 +1,99 @@
+"""Start a real `prefix-serve` process for integration tests and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(
+    model_dir: Path,
+    store: str,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    port: int | None = None,
+    ready_timeout: float = 90.0,
+) -> ServerProcess:
+    """Launch `python -m server` and wait until /readyz answers 200."""
+    port = port or free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"prefix-serve-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIXSERVE_")}
+    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    full_env.update(env or {})
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model",
+        str(model_dir),
+        "--store",
+        store,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        *(args or []),
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(f"http://127.0.0.1:{port}", port, process, log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"prefix-serve exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"prefix-serve did not become ready in {ready_timeout} s:\n{server.log()}")
+
+
+@contextmanager
+def running_server(model_dir: Path, store: str, log_dir: Path, **kwargs) -> Iterator[ServerProcess]:
+    server = start_server(model_dir, store, log_dir, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()
