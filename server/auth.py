@@ -58,6 +58,8 @@ def authenticate(authorization: str | None, admin_key: str | None, store) -> Pri
     if not authorization or not authorization.lower().startswith("bearer "):
         raise _unauthorized("send Authorization: Bearer <key>")
     key = authorization[7:].strip()
+    if not key:
+        raise _unauthorized("the bearer key is empty; send Authorization: Bearer <key>")
     if hmac.compare_digest(key.encode(), admin_key.encode()):
         return ADMIN
     parts = key.split("_")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from server.engine.engine import PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.errors import ServiceError
 
+_TOKENIZE_LOCK = threading.Lock()
+
 
 @dataclass
 class Generation:
@@ -33,19 +36,27 @@ def not_found(prefix_id: str) -> ServiceError:
     )
 
 
+def _store_unavailable(exc: StoreUnavailable) -> ServiceError:
+    return ServiceError(503, "store_unavailable", f"the prefix store is unreachable ({exc}); retry shortly")
+
+
 async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> DevicePrefix:
     try:
-        split_id(prefix_id)
+        tenant, _ = split_id(prefix_id)
     except InvalidId as exc:
         raise ServiceError(400, "invalid_prefix_id", str(exc)) from exc
     try:
+        if not principal.is_admin and tenant != principal.tenant:
+            # another tenant's id: only a public prefix may be used. Checked before touching the device
+            # cache, so a foreign private prefix is never loaded (no cache churn, no hit/miss hint).
+            meta = await asyncio.to_thread(state.store.get_meta, prefix_id)
+            if meta is None or not meta.public:
+                raise not_found(prefix_id)
         prefix = await asyncio.to_thread(state.cache.acquire, prefix_id)
     except PrefixNotFound:
         raise not_found(prefix_id) from None
     except StoreUnavailable as exc:
-        raise ServiceError(
-            503, "store_unavailable", f"the prefix store is unreachable ({exc}); retry shortly"
-        ) from exc
+        raise _store_unavailable(exc) from exc
     if not principal.can_generate(prefix.meta):
         state.cache.release(prefix)
         raise not_found(prefix_id)
@@ -57,11 +68,11 @@ async def start(
 ) -> Generation:
     """Validate and queue a generation. Raises ServiceError (404, 422, 429, 503)."""
     engine = state.engine
-    prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id else None
+    prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
     try:
         if prefix is not None:
             prompt = apply_template(prefix.meta.prompt_template, prompt)
-        token_ids = engine.tokenize(prompt)
+        token_ids = await asyncio.to_thread(_tokenize, engine, prompt)
         engine.check_fits(
             len(token_ids), 0 if prefix is None else prefix.num_virtual_tokens, params.max_new_tokens
         )
@@ -77,6 +88,13 @@ async def start(
         raise
     state.metrics.tenant_requests.labels(principal.tenant or "admin").inc()
     return Generation(request, prefix_id)
+
+
+def _tokenize(engine: Any, prompt: str) -> list[int]:
+    """Off the event loop (a long prompt takes a while), one at a time: a HF fast tokenizer shared by
+    threads can fail with "Already borrowed" when calls overlap."""
+    with _TOKENIZE_LOCK:
+        return engine.tokenize(prompt)
 
 
 def _release(state: Any, prefix: DevicePrefix | None) -> None:

@@ -44,6 +44,18 @@ class _LiveCollector(Collector):
             yield CounterMetricFamily("prefixserve_engine_steps", "engine steps run", value=engine.num_steps)
 
 
+class PublicView(Collector):
+    """The registry without per-tenant series: /metrics answers anyone, and tenant names are not for anyone."""
+
+    TENANT_PREFIX = "prefixserve_tenant_"
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        return (m for m in self.registry.collect() if not m.name.startswith(self.TENANT_PREFIX))
+
+
 class Metrics:
     def __init__(self, state: Any):
         self.registry = CollectorRegistry()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,16 @@ class Settings(BaseSettings):
     )
     replica_name: str | None = Field(None, description="sent as X-Prefixserve-Replica; default host:port")
     log_level: str = Field("info", description="python logging level")
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_not_blank(cls, value: str | None) -> str | None:
+        # an empty PREFIXSERVE_ADMIN_KEY (e.g. `ADMIN_KEY=${UNSET}` in compose) is a mistake, not "auth off"
+        if value is not None and not value.strip():
+            raise ValueError(
+                "PREFIXSERVE_ADMIN_KEY is set but blank; unset it to turn auth off, or set a long random key"
+            )
+        return value
 
 
 @lru_cache

@@ -8,6 +8,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.auth import authenticate
+from server.errors import ServiceError
+from server.metrics import PublicView
+
 router = APIRouter(tags=["operations"])
 
 
@@ -33,5 +37,18 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    """Prometheus text format."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format. Open to scrapers; per-tenant series only with the admin key (or auth off)."""
+    state = request.app.state
+    registry = state.metrics.registry
+    if not await _is_admin(request):
+        registry = PublicView(registry)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _is_admin(request: Request) -> bool:
+    state = request.app.state
+    header = request.headers.get("authorization")
+    try:
+        return (await asyncio.to_thread(authenticate, header, state.settings.admin_key, state.store)).is_admin
+    except ServiceError:
+        return False
