@@ -1,0 +1,99 @@
+"""The scheduler on hand-built requests: no model, no torch."""
+
+from __future__ import annotations
+
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+
+EOS = 0
+
+
+def make(request_id: str, num_prompt: int = 3, max_new: int = 4, **params) -> Request:
+    return Request(
+        request_id, list(range(1, num_prompt + 1)), SamplingParams(max_new_tokens=max_new, **params)
+    )
+
+
+def scheduler(**kwargs) -> Scheduler:
+    return Scheduler(SchedulerConfig(eos_token_ids=frozenset({EOS}), **kwargs))
+
+
+def test_admits_in_arrival_order_up_to_slots():
+    s = scheduler(max_num_seqs=2)
+    for name in "abc":
+        s.add(make(name))
+    batch = s.schedule()
+    assert [r.request_id for r in batch.prefill] == ["a", "b"]
+    assert batch.decode == [] and s.num_waiting == 1
+    s.update(batch, [5, 5])
+    batch = s.schedule()
+    assert [r.request_id for r in batch.decode] == ["a", "b"] and batch.prefill == []
+
+
+def test_prefill_token_budget_always_admits_one():
+    s = scheduler(max_prefill_tokens=4)
+    s.add(make("long", num_prompt=10))
+    s.add(make("short", num_prompt=2))
+    batch = s.schedule()
+    assert [r.request_id for r in batch.prefill] == ["long"]
+    s.update(batch, [7])
+    assert [r.request_id for r in s.schedule().prefill] == ["short"]
+
+
+def test_eos_finishes_without_appending_and_length_finishes():
+    s = scheduler()
+    a, b = make("a", max_new=2), make("b", max_new=2)
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    s.update(batch, [EOS, 9])
+    assert a.finish_reason == "stop" and a.output_token_ids == []
+    batch = s.schedule()
+    assert batch.finished == [a] and batch.decode == [b]
+    s.update(batch, [8])
+    assert b.finish_reason == "length" and b.output_token_ids == [9, 8]
+
+
+def test_ignore_eos_keeps_going():
+    s = scheduler()
+    r = make("a", max_new=3, ignore_eos=True)
+    s.add(r)
+    s.update(s.schedule(), [EOS])
+    assert r.output_token_ids == [EOS] and not r.is_finished
+
+
+def test_requests_join_and_leave_every_step():
+    s = scheduler(max_num_seqs=3)
+    s.add(make("a", max_new=1))
+    s.add(make("b", max_new=3))
+    batch = s.schedule()
+    s.update(batch, [4, 4])  # a is done after one token
+    s.add(make("c"))
+    batch = s.schedule()
+    assert [r.request_id for r in batch.finished] == ["a"]
+    assert [r.request_id for r in batch.decode] == ["b"]
+    assert [r.request_id for r in batch.prefill] == ["c"]
+    assert [r.request_id for r in batch.sequences] == ["c", "b"]
+
+
+def test_abort_running_and_waiting():
+    s = scheduler(max_num_seqs=1)
+    running, waiting = make("run"), make("wait")
+    s.add(running)
+    s.add(waiting)
+    s.update(s.schedule(), [3])
+    assert s.abort("run") is running and s.abort("wait") is waiting
+    assert s.abort("nope") is None
+    batch = s.schedule()
+    assert set(batch.finished) == {running, waiting}
+    assert batch.sequences == [] and not s.has_work()
+
+
+def test_token_of_request_aborted_during_step_is_dropped():
+    s = scheduler()
+    r = make("a")
+    s.add(r)
+    batch = s.schedule()
+    r.finish("abort")
+    s.update(batch, [5])
+    assert r.output_token_ids == []
