@@ -21,9 +21,9 @@ def forced_token(request: Request, rules: GenerationRules, is_encoder_decoder: b
     if rules.forced_bos_token_id is not None and cur_len == 1:
         forced = rules.forced_bos_token_id
     # HF: ForcedEOS at cur_len == max_length - 1, i.e. the last token the budget allows
-    if rules.forced_eos_token_id is not None and not request.params.ignore_eos:
-        if num_out == request.params.max_new_tokens - 1:
-            forced = rules.forced_eos_token_id
+    is_last = num_out == request.params.max_new_tokens - 1
+    if rules.forced_eos_token_id is not None and not request.params.ignore_eos and is_last:
+        forced = rules.forced_eos_token_id
     return forced
 
 
