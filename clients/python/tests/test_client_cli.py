@@ -1,0 +1,157 @@
+"""prefixctl against a real prefix-serve process: every verb, output formats, exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from prefixserve_client.cli import main as prefixctl_main
+
+
+def prefixctl_command() -> list[str]:
+    script = Path(sys.executable).with_name("prefixctl")
+    found = str(script) if script.exists() else shutil.which("prefixctl")
+    return [found] if found else [sys.executable, "-m", "prefixserve_client.cli"]
+
+
+def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> Completed:
+    """prefixctl in this process (a subprocess per call costs ~0.5 s of imports): same argv, env, stdin,
+    stdout, stderr and exit code as the installed script, which test_installed_script runs for real."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFIXSERVE_")}
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        mock.patch.dict(os.environ, {**clean, **(env or {})}, clear=True),
+        mock.patch.object(sys, "stdin", io.StringIO(stdin or "")),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            code = prefixctl_main(list(args))
+        except SystemExit as exc:  # argparse: usage errors and --help
+            code = exc.code if isinstance(exc.code, int) else 2
+    return Completed(code, out.getvalue(), err.getvalue())
+
+
+@dataclass
+class Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def test_installed_script(server_url: str, admin_key: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIXSERVE_")}
+    env.update({"PREFIXSERVE_URL": server_url, "PREFIXSERVE_API_KEY": admin_key})
+    done = subprocess.run(
+        [*prefixctl_command(), "health"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "alive and ready" in done.stdout, done.stderr
+    done = subprocess.run(
+        [*prefixctl_command(), "show", "cli/absent"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "prefix_not_found (HTTP 404)" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def env(server_url: str, admin_key: str) -> dict[str, str]:
+    return {"PREFIXSERVE_URL": server_url, "PREFIXSERVE_API_KEY": admin_key}
+
+
+def test_upload_list_show_delete(
+    env: dict[str, str], native_prefix_file: Path, peft_adapter_dir: Path
+) -> None:
+    done = run("upload", "cli/native", str(native_prefix_file), env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("created cli/native") and "virtual tokens:  5" in done.stdout
+    assert run("upload", "cli/native", str(native_prefix_file), env=env).stdout.startswith(
+        "replaced cli/native"
+    )
+    done = run("upload", "cli/peft", str(peft_adapter_dir), "--public", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    uploaded = json.loads(done.stdout)
+    assert uploaded["source"] == "peft" and uploaded["public"] is True and uploaded["created"] is True
+
+    listed = run("list", "--tenant", "cli", env=env)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "TOKENS", "SOURCE"]
+    assert [line.split()[0] for line in lines[1:]] == ["cli/native", "cli/peft"]
+    as_json = json.loads(run("list", "--tenant", "cli", "--limit", "1", "--json", env=env).stdout)
+    assert [p["id"] for p in as_json["prefixes"]] == ["cli/native", "cli/peft"]  # pages followed
+
+    shown = json.loads(run("show", "cli/peft", "--json", env=env).stdout)
+    assert shown["num_virtual_tokens"] == 4 and shown["targets"] == ["decoder"]
+    assert "source:          peft" in run("show", "cli/peft", env=env).stdout
+
+    deleted = run("delete", "cli/peft", env=env)
+    assert deleted.returncode == 0 and deleted.stdout.strip() == "deleted cli/peft"
+    missing = run("show", "cli/peft", env=env)
+    assert missing.returncode == 1 and "prefix_not_found (HTTP 404)" in missing.stderr and not missing.stdout
+
+
+def test_generate_plain_stream_and_json(env: dict[str, str], native_prefix_file: Path) -> None:
+    assert run("upload", "cli/gen", str(native_prefix_file), env=env).returncode == 0
+    flags = ["--max-new-tokens", "6", "--ignore-eos"]
+    as_json = run("generate", "cli/gen", "the quick brown fox", *flags, "--json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    result = json.loads(as_json.stdout)
+    assert result["finish_reason"] == "length" and len(result["token_ids"]) == 6
+
+    plain = run("generate", "cli/gen", "the quick brown fox", *flags, env=env)
+    assert plain.returncode == 0 and plain.stdout == result["text"] + "\n"
+
+    streamed = run("generate", "cli/gen", "-", *flags, "--stream", env=env, stdin="the quick brown fox")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == result["text"] + "\n"
+    assert "[finish: length" in streamed.stderr and "6 generated tokens" in streamed.stderr
+
+    events = run("generate", "cli/gen", "the quick brown fox", *flags, "--stream", "--json", env=env)
+    parsed = [json.loads(line) for line in events.stdout.splitlines()]
+    assert [e["token_id"] for e in parsed if "token_id" in e] == result["token_ids"]
+    assert parsed[-1]["finish_reason"] == "length"
+
+    bare = run("generate", "-", "hello", "--max-new-tokens", "2", "--json", env=env)
+    assert bare.returncode == 0 and json.loads(bare.stdout)["prefix"] is None
+
+
+def test_keys_create_use_revoke(env: dict[str, str], server_url: str, native_prefix_file: Path) -> None:
+    created = run("keys", "create", "clitenant", "--json", env=env)
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    tenant_flags = ["--url", server_url, "--api-key", key["key"]]  # flags override the env's admin key
+    done = run("upload", "clitenant/p", str(native_prefix_file), *tenant_flags, env=env)
+    assert done.returncode == 0, done.stderr
+    denied = run("keys", "create", "clitenant", *tenant_flags, env=env)
+    assert denied.returncode == 1 and "forbidden (HTTP 403)" in denied.stderr
+    revoked = run("keys", "revoke", "clitenant", key["key_id"], env=env)
+    assert revoked.returncode == 0 and key["key_id"] in revoked.stdout
+    refused = run("list", *tenant_flags, "--json", env=env)
+    assert refused.returncode == 1
+    assert json.loads(refused.stderr)["error"] == {
+        "code": "unauthorized",
+        "message": json.loads(refused.stderr)["error"]["message"],
+        "status": 401,
+    }
+
+
+def test_health_models_and_failures(env: dict[str, str]) -> None:
+    health = run("health", env=env)
+    assert health.returncode == 0 and "alive and ready" in health.stdout
+    assert run("models", env=env).stdout.strip()
+    no_key = run("list", env={"PREFIXSERVE_URL": env["PREFIXSERVE_URL"]})
+    assert no_key.returncode == 1 and "unauthorized (HTTP 401)" in no_key.stderr
+    unreachable = run("list", "--url", "http://127.0.0.1:9", env=env)
+    assert unreachable.returncode == 3 and "connection_error" in unreachable.stderr
+    bad_id = run("show", "no-slash", env=env)
+    assert bad_id.returncode == 2 and "<tenant>/<name>" in bad_id.stderr
+    usage = run("frobnicate", env=env)
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr
