@@ -11,6 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("prefixserve")
 
+_SEND_JSON = "send a JSON object with Content-Type: application/json"
+
 
 class ServiceError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
@@ -28,11 +30,19 @@ def error_response(
 
 
 def _describe(errors: list) -> str:
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return f"the body is not valid JSON; {_SEND_JSON}"
     parts = []
     for err in errors[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts)
+
+
+def _is_body_too_large(exc: BaseException | None) -> bool:
+    from server.app import _BodyTooLarge  # late: server.app imports this module
+
+    return isinstance(exc, _BodyTooLarge)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -42,11 +52,22 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _describe(list(exc.errors())))
+        errors = list(exc.errors())
+        is_json = any(err.get("type") == "json_invalid" for err in errors)
+        return error_response(422, "invalid_json" if is_json else "invalid_request", _describe(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # FastAPI turns any error while reading a JSON body into a bare 400: say what it was
+        cause = exc.__cause__
+        if _is_body_too_large(cause):
+            # cut off by the size limit (chunked, no Content-Length): LimitsMiddleware answers 413
+            raise cause  # type: ignore[misc]
+        if isinstance(cause, UnicodeDecodeError):
+            return error_response(422, "invalid_json", f"the body is not UTF-8 JSON ({cause}); {_SEND_JSON}")
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefix_store.store import StoreUnavailable
+from prefix_store.store import InvalidId, StoreUnavailable, split_id
 from server import generation
 from server.auth import CurrentPrincipal
 from server.engine.request import SamplingParams
@@ -55,7 +55,7 @@ async def completions(body: CompletionBody, principal: CurrentPrincipal, http_re
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not 1 <= len(prompts) <= 32:
         raise ServiceError(422, "invalid_request", "prompt must be a string or a list of 1 to 32 strings")
-    prefix_id = None if body.model == state.engine.backbone.name else body.model
+    prefix_id = _prefix_id(body.model, state.engine.backbone.name)
     params = _params(body)
     gens = []
     try:
@@ -73,7 +73,10 @@ async def completions(body: CompletionBody, principal: CurrentPrincipal, http_re
     }
     if body.stream:
         return StreamingResponse(_chunks(state, gens, head), media_type="text/event-stream")
-    results = await asyncio.gather(*(generation.run_to_end(state, g, http_request) for g in gens))
+    try:
+        results = await asyncio.gather(*(generation.run_to_end(state, g, http_request) for g in gens))
+    finally:  # one prompt failed (timeout, disconnect): the others must not hold their slots
+        _abort_unfinished(state, gens)
     choices = [
         {"text": text, "index": i, "logprobs": None, "finish_reason": last.finish_reason}
         for i, (_, text, last) in enumerate(results)
@@ -103,10 +106,30 @@ async def _chunks(state: Any, gens: list[generation.Generation], head: dict) -> 
     except ServiceError as exc:
         yield generation.sse({"error": {"code": exc.code, "message": exc.message}})
     finally:
-        for gen in gens:
-            if not gen.request.is_finished:
-                state.engine.abort(gen.request.request_id)
+        _abort_unfinished(state, gens)
     yield generation.sse("[DONE]")
+
+
+def _abort_unfinished(state: Any, gens: list[generation.Generation]) -> None:
+    for gen in gens:
+        if not gen.request.is_finished:
+            state.engine.abort(gen.request.request_id)
+
+
+def _prefix_id(model: str, backbone_name: str) -> str | None:
+    """None for the backbone; a prefix id; anything else is a model that does not exist (404, as OpenAI)."""
+    if model == backbone_name:
+        return None
+    try:
+        split_id(model)
+    except InvalidId:
+        raise ServiceError(
+            404,
+            "model_not_found",
+            f"no model {model!r}: use the backbone's name ({backbone_name!r}) or a prefix id <tenant>/<name> "
+            "(GET /v1/models lists them)",
+        ) from None
+    return model
 
 
 @router.get("/v1/models")
