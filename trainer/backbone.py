@@ -145,14 +145,18 @@ class GPT2Backbone(Backbone):
         return out.logits
 
     def loss(self, batch: dict[str, torch.Tensor], prefix: PrefixTensors | None) -> tuple[torch.Tensor, int]:
+        logits = self.logits(batch, prefix)
+        return _token_nll(logits[:, :-1], batch["labels"][:, 1:].to(self.device))
+
+    def logits(self, batch: dict[str, torch.Tensor], prefix: PrefixTensors | None) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V] for a collated batch."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         num_tokens = _num_tokens(prefix, "decoder")
         size = batch["input_ids"].shape[0]
         cache = _prefilled(prefix["decoder"], size) if num_tokens else None
         ones = torch.ones((size, num_tokens), dtype=torch.long, device=self.device)
         mask = torch.cat([ones, batch["attention_mask"]], dim=1)  # [B, P + T]
-        logits = self._forward(batch["input_ids"], mask, cache, num_tokens)
-        return _token_nll(logits[:, :-1], batch["labels"][:, 1:])
+        return self._forward(batch["input_ids"], mask, cache, num_tokens)
 
     def prompt_ids(self, source: str, template: str | None) -> list[int]:
         return self.tokenizer(apply_template(template, source))["input_ids"]
@@ -284,10 +288,13 @@ class BartBackbone(Backbone):
         return out.logits
 
     def loss(self, batch: dict[str, torch.Tensor], prefix: PrefixTensors | None) -> tuple[torch.Tensor, int]:
+        return _token_nll(self.logits(batch, prefix), batch["labels"].to(self.device))
+
+    def logits(self, batch: dict[str, torch.Tensor], prefix: PrefixTensors | None) -> torch.Tensor:
+        """Teacher-forced decoder logits [B, T, V] for a collated batch."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         states, mask, cache = self._encode(prefix, batch["input_ids"], batch["attention_mask"])
-        logits = self._decode(batch["decoder_input_ids"], states, mask, cache)
-        return _token_nll(logits, batch["labels"])
+        return self._decode(batch["decoder_input_ids"], states, mask, cache)
 
     def prompt_ids(self, source: str, template: str | None) -> list[int]:
         return self.tokenizer(apply_template(template, source))["input_ids"]

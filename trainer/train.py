@@ -165,7 +165,7 @@ def _loop(backbone: Backbone, tuner: PrefixTuner, features: list[Features], conf
             prefix = tuner()
             loss_sum, _ = backbone.loss(batch, prefix)
             (loss_sum / num_target).backward()  # mean over the target tokens of the whole accumulated batch
-            total += float(loss_sum)
+            total += loss_sum.item()
             num_seen += int(batch["attention_mask"].sum()) + (int((batch["labels"] != -100).sum())
                                                                if "decoder_input_ids" in batch else 0)  # fmt: skip
         torch.nn.utils.clip_grad_norm_(tuner.parameters(), config.max_grad_norm)
