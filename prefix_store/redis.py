@@ -83,6 +83,17 @@ if existed == 1 then redis.call('PUBLISH', ARGV[2], ARGV[1]) end
 return existed
 """
 
+# KEYS: prefix hashes. Returns meta, created_at of each in turn (false where the hash is gone).
+METAS_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local fields = redis.call('HMGET', key, 'meta', 'created_at')
+  out[2 * i - 1] = fields[1]
+  out[2 * i] = fields[2]
+end
+return out
+"""
+
 # KEYS: key hash, index:keys; ARGV: key_id, tenant
 DELETE_KEY_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[2] then return 0 end
@@ -166,6 +177,7 @@ class RedisStore:
         self._put = self.client.register_script(PUT_SCRIPT)
         self._delete = self.client.register_script(DELETE_SCRIPT)
         self._delete_key = self.client.register_script(DELETE_KEY_SCRIPT)
+        self._metas = self.client.register_script(METAS_SCRIPT)
         self.channel = f"{self.namespace}:changes"
         self._stop = threading.Event()
         self._watchers: list[threading.Thread] = []
@@ -254,19 +266,20 @@ class RedisStore:
             ids = self._range(all_index, after, limit + 1)
         else:
             check_id_part(tenant, "tenant")
-            ids = self._range(tenant_index, after, limit + 1)
-            if include_public:
-                # Both ranges are sorted by id: the first limit+1 of the union lie within them.
-                ids = sorted(set(ids) | set(self._range(public_index, after, limit + 1)))[: limit + 1]
+            indexes = [tenant_index, public_index] if include_public else [tenant_index]
+            pipe = self.client.pipeline(transaction=False)
+            for index in indexes:
+                pipe.zrangebylex(index, f"({after}" if after else "-", "+", start=0, num=limit + 1)
+            # Each range is sorted by id, so the first limit+1 ids of the union lie within them.
+            ids = sorted({_text(m) for members in pipe.execute() for m in members})[: limit + 1]
         has_more = len(ids) > limit
         ids = ids[:limit]
-        pipe = self.client.pipeline(transaction=False)
-        for prefix_id in ids:
-            pipe.hmget(self._prefix_key(prefix_id), ["meta", "created_at"])
+        # One script call instead of `limit` pipelined HMGETs: redis-py parses one reply, not a hundred.
+        raw = self._metas(keys=[self._prefix_key(i) for i in ids]) if ids else []
         page: list[PrefixMeta] = []
-        for raw_meta, raw_created in pipe.execute():
-            meta = self._parse_meta(raw_meta, raw_created)
-            # None: deleted between the two round trips; not public: made private meanwhile.
+        for raw_meta, raw_created in zip(raw[::2], raw[1::2], strict=True):
+            meta = self._parse_meta(raw_meta or None, raw_created or None)
+            # None: deleted since the range was read; not public: made private meanwhile.
             if meta is None or (tenant is not None and meta.tenant != tenant and not meta.public):
                 continue
             page.append(meta)

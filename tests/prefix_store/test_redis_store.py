@@ -277,3 +277,13 @@ def test_local_store_has_a_noop_watch(tmp_path: object) -> None:
     local = open_store(str(tmp_path))
     local.watch(lambda _: None)  # type: ignore[attr-defined]
     local.close()
+
+
+def test_listing_skips_an_id_whose_prefix_vanished(store: RedisStore) -> None:
+    put(store, "acme/a")
+    put(store, "acme/c")
+    store.client.zadd(store._index_keys("acme")[0], {"acme/b": 0})  # as if deleted mid-listing
+    page, cursor = store.list(limit=2)
+    assert [m.id for m in page] == ["acme/a"] and cursor is not None
+    page, cursor = store.list(limit=2, cursor=cursor)
+    assert [m.id for m in page] == ["acme/c"] and cursor is None
