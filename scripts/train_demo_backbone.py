@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=33.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", type=Path, help="continue from a saved model dir (its tokenizer and weights)")
     return p.parse_args()
 
 
@@ -109,8 +110,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
     docs, tables = corpus(args.data)
-    tokenizer = train_tokenizer(docs, tables, args.vocab_size)
-    blocks = pack(tokenizer, docs, args.block, args.seed)
+    if args.init_from:
+        tokenizer = GPT2Tokenizer.from_pretrained(args.init_from)
+    else:
+        tokenizer = train_tokenizer(docs, tables, args.vocab_size)
+    blocks = pack(tokenizer, docs, args.block, seed=0)  # fixed: the held-out blocks never change
     num_heldout = max(8, len(blocks) // 50)
     heldout, blocks = blocks[:num_heldout], blocks[num_heldout:]
     print(f"{len(docs)} documents, {blocks.numel()} training tokens, {heldout.numel()} held-out", flush=True)
@@ -120,6 +124,8 @@ def main() -> None:
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
     model = GPT2LMHeadModel(config)
+    if args.init_from:
+        model = GPT2LMHeadModel.from_pretrained(args.init_from, dtype=torch.float32)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     started = time.time()
@@ -147,6 +153,7 @@ def main() -> None:
                 torch.save({"model": model.state_dict(), "step": step}, args.work / "checkpoint.pt")
         epoch += 1
     model.eval()
+    torch.save({"model": model.state_dict(), "step": step}, args.work / "final.pt")
     with torch.no_grad():
         heldout_loss = sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in heldout) / len(
             heldout

@@ -1,0 +1,116 @@
+"""The comparisons in docs/quality.md, on the demo backbone and the project's E2E split (trainer.data.e2e_split):
+prefix-tuning vs full fine-tuning vs no prefix, and the low-data runs (50/100/200/500 training examples).
+
+    nohup .venv/bin/python scripts/train_demo_quality.py > var/quality/log.txt 2>&1 &
+
+Every run starts from the same frozen demo backbone, trains for a fixed number of optimizer steps on one CPU
+thread and is scored by greedy decoding on the first --eval-sources of the 100 held-out MRs, corpus BLEU
+against all their references. Results are appended to var/quality/results.jsonl as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.backbone import load_backbone  # noqa: E402
+from trainer.data import e2e_split, read_source_target  # noqa: E402
+from trainer.evaluate import evaluate  # noqa: E402
+from trainer.finetune import finetune  # noqa: E402
+from trainer.train import TrainConfig, train_prefix  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "models" / "demo-gpt2"))
+    p.add_argument("--out", type=Path, default=ROOT / "var" / "quality" / "results.jsonl")
+    p.add_argument("--eval-sources", type=int, default=50)
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps of the full-data runs")
+    p.add_argument("--low-data-steps", type=int, default=150)
+    p.add_argument("--prefix-lr", type=float, default=5e-3)
+    p.add_argument("--finetune-lr", type=float, default=2e-4)
+    p.add_argument("--prefix-length", type=int, default=10)
+    p.add_argument("--sizes", default="50,100,200,500")
+    p.add_argument("--only", choices=["full", "low"])
+    return p.parse_args()
+
+
+def score(backbone, prefix, heldout, template, args) -> tuple[float, list[str]]:
+    ev = evaluate(backbone, prefix, heldout, template, args.eval_sources, num_beams=1, max_new_tokens=60,
+                  show_progress=False)  # fmt: skip
+    return ev.bleu, ev.hypotheses[:3]
+
+
+def run_prefix(args, examples, heldout, steps, init_text=None) -> dict:
+    backbone = load_backbone(args.model)
+    config = TrainConfig(num_virtual_tokens=args.prefix_length, learning_rate=args.prefix_lr, max_steps=steps,
+                         batch_size=10, warmup_steps=min(30, steps // 10), init_text=init_text, show_progress=False)  # fmt: skip
+    started = time.time()
+    result = train_prefix(backbone, examples, config)
+    bleu, samples = score(backbone, result.tuner(), heldout, result.template, args)
+    exported = sum(t.numel() for t in result.tuner.export().targets.values())
+    return {"method": "prefix", "bleu": bleu, "trainable": result.tuner.num_trainable(), "served": exported,
+            "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]), "minutes": (time.time() - started) / 60,
+            "init_text": init_text, "samples": samples}  # fmt: skip
+
+
+def run_finetune(args, examples, heldout, steps) -> dict:
+    backbone = load_backbone(args.model)
+    config = TrainConfig(learning_rate=args.finetune_lr, max_steps=steps, batch_size=10,
+                         warmup_steps=min(30, steps // 10), show_progress=False)  # fmt: skip
+    started = time.time()
+    losses = finetune(backbone, examples, config)
+    bleu, samples = score(backbone, None, heldout, backbone.default_template(), args)
+    trainable = sum(p.numel() for p in backbone.model.parameters())
+    return {"method": "finetune", "bleu": bleu, "trainable": trainable, "served": trainable,
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]), "minutes": (time.time() - started) / 60,
+            "samples": samples}  # fmt: skip
+
+
+def record(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    train, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
+    if args.only in (None, "full"):
+        backbone = load_backbone(args.model)
+        bleu, samples = score(backbone, None, heldout, backbone.default_template(), args)
+        record(args.out, {"setting": "full", "size": len(train), "method": "none", "bleu": bleu, "trainable": 0,
+                          "samples": samples})  # fmt: skip
+        record(
+            args.out, {"setting": "full", "size": len(train), **run_prefix(args, train, heldout, args.steps)}
+        )
+        record(
+            args.out,
+            {"setting": "full", "size": len(train), **run_finetune(args, train, heldout, args.steps)},
+        )
+    if args.only in (None, "low"):
+        shuffled = list(train)
+        random.Random(0).shuffle(shuffled)
+        for size in (int(s) for s in args.sizes.split(",")):
+            subset = shuffled[:size]
+            steps = args.low_data_steps
+            record(args.out, {"setting": "low", "size": size,
+                              **run_prefix(args, subset, heldout, steps, init_text="table-to-text:")})  # fmt: skip
+            record(args.out, {"setting": "low", "size": size, **run_finetune(args, subset, heldout, steps)})
+
+
+if __name__ == "__main__":
+    main()
