@@ -97,3 +97,11 @@ def running_server(model_dir: Path, store: str, log_dir: Path, **kwargs) -> Iter
         yield server
     finally:
         server.stop()
+
+
+def upload_peft(client: httpx.Client, prefix_id: str, path: Path) -> httpx.Response:
+    files = {
+        "adapter_model": ("adapter_model.safetensors", (path / "adapter_model.safetensors").read_bytes()),
+        "adapter_config": ("adapter_config.json", (path / "adapter_config.json").read_bytes()),
+    }
+    return client.put(f"/v1/prefixes/{prefix_id}", files=files)

@@ -8,15 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from peft_oracle import MAX_NEW, PROMPTS, make_peft_adapter, peft_generate
-from serving import running_server
-
-
-def upload_peft(client: httpx.Client, prefix_id: str, path: Path) -> httpx.Response:
-    files = {
-        "adapter_model": ("adapter_model.safetensors", (path / "adapter_model.safetensors").read_bytes()),
-        "adapter_config": ("adapter_config.json", (path / "adapter_config.json").read_bytes()),
-    }
-    return client.put(f"/v1/prefixes/{prefix_id}", files=files)
+from serving import running_server, upload_peft
 
 
 def histogram_counts(metrics_text: str, name: str) -> dict[str, float]:
