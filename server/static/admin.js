@@ -5,6 +5,8 @@
 const KEY_STORAGE = "prefixserve.apiKey";
 const REFRESH_MS = 3000;
 const MAX_PAGES = 50; // prefix list: pages of 100, followed through next_cursor
+// what this page polls by itself: left out of the request figures so they show the API's real traffic
+const OWN_ENDPOINTS = new Set(["/metrics", "/healthz", "/readyz", "/admin", "/admin/admin.js"]);
 
 const $ = (id) => document.getElementById(id);
 let apiKey = localStorage.getItem(KEY_STORAGE) || "";
@@ -56,7 +58,7 @@ function bytes(n) {
 
 function when(seconds) {
   if (!seconds) return "–";
-  return new Date(seconds * 1000).toLocaleString("sv-SE").slice(0, 16); // YYYY-MM-DD HH:MM
+  return new Date(seconds * 1000).toLocaleString("sv-SE").slice(0, 19); // YYYY-MM-DD HH:MM:SS
 }
 
 function cell(row, text, className) {
@@ -107,11 +109,12 @@ function total(samples, name) {
 }
 
 function snapshot(samples) {
-  const requests = samples.filter((s) => s.name === "prefixserve_requests_total");
+  const requests = samples.filter(
+    (s) => s.name === "prefixserve_requests_total" && !OWN_ENDPOINTS.has(s.labels.endpoint));
   return {
     at: performance.now(),
     requests,
-    numRequests: total(samples, "prefixserve_requests_total"),
+    numRequests: requests.reduce((a, s) => a + s.value, 0),
     numErrors: requests.filter((s) => /^[45]/.test(s.labels.status || "")).reduce((a, s) => a + s.value, 0),
     numTokens: total(samples, "prefixserve_generated_tokens_total"),
     hits: total(samples, "prefixserve_prefix_cache_hits_total"),
@@ -136,8 +139,8 @@ function show(id, value, format = integer) {
 function renderMetrics(now) {
   show("m-requests", now.numRequests);
   const requestRate = rate(now, "numRequests");
-  $("m-requests-sub").textContent =
-    `${integer.format(now.numErrors)} errors` + (requestRate === null ? "" : ` · ${decimal.format(requestRate)}/s`);
+  $("m-requests-sub").textContent = `${integer.format(now.numErrors)} ${now.numErrors === 1 ? "error" : "errors"}` +
+    (requestRate === null ? "" : ` · ${decimal.format(requestRate)}/s`);
   show("m-tokens", now.numTokens);
   const tokenRate = rate(now, "numTokens");
   $("m-tokens-sub").textContent = tokenRate === null ? "\u00a0" : `${decimal.format(tokenRate)} tokens/s`;
@@ -213,17 +216,19 @@ function renderPrefixes(prefixes) {
     const row = tbody.insertRow();
     row.className = "prefix-row";
     row.dataset.id = p.id;
-    row.title = `sha256 ${p.sha256 || "?"} · ${p.dtype || "?"} · click to try it`;
+    row.title = `sha256 ${p.sha256 || "?"} · created ${when(p.created_at)} · click to try it`;
     cell(row, p.id, "id");
     cell(row, integer.format(p.num_virtual_tokens), "num");
     cell(row, p.source || "–");
     cell(row, (p.targets || []).join(", "));
+    cell(row, p.dtype || "–");
     cell(row, bytes(p.bytes || 0), "num");
     pill(row.insertCell(), p.public ? "public" : "private", p.public ? "public" : "");
     cell(row, when(p.updated_at));
     row.addEventListener("click", () => selectPrefix(p.id));
   }
-  if (!prefixes.length) emptyRow(tbody, 7, "no prefixes visible to this key — upload one with prefixctl upload");
+  if (!prefixes.length) emptyRow(tbody, 8, "no prefixes visible to this key — upload one with prefixctl upload");
+  $("prefix-count").textContent = prefixes.length === 1 ? "1 prefix" : `${prefixes.length} prefixes`;
 
   const select = $("try-prefix");
   const chosen = select.value;
