@@ -62,10 +62,11 @@ def authenticate(authorization: str | None, admin_key: str | None, store) -> Pri
         raise _unauthorized("the bearer key is empty; send Authorization: Bearer <key>")
     if hmac.compare_digest(key.encode(), admin_key.encode()):
         return ADMIN
-    parts = key.split("_")
-    if len(parts) == 3 and key.startswith(KEY_PREFIX):
+    # psk_<key_id>_<secret>: the key id is hex, the secret is urlsafe base64 and may itself hold "_"
+    key_id, _, secret = key[len(KEY_PREFIX) :].partition("_")
+    if key.startswith(KEY_PREFIX) and key_id and secret:
         try:
-            record = store.get_key(parts[1])
+            record = store.get_key(key_id)
         except StoreUnavailable as exc:
             raise ServiceError(503, "store_unavailable", f"cannot check the key: {exc}") from exc
         if record is not None and hmac.compare_digest(hash_key(key), record.key_hash):

@@ -263,3 +263,29 @@ def test_invalid_id_error_does_not_depend_on_tenant(alpha) -> None:
     own, foreign = alpha.get("/v1/prefixes/alpha/a%20b"), alpha.get("/v1/prefixes/beta/a%20b")
     assert_error(own, 400, "invalid_prefix_id")
     assert own.text == foreign.text
+
+
+def test_every_issued_key_works(server: ServerProcess, admin) -> None:
+    """A key's secret is urlsafe base64 and holds "_" about half the time; such keys were refused (401)."""
+    keys = [_tenant_key(admin, "many")["key"] for _ in range(24)]
+    assert any(key.count("_") > 2 for key in keys)  # 1 - 2**-24: the case is exercised
+    for key in keys:
+        with _client(server, key) as client:
+            assert client.get("/v1/prefixes").status_code == 200, key
+
+
+def test_key_with_underscores_in_secret_authenticates() -> None:
+    from server.auth import hash_key, new_key
+
+    record, key = new_key("t")
+    key = f"psk_{record.key_id}_a_b_c"
+    record = type(record)(record.key_id, "t", hash_key(key), record.created_at)
+
+    class Store:
+        def get_key(self, key_id: str):
+            return record if key_id == record.key_id else None
+
+    principal = authenticate(f"Bearer {key}", "admin-key", Store())
+    assert principal.tenant == "t" and not principal.is_admin
+    with pytest.raises(ServiceError):
+        authenticate(f"Bearer {key}x", "admin-key", Store())

@@ -1,0 +1,151 @@
+"""Limits against a real prefix-serve: queue depth (429), request timeout (504), clients that go away.
+
+One slot and one waiting place (--max-num-seqs 1 --max-queue 1), a 2 s request timeout, and a backbone with
+2048 positions and some width, so that a request for 2000 tokens takes far longer than the timeout on any
+CPU. Every check watches the engine through /metrics (prefixserve_running_requests, prefixserve_queue_depth).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import httpx
+import pytest
+from edge_support import assert_error, metric, wait_until
+from serving import ServerProcess, running_server
+from tiny_models import build_gpt2
+
+REQUEST_TIMEOUT = 2.0
+LONG = {"prompt": "hello", "max_new_tokens": 2000, "ignore_eos": True}
+SHORT = {"prompt": "hello", "max_new_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("limits")
+    model = build_gpt2(root / "gpt2-2048", n_layer=6, n_embd=256, n_positions=2048)
+    args = ["--max-num-seqs", "1", "--max-queue", "1", "--request-timeout", str(REQUEST_TIMEOUT)]
+    args += ["--max-model-len", "2048"]
+    with running_server(model, str(root / "store"), root / "logs", args=args) as served:
+        yield served
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+        assert wait_until(lambda: _engine_idle(c), timeout=5), "a request still holds a slot or a queue place"
+
+
+def _running(client: httpx.Client) -> float:
+    return metric(client, "prefixserve_running_requests")
+
+
+def _waiting(client: httpx.Client) -> float:
+    return metric(client, "prefixserve_queue_depth")
+
+
+def _engine_idle(client: httpx.Client) -> bool:
+    return _running(client) == 0 and _waiting(client) == 0
+
+
+def _open_stream(stack: ExitStack, server: ServerProcess, body: dict) -> Iterator[str]:
+    """Start a streamed generation on its own connection; the stack closes it (a client going away)."""
+    c = stack.enter_context(httpx.Client(base_url=server.url, timeout=30))
+    response = stack.enter_context(c.stream("POST", "/v1/generate", json={**body, "stream": True}))
+    assert response.status_code == 200
+    return (line for line in response.iter_lines() if line.startswith("data: "))
+
+
+def _served_promptly(client: httpx.Client) -> None:
+    started = time.monotonic()
+    response = client.post("/v1/generate", json=SHORT)
+    assert response.status_code == 200, response.text
+    assert time.monotonic() - started < 1.5
+
+
+def test_full_queue_is_429_with_retry_after(server: ServerProcess, client: httpx.Client) -> None:
+    with ExitStack() as stack:
+        first = _open_stream(stack, server, LONG)
+        next(first)  # running: it holds the only slot
+        assert _running(client) == 1
+        c = stack.enter_context(httpx.Client(base_url=server.url, timeout=30))
+        # the second waits in the queue (a streamed response sends its headers at once)
+        waiting = stack.enter_context(c.stream("POST", "/v1/generate", json={**LONG, "stream": True}))
+        assert waiting.status_code == 200
+        assert wait_until(lambda: _waiting(client) == 1, timeout=5)
+        for _ in range(3):
+            response = client.post("/v1/generate", json=SHORT)
+            body = assert_error(response, 429, "queue_full")
+            assert int(response.headers["retry-after"]) >= 1, body
+        response = client.post(
+            "/v1/completions", json={"model": "gpt2-2048", "prompt": "hi", "max_tokens": 2}
+        )
+        assert_error(response, 429, "queue_full")
+    # both clients went away: their slot and queue place are freed, the next request is served at once
+    assert wait_until(lambda: _engine_idle(client), timeout=2)
+    _served_promptly(client)
+
+
+def test_request_timeout_is_504(client: httpx.Client) -> None:
+    started = time.monotonic()
+    response = client.post("/v1/generate", json=LONG)
+    elapsed = time.monotonic() - started
+    assert_error(response, 504, "timeout")
+    assert REQUEST_TIMEOUT <= elapsed < REQUEST_TIMEOUT + 2
+    assert wait_until(lambda: _engine_idle(client), timeout=1)
+    _served_promptly(client)
+
+
+def test_timeout_while_waiting_in_queue_is_504(server: ServerProcess, client: httpx.Client) -> None:
+    with ExitStack() as stack:
+        first = _open_stream(stack, server, LONG)
+        next(first)
+        started = time.monotonic()
+        response = client.post("/v1/generate", json=SHORT)  # never gets the slot before its deadline
+        assert_error(response, 504, "timeout")
+        assert time.monotonic() - started < REQUEST_TIMEOUT + 2
+
+
+def test_streamed_timeout_ends_with_an_error_event(server: ServerProcess, client: httpx.Client) -> None:
+    with client.stream("POST", "/v1/generate", json={**LONG, "stream": True}) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert '"code": "timeout"' in events[-2]
+
+
+def test_client_gone_mid_stream_frees_its_slot(server: ServerProcess, client: httpx.Client) -> None:
+    tokens_before = metric(client, "prefixserve_generated_tokens_total")
+    with ExitStack() as stack:
+        started = time.monotonic()
+        events = _open_stream(stack, server, LONG)
+        for _ in range(3):
+            assert '"token_id"' in next(events)
+        assert _running(client) == 1
+    assert wait_until(lambda: _running(client) == 0, timeout=1.5)
+    assert time.monotonic() - started < REQUEST_TIMEOUT  # freed by the disconnect, not by the timeout
+    generated = metric(client, "prefixserve_generated_tokens_total") - tokens_before
+    time.sleep(0.2)
+    assert metric(client, "prefixserve_generated_tokens_total") - tokens_before == generated  # stopped
+    assert generated < LONG["max_new_tokens"]
+    _served_promptly(client)
+
+
+def test_client_gone_while_waiting_whole_response_frees_its_slot(server: ServerProcess, client) -> None:
+    started = time.monotonic()
+    timeout = httpx.Timeout(30, read=0.5)
+    with httpx.Client(base_url=server.url, timeout=timeout) as impatient, pytest.raises(httpx.ReadTimeout):
+        impatient.post("/v1/generate", json=LONG)
+    assert wait_until(lambda: _running(client) == 0, timeout=1.5)
+    assert time.monotonic() - started < REQUEST_TIMEOUT
+    _served_promptly(client)
+
+
+def test_short_requests_never_lose_their_output(client: httpx.Client) -> None:
+    """A request that finishes before its handler starts reading must still return its tokens (was a 500)."""
+    for _ in range(30):
+        response = client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 1, "ignore_eos": True})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["token_ids"]) == 1
