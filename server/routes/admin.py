@@ -11,6 +11,8 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
+from server.errors import ServiceError
+
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 # Scripts only from this origin (no inline script, no eval); the page may call only this origin.
@@ -27,12 +29,23 @@ HEADERS = {
 router = APIRouter(tags=["admin"])
 
 
+def _static(name: str, media_type: str) -> FileResponse:
+    path = STATIC_DIR / name
+    if not path.is_file():  # an install that left out the package data
+        raise ServiceError(
+            404,
+            "admin_page_missing",
+            f"{path} is not installed; reinstall prefixserve with its server/static files",
+        )
+    return FileResponse(path, media_type=media_type, headers=HEADERS)
+
+
 @router.get("/admin", include_in_schema=False)
 def admin_page() -> FileResponse:
     """The admin page."""
-    return FileResponse(STATIC_DIR / "admin.html", media_type="text/html; charset=utf-8", headers=HEADERS)
+    return _static("admin.html", "text/html; charset=utf-8")
 
 
 @router.get("/admin/admin.js", include_in_schema=False)
 def admin_script() -> FileResponse:
-    return FileResponse(STATIC_DIR / "admin.js", media_type="text/javascript; charset=utf-8", headers=HEADERS)
+    return _static("admin.js", "text/javascript; charset=utf-8")
