@@ -107,7 +107,11 @@ class LocalStore:
                     yield f"{t}/{name}"
 
     def list(
-        self, tenant: str | None = None, limit: int = 100, cursor: str | None = None, include_public: bool = False
+        self,
+        tenant: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        include_public: bool = False,
     ) -> tuple[list[PrefixMeta], str | None]:
         after = decode_cursor(cursor)
         if tenant is not None:
