@@ -19,6 +19,8 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	scripts/ensure-redis
+	scripts/ensure-nginx
+	scripts/ensure-chromium
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
