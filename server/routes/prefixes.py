@@ -69,7 +69,28 @@ async def _parse_upload(request: Request, backbone_shape: Any, max_tokens: int) 
     return prefix, source
 
 
-@router.put("/v1/prefixes/{tenant}/{name}", status_code=201)
+# The body is read by hand (raw bytes or multipart); declared here so the OpenAPI document tells clients.
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["adapter_model", "adapter_config"],
+                    "properties": {
+                        "adapter_model": {"type": "string", "format": "binary"},
+                        "adapter_config": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@router.put("/v1/prefixes/{tenant}/{name}", status_code=201, openapi_extra=UPLOAD_BODY)
 async def put_prefix(
     tenant: str, name: str, request: Request, principal: CurrentPrincipal, public: bool = False
 ) -> JSONResponse:

@@ -141,11 +141,3 @@ def test_client_gone_while_waiting_whole_response_frees_its_slot(server: ServerP
     assert wait_until(lambda: _running(client) == 0, timeout=1.5)
     assert time.monotonic() - started < REQUEST_TIMEOUT
     _served_promptly(client)
-
-
-def test_short_requests_never_lose_their_output(client: httpx.Client) -> None:
-    """A request that finishes before its handler starts reading must still return its tokens (was a 500)."""
-    for _ in range(30):
-        response = client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 1, "ignore_eos": True})
-        assert response.status_code == 200, response.text
-        assert len(response.json()["token_ids"]) == 1
