@@ -99,14 +99,14 @@ def test_request_timeout_is_504(client: httpx.Client) -> None:
     _served_promptly(client)
 
 
-def test_timeout_while_waiting_in_queue_is_504(server: ServerProcess, client: httpx.Client) -> None:
+def test_time_in_queue_counts_toward_the_timeout(server: ServerProcess, client: httpx.Client) -> None:
     with ExitStack() as stack:
         first = _open_stream(stack, server, LONG)
-        next(first)
+        next(first)  # holds the slot until its own deadline
         started = time.monotonic()
-        response = client.post("/v1/generate", json=SHORT)  # never gets the slot before its deadline
+        response = client.post("/v1/generate", json=LONG)  # queued for almost all of its time
         assert_error(response, 504, "timeout")
-        assert time.monotonic() - started < REQUEST_TIMEOUT + 2
+        assert time.monotonic() - started < REQUEST_TIMEOUT + 1
 
 
 def test_streamed_timeout_ends_with_an_error_event(server: ServerProcess, client: httpx.Client) -> None:
@@ -140,4 +140,18 @@ def test_client_gone_while_waiting_whole_response_frees_its_slot(server: ServerP
         impatient.post("/v1/generate", json=LONG)
     assert wait_until(lambda: _running(client) == 0, timeout=1.5)
     assert time.monotonic() - started < REQUEST_TIMEOUT
+    _served_promptly(client)
+
+
+def test_client_gone_mid_completions_stream_frees_every_prompt(server: ServerProcess, client) -> None:
+    body = {"model": "gpt2-2048", "prompt": ["hello", "world"], "max_tokens": 2000, "stream": True}
+    with ExitStack() as stack:
+        c = stack.enter_context(httpx.Client(base_url=server.url, timeout=30))
+        response = stack.enter_context(c.stream("POST", "/v1/completions", json=body))
+        lines = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(lines)
+        assert _running(client) == 1 and _waiting(client) == 1  # one slot: the second prompt waits
+        started = time.monotonic()
+    assert wait_until(lambda: _engine_idle(client), timeout=1.5)
+    assert time.monotonic() - started < 1.5
     _served_promptly(client)
