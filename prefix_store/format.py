@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 FORMAT_NAME = "prefixserve"
 FORMAT_VERSION = "1"
@@ -102,8 +101,36 @@ def save_prefix(prefix: Prefix) -> bytes:
     }
     if prefix.prompt_template is not None:
         metadata["prompt_template"] = prefix.prompt_template
-    tensors = {name: t.detach().contiguous().cpu() for name, t in prefix.targets.items()}
-    return st_save(tensors, metadata=metadata)
+    return _serialize({name: t.detach().contiguous().cpu() for name, t in prefix.targets.items()}, metadata)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a canonical header (sorted keys), so equal prefixes hash equal.
+
+    (safetensors' own writer orders __metadata__ at random, which would change sha256 on every save.)
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise PrefixFormatError(
+                "wrong_dtype", f"target {name!r} is {tensor.dtype}; use float32/float16/bfloat16"
+            )
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()  # little-endian hosts only (x86, arm)
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs)
 
 
 def _read_safetensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -49,6 +49,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput]
     text: IncrementalText
+    is_consumed: bool = False  # stream() is reading it (and will unregister it when done)
 
 
 class Engine:
@@ -175,12 +176,11 @@ class Engine:
                 self._deliver(request, output)
 
     def _deliver(self, request: Request, output: RequestOutput) -> None:
+        # the stream stays registered until its consumer is done with it (stream() removes it), so a
+        # request that finishes before anyone reads it still hands over every output
         stream = self._streams.get(request.request_id)
-        if stream is None:
-            return
-        if output.is_finished:
-            self._streams.pop(request.request_id, None)
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
@@ -237,6 +237,7 @@ class Engine:
         stream = self._streams.get(request.request_id)
         if stream is None:
             return
+        stream.is_consumed = True
         try:
             while True:
                 output = await stream.queue.get()
@@ -246,10 +247,15 @@ class Engine:
         finally:
             if not request.is_finished:
                 self.abort(request.request_id)
+            self._streams.pop(request.request_id, None)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its slot is freed at the next step."""
+        """Stop a request; its slot is freed at the next step and its stream ends with finish_reason abort."""
         with self._lock:
-            self.scheduler.abort(request_id)
-            self._streams.pop(request_id, None)
+            request = self.scheduler.abort(request_id)
             self._lock.notify_all()
+        if request is not None and request.finish_reason == "abort":
+            self._deliver(request, self._output(request, None, ""))
+        stream = self._streams.get(request_id)
+        if stream is not None and not stream.is_consumed:
+            self._streams.pop(request_id, None)  # nobody will read it

@@ -143,3 +143,13 @@ def test_peft_config_mismatch_and_other_methods():
     assert err.value.code == "shape_mismatch"
     with pytest.raises(PrefixFormatError):
         import_peft(b"{not json", weights)
+
+
+def test_saving_is_deterministic_so_sha256_is_stable():
+    prefix = native(BART, ("encoder", "decoder", "cross"), dtype=torch.bfloat16)
+    prefix.extra_metadata = {"x-a": "1", "x-b": "2", "x-c": "3"}
+    first = save_prefix(prefix)
+    assert all(save_prefix(prefix) == first for _ in range(5))
+    loaded = load_prefix(first)
+    assert loaded.targets["cross"].dtype == torch.bfloat16
+    assert torch.equal(loaded.targets["cross"], prefix.targets["cross"])

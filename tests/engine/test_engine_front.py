@@ -1,0 +1,61 @@
+"""The async front: outputs are never lost, aborts end streams and free slots."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from server.engine.backbone import load_backbone
+from server.engine.engine import Engine, EngineConfig
+from server.engine.request import SamplingParams
+
+
+def test_request_finished_before_it_is_read_keeps_its_output(tiny_gpt2_dir: Path):
+    """Regression: a one-token request could finish before stream() looked it up and lose everything."""
+    engine = Engine(load_backbone(tiny_gpt2_dir, "cpu", "float32"), EngineConfig())
+    engine.start()
+
+    async def main() -> list[list[int]]:
+        requests = [engine.add(engine.tokenize("hello"), SamplingParams(max_new_tokens=1)) for _ in range(8)]
+        await asyncio.sleep(0.5)  # let them all finish first
+        return [[o.token_id async for o in engine.stream(r) if o.token_id is not None] for r in requests]
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert all(len(ids) == 1 for ids in results), results
+    assert engine._streams == {}
+
+
+def test_abort_ends_the_stream_and_frees_the_slot(tiny_gpt2_dir: Path):
+    engine = Engine(load_backbone(tiny_gpt2_dir, "cpu", "float32"), EngineConfig(max_num_seqs=1))
+    engine.start()
+
+    async def main() -> tuple[str | None, list[int]]:
+        long = engine.add(engine.tokenize("hello"), SamplingParams(max_new_tokens=100, ignore_eos=True))
+        reasons = []
+
+        async def consume() -> None:
+            async for output in engine.stream(long):
+                if output.is_finished:
+                    reasons.append(output.finish_reason)
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)
+        engine.abort(long.request_id)
+        await asyncio.wait_for(task, 5)
+        short = engine.add(engine.tokenize("hello"), SamplingParams(max_new_tokens=3, ignore_eos=True))
+        ids = [o.token_id async for o in engine.stream(short) if o.token_id is not None]
+        for _ in range(100):  # the finished request leaves its slot at the next engine step
+            if engine.num_running == 0 and not engine.runner.slots:
+                break
+            await asyncio.sleep(0.01)
+        return reasons[0], ids
+
+    try:
+        reason, ids = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert reason == "abort" and len(ids) == 3
+    assert engine.num_running == 0 and not engine.runner.slots
