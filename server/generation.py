@@ -31,32 +31,6 @@ class Generation:
     started: float = field(default_factory=time.monotonic)
 
 
-def _open_stream(engine: Any, request: Request) -> AsyncIterator[RequestOutput]:
-    """The request's outputs, held from the moment it is queued.
-
-    Engine.stream() looks the request's queue up only at its first anext(), and the engine thread drops the
-    queue as soon as the request finishes: a short request can finish before the handler gets there (the
-    engine thread may hold the GIL for 5 ms), its outputs were lost and the handler failed with a 500.
-    TODO(lead): once the engine keeps the queue until stream() ends, return engine.stream(request) here.
-    """
-    handle = getattr(engine, "_streams", {}).get(request.request_id)
-    if handle is None:
-        return engine.stream(request)
-    return _drain(engine, request, handle.queue)
-
-
-async def _drain(engine: Any, request: Request, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-    try:
-        while True:
-            output = await queue.get()
-            yield output
-            if output.is_finished:
-                return
-    finally:
-        if not request.is_finished:
-            engine.abort(request.request_id)
-
-
 def not_found(prefix_id: str) -> ServiceError:
     return ServiceError(
         404, "prefix_not_found", f"no prefix {prefix_id!r} that this key can use; check the id"
@@ -104,7 +78,7 @@ async def start(
             len(token_ids), 0 if prefix is None else prefix.num_virtual_tokens, params.max_new_tokens
         )
         request = engine.add(token_ids, params, prefix, prefix_id, principal.tenant or "admin")
-        stream = _open_stream(engine, request)
+        stream = engine.stream(request)
     except PromptTooLong as exc:
         _release(state, prefix)
         raise ServiceError(422, "prompt_too_long", str(exc)) from exc

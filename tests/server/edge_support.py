@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from safetensors.torch import save as st_save
 
 from prefix_store.format import Prefix, save_prefix
 
@@ -32,7 +33,26 @@ def native_prefix(
         tensor = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     else:
         tensor = torch.full(shape, fill).to(dtype)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return raw_native({"decoder": tensor})  # save_prefix refuses to write what the server must refuse
     return save_prefix(Prefix(model_type="gpt2", targets={"decoder": tensor}))
+
+
+def raw_native(tensors: dict[str, torch.Tensor], model_type: str = "gpt2") -> bytes:
+    """A native-looking file written by safetensors itself, with any dtype (for files other tools produce)."""
+    first = next(iter(tensors.values()))
+    num_layers, _, num_heads, num_tokens, head_dim = first.shape
+    metadata = {
+        "format": "prefixserve",
+        "format_version": "1",
+        "model_type": model_type,
+        "num_layers": str(num_layers),
+        "num_heads": str(num_heads),
+        "head_dim": str(head_dim),
+        "num_virtual_tokens": str(num_tokens),
+        "targets": ",".join(tensors),
+    }
+    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
 def peft_adapter(model_dir: Path, out: Path, num_virtual_tokens: int = 4) -> tuple[bytes, bytes]:

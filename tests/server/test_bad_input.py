@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from edge_support import ADMIN_KEY, assert_error, native_prefix, peft_adapter, put_native
+from edge_support import ADMIN_KEY, assert_error, native_prefix, peft_adapter, put_native, raw_native
 from safetensors.torch import save as st_save
 from serving import ServerProcess, running_server
 from tiny_models import build_gpt2
@@ -75,11 +75,7 @@ NATIVE_CASES = {
     "plain_safetensors": (st_save({"decoder": torch.zeros(2, 2, 4, 4, 16)}), "not_a_prefix_file"),
     "nan": (native_prefix(fill=float("nan")), "non_finite_values"),
     "inf": (native_prefix(fill=float("inf")), "non_finite_values"),
-    "int32": (
-        save_prefix(Prefix("gpt2", {"decoder": torch.ones(2, 2, 4, 4, 16, dtype=torch.int32)})),
-        "wrong_dtype",
-    ),
-    "float64": (native_prefix(dtype=torch.float64), "wrong_dtype"),
+    "int32": (raw_native({"decoder": torch.ones(2, 2, 4, 4, 16, dtype=torch.int32)}), "wrong_dtype"),
     "too_long": (native_prefix(MAX_PREFIX_TOKENS + 1), "prefix_too_long"),
     "wrong_num_layers": (native_prefix(num_layers=3), "shape_mismatch"),
     "wrong_num_heads": (native_prefix(num_heads=2, head_dim=32), "shape_mismatch"),

@@ -7,6 +7,8 @@ CPU. Every check watches the engine through /metrics (prefixserve_running_reques
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -154,4 +156,19 @@ def test_client_gone_mid_completions_stream_frees_every_prompt(server: ServerPro
         started = time.monotonic()
     assert wait_until(lambda: _engine_idle(client), timeout=1.5)
     assert time.monotonic() - started < 1.5
+    _served_promptly(client)
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions"])
+def test_client_gone_before_the_first_byte_frees_its_slot(server: ServerProcess, client, path: str) -> None:
+    """The request is sent and the socket closed at once: the handler may never start streaming."""
+    body = {**LONG, "stream": True} if path == "/v1/generate" else {"model": "gpt2-2048", "prompt": "hi"}
+    if path == "/v1/completions":
+        body |= {"max_tokens": 2000, "stream": True}
+    payload = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(head.encode() + payload)
+        assert wait_until(lambda: _engine_idle(client), timeout=1.5), (_running(client), _waiting(client))
     _served_promptly(client)
