@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from prefix_store.format import ALLOWED_DTYPES, Prefix
 
-ID_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class InvalidId(ValueError):
@@ -23,7 +23,7 @@ class StoreUnavailable(RuntimeError):
 
 
 def check_id_part(part: str, what: str) -> str:
-    if not ID_PART.match(part) or part in {".", ".."}:
+    if not ID_PART.fullmatch(part) or part in {".", ".."}:
         raise InvalidId(
             f"{what} {part!r} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )

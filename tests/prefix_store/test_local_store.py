@@ -78,3 +78,9 @@ def test_keys(tmp_path):
     assert not store.delete_key("other", "abc123")
     assert store.delete_key("acme", "abc123") and store.get_key("abc123") is None
     assert store.get_key("../etc") is None
+
+
+@pytest.mark.parametrize("bad", ["a\n/b", "a/b\n", "a/b\r"])
+def test_trailing_newlines_are_not_ids(tmp_path, bad):
+    with pytest.raises(InvalidId):
+        LocalStore(tmp_path).get_meta(bad)

@@ -390,11 +390,6 @@ def test_unknown_route_and_method_are_json(client: httpx.Client) -> None:
     assert_error(client.delete("/v1/generate"), 405, "method_not_allowed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prefix_store.store.ID_PART uses match() with `$`, which accepts a trailing newline; "
-    "check_id_part should use ID_PART.fullmatch (lead owns prefix_store)",
-)
 @pytest.mark.parametrize("path", ["/v1/prefixes/t/abc%0A", "/v1/prefixes/t%0A/abc"])
 def test_trailing_newline_in_id_is_refused(client: httpx.Client, path: str) -> None:
     response = client.put(path, content=_valid(), headers={"content-type": "application/octet-stream"})
