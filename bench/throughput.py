@@ -169,8 +169,15 @@ def main() -> None:
         help="run PEFT on the first N requests only (slow backbones)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch CPU threads for all three contenders (the server gets OMP_NUM_THREADS)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     from peft_oracle import make_peft_adapter
 
