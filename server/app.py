@@ -13,17 +13,14 @@ from fastapi import FastAPI
 
 from prefix_store.cache import PrefixCache
 from prefix_store.store import open_store
+from server.auth import KnownKeys
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
-from server.errors import install_error_handlers
+from server.errors import BodyTooLarge, install_error_handlers
 from server.metrics import Metrics
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("prefixserve")
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 class LimitsMiddleware:
@@ -48,7 +45,7 @@ class LimitsMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise _BodyTooLarge
+                    raise BodyTooLarge
             return message
 
         async def tagged_send(message: dict) -> None:
@@ -59,9 +56,9 @@ class LimitsMiddleware:
 
         try:
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                raise _BodyTooLarge
+                raise BodyTooLarge
             await self.app(scope, limited_receive, tagged_send)
-        except _BodyTooLarge:
+        except BodyTooLarge:
             if status["started"]:
                 raise
             await self._too_large(tagged_send)
@@ -90,6 +87,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
     """Everything the handlers share: settings, store, device cache, engine, metrics."""
     state = SimpleNamespace(settings=settings, store=None, cache=None, engine=None, metrics=None)
     state.metrics = Metrics(state)
+    state.known_keys = KnownKeys()
     backbone = load_backbone(settings.model, settings.device, settings.dtype)
     state.store = open_store(settings.store)
     state.cache = PrefixCache(state.store, lambda p: _to_device(p, backbone), settings.cache_bytes)
@@ -148,7 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.engine.stop()
             state.store.close()
 
-    app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     app.state.engine = None
     replica = settings.replica_name or f"{socket.gethostname()}:{settings.port}"

@@ -52,7 +52,34 @@ def _unauthorized(message: str) -> ServiceError:
     return ServiceError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
 
 
-def authenticate(authorization: str | None, admin_key: str | None, store) -> Principal:
+KEY_GRACE_SECONDS = 600.0
+
+
+class KnownKeys:
+    """Keys this replica verified recently, used only while the store is unreachable.
+
+    Normally every request checks its key in the store (so a revocation anywhere takes effect at once). When the
+    store is down, a key verified here within KEY_GRACE_SECONDS keeps working, so tenants whose prefixes are
+    resident are still served; a key revoked through this replica is forgotten at once.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[str, tuple[KeyRecord, float]] = {}
+
+    def remember(self, record: KeyRecord) -> None:
+        self._records[record.key_id] = (record, time.monotonic())
+
+    def forget(self, key_id: str) -> None:
+        self._records.pop(key_id, None)
+
+    def recent(self, key_id: str) -> KeyRecord | None:
+        record, seen = self._records.get(key_id, (None, 0.0))
+        return record if record is not None and time.monotonic() - seen < KEY_GRACE_SECONDS else None
+
+
+def authenticate(
+    authorization: str | None, admin_key: str | None, store, known: KnownKeys | None = None
+) -> Principal:
     if admin_key is None:
         return ADMIN
     if not authorization or not authorization.lower().startswith("bearer "):
@@ -68,8 +95,12 @@ def authenticate(authorization: str | None, admin_key: str | None, store) -> Pri
         try:
             record = store.get_key(key_id)
         except StoreUnavailable as exc:
-            raise ServiceError(503, "store_unavailable", f"cannot check the key: {exc}") from exc
+            record = known.recent(key_id) if known is not None else None
+            if record is None:
+                raise ServiceError(503, "store_unavailable", f"cannot check the key: {exc}") from exc
         if record is not None and hmac.compare_digest(hash_key(key), record.key_hash):
+            if known is not None:
+                known.remember(record)
             return Principal(is_admin=False, tenant=record.tenant)
     else:
         hmac.compare_digest(hash_key(key), hash_key(admin_key))  # same work either way
@@ -78,7 +109,12 @@ def authenticate(authorization: str | None, admin_key: str | None, store) -> Pri
 
 def get_principal(request: Request) -> Principal:
     state = request.app.state
-    return authenticate(request.headers.get("authorization"), state.settings.admin_key, state.store)
+    return authenticate(
+        request.headers.get("authorization"),
+        state.settings.admin_key,
+        state.store,
+        getattr(state, "known_keys", None),
+    )
 
 
 def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:

@@ -39,10 +39,12 @@ def _describe(errors: list) -> str:
     return "; ".join(parts)
 
 
-def _is_body_too_large(exc: BaseException | None) -> bool:
-    from server.app import _BodyTooLarge  # late: server.app imports this module
+class BodyTooLarge(Exception):
+    """Raised by the limits middleware when a body passes PREFIXSERVE_MAX_BODY_BYTES."""
 
-    return isinstance(exc, _BodyTooLarge)
+
+def _is_body_too_large(exc: BaseException | None) -> bool:
+    return isinstance(exc, BodyTooLarge)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -47,4 +47,5 @@ async def revoke_key(tenant: str, key_id: str, request: Request, admin: AdminPri
         deleted = False
     if not deleted:
         raise ServiceError(404, "key_not_found", f"tenant {tenant!r} has no key {key_id!r}")
+    request.app.state.known_keys.forget(key_id)
     return Response(status_code=204)

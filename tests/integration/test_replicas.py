@@ -223,9 +223,17 @@ def test_redis_crash_loses_no_acknowledged_prefix_and_replicas_recover(
     }
     assert all(r.status_code == 201 for r in stored.values())
 
+    resident = {url: generate(url, "crash/p0").json()["token_ids"] for url in (r1, r2)}  # now in both caches
+
     cluster.redis.kill()
     for url in (r1, r2):
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
+        served = generate(url, "crash/p0")  # resident prefixes keep being served while Redis is down
+        assert served.status_code == 200 and served.json()["token_ids"] == resident[url]
+        assert generate(url, "crash/p5").status_code in (
+            200,
+            503,
+        )  # resident on neither or one: never a 5xx crash
         assert upload(url, "crash/during", tiny_prefix(tiny_gpt2_dir, 9)).status_code == 503
         failed = httpx.get(f"{url}/v1/prefixes", timeout=10)
         assert failed.status_code == 503 and failed.json()["error"]["code"] == "store_unavailable"
