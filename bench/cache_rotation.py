@@ -107,12 +107,16 @@ def main() -> None:
     prompts = [prompt for _, prompt in workload(args.requests, 1)]
     # consecutive requests use different prefixes: a cache of `resident` prefixes misses almost every time
     jobs = [((i * 7919) % args.prefixes, prompts[i]) for i in range(args.requests)]
-    all_resident, all_lines = measure(
-        model_dir, args.store, prefix_bytes * args.prefixes * 2, jobs, args, workdir, True
-    )
-    rotating, rot_lines = measure(
-        model_dir, args.store, prefix_bytes * args.resident, jobs, args, workdir, False
-    )
+    try:
+        everything = prefix_bytes * args.prefixes * 2
+        all_resident, all_lines = measure(model_dir, args.store, everything, jobs, args, workdir, True)
+        small = prefix_bytes * args.resident
+        rotating, rot_lines = measure(model_dir, args.store, small, jobs, args, workdir, False)
+    finally:  # Redis keeps everything in memory: leave nothing behind
+        store = open_store(args.store)
+        for i in range(args.prefixes):
+            store.delete(f"rot/p{i:04d}")
+        store.close()
     print(
         f"\n{args.prefixes} prefixes of {prefix_bytes / 1024:.0f} KiB (P={args.virtual_tokens}) in {args.store.split('?')[0]}, "
         f"{args.requests} requests x {args.new_tokens} tokens, concurrency {args.concurrency}"
