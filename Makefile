@@ -26,7 +26,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy server prefix_store trainer clients/python/prefixserve_client
+	$(VENV)/bin/mypy server prefix_store clients/python/prefixserve_client
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -52,7 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=33.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-from", type=Path, help="continue from a saved model dir (its tokenizer and weights)")
+    p.add_argument(
+        "--init-from", type=Path, help="continue from a saved model dir (its tokenizer and weights)"
+    )
     return p.parse_args()
 
 

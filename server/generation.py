@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ _TOKENIZE_LOCK = threading.Lock()
 class Generation:
     request: Request
     prefix_id: str | None
-    stream: AsyncIterator[RequestOutput]
+    stream: AsyncGenerator[RequestOutput, None]
     started: float = field(default_factory=time.monotonic)
 
 

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import BartConfig, BartForConditionalGeneration, BartTokenizer, GPT2Config, GPT2LMHeadModel
-from transformers import GPT2Tokenizer
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BartTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Tokenizer,
+)
 
 LINES = [
     "name : Blue Spice | Type : coffee shop | area : city centre",

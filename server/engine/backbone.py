@@ -138,7 +138,8 @@ def load_backbone(path: str | Path, device: str = "auto", dtype: str = "auto") -
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_cls = GPT2LMHeadModel if config.model_type == "gpt2" else BartForConditionalGeneration
-    model = model_cls.from_pretrained(path, dtype=torch_dtype).to(torch_device).eval().requires_grad_(False)
+    model: Any = model_cls.from_pretrained(path, dtype=torch_dtype)
+    model = model.to(torch_device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rules = _generation_rules(model, tokenizer)
     backbone_cls = GPT2Backbone if config.model_type == "gpt2" else BartBackbone

@@ -64,7 +64,7 @@ class BartBackbone:
 
     @staticmethod
     def _positions(module: nn.Module, positions: torch.Tensor) -> torch.Tensor:
-        return nn.Embedding.forward(module, positions + module.offset)  # type: ignore[arg-type]
+        return nn.Embedding.forward(module, positions + module.offset)  # type: ignore[arg-type, operator]
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[n, T, D] -> [n, H, T, d]"""

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,7 +232,7 @@ class Engine:
             self._lock.notify_all()
         return request
 
-    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+    async def stream(self, request: Request) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of a request until it finishes. Cancelling the consumer aborts the request."""
         stream = self._streams.get(request.request_id)
         if stream is None:
