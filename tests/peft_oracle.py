@@ -39,14 +39,19 @@ def make_peft_adapter(model_dir: Path, kind: str, num_tokens: int, out: Path, se
 
 
 def peft_generate(
-    model_dir: Path, kind: str, adapter: Path | None, prompts: list[str], max_new_tokens: int
+    model_dir: Path,
+    kind: str,
+    adapter: Path | None,
+    prompts: list[str],
+    max_new_tokens: int,
+    device: str = "cpu",
 ) -> list[list[int]]:
     """Greedy token ids per prompt, one request at a time, as prefixserve reports them (no prompt, no final EOS)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = _auto(kind).from_pretrained(model_dir)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
+    model.to(device).eval()
     eos = (
         model.generation_config.eos_token_id
         if adapter is None
@@ -54,7 +59,7 @@ def peft_generate(
     )
     results = []
     for prompt in prompts:
-        enc = tokenizer(prompt, return_tensors="pt")
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         ids = out[0, enc["input_ids"].shape[1] :] if kind == "gpt2" else out[0, 1:]
