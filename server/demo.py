@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     store.close()
     log.info("demo prefixes available (public): %s", ", ".join(ids) or "none")
     log.info(
-        'try: curl -s localhost:%d/v1/generate -d \'{"prefix": "demo/e2e", "prompt": '
-        '"name : Blue Spice | Type : coffee shop | area : city centre"}\'',
+        "try: curl -s localhost:%d/v1/generate -H 'Content-Type: application/json' -d '%s'",
         settings.port,
+        '{"prefix": "demo/e2e", "prompt": "name : Blue Spice | Type : coffee shop | area : city centre"}',
     )
     serve(settings)
 
