@@ -7,6 +7,7 @@ in under a lock and gets outputs back through per-request asyncio queues.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import uuid
@@ -70,6 +71,9 @@ class Engine:
             backbone, config.max_num_seqs, config.max_model_len, config.max_prefix_tokens, on_forward
         )
         self.release_prefix = release_prefix
+        # the loop thread detokenizes with its own copy: a HF fast tokenizer used by two threads at once can
+        # fail with "Already borrowed" (the front tokenizes prompts in worker threads)
+        self._detokenizer = copy.deepcopy(backbone.tokenizer)
         self.num_generated_tokens = 0
         self.num_steps = 0
         self._streams: dict[str, _Stream] = {}
@@ -222,7 +226,7 @@ class Engine:
             tenant=tenant,
         )
         stream = _Stream(
-            asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self.backbone.tokenizer, params.stop)
+            asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self._detokenizer, params.stop)
         )
         with self._lock:
             if self.scheduler.num_waiting >= self.config.max_queue:
