@@ -29,7 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.data import e2e_split, read_source_target, read_webnlg  # noqa: E402
+from trainer.data import e2e_split, group_references, read_source_target, read_webnlg  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 EOS = "<|endoftext|>"
@@ -52,13 +52,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=33.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-grouping", action="store_true",
+                   help="one document per reference (runs 1-2) instead of one per MR / triple set")  # fmt: skip
     p.add_argument(
         "--init-from", type=Path, help="continue from a saved model dir (its tokenizer and weights)"
     )
     return p.parse_args()
 
 
-def corpus(data: Path) -> tuple[list[str], list[str]]:
+def corpus(data: Path, group_by_source: bool) -> tuple[list[str], list[str]]:
     """(documents for the language model, extra lines for the tokenizer only)."""
     docs: list[str] = []
     for name in ("valid.txt", "test.txt"):
@@ -74,7 +76,13 @@ def corpus(data: Path) -> tuple[list[str], list[str]]:
             docs.append(" ".join(article))
     e2e_train, _ = e2e_split(read_source_target(data / "e2e" / "valid.txt"))
     webnlg = read_webnlg(data / "webnlg" / "train")
-    docs += [ex.target for ex in e2e_train] + [ex.target for ex in webnlg]
+    if group_by_source:
+        # all references of one MR / triple set form one document: the same names recur sentence after
+        # sentence, which teaches the model to copy names from its context (what a table-to-text prefix needs)
+        for examples in (e2e_train, webnlg):
+            docs += [" ".join(refs) for refs in group_references(examples)[1]]
+    else:
+        docs += [ex.target for ex in e2e_train] + [ex.target for ex in webnlg]
     tables = sorted({ex.source for ex in e2e_train} | {ex.source for ex in webnlg})
     return docs, tables
 
@@ -111,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
-    docs, tables = corpus(args.data)
+    docs, tables = corpus(args.data, not args.no_grouping)
     if args.init_from:
         tokenizer = GPT2Tokenizer.from_pretrained(args.init_from)
     else:
