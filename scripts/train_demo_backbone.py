@@ -52,8 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=33.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-grouping", action="store_true",
-                   help="one document per reference (runs 1-2) instead of one per MR / triple set")  # fmt: skip
+    p.add_argument("--group-by-source", action="store_true",
+                   help="one document per MR / triple set (all its references) instead of one per reference")  # fmt: skip
     p.add_argument(
         "--init-from", type=Path, help="continue from a saved model dir (its tokenizer and weights)"
     )
@@ -119,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
-    docs, tables = corpus(args.data, not args.no_grouping)
+    docs, tables = corpus(args.data, args.group_by_source)
     if args.init_from:
         tokenizer = GPT2Tokenizer.from_pretrained(args.init_from)
     else:
