@@ -100,6 +100,10 @@ class Backbone:
     def default_template(self) -> str:
         raise NotImplementedError
 
+    def fits(self, features: Features, num_virtual_tokens: int) -> bool:
+        """Whether every real token gets a position: [prefix ; prompt ; target] must fit n_positions."""
+        return num_virtual_tokens + len(features.source_ids) + len(features.target_ids) <= self.max_positions
+
     def name(self) -> str:
         return Path(getattr(self.model.config, "_name_or_path", "") or "backbone").name
 
@@ -207,6 +211,13 @@ class BartBackbone(Backbone):
 
     def default_template(self) -> str:
         return "{source}"
+
+    def fits(self, features: Features, num_virtual_tokens: int) -> bool:
+        """Encoder positions are not shifted; decoder tokens start at P (and the first is decoder_start)."""
+        return (
+            len(features.source_ids) <= self.max_positions
+            and num_virtual_tokens + len(features.target_ids) <= self.max_positions
+        )
 
     def featurize(self, example: Example, template: str) -> Features:
         source_ids = self.tokenizer(apply_template(template, example.source))["input_ids"]

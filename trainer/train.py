@@ -65,11 +65,7 @@ def featurize(
     features, dropped = [], 0
     for example in examples:
         f = backbone.featurize(example, template)
-        room = backbone.max_positions - (num_virtual_tokens if backbone.model_type == "gpt2" else 0)
-        too_long = len(f.source_ids) + len(f.target_ids) > room if backbone.model_type == "gpt2" else (
-            len(f.source_ids) > backbone.max_positions or len(f.target_ids) + num_virtual_tokens > backbone.max_positions
-        )  # fmt: skip
-        if too_long:
+        if not backbone.fits(f, num_virtual_tokens):
             dropped += 1
             continue
         features.append(f)
