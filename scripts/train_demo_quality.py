@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=2e-4)
     p.add_argument("--prefix-length", type=int, default=10)
     p.add_argument("--sizes", default="50,100,200,500")
-    p.add_argument("--only", choices=["full", "full-finetune", "low"])
+    p.add_argument("--only", choices=["full", "full-prefix", "full-finetune", "low"])
     return p.parse_args()
 
 
@@ -89,8 +89,15 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     train, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
+    if args.only == "full-prefix":
+        record(
+            args.out, {"setting": "full", "size": len(train), **run_prefix(args, train, heldout, args.steps)}
+        )
     if args.only == "full-finetune":
-        record(args.out, {"setting": "full", "size": len(train), **run_finetune(args, train, heldout, args.steps)})
+        record(
+            args.out,
+            {"setting": "full", "size": len(train), **run_finetune(args, train, heldout, args.steps)},
+        )
     if args.only in (None, "full"):
         backbone = load_backbone(args.model)
         bleu, samples = score(backbone, None, heldout, backbone.default_template(), args)
