@@ -29,18 +29,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def build_backbone(path: Path, layers: int, width: int, heads: int, vocab: int) -> Path:
-    from tokenizers import ByteLevelBPETokenizer
+    from tiny_models import train_bpe
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
     lines = (DATA / "wikitext2" / "valid.txt").read_text().splitlines()
     lines += [line.split("||")[0] for line in (DATA / "e2e" / "valid.txt").read_text().splitlines()]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(lines, vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False)
-    merges = [
-        tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-        for m in json.loads(bpe._tokenizer.to_str())["model"]["merges"]
-    ]
-    tokenizer = GPT2Tokenizer(vocab=bpe.get_vocab(), merges=merges)
+    vocab_table, merges = train_bpe(lines, ["<|endoftext|>"], vocab)
+    tokenizer = GPT2Tokenizer(vocab=vocab_table, merges=merges)
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=len(tokenizer),

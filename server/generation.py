@@ -170,16 +170,9 @@ def sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def params_from(body: Any) -> SamplingParams:
+def sampling_params(**kwargs: Any) -> SamplingParams:
+    """SamplingParams, or a 422 invalid_sampling saying which value is wrong."""
     try:
-        return SamplingParams(
-            max_new_tokens=body.max_new_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            stop=tuple(body.stop or ()),
-            ignore_eos=body.ignore_eos,
-        )
+        return SamplingParams(**kwargs)
     except ValueError as exc:
         raise ServiceError(422, "invalid_sampling", str(exc)) from exc

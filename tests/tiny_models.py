@@ -3,6 +3,7 @@ saved as real HF directories so the code under test loads them with from_pretrai
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -29,25 +30,22 @@ LINES = [
 BART_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
-def _train_bpe(specials: list[str], vocab_size: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def train_bpe(
+    lines: list[str], specials: list[str], vocab_size: int = 400
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE trained on `lines`: (vocab, merges in rank order), as GPT2Tokenizer/BartTokenizer take them."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        LINES * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=specials, show_progress=False
+        lines, vocab_size=vocab_size, min_frequency=1, special_tokens=specials, show_progress=False
     )
-    model = bpe._tokenizer.model
-    vocab = bpe.get_vocab()
-    # merges in rank order, read back from the serialised model
-    import json
-
     merges = json.loads(bpe._tokenizer.to_str())["model"]["merges"]
-    del model
-    return vocab, [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
+    return bpe.get_vocab(), [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
 
 
 def build_gpt2(
     path: Path, n_layer: int = 2, n_head: int = 4, n_embd: int = 64, n_positions: int = 128, seed: int = 0
 ) -> Path:
-    vocab, merges = _train_bpe(["<|endoftext|>"])
+    vocab, merges = train_bpe(LINES * 4, ["<|endoftext|>"])
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)
     torch.manual_seed(seed)
     config = GPT2Config(
@@ -69,7 +67,7 @@ def build_gpt2(
 def build_bart(
     path: Path, layers: int = 2, heads: int = 4, d_model: int = 64, max_positions: int = 128, seed: int = 0
 ) -> Path:
-    vocab, merges = _train_bpe(BART_SPECIALS)
+    vocab, merges = train_bpe(LINES * 4, BART_SPECIALS)
     tokenizer = BartTokenizer(vocab=vocab, merges=merges)
     torch.manual_seed(seed)
     config = BartConfig(

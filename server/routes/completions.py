@@ -37,16 +37,13 @@ class CompletionBody(BaseModel):
 
 def _params(body: CompletionBody) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    try:
-        return SamplingParams(
-            max_new_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=tuple(stop),
-        )
-    except ValueError as exc:
-        raise ServiceError(422, "invalid_sampling", str(exc)) from exc
+    return generation.sampling_params(
+        max_new_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=tuple(stop),
+    )
 
 
 @router.post("/v1/completions")

@@ -48,9 +48,21 @@ class GenerateResponse(BaseModel):
 async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request: Request):
     """Generate from a prefix (or the bare backbone). Greedy output equals PEFT's generate for that adapter."""
     state = http_request.app.state
-    if any(not s for s in body.stop):
-        raise ServiceError(422, "invalid_sampling", "stop strings must be non-empty")
-    gen = await generation.start(state, principal, body.prefix, body.prompt, generation.params_from(body))
+    gen = await generation.start(
+        state,
+        principal,
+        body.prefix,
+        body.prompt,
+        generation.sampling_params(
+            max_new_tokens=body.max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=tuple(body.stop),
+            ignore_eos=body.ignore_eos,
+        ),
+    )
     if body.stream:
         return StreamingResponse(_events(state, gen), media_type="text/event-stream")
     token_ids, text, last = await generation.run_to_end(state, gen, http_request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prefix_store.cache import PrefixCache, PrefixNotFound
@@ -81,9 +82,5 @@ def test_deleted_prefix_is_not_found(tmp_path):
     cache.release(cache.acquire("t/a"))
     store.delete("t/a")
     cache.invalidate("t/a")
-    try:
+    with pytest.raises(PrefixNotFound):
         cache.acquire("t/a")
-    except PrefixNotFound:
-        pass
-    else:
-        raise AssertionError("deleted prefix was served")
