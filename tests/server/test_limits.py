@@ -8,6 +8,7 @@ CPU. Every check watches the engine through /metrics (prefixserve_running_reques
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -47,6 +48,13 @@ def _running(client: httpx.Client) -> float:
 
 def _waiting(client: httpx.Client) -> float:
     return metric(client, "prefixserve_queue_depth")
+
+
+def _handled(client: httpx.Client, path: str) -> float:
+    """Requests to `path` the server has finished handling (any status): counted when the handler returns."""
+    text = client.get("/metrics").text
+    pattern = rf'^prefixserve_requests_total\{{endpoint="{re.escape(path)}",status="\d+"\}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
 
 
 def _engine_idle(client: httpx.Client) -> bool:
@@ -168,7 +176,10 @@ def test_client_gone_before_the_first_byte_frees_its_slot(server: ServerProcess,
     payload = json.dumps(body).encode()
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
     for _ in range(3):
+        before = _handled(client, path)
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(head.encode() + payload)
+        # idle only means something once the server has seen this request through (admitted, then aborted)
+        wait_until(lambda before=before: _handled(client, path) > before, timeout=10)
         assert wait_until(lambda: _engine_idle(client), timeout=1.5), (_running(client), _waiting(client))
     _served_promptly(client)
