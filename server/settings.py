@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     max_prefix_tokens: int = Field(
         256, ge=1, description="longest prefix (virtual tokens) accepted on upload"
     )
-    max_queue: int = Field(1024, ge=1, description="waiting requests before new ones get 429")
+    max_queue: int = Field(1024, ge=1, description="requests waiting for a busy slot before new ones get 429")
     cache_bytes: int = Field(1 << 30, ge=0, description="device cache budget for resident prefixes, in bytes")
     max_body_bytes: int = Field(
         64 << 20, ge=1024, description="largest request body (uploads), in bytes; over it: 413"

@@ -37,7 +37,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096
     max_model_len: int = 1024
     max_prefix_tokens: int = 256
-    max_queue: int = 1024  # waiting requests before add() refuses (QueueFull -> 429)
+    max_queue: int = 1024  # requests waiting for a busy slot before add() refuses (QueueFull -> 429)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "max_prefix_tokens", "max_queue"):
@@ -229,7 +229,9 @@ class Engine:
             asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self._detokenizer, params.stop)
         )
         with self._lock:
-            if self.scheduler.num_waiting >= self.config.max_queue:
+            # waiting requests that a free slot will take at the next step are not queued behind anyone
+            free_slots = max(0, self.config.max_num_seqs - self.scheduler.num_running)
+            if self.scheduler.num_waiting >= self.config.max_queue + free_slots:
                 raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting; retry shortly")
             self._streams[request.request_id] = stream
             self.scheduler.add(request)

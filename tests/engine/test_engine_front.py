@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.request import SamplingParams
@@ -59,3 +61,20 @@ def test_abort_ends_the_stream_and_frees_the_slot(tiny_gpt2_dir: Path):
         engine.stop()
     assert reason == "abort" and len(ids) == 3
     assert engine.num_running == 0 and not engine.runner.slots
+
+
+def test_queue_limit_counts_only_requests_behind_busy_slots(tiny_gpt2_dir: Path):
+    """Regression: with one slot and one queue place, a two-prompt completion could get 429 at random when
+    its second prompt was added before the first had been admitted to the free slot."""
+    from server.engine.engine import QueueFull
+
+    engine = Engine(load_backbone(tiny_gpt2_dir, "cpu", "float32"), EngineConfig(max_num_seqs=1, max_queue=1))
+
+    async def main() -> None:  # the loop is not started: nothing is admitted between the adds
+        params = SamplingParams(max_new_tokens=2)
+        engine.add([1, 2], params)  # will take the free slot
+        engine.add([1, 2], params)  # the one queue place
+        with pytest.raises(QueueFull):
+            engine.add([1, 2], params)
+
+    asyncio.run(main())
