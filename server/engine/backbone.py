@@ -43,7 +43,8 @@ class KVCache:
     self_kv:  [num_layers, 2, num_slots, num_heads, max_positions, head_dim]
     cross_kv: [num_layers, 2, num_slots, num_heads, max_prefix + max_source, head_dim] (BART only)
     Zero-initialised: masked-out entries are read by the attention matmul (with weight 0), so they must
-    never hold NaN/Inf; everything written later is finite.
+    never hold NaN/Inf. A request whose numbers broke may have written NaN/Inf into its own slot: the
+    runner clears a slot's written entries when its sequence leaves, so the next occupant reads zeros.
     """
 
     def __init__(
@@ -61,6 +62,12 @@ class KVCache:
         if self.cross_kv is not None:
             total += self.cross_kv.numel() * self.cross_kv.element_size()
         return total
+
+    def clear(self, slot: int, self_len: int, cross_len: int) -> None:
+        """Zero a slot's first entries (what its sequence wrote)."""
+        self.self_kv[:, :, slot, :, :self_len] = 0
+        if self.cross_kv is not None:
+            self.cross_kv[:, :, slot, :, :cross_len] = 0
 
     def move(self, src: int, dst: int, self_len: int, cross_len: int) -> None:
         """Copy slot src's live entries into slot dst (compaction after a sequence leaves)."""

@@ -99,3 +99,4 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None  # "numerical_error" (the request's own numbers broke) | "engine_error"

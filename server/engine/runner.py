@@ -49,8 +49,10 @@ class ModelRunner:
         self.slots: list[SlotState] = []
         self.on_forward = on_forward or (lambda requests: None)
 
-    def execute(self, batch: ScheduledBatch) -> list[int]:
-        """Free finished slots, then produce one token for each of batch.prefill + batch.decode."""
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Free finished slots, then produce one token for each of batch.prefill + batch.decode.
+
+        None for a row whose logits were not finite: that request failed alone (see Sampler)."""
         self._free(batch.finished)
         if not batch.sequences:
             return []
@@ -69,15 +71,20 @@ class ModelRunner:
         for slot in reversed(range(len(self.slots))):
             if id(self.slots[slot].request) not in leaving:
                 continue
-            self.sampler.forget(self.slots[slot].request.request_id)
+            state = self.slots[slot]
+            self.sampler.forget(state.request.request_id)
+            # what a request wrote is never read by the next one (masked entries still enter the matmul
+            # with weight 0, and 0 * NaN is NaN): zero it, and the copy a compaction leaves behind
+            self.cache.clear(slot, state.seq_len, state.cross_len)
             last = len(self.slots) - 1
             if slot != last:
                 moved = self.slots[last]
                 self.cache.move(last, slot, moved.seq_len, moved.cross_len)
+                self.cache.clear(last, moved.seq_len, moved.cross_len)
                 self.slots[slot] = moved
             self.slots.pop()
 
-    def _prefill(self, requests: list[Request]) -> list[int]:
+    def _prefill(self, requests: list[Request]) -> list[int | None]:
         """GPT-2: write prefixes, run the prompts, sample each sequence's first token."""
         if not requests:
             return []
@@ -88,9 +95,12 @@ class ModelRunner:
         prompts = [r.prompt_token_ids for r in requests]
         self.on_forward(requests)
         logits = self.backbone.prefill(self.cache, start, prompts, prefix_lens)
-        tokens = self.sampler.sample(logits, requests)
+        tokens = self.sampler.sample(logits, requests).token_ids
         for request, num_prefix, token in zip(requests, prefix_lens, tokens, strict=True):
-            self.slots.append(SlotState(request, num_prefix + len(request.prompt_token_ids), 0, token))
+            fed = (
+                self.backbone.rules.pad_token_id if token is None else token
+            )  # a failed row leaves next step
+            self.slots.append(SlotState(request, num_prefix + len(request.prompt_token_ids), 0, fed))
         return tokens
 
     def _encode(self, requests: list[Request]) -> None:
@@ -112,7 +122,7 @@ class ModelRunner:
         for request, (num_decoder, _), cross_len in zip(requests, written, cross_lens, strict=True):
             self.slots.append(SlotState(request, num_decoder, cross_len, start_token))
 
-    def _decode(self) -> list[int]:
+    def _decode(self) -> list[int | None]:
         """One token for every slot, in slot order."""
         device = self.backbone.device
         requests = [s.request for s in self.slots]
@@ -126,8 +136,9 @@ class ModelRunner:
             logits = self.backbone.decode(self.cache, tokens, positions, length, cross_lens, cross_length)
         else:
             logits = self.backbone.decode(self.cache, tokens, positions, length)
-        sampled = self.sampler.sample(logits, requests)
+        sampled = self.sampler.sample(logits, requests).token_ids
         for state, token in zip(self.slots, sampled, strict=True):
             state.seq_len += 1
-            state.last_token = token
+            if token is not None:
+                state.last_token = token
         return sampled
