@@ -18,16 +18,20 @@ from typing import Any
 from server.engine.detokenizer import IncrementalText
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.engine.runner import ModelRunner
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+
+__all__ = ["Engine", "EngineConfig", "PromptTooLong", "QueueFull"]
+
+# what a request whose own numbers broke is told (it alone fails; see Sampler)
+NUMERICAL_ERROR = (
+    "this request's logits became NaN or infinite (its prefix's values or its prompt overflow the "
+    "arithmetic); the request was stopped, other requests are unaffected. Check the prefix's values"
+)
 
 log = logging.getLogger("prefixserve.engine")
 
 
 class PromptTooLong(ValueError):
-    pass
-
-
-class QueueFull(RuntimeError):
     pass
 
 
@@ -37,12 +41,15 @@ class EngineConfig:
     max_prefill_tokens: int = 4096
     max_model_len: int = 1024
     max_prefix_tokens: int = 256
-    max_queue: int = 1024  # requests waiting for a busy slot before add() refuses (QueueFull -> 429)
+    max_queue: int = 1024  # requests waiting for a busy slot; beyond it only tenants within their share
+    policy: str = "fair"  # "fair" (VTC, see scheduler.py) or "fifo"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "max_prefix_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.policy not in ("fair", "fifo"):
+            raise ValueError("policy must be 'fair' or 'fifo'")
 
 
 @dataclass
@@ -65,7 +72,13 @@ class Engine:
         self.config = config
         self.is_encoder_decoder = backbone.model_type == "bart"
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens, backbone.rules.eos_token_ids)
+            SchedulerConfig(
+                config.max_num_seqs,
+                config.max_prefill_tokens,
+                backbone.rules.eos_token_ids,
+                max_queue=config.max_queue,
+                policy=config.policy,  # type: ignore[arg-type]
+            )
         )
         self.runner = ModelRunner(
             backbone, config.max_num_seqs, config.max_model_len, config.max_prefix_tokens, on_forward
@@ -135,7 +148,10 @@ class Engine:
             with self._lock:
                 for request in batch.sequences:
                     request.finish("error")
-            return [(r, self._output(r, None, "", error=f"engine error: {exc}")) for r in batch.sequences]
+            return [
+                (r, self._output(r, None, "", f"engine error: {exc}", "engine_error"))
+                for r in batch.sequences
+            ]
         with self._lock:
             self.scheduler.update(batch, token_ids)
         self.num_steps += 1
@@ -153,10 +169,17 @@ class Engine:
                     request.finish("stop")
         if request.is_finished and stream is not None:
             delta += stream.text.flush()
+        if request.finish_reason == "error":
+            return request, self._output(request, token_id, delta, NUMERICAL_ERROR, "numerical_error")
         return request, self._output(request, token_id, delta)
 
     def _output(
-        self, request: Request, token_id: int | None, text: str, error: str | None = None
+        self,
+        request: Request,
+        token_id: int | None,
+        text: str,
+        error: str | None = None,
+        error_code: str | None = None,
     ) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
@@ -167,6 +190,7 @@ class Engine:
             num_prompt_tokens=len(request.prompt_token_ids),
             num_output_tokens=len(request.output_token_ids),
             error=error,
+            error_code=error_code,
         )
 
     def _run(self) -> None:
@@ -206,6 +230,11 @@ class Engine:
     def num_running(self) -> int:
         return self.scheduler.num_running
 
+    def tenant_load(self) -> dict[str, Any]:
+        """{tenant: TenantLoad(num_running, num_waiting)} for the active tenants."""
+        with self._lock:
+            return self.scheduler.tenant_load()
+
     def add(
         self,
         prompt_token_ids: list[int],
@@ -214,8 +243,10 @@ class Engine:
         prefix_id: str | None = None,
         tenant: str | None = None,
         request_id: str | None = None,
+        weight: float = 1.0,
     ) -> Request:
-        """Queue a request (its prefix already pinned). Raises QueueFull. Stream it with stream()."""
+        """Queue a request (its prefix already pinned) for `tenant` with its fair-share `weight`.
+        Raises QueueFull (the queue is full and the tenant holds its share). Stream it with stream()."""
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=prompt_token_ids,
@@ -229,12 +260,8 @@ class Engine:
             asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self._detokenizer, params.stop)
         )
         with self._lock:
-            # waiting requests that a free slot will take at the next step are not queued behind anyone
-            free_slots = max(0, self.config.max_num_seqs - self.scheduler.num_running)
-            if self.scheduler.num_waiting >= self.config.max_queue + free_slots:
-                raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting; retry shortly")
+            self.scheduler.add(request, weight)
             self._streams[request.request_id] = stream
-            self.scheduler.add(request)
             self._lock.notify_all()
         return request
 

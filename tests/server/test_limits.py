@@ -88,12 +88,12 @@ def test_full_queue_is_429_with_retry_after(server: ServerProcess, client: httpx
         assert wait_until(lambda: _waiting(client) == 1, timeout=5)
         for _ in range(3):
             response = client.post("/v1/generate", json=SHORT)
-            body = assert_error(response, 429, "queue_full")
+            body = assert_error(response, 429, "tenant_queue_full")
             assert int(response.headers["retry-after"]) >= 1, body
         response = client.post(
             "/v1/completions", json={"model": "gpt2-2048", "prompt": "hi", "max_tokens": 2}
         )
-        assert_error(response, 429, "queue_full")
+        assert_error(response, 429, "tenant_queue_full")
     # both clients went away: their slot and queue place are freed, the next request is served at once
     assert wait_until(lambda: _engine_idle(client), timeout=2)
     _served_promptly(client)
