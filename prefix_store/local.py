@@ -5,6 +5,7 @@ Layout::
     DIR/prefixes/<tenant>/<name>.json                 metadata; names the data file of this version
     DIR/prefixes/<tenant>/<name>.<version>.safetensors the native prefix file
     DIR/keys/<key_id>.json                            tenant keys (hashes only)
+    DIR/tenants/<tenant>.json                         tenant settings (weight, quotas)
 
 A write puts the new data file beside the old one, then atomically replaces the metadata (the commit
 point), then removes the old data file. A crash at any moment leaves the old or the new version whole;
@@ -20,6 +21,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from prefix_store.store import KeyRecord, PrefixMeta, check_id_part, decode_cursor, encode_cursor, split_id
 
@@ -45,8 +47,9 @@ class LocalStore:
         self.url = f"file://{self.root.resolve()}"
         self.prefix_dir = self.root / "prefixes"
         self.key_dir = self.root / "keys"
-        self.prefix_dir.mkdir(parents=True, exist_ok=True)
-        self.key_dir.mkdir(parents=True, exist_ok=True)
+        self.tenant_dir = self.root / "tenants"
+        for folder in (self.prefix_dir, self.key_dir, self.tenant_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._clean_leftovers()
 
@@ -147,6 +150,19 @@ class LocalStore:
             return False
         (self.key_dir / f"{key_id}.json").unlink(missing_ok=True)
         return True
+
+    # -- tenant settings ------------------------------------------------------------------------
+    def put_tenant(self, tenant: str, settings: dict[str, Any]) -> None:
+        check_id_part(tenant, "tenant")
+        write_atomic(self.tenant_dir / f"{tenant}.json", json.dumps(settings).encode())
+
+    def get_tenant(self, tenant: str) -> dict[str, Any] | None:
+        try:
+            check_id_part(tenant, "tenant")
+            settings = json.loads((self.tenant_dir / f"{tenant}.json").read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return settings if isinstance(settings, dict) else None
 
     # -- operations -----------------------------------------------------------------------------
     def ping(self) -> bool:

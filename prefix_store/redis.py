@@ -8,6 +8,8 @@ Layout (``NS`` is the namespace, ``prefixserve`` unless the URL says ``?namespac
     NS:index:public             zset  ids of public prefixes
     NS:key:<key_id>             hash  key_id, tenant, key_hash, created_at
     NS:index:keys               zset  every key id
+    NS:tenant:<tenant>          string tenant settings (JSON: weight, quotas)
+    NS:usage:<tenant>:<minute>  hash  requests, tokens counted in that minute (expires after 3 minutes)
     NS:changes                  pub/sub channel: the id of every prefix put or deleted
 
 Meta and bytes of one version live in one hash and are written together by a Lua script, which Redis runs
@@ -339,6 +341,46 @@ class RedisStore:
         for key_id in key_ids:
             pipe.hgetall(self._key_key(key_id))
         return [r for r in map(self._parse_key, pipe.execute()) if r is not None]
+
+    # -- tenant settings and usage --------------------------------------------------------------
+    @_unavailable
+    def put_tenant(self, tenant: str, settings: dict[str, Any]) -> None:
+        check_id_part(tenant, "tenant")
+        self.client.set(f"{self.namespace}:tenant:{tenant}", json.dumps(settings))
+
+    @_unavailable
+    def get_tenant(self, tenant: str) -> dict[str, Any] | None:
+        try:
+            check_id_part(tenant, "tenant")
+        except InvalidId:
+            return None
+        raw = self.client.get(f"{self.namespace}:tenant:{tenant}")
+        try:
+            settings = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return settings if isinstance(settings, dict) else None
+
+    def _usage_key(self, tenant: str, minute: int) -> str:
+        return f"{self.namespace}:usage:{tenant}:{minute}"
+
+    @_unavailable
+    def add_usage(self, tenant: str, minute: int, requests: int, tokens: int) -> None:
+        """Count a tenant's requests and tokens in a minute window, shared by every replica."""
+        key = self._usage_key(tenant, minute)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(key, "requests", requests)
+        pipe.hincrby(key, "tokens", tokens)
+        pipe.expire(key, 180)
+        pipe.execute()
+
+    @_unavailable
+    def get_usage(self, tenant: str, minutes: builtins.list[int]) -> builtins.list[tuple[int, int]]:
+        """(requests, tokens) of each minute window, 0 where none were counted."""
+        pipe = self.client.pipeline(transaction=False)
+        for minute in minutes:
+            pipe.hmget(self._usage_key(tenant, minute), ["requests", "tokens"])
+        return [(int(r or 0), int(t or 0)) for r, t in pipe.execute()]
 
     # -- operations -----------------------------------------------------------------------------
     def ping(self) -> bool:

@@ -144,6 +144,12 @@ class PrefixStore(Protocol):
 
     def delete_key(self, tenant: str, key_id: str) -> bool: ...
 
+    def put_tenant(self, tenant: str, settings: dict[str, Any]) -> None:
+        """Store a tenant's settings (weight, quotas) as a JSON-able dict, replacing what was there."""
+
+    def get_tenant(self, tenant: str) -> dict[str, Any] | None:
+        """The tenant's stored settings, or None when it has none (the defaults apply)."""
+
     def ping(self) -> bool: ...
 
     def close(self) -> None: ...

@@ -18,6 +18,7 @@ from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.errors import BodyTooLarge, install_error_handlers
 from server.metrics import Metrics
+from server.quotas import Quotas
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("prefixserve")
@@ -90,6 +91,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
     state.known_keys = KnownKeys()
     backbone = load_backbone(settings.model, settings.device, settings.dtype)
     state.store = open_store(settings.store)
+    state.quotas = Quotas(state.store)
     state.cache = PrefixCache(state.store, lambda p: _to_device(p, backbone), settings.cache_bytes)
     config = EngineConfig(
         max_num_seqs=settings.max_num_seqs,
@@ -97,6 +99,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
         max_model_len=settings.max_model_len,
         max_prefix_tokens=settings.max_prefix_tokens,
         max_queue=settings.max_queue,
+        policy=settings.scheduling,
     )
     state.engine = Engine(
         backbone, config, release_prefix=state.cache.release, on_forward=state.metrics.on_forward

@@ -8,9 +8,10 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request as HttpRequest
+from pydantic import Field
 
 from prefix_store.cache import DevicePrefix, PrefixNotFound
 from prefix_store.format import apply_template
@@ -19,8 +20,13 @@ from server.auth import Principal
 from server.engine.engine import PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.errors import ServiceError
+from server.quotas import QuotaExceeded, TenantSettings
 
 _TOKENIZE_LOCK = threading.Lock()
+
+MAX_STOP_STRINGS = 16
+StopString = Annotated[str, Field(max_length=1000, description="generation stops before this text")]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Generation:
     prefix_id: str | None
     stream: AsyncGenerator[RequestOutput, None]
     started: float = field(default_factory=time.monotonic)
+    counts_usage: bool = True  # tenants' tokens count against their quotas; the admin's do not
 
 
 def not_found(prefix_id: str) -> ServiceError:
@@ -64,35 +71,70 @@ async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> De
     return prefix
 
 
+def _refuse(state: Any, tenant: str, code: str, message: str, retry_after: int) -> ServiceError:
+    state.metrics.tenant_refusals.labels(tenant, code).inc()
+    return ServiceError(429, code, message, {"Retry-After": str(retry_after)})
+
+
+async def _tenant_settings(state: Any, principal: Principal, tenant: str) -> TenantSettings:
+    """The tenant's weight and quotas; per-minute quotas are checked here (the admin has none)."""
+    if principal.is_admin:
+        return TenantSettings()
+    settings = await asyncio.to_thread(state.quotas.settings, tenant)
+    if settings.requests_per_minute is not None or settings.tokens_per_minute is not None:
+        try:
+            await asyncio.to_thread(state.quotas.check, tenant, settings, 0)
+        except QuotaExceeded as exc:
+            raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
+    return settings
+
+
 async def start(
     state: Any, principal: Principal, prefix_id: str | None, prompt: str, params: SamplingParams
 ) -> Generation:
     """Validate and queue a generation. Raises ServiceError (404, 422, 429, 503)."""
     engine = state.engine
+    tenant = principal.tenant or "admin"
+    settings = await _tenant_settings(state, principal, tenant)
     prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
     try:
         if prefix is not None:
             prompt = apply_template(prefix.meta.prompt_template, prompt)
-        token_ids = await asyncio.to_thread(_tokenize, engine, prompt)
+        token_ids = await asyncio.to_thread(tokenize, engine, prompt)
         engine.check_fits(
             len(token_ids), 0 if prefix is None else prefix.num_virtual_tokens, params.max_new_tokens
         )
-        request = engine.add(token_ids, params, prefix, prefix_id, principal.tenant or "admin")
+        # no await from this check to add(): concurrent requests of one tenant cannot both slip under it
+        if settings.max_concurrent is not None:
+            load = engine.tenant_load().get(tenant)
+            num_active = 0 if load is None else load.num_running + load.num_waiting
+            state.quotas.check(tenant, TenantSettings(max_concurrent=settings.max_concurrent), num_active)
+        request = engine.add(token_ids, params, prefix, prefix_id, tenant, weight=settings.weight)
         stream = engine.stream(request)
     except PromptTooLong as exc:
         _release(state, prefix)
         raise ServiceError(422, "prompt_too_long", str(exc)) from exc
+    except QuotaExceeded as exc:
+        _release(state, prefix)
+        raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
     except QueueFull as exc:
         _release(state, prefix)
-        raise ServiceError(429, "queue_full", str(exc), {"Retry-After": "1"}) from exc
+        raise _refuse(state, tenant, exc.code, str(exc), 1) from exc
     except BaseException:
         _release(state, prefix)
         raise
-    state.metrics.tenant_requests.labels(principal.tenant or "admin").inc()
-    return Generation(request, prefix_id, stream)
+    state.metrics.tenant_requests.labels(tenant).inc()
+    if not principal.is_admin:
+        _in_background(state.quotas.count, tenant, 1, 0)
+    return Generation(request, prefix_id, stream, counts_usage=not principal.is_admin)
 
 
-def _tokenize(engine: Any, prompt: str) -> list[int]:
+def _in_background(fn: Any, *args: Any) -> None:
+    """Usage counting (a Redis round trip) off the request's path; nothing waits for it."""
+    asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def tokenize(engine: Any, prompt: str) -> list[int]:
     """Off the event loop (a long prompt takes a while), one at a time: a HF fast tokenizer shared by
     threads can fail with "Already borrowed" when calls overlap."""
     with _TOKENIZE_LOCK:
@@ -124,6 +166,8 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
                     f"generation took over {state.settings.request_timeout:g} s and was aborted",
                 ) from None
             if output.error:
+                if output.error_code == "numerical_error":  # the request's own numbers: it alone failed
+                    raise ServiceError(422, "numerical_error", output.error)
                 raise ServiceError(500, "engine_error", output.error)
             if output.token_id is not None:
                 if output.num_output_tokens == 1:
@@ -136,6 +180,11 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
                 return
     finally:
         await stream.aclose()
+        request = gen.request
+        if gen.counts_usage:
+            _in_background(
+                state.quotas.count, tenant, 0, len(request.prompt_token_ids) + len(request.output_token_ids)
+            )
 
 
 async def run_to_end(

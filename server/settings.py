@@ -36,7 +36,22 @@ class Settings(BaseSettings):
     max_prefix_tokens: int = Field(
         256, ge=1, description="longest prefix (virtual tokens) accepted on upload"
     )
-    max_queue: int = Field(1024, ge=1, description="requests waiting for a busy slot before new ones get 429")
+    max_queue: int = Field(
+        1024,
+        ge=1,
+        description="requests waiting for a busy slot; when full, a tenant over its weighted share gets 429",
+    )
+    scheduling: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="admission order: fair = least weighted service first (virtual token counter), "
+        "fifo = arrival order with one global queue limit",
+    )
+    max_prefix_value: float = Field(
+        1e4,
+        gt=0,
+        le=1e30,
+        description="largest |value| accepted in an uploaded prefix (422 value_out_of_range beyond it)",
+    )
     cache_bytes: int = Field(1 << 30, ge=0, description="device cache budget for resident prefixes, in bytes")
     max_body_bytes: int = Field(
         64 << 20, ge=1024, description="largest request body (uploads), in bytes; over it: 413"
