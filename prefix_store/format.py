@@ -33,6 +33,10 @@ FORMAT_VERSION = "1"
 TARGETS_BY_MODEL = {"gpt2": ("decoder",), "bart": ("encoder", "decoder", "cross")}
 ALLOWED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 DEFAULT_MAX_VIRTUAL_TOKENS = 256
+# Largest |value| a served prefix may hold. Trained prefixes hold keys and values of a few tens at most;
+# 1e4 leaves two orders of magnitude of room and keeps q.k and softmax(.)V far from overflow in float32
+# and bfloat16, and every value representable in float16 (max 65504).
+DEFAULT_MAX_PREFIX_VALUE = 1e4
 
 
 class PrefixFormatError(ValueError):
@@ -199,8 +203,9 @@ def import_peft(config_json: bytes, weights: bytes) -> Prefix:
     """
     try:
         config = json.loads(config_json)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PrefixFormatError("invalid_adapter_config", f"adapter_config is not JSON ({exc})") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise PrefixFormatError("invalid_adapter_config", f"adapter_config is not JSON ({reason})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "PREFIX_TUNING":
         raise PrefixFormatError(
             "unsupported_adapter",
@@ -212,22 +217,13 @@ def import_peft(config_json: bytes, weights: bytes) -> Prefix:
         raise PrefixFormatError(
             "unsupported_adapter", f"task_type {task_type!r} must be CAUSAL_LM or SEQ_2_SEQ_LM"
         )
-    try:
-        num_tokens = int(config["num_virtual_tokens"])
-        num_layers = int(config["num_layers"])
-        token_dim = int(config["token_dim"])
-        num_heads = int(config["num_attention_heads"])
-    except (KeyError, TypeError, ValueError) as exc:
+    num_tokens, num_layers, token_dim, num_heads = (
+        _config_int(config, name)
+        for name in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")
+    )
+    if token_dim % num_heads:
         raise PrefixFormatError(
-            "invalid_adapter_config",
-            "adapter_config needs integer num_virtual_tokens, num_layers, token_dim, num_attention_heads "
-            f"(missing or not an integer: {exc})",
-        ) from exc
-    if min(num_tokens, num_layers, token_dim, num_heads) <= 0 or token_dim % num_heads:
-        raise PrefixFormatError(
-            "invalid_adapter_config",
-            "num_virtual_tokens, num_layers, token_dim, num_attention_heads must be > 0 "
-            "and token_dim divisible by num_attention_heads",
+            "invalid_adapter_config", "token_dim must be divisible by num_attention_heads"
         )
     tensors, _ = _read_safetensors(weights, "adapter_model")
     embeddings = tensors.get("prompt_embeddings")
@@ -251,8 +247,24 @@ def import_peft(config_json: bytes, weights: bytes) -> Prefix:
     return Prefix(model_type=model_type, targets={"decoder": decoder})
 
 
+def _config_int(config: dict, name: str) -> int:
+    """An integer field of adapter_config (PEFT writes plain JSON integers; 1e400 or "12" are not)."""
+    value = config.get(name)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 12.0: what some JSON writers produce
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
+        raise PrefixFormatError(
+            "invalid_adapter_config",
+            f"adapter_config.{name} must be a positive integer below 2^31; found {str(value)[:40]!r}",
+        )
+    return value
+
+
 def validate(
-    prefix: Prefix, backbone: BackboneShape, max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS
+    prefix: Prefix,
+    backbone: BackboneShape,
+    max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS,
+    max_value: float = DEFAULT_MAX_PREFIX_VALUE,
 ) -> None:
     """Refuse anything the backbone cannot serve exactly. Raises PrefixFormatError saying what to fix."""
     if prefix.model_type != backbone.model_type:
@@ -289,6 +301,14 @@ def validate(
         if not bool(torch.isfinite(tensor).all()):
             raise PrefixFormatError(
                 "non_finite_values", f"target {name!r} contains NaN or Inf; retrain or re-export the prefix"
+            )
+        largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if largest > max_value:
+            raise PrefixFormatError(
+                "value_out_of_range",
+                f"target {name!r} holds a value of magnitude {largest:.3g}; this server accepts at most "
+                f"{max_value:g} (PREFIXSERVE_MAX_PREFIX_VALUE). Trained prefixes stay far below it: check "
+                "the export (scale, dtype)",
             )
     assert num_tokens is not None
     if not 1 <= num_tokens <= max_virtual_tokens:

@@ -27,9 +27,11 @@ class CompletionBody(BaseModel):
     model: str = Field(..., max_length=200, description="a prefix id <tenant>/<name>, or the backbone's name")
     prompt: str | list[str] = Field(..., description="a string or up to 32 strings")
     max_tokens: int = Field(16, ge=1, le=100_000)
-    temperature: float = Field(1.0, ge=0, le=100, description="OpenAI's default is 1 (sampling); 0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    temperature: float = Field(
+        1.0, ge=0, le=100, allow_inf_nan=False, description="OpenAI's default is 1 (sampling); 0 = greedy"
+    )
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    stop: generation.StopString | generation.StopList | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")

@@ -21,11 +21,17 @@ class GenerateBody(BaseModel):
     prefix: str | None = Field(None, description="prefix id <tenant>/<name>; null for the bare backbone")
     prompt: str = Field(..., max_length=1_000_000)
     max_new_tokens: int = Field(64, ge=1, le=100_000)
-    temperature: float = Field(0.0, ge=0, le=100, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="0 = greedy; tiny values act as 1e-30 (greedy up to ties)",
+    )
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: generation.StopList = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
 

@@ -8,9 +8,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from prefix_store.format import PrefixFormatError, import_peft, load_prefix, save_prefix, validate
+from prefix_store.format import (
+    PrefixFormatError,
+    apply_template,
+    import_peft,
+    load_prefix,
+    save_prefix,
+    validate,
+)
 from prefix_store.store import InvalidId, StoreUnavailable, check_id_part, make_meta
+from server import generation
 from server.auth import CurrentPrincipal, Principal
+from server.engine.engine import PromptTooLong
 from server.errors import ServiceError
 
 router = APIRouter(tags=["prefixes"])
@@ -38,7 +47,27 @@ async def _store_call(fn, *args: Any) -> Any:
         ) from exc
 
 
-async def _parse_upload(request: Request, backbone_shape: Any, max_tokens: int) -> tuple[Any, str]:
+async def _check_room(engine: Any, prefix: Any) -> None:
+    """Refuse a prefix (or prompt template) that leaves no room for a one-character source and one new
+    token on this backbone: every request with it would be refused."""
+    token_ids = await asyncio.to_thread(
+        generation.tokenize, engine, apply_template(prefix.prompt_template, "x")
+    )
+    try:
+        engine.check_fits(len(token_ids), prefix.num_virtual_tokens, 1)
+    except PromptTooLong:
+        template = (
+            "" if prefix.prompt_template is None else f" and its prompt template ({len(token_ids)} tokens)"
+        )
+        raise PrefixFormatError(
+            "no_room_for_prompt",
+            f"this prefix ({prefix.num_virtual_tokens} virtual tokens){template} leaves no room for a prompt "
+            f"and an answer within this backbone's {engine.max_model_len} positions; use a shorter prefix "
+            "or template",
+        ) from None
+
+
+async def _parse_upload(request: Request, state: Any) -> tuple[Any, str]:
     """The uploaded prefix, validated, and its source: a native file (octet-stream) or a PEFT adapter (multipart).
 
     Parsing reads safetensors only (never pickle) and runs off the event loop."""
@@ -65,7 +94,11 @@ async def _parse_upload(request: Request, backbone_shape: Any, max_tokens: int) 
             "unsupported_media_type",
             "send a native prefix file as application/octet-stream, or a PEFT adapter as multipart/form-data",
         )
-    await asyncio.to_thread(validate, prefix, backbone_shape, max_tokens)
+    settings = state.settings
+    await asyncio.to_thread(
+        validate, prefix, state.engine.backbone.shape, settings.max_prefix_tokens, settings.max_prefix_value
+    )
+    await _check_room(state.engine, prefix)
     return prefix, source
 
 
@@ -92,9 +125,11 @@ UPLOAD_BODY = {
 
 @router.put("/v1/prefixes/{tenant}/{name}", status_code=201, openapi_extra=UPLOAD_BODY)
 async def put_prefix(
-    tenant: str, name: str, request: Request, principal: CurrentPrincipal, public: bool = False
+    tenant: str, name: str, request: Request, principal: CurrentPrincipal, public: bool | None = None
 ) -> JSONResponse:
-    """Upload or replace a prefix (201 created, 200 replaced). Validated against the backbone first."""
+    """Upload or replace a prefix (201 created, 200 replaced). Validated against the backbone first.
+
+    `public` (admin only) sets visibility; when it is not sent, a replaced prefix keeps its visibility."""
     prefix_id = _check_ids(tenant, name)
     state = request.app.state
     if not principal.can_manage(tenant):
@@ -102,14 +137,14 @@ async def put_prefix(
     if public and not principal.is_admin:
         raise ServiceError(403, "forbidden", "only the admin key may upload public prefixes (?public=true)")
     try:
-        prefix, source = await _parse_upload(
-            request, state.engine.backbone.shape, state.settings.max_prefix_tokens
-        )
+        prefix, source = await _parse_upload(request, state)
     except PrefixFormatError as exc:
         raise ServiceError(422, exc.code, exc.message) from exc
     existing = await _store_call(state.store.get_meta, prefix_id)
     if existing is not None and existing.public and not principal.is_admin:
         raise ServiceError(403, "forbidden", "public prefixes can only be replaced by the admin key")
+    if public is None:
+        public = existing is not None and existing.public
     data = save_prefix(prefix)
     meta = make_meta(prefix_id, prefix, data, source, public)
     created = await _store_call(state.store.put, meta, data)
