@@ -67,6 +67,8 @@ def install_error_handlers(app: FastAPI) -> None:
             raise cause  # type: ignore[misc]
         if isinstance(cause, UnicodeDecodeError):
             return error_response(422, "invalid_json", f"the body is not UTF-8 JSON ({cause}); {_SEND_JSON}")
+        if isinstance(cause, RecursionError):
+            return error_response(422, "invalid_json", f"the body's JSON is nested too deeply; {_SEND_JSON}")
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
