@@ -19,6 +19,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0  # HF's: seen tokens' logits divided (positive) or multiplied (negative)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every generated token's logit
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated text
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -31,6 +35,16 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0 (0 = off)")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if not 0 < self.repetition_penalty <= 100:
+            raise ValueError("repetition_penalty must be in (0, 100] (1 = off)")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be in [0, 20]")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def is_greedy(self) -> bool:

@@ -14,7 +14,7 @@ tiny temperature sends the others to -inf, never 0/0), the temperature is floore
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,14 +42,35 @@ def forced_token(request: Request, rules: GenerationRules, is_encoder_decoder: b
 
 
 @dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and the top alternatives (id, logprob), most likely first; only
+    tokens the distribution can draw (finite log-probability) are listed."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class SampledTokens:
     """One entry per row: the chosen id, or None where the row's own numbers broke (see `failed`)."""
 
     token_ids: list[int | None]
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per row, where asked for
 
     @property
     def failed(self) -> list[int]:
         return [i for i, t in enumerate(self.token_ids) if t is None]
+
+
+@dataclass
+class _RowState:
+    """What the sampler keeps per request across steps (on the device)."""
+
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = (
+        None  # [V] bool: the tokens HF's repetition penalty looks at before generation
+    )
+    counts: torch.Tensor | None = None  # [V] float32: generated tokens' occurrences
 
 
 def filtered_scores(logits: torch.Tensor, temperature, top_k, top_p) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,26 +95,58 @@ def filtered_scores(logits: torch.Tensor, temperature, top_k, top_p) -> tuple[to
     return scores.masked_fill(~keep, float("-inf")), order
 
 
+def apply_penalties(logits: torch.Tensor, seen, counts, repetition, presence, frequency) -> torch.Tensor:
+    """logits [s, V] -> penalised logits. seen [s, V] bool (prompt or generated: HF's input_ids), counts [s, V]
+    (generated occurrences), penalties [s]. HF's repetition penalty, then OpenAI's presence/frequency."""
+    repeated = seen | (counts > 0)
+    penalty = repetition[:, None]
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    logits = torch.where(repeated, penalised, logits)
+    return logits - presence[:, None] * (counts > 0) - frequency[:, None] * counts
+
+
 class Sampler:
     def __init__(self, rules: GenerationRules, is_encoder_decoder: bool, device: torch.device):
         self.rules = rules
         self.is_encoder_decoder = is_encoder_decoder
         self.device = device
-        self._generators: dict[str, torch.Generator] = {}
+        self._rows: dict[str, _RowState] = {}
 
     def forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
+        self._rows.pop(request_id, None)
+
+    def _state(self, request: Request) -> _RowState:
+        state = self._rows.get(request.request_id)
+        if state is None:
+            state = self._rows[request.request_id] = _RowState()
+        return state
 
     def _generator(self, request: Request) -> torch.Generator:
-        generator = self._generators.get(request.request_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device)
+        state = self._state(request)
+        if state.generator is None:
+            state.generator = torch.Generator(device=self.device)
             if request.params.seed is not None:
-                generator.manual_seed(request.params.seed)
+                state.generator.manual_seed(request.params.seed)
             else:
-                generator.seed()
-            self._generators[request.request_id] = generator
-        return generator
+                state.generator.seed()
+        return state.generator
+
+    def _history(self, request: Request, vocab: int) -> _RowState:
+        """The request's penalty history; the first time: what HF's input_ids hold before generation."""
+        state = self._state(request)
+        if state.seen is None:
+            # decoder-only: the prompt; encoder-decoder: the decoder input, i.e. the start token
+            before = (
+                [self.rules.decoder_start_token_id or 0]
+                if self.is_encoder_decoder
+                else request.prompt_token_ids
+            )
+            state.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            state.seen[self._as_tensor([t for t in before if 0 <= t < vocab])] = True
+            state.counts = torch.zeros(vocab, dtype=torch.float32, device=self.device)
+            for token in request.output_token_ids:  # a request that joins mid-way (never today)
+                state.counts[token] += 1
+        return state
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
         """logits [n, vocab] float32, one row per request -> one id per row (None: the row failed).
@@ -103,23 +156,84 @@ class Sampler:
         """
         forced = [forced_token(r, self.rules, self.is_encoder_decoder) for r in requests]
         is_finite = torch.isfinite(logits).all(dim=-1)  # [n]
+        penalised = [i for i, r in enumerate(requests) if r.params.has_penalties]
+        if penalised:
+            logits = self._penalise(logits, requests, penalised)
         chosen = logits.argmax(dim=-1)  # [n] greedy rows
         rows = [i for i, r in enumerate(requests) if not r.params.is_greedy and forced[i] is None]
+        filtered = None
         if rows:
-            chosen = chosen.index_copy(0, self._as_tensor(rows), self._draw(logits, requests, rows))
-        token_ids, finite = torch.stack([chosen, is_finite.long()]).tolist()  # the step's one host sync
-        out: list[int | None] = []
-        for token_id, is_ok, force in zip(token_ids, finite, forced, strict=True):
-            out.append(None if not is_ok else force if force is not None else token_id)
-        return SampledTokens(out)
+            drawn, filtered = self._draw(logits, requests, rows)
+            chosen = chosen.index_copy(0, self._as_tensor(rows), drawn)
+        num_top = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
+        columns = [chosen[:, None].double(), is_finite[:, None].double()]
+        if num_top is not None:
+            columns += self._logprobs(logits, chosen, rows, filtered, num_top)
+        values = torch.cat(columns, dim=1).tolist()  # the step's one device->host wait
+        return self._unpack(values, requests, forced, num_top)
+
+    def _unpack(self, values, requests: list[Request], forced: list[int | None], num_top) -> SampledTokens:
+        token_ids: list[int | None] = []
+        logprobs: list[TokenLogprob | None] = []
+        for row, request, force in zip(values, requests, forced, strict=True):
+            token = None if not row[1] else force if force is not None else int(row[0])
+            token_ids.append(token)
+            asked = request.params.logprobs
+            if token is None or asked is None or num_top is None:
+                logprobs.append(None)
+            elif force is not None:  # HF's forced-token processors leave a one-hot distribution
+                logprobs.append(TokenLogprob(0.0, [(force, 0.0)][:asked]))
+            else:
+                ids, lps = row[3 : 3 + num_top], row[3 + num_top :]
+                top = [
+                    (int(i), lp)
+                    for i, lp in zip(ids[:asked], lps[:asked], strict=True)
+                    if lp != float("-inf")
+                ]
+                logprobs.append(TokenLogprob(row[2], top))
+            if token is not None and request.params.has_penalties:
+                state = self._rows[request.request_id]
+                assert state.counts is not None
+                state.counts[token] += 1  # a device write, no wait
+        return SampledTokens(token_ids, logprobs)
+
+    def _penalise(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        states = [self._history(requests[i], vocab) for i in rows]
+        params = [requests[i].params for i in rows]
+        index = self._as_tensor(rows)
+        penalised = apply_penalties(
+            logits.index_select(0, index),
+            torch.stack([s.seen for s in states]),  # type: ignore[misc]
+            torch.stack([s.counts for s in states]),  # type: ignore[misc]
+            self._as_tensor([p.repetition_penalty for p in params], torch.float32),
+            self._as_tensor([p.presence_penalty for p in params], torch.float32),
+            self._as_tensor([p.frequency_penalty for p in params], torch.float32),
+        )
+        return logits.index_copy(0, index, penalised)
+
+    def _logprobs(self, logits, chosen, rows: list[int], filtered, num_top: int) -> list[torch.Tensor]:
+        """[chosen logprob [n], top ids [n, k], top logprobs [n, k]] of each row's distribution: the
+        (penalised) logits for greedy rows, the temperature/top-k/top-p-filtered scores for sampled rows."""
+        distribution = logits
+        if rows:
+            scores, order = filtered
+            unsorted = torch.full_like(scores, float("-inf")).scatter(1, order, scores)
+            distribution = logits.index_copy(0, self._as_tensor(rows), unsorted)
+        logprobs = torch.log_softmax(distribution, dim=-1)
+        picked = logprobs.gather(1, chosen[:, None])
+        top = logprobs.topk(max(num_top, 1), dim=-1)
+        values, ids = top.values[:, :num_top], top.indices[:, :num_top]
+        return [picked.double(), ids.double(), values.double()]
 
     def _as_tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """A host list as a device tensor: a host->device copy, never a wait."""
         pinned = self.device.type == "cuda"
         return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=True)
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
-        """Sampled ids [s] for the given rows (Gumbel-max over the filtered scores, each row its own RNG)."""
+    def _draw(self, logits: torch.Tensor, requests: list[Request], rows: list[int]):
+        """(sampled ids [s], (filtered scores sorted [s, V], their ids [s, V])) for the given rows: Gumbel-max
+        over the temperature/top-k/top-p-filtered scores, each row drawing from its own generator."""
         params = [requests[i].params for i in rows]
         selected = logits.index_select(0, self._as_tensor(rows))
         selected = torch.nan_to_num(selected, nan=0.0, posinf=0.0, neginf=0.0)  # failed rows: result unused
@@ -135,4 +249,4 @@ class Sampler:
         )
         gumbel = -torch.log(-torch.log(uniform))  # uniform in [0, 1): -inf at 0, never +inf
         pick = (scores + gumbel).argmax(dim=-1, keepdim=True)  # the best token is finite, so never NaN
-        return order.gather(1, pick)[:, 0]
+        return order.gather(1, pick)[:, 0], (scores, order)
