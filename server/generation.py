@@ -187,22 +187,32 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
             )
 
 
-async def run_to_end(
-    state: Any, gen: Generation, http_request: HttpRequest
-) -> tuple[list[int], str, RequestOutput]:
+@dataclass
+class Collected:
+    """A whole generation: its token ids, text, the outputs that carried a token, and the last output."""
+
+    token_ids: list[int]
+    text: str
+    token_outputs: list[RequestOutput]
+    last: RequestOutput
+
+
+async def run_to_end(state: Any, gen: Generation, http_request: HttpRequest) -> Collected:
     """Collect a whole generation; a client that disconnects aborts it (its slot frees at the next step)."""
 
-    async def collect() -> tuple[list[int], str, RequestOutput]:
-        token_ids: list[int] = []
+    async def collect() -> Collected:
+        token_outputs: list[RequestOutput] = []
         text = ""
         last: RequestOutput | None = None
         async for output in outputs(state, gen):
             if output.token_id is not None:
-                token_ids.append(output.token_id)
+                token_outputs.append(output)
             text += output.text
             last = output
         assert last is not None
-        return token_ids, text, last
+        return Collected(
+            [o.token_id for o in token_outputs if o.token_id is not None], text, token_outputs, last
+        )
 
     task = asyncio.ensure_future(collect())
     while True:
@@ -213,6 +223,13 @@ async def run_to_end(
             task.cancel()
             state.engine.abort(gen.request.request_id)
             raise ServiceError(499, "client_closed", "the client disconnected")
+
+
+def abort_unfinished(state: Any, gens: list[Generation]) -> None:
+    """One of several generations failed (timeout, disconnect, refusal): the others must not hold slots."""
+    for gen in gens:
+        if not gen.request.is_finished:
+            state.engine.abort(gen.request.request_id)
 
 
 def sse(data: Any) -> str:

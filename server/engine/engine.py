@@ -171,7 +171,11 @@ class Engine:
             delta += stream.text.flush()
         if request.finish_reason == "error":
             return request, self._output(request, token_id, delta, NUMERICAL_ERROR, "numerical_error")
-        return request, self._output(request, token_id, delta)
+        output = self._output(request, token_id, delta)
+        logprob = self.runner.logprobs.get(request.request_id) if token_id is not None else None
+        if logprob is not None:
+            output.logprob, output.top_logprobs = logprob.logprob, logprob.top
+        return request, output
 
     def _output(
         self,

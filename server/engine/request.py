@@ -114,3 +114,5 @@ class RequestOutput:
     num_output_tokens: int = 0
     error: str | None = None
     error_code: str | None = None  # "numerical_error" (the request's own numbers broke) | "engine_error"
+    logprob: float | None = None  # the token's log-probability, when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first

@@ -14,7 +14,7 @@ import torch
 
 from server.engine.backbone import KVCache
 from server.engine.request import Request, ScheduledBatch
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, TokenLogprob
 
 
 @dataclass
@@ -47,6 +47,9 @@ class ModelRunner:
         )
         self.sampler = Sampler(backbone.rules, self.is_encoder_decoder, backbone.device)
         self.slots: list[SlotState] = []
+        self.logprobs: dict[
+            str, TokenLogprob
+        ] = {}  # this step's, for requests that asked (the engine takes them)
         self.on_forward = on_forward or (lambda requests: None)
 
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
@@ -54,6 +57,7 @@ class ModelRunner:
 
         None for a row whose logits were not finite: that request failed alone (see Sampler)."""
         self._free(batch.finished)
+        self.logprobs.clear()
         if not batch.sequences:
             return []
         assert {id(s.request) for s in self.slots} == {id(r) for r in batch.decode}, "slots out of sync"
@@ -95,7 +99,7 @@ class ModelRunner:
         prompts = [r.prompt_token_ids for r in requests]
         self.on_forward(requests)
         logits = self.backbone.prefill(self.cache, start, prompts, prefix_lens)
-        tokens = self.sampler.sample(logits, requests).token_ids
+        tokens = self._sample(logits, requests)
         for request, num_prefix, token in zip(requests, prefix_lens, tokens, strict=True):
             fed = (
                 self.backbone.rules.pad_token_id if token is None else token
@@ -122,6 +126,13 @@ class ModelRunner:
         for request, (num_decoder, _), cross_len in zip(requests, written, cross_lens, strict=True):
             self.slots.append(SlotState(request, num_decoder, cross_len, start_token))
 
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | None]:
+        out = self.sampler.sample(logits, requests)
+        for request, logprob in zip(requests, out.logprobs, strict=True):
+            if logprob is not None:
+                self.logprobs[request.request_id] = logprob
+        return out.token_ids
+
     def _decode(self) -> list[int | None]:
         """One token for every slot, in slot order."""
         device = self.backbone.device
@@ -136,7 +147,7 @@ class ModelRunner:
             logits = self.backbone.decode(self.cache, tokens, positions, length, cross_lens, cross_length)
         else:
             logits = self.backbone.decode(self.cache, tokens, positions, length)
-        sampled = self.sampler.sample(logits, requests).token_ids
+        sampled = self._sample(logits, requests)
         for state, token in zip(self.slots, sampled, strict=True):
             state.seq_len += 1
             if token is not None:

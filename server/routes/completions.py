@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,19 +11,37 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefix_store.store import InvalidId, StoreUnavailable, split_id
 from server import generation
 from server.auth import CurrentPrincipal
 from server.engine.request import SamplingParams
 from server.errors import ServiceError
+from server.routes.decoding import (
+    MAX_N,
+    DecodingOptions,
+    LegacyLogprobs,
+    TokenTexts,
+    per_completion,
+    token_texts,
+)
+
+log = logging.getLogger("prefixserve.completions")
 
 router = APIRouter(tags=["openai"])
 
 
-class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients may send fields we do not use
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="a last chunk with usage and no choices")
+
+
+class CompletionBody(DecodingOptions):
+    """OpenAI's legacy completions fields: each honoured or refused by name; unknown fields are a 422."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(..., max_length=200, description="a prefix id <tenant>/<name>, or the backbone's name")
     prompt: str | list[str] = Field(..., description="a string or up to 32 strings")
@@ -31,10 +50,30 @@ class CompletionBody(BaseModel):
         1.0, ge=0, le=100, allow_inf_nan=False, description="OpenAI's default is 1 (sampling); 0 = greedy"
     )
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, le=1_000_000, description="not OpenAI's; 0 = off")
     stop: generation.StopString | generation.StopList | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream_options: StreamOptions | None = None
+    echo: bool = Field(False, description="return the prompt before the completion")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only equal to n (no server-side ranking)")
+    suffix: str | None = Field(None, description="not supported: must be absent or null")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be absent, null or {}")
+    user: str | None = Field(None, max_length=256, description="logged with the request")
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> CompletionBody:
+        if self.suffix is not None:
+            raise ValueError("suffix (insertion) is not supported: send no suffix")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported: send no logit_bias")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of must equal n (no server-side ranking of extra completions)")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (prompt logprobs): drop one of them")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
+        return self
 
 
 def _params(body: CompletionBody) -> SamplingParams:
@@ -43,26 +82,34 @@ def _params(body: CompletionBody) -> SamplingParams:
         max_new_tokens=body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_k=body.top_k,
         seed=body.seed,
         stop=tuple(stop),
+        **body.penalties(),
     )
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, principal: CurrentPrincipal, http_request: Request):
+    """OpenAI's legacy completions. Choices are ordered prompt by prompt, n per prompt."""
     state = http_request.app.state
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not 1 <= len(prompts) <= 32:
         raise ServiceError(422, "invalid_request", "prompt must be a string or a list of 1 to 32 strings")
+    if len(prompts) * body.n > 64:
+        raise ServiceError(422, "invalid_request", "len(prompt) x n must be at most 64 completions")
     prefix_id = _prefix_id(body.model, state.engine.backbone.name)
-    params = _params(body)
-    gens = []
+    if body.user:
+        log.info("completion for user %r", body.user)
+    gens: list[generation.Generation] = []
+    echoes: list[str] = []
     try:
         for prompt in prompts:
-            gens.append(await generation.start(state, principal, prefix_id, prompt, params))
+            for params in per_completion(_params(body), body.n):
+                gens.append(await generation.start(state, principal, prefix_id, prompt, params))
+                echoes.append(prompt if body.echo else "")
     except ServiceError:
-        for gen in gens:
-            state.engine.abort(gen.request.request_id)
+        generation.abort_unfinished(state, gens)
         raise
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -70,49 +117,85 @@ async def completions(body: CompletionBody, principal: CurrentPrincipal, http_re
         "created": int(time.time()),
         "model": body.model,
     }
+    texts = token_texts(state) if body.logprobs is not None else None
     if body.stream:
-        return StreamingResponse(_chunks(state, gens, head), media_type="text/event-stream")
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(
+            _chunks(state, gens, head, echoes, texts, include_usage, body.n), media_type="text/event-stream"
+        )
     try:
         results = await asyncio.gather(*(generation.run_to_end(state, g, http_request) for g in gens))
     finally:  # one prompt failed (timeout, disconnect): the others must not hold their slots
-        _abort_unfinished(state, gens)
-    choices = [
-        {"text": text, "index": i, "logprobs": None, "finish_reason": last.finish_reason}
-        for i, (_, text, last) in enumerate(results)
-    ]
-    prompt_tokens = sum(last.num_prompt_tokens for _, _, last in results)
-    completion_tokens = sum(len(ids) for ids, _, _ in results)
-    usage = {
+        generation.abort_unfinished(state, gens)
+    choices = []
+    for i, (result, echo) in enumerate(zip(results, echoes, strict=True)):
+        logprobs = None
+        if texts is not None:
+            legacy = LegacyLogprobs(texts)
+            for output in result.token_outputs:
+                legacy.add(output)
+            logprobs = legacy.to_dict()
+        choices.append(
+            {
+                "text": echo + result.text,
+                "index": i,
+                "logprobs": logprobs,
+                "finish_reason": result.last.finish_reason,
+            }
+        )
+    return {**head, "choices": choices, "usage": _usage(results, body.n)}
+
+
+def _usage(results: list[generation.Collected], n: int) -> dict[str, int]:
+    # each prompt counts once, as OpenAI counts it (its n completions share it)
+    prompt_tokens = sum(r.last.num_prompt_tokens for r in results[::n])
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
-    return {**head, "choices": choices, "usage": usage}
 
 
-async def _chunks(state: Any, gens: list[generation.Generation], head: dict) -> AsyncIterator[str]:
+async def _chunks(
+    state: Any,
+    gens: list[generation.Generation],
+    head: dict,
+    echoes: list[str],
+    texts: TokenTexts | None,
+    include_usage: bool,
+    n: int,
+) -> AsyncIterator[str]:
+    prompt_tokens = completion_tokens = 0
     try:
-        for index, gen in enumerate(gens):
+        for index, (gen, echo) in enumerate(zip(gens, echoes, strict=True)):
+            legacy = LegacyLogprobs(texts) if texts is not None else None
+            if echo:
+                yield generation.sse({**head, "choices": [_choice(echo, index, None, None)]})
             async for output in generation.outputs(state, gen):
-                if output.text or output.is_finished:
-                    choice = {
-                        "text": output.text,
-                        "index": index,
-                        "logprobs": None,
-                        "finish_reason": output.finish_reason if output.is_finished else None,
-                    }
-                    yield generation.sse({**head, "choices": [choice]})
+                logprobs = legacy.add(output) if legacy is not None and output.token_id is not None else None
+                completion_tokens += output.token_id is not None
+                if output.text or output.is_finished or logprobs is not None:
+                    reason = output.finish_reason if output.is_finished else None
+                    yield generation.sse({**head, "choices": [_choice(output.text, index, logprobs, reason)]})
+                if output.is_finished and index % n == 0:
+                    prompt_tokens += output.num_prompt_tokens
+        if include_usage:
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+            yield generation.sse({**head, "choices": [], "usage": usage})
     except ServiceError as exc:
         yield generation.sse({"error": {"code": exc.code, "message": exc.message}})
     finally:
-        _abort_unfinished(state, gens)
+        generation.abort_unfinished(state, gens)
     yield generation.sse("[DONE]")
 
 
-def _abort_unfinished(state: Any, gens: list[generation.Generation]) -> None:
-    for gen in gens:
-        if not gen.request.is_finished:
-            state.engine.abort(gen.request.request_id)
+def _choice(text: str, index: int, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _prefix_id(model: str, backbone_name: str) -> str | None:

@@ -1,8 +1,10 @@
-"""POST /v1/generate: one generation, whole or streamed (SSE)."""
+"""POST /v1/generate: one generation (or n), whole or streamed (SSE)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -11,11 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from server import generation
 from server.auth import CurrentPrincipal
 from server.errors import ServiceError
+from server.routes.decoding import DecodingOptions, generate_logprob, per_completion, token_texts
 
 router = APIRouter(tags=["generation"])
 
 
-class GenerateBody(BaseModel):
+class GenerateBody(DecodingOptions):
     model_config = ConfigDict(extra="forbid")
 
     prefix: str | None = Field(None, description="prefix id <tenant>/<name>; null for the bare backbone")
@@ -41,60 +44,109 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class Choice(BaseModel):
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[dict[str, Any]] | None = None
+
+
 class GenerateResponse(BaseModel):
+    """The first completion's fields at the top; with n > 1 every completion is in `choices`."""
+
     id: str
     prefix: str | None
     text: str
     token_ids: list[int]
     finish_reason: str
     usage: Usage
+    logprobs: list[dict[str, Any]] | None = None
+    choices: list[Choice] | None = None
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
+@router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True)
 async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request: Request):
     """Generate from a prefix (or the bare backbone). Greedy output equals PEFT's generate for that adapter."""
     state = http_request.app.state
-    gen = await generation.start(
-        state,
-        principal,
-        body.prefix,
-        body.prompt,
-        generation.sampling_params(
-            max_new_tokens=body.max_new_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            stop=tuple(body.stop),
-            ignore_eos=body.ignore_eos,
-        ),
+    params = generation.sampling_params(
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=tuple(body.stop),
+        ignore_eos=body.ignore_eos,
+        **body.penalties(),
     )
-    if body.stream:
-        return StreamingResponse(_events(state, gen), media_type="text/event-stream")
-    token_ids, text, last = await generation.run_to_end(state, gen, http_request)
-    return GenerateResponse(
-        id=gen.request.request_id,
-        prefix=body.prefix,
-        text=text,
-        token_ids=token_ids,
-        finish_reason=last.finish_reason or "stop",
-        usage=Usage(prompt_tokens=last.num_prompt_tokens, completion_tokens=len(token_ids)),
-    )
-
-
-async def _events(state, gen: generation.Generation) -> AsyncIterator[str]:
-    completion_tokens = 0
+    gens: list[generation.Generation] = []
     try:
-        async for output in generation.outputs(state, gen):
-            if output.token_id is not None:
-                completion_tokens += 1
-                yield generation.sse({"token_id": output.token_id, "text": output.text})
-            if output.is_finished:
-                usage = {"prompt_tokens": output.num_prompt_tokens, "completion_tokens": completion_tokens}
-                # text held back until the end (e.g. before an EOS) rides on the last event
-                rest = output.text if output.token_id is None else ""
-                last = {"id": gen.request.request_id, "prefix": gen.prefix_id, "text": rest}
-                yield generation.sse({**last, "finish_reason": output.finish_reason, "usage": usage})
+        for completion_params in per_completion(params, body.n):
+            gens.append(await generation.start(state, principal, body.prefix, body.prompt, completion_params))
+    except ServiceError:
+        for gen in gens:
+            state.engine.abort(gen.request.request_id)
+        raise
+    if body.stream:
+        return StreamingResponse(_events(state, gens, body.n > 1), media_type="text/event-stream")
+    try:
+        results = await asyncio.gather(*(generation.run_to_end(state, g, http_request) for g in gens))
+    finally:
+        generation.abort_unfinished(state, gens)
+    texts = token_texts(state) if body.logprobs is not None else None
+    choices = [
+        Choice(
+            index=i,
+            text=r.text,
+            token_ids=r.token_ids,
+            finish_reason=r.last.finish_reason or "stop",
+            logprobs=None if texts is None else [generate_logprob(o, texts) for o in r.token_outputs],
+        )
+        for i, r in enumerate(results)
+    ]
+    first = choices[0]
+    return GenerateResponse(
+        id=gens[0].request.request_id,
+        prefix=body.prefix,
+        text=first.text,
+        token_ids=first.token_ids,
+        finish_reason=first.finish_reason,
+        usage=Usage(
+            prompt_tokens=results[0].last.num_prompt_tokens,
+            completion_tokens=sum(len(c.token_ids) for c in choices),
+        ),
+        logprobs=first.logprobs,
+        choices=choices if body.n > 1 else None,
+    )
+
+
+async def _events(state, gens: list[generation.Generation], with_index: bool) -> AsyncIterator[str]:
+    """One event per token (with `index` when n > 1), completions one after another; a last event per
+    completion with finish_reason and usage."""
+    asks_logprobs = gens[0].request.params.logprobs is not None
+    texts = token_texts(state) if asks_logprobs else None
+    try:
+        for index, gen in enumerate(gens):
+            completion_tokens = 0
+            where = {"index": index} if with_index else {}
+            async for output in generation.outputs(state, gen):
+                if output.token_id is not None:
+                    completion_tokens += 1
+                    event = {**where, "token_id": output.token_id, "text": output.text}
+                    if texts is not None:
+                        event["logprobs"] = generate_logprob(output, texts)
+                    yield generation.sse(event)
+                if output.is_finished:
+                    usage = {
+                        "prompt_tokens": output.num_prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                    }
+                    # text held back until the end (e.g. before an EOS) rides on the last event
+                    rest = output.text if output.token_id is None else ""
+                    last = {**where, "id": gen.request.request_id, "prefix": gen.prefix_id, "text": rest}
+                    yield generation.sse({**last, "finish_reason": output.finish_reason, "usage": usage})
     except ServiceError as exc:
         yield generation.sse({"error": {"code": exc.code, "message": exc.message}})
+    finally:
+        generation.abort_unfinished(state, gens)
     yield generation.sse("[DONE]")
