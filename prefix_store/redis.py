@@ -365,14 +365,16 @@ class RedisStore:
         return f"{self.namespace}:usage:{tenant}:{minute}"
 
     @_unavailable
-    def add_usage(self, tenant: str, minute: int, requests: int, tokens: int) -> None:
-        """Count a tenant's requests and tokens in a minute window, shared by every replica."""
+    def add_usage(self, tenant: str, minute: int, requests: int, tokens: int) -> tuple[int, int]:
+        """Count a tenant's requests and tokens in a minute window, shared by every replica; returns the
+        window's counts after this addition (one atomic step, so concurrent callers see distinct counts)."""
         key = self._usage_key(tenant, minute)
         pipe = self.client.pipeline(transaction=True)
         pipe.hincrby(key, "requests", requests)
         pipe.hincrby(key, "tokens", tokens)
         pipe.expire(key, 180)
-        pipe.execute()
+        num_requests, num_tokens, _ = pipe.execute()
+        return int(num_requests), int(num_tokens)
 
     @_unavailable
     def get_usage(self, tenant: str, minutes: builtins.list[int]) -> builtins.list[tuple[int, int]]:

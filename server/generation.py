@@ -76,26 +76,47 @@ def _refuse(state: Any, tenant: str, code: str, message: str, retry_after: int) 
     return ServiceError(429, code, message, {"Retry-After": str(retry_after)})
 
 
-async def _tenant_settings(state: Any, principal: Principal, tenant: str) -> TenantSettings:
-    """The tenant's weight and quotas; per-minute quotas are checked here (the admin has none)."""
+async def _admit(state: Any, principal: Principal, tenant: str) -> tuple[TenantSettings, bool]:
+    """The tenant's weight and quotas, and whether this request was counted against its per-minute quotas
+    (refused with 429 quota_exceeded if it goes over them). The admin has no quotas."""
     if principal.is_admin:
-        return TenantSettings()
+        return TenantSettings(), False
     settings = await asyncio.to_thread(state.quotas.settings, tenant)
-    if settings.requests_per_minute is not None or settings.tokens_per_minute is not None:
-        try:
-            await asyncio.to_thread(state.quotas.check, tenant, settings, 0)
-        except QuotaExceeded as exc:
-            raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
-    return settings
+    if settings.requests_per_minute is None and settings.tokens_per_minute is None:
+        return settings, False
+    try:
+        return settings, await asyncio.to_thread(state.quotas.admit, tenant, settings)
+    except QuotaExceeded as exc:
+        raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
 
 
 async def start(
     state: Any, principal: Principal, prefix_id: str | None, prompt: str, params: SamplingParams
 ) -> Generation:
     """Validate and queue a generation. Raises ServiceError (404, 422, 429, 503)."""
-    engine = state.engine
     tenant = principal.tenant or "admin"
-    settings = await _tenant_settings(state, principal, tenant)
+    settings, is_counted = await _admit(state, principal, tenant)
+    try:
+        gen = await _queue(state, principal, tenant, settings, prefix_id, prompt, params)
+    except BaseException:
+        if is_counted:  # refused after all: the request does not count against the quota
+            _in_background(state.quotas.count, tenant, -1, 0)
+        raise
+    if not is_counted and not principal.is_admin:  # no per-minute quota: counted for the usage figures
+        _in_background(state.quotas.count, tenant, 1, 0)
+    return gen
+
+
+async def _queue(
+    state: Any,
+    principal: Principal,
+    tenant: str,
+    settings: TenantSettings,
+    prefix_id: str | None,
+    prompt: str,
+    params: SamplingParams,
+) -> Generation:
+    engine = state.engine
     prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
     try:
         if prefix is not None:
@@ -108,7 +129,7 @@ async def start(
         if settings.max_concurrent is not None:
             load = engine.tenant_load().get(tenant)
             num_active = 0 if load is None else load.num_running + load.num_waiting
-            state.quotas.check(tenant, TenantSettings(max_concurrent=settings.max_concurrent), num_active)
+            state.quotas.check_concurrent(tenant, settings, num_active)
         request = engine.add(token_ids, params, prefix, prefix_id, tenant, weight=settings.weight)
         stream = engine.stream(request)
     except PromptTooLong as exc:
@@ -124,8 +145,6 @@ async def start(
         _release(state, prefix)
         raise
     state.metrics.tenant_requests.labels(tenant).inc()
-    if not principal.is_admin:
-        _in_background(state.quotas.count, tenant, 1, 0)
     return Generation(request, prefix_id, stream, counts_usage=not principal.is_admin)
 
 

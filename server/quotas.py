@@ -68,13 +68,14 @@ class LocalCounts:
         self._counts: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
         self._lock = threading.Lock()
 
-    def add_usage(self, tenant: str, minute: int, requests: int, tokens: int) -> None:
+    def add_usage(self, tenant: str, minute: int, requests: int, tokens: int) -> tuple[int, int]:
         with self._lock:
             counts = self._counts[(tenant, minute)]
             counts[0] += requests
             counts[1] += tokens
             for key in [k for k in self._counts if k[1] < minute - 2]:  # keep three minutes
                 del self._counts[key]
+            return counts[0], counts[1]
 
     def get_usage(self, tenant: str, minutes: list[int]) -> list[tuple[int, int]]:
         with self._lock:
@@ -131,29 +132,49 @@ class Quotas:
         except StoreUnavailable as exc:
             log.warning("usage of tenant %s not counted: %s", tenant, exc)
 
-    def check(self, tenant: str, settings: TenantSettings, num_active: int) -> None:
-        """Raise QuotaExceeded if one more request would go over a quota."""
+    def check_concurrent(self, tenant: str, settings: TenantSettings, num_active: int) -> None:
+        """Raise QuotaExceeded if one more request would go over max_concurrent."""
         if settings.max_concurrent is not None and num_active >= settings.max_concurrent:
             raise QuotaExceeded(
                 f"tenant {tenant!r} has {num_active} requests running or queued on this replica; its "
                 f"max_concurrent is {settings.max_concurrent}. Wait for one to finish",
                 1,
             )
-        per_minute = (
+
+    def admit(self, tenant: str, settings: TenantSettings) -> bool:
+        """Count one request against the per-minute quotas, or raise QuotaExceeded (then it is not counted).
+
+        Counting and checking are one atomic increment, so a burst of concurrent requests cannot all pass
+        under the limit. Returns False when nothing could be counted (store unreachable: fail open)."""
+        now = self.clock()
+        minute = int(now // WINDOW)
+        try:
+            ((prev_requests, prev_tokens),) = self.counts.get_usage(tenant, [minute - 1])
+            num_requests, num_tokens = self.counts.add_usage(tenant, minute, 1, 0)
+        except StoreUnavailable as exc:
+            log.warning("usage of tenant %s not counted: %s", tenant, exc)
+            return False
+        weight = (WINDOW - (now - minute * WINDOW)) / WINDOW
+        usage = Usage(
+            requests=num_requests - 1 + math.floor(prev_requests * weight),  # before this request
+            tokens=num_tokens + math.floor(prev_tokens * weight),
+            seconds_to_next_minute=WINDOW * weight,
+            previous_weight=weight,
+            previous=(prev_requests, prev_tokens),
+        )
+        for what, limit, index in (
             ("requests", settings.requests_per_minute, 0),
             ("tokens", settings.tokens_per_minute, 1),
-        )
-        if all(limit is None for _, limit, _ in per_minute):
-            return
-        usage = self.usage(tenant)
-        for what, limit, index in per_minute:
+        ):
             used = usage.requests if index == 0 else usage.tokens
             if limit is not None and used >= limit:
+                self.count(tenant, requests=-1)  # refused: give the place back
                 raise QuotaExceeded(
                     f"tenant {tenant!r} used {used} {what} in the last minute; its {what}_per_minute is "
                     f"{limit}. Retry after the Retry-After seconds",
                     _retry_after(usage, used, limit, index),
                 )
+        return True
 
 
 def _retry_after(usage: Usage, used: int, limit: int, index: int) -> int:

@@ -56,9 +56,10 @@ async def revoke_key(tenant: str, key_id: str, request: Request, admin: AdminPri
 
 
 class TenantBody(BaseModel):
-    """Any subset of the settings; a field sent as null goes back to its default (weight 1, no limit)."""
+    """Any subset of the settings; a field sent as null goes back to its default (weight 1, no limit).
+    Strict types: true, "3" or "1e3" are refused, not converted."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     weight: float | None = Field(
         None, gt=0, le=1000, allow_inf_nan=False, description="fair-share weight (default 1)"

@@ -244,3 +244,33 @@ def test_max_concurrent_and_tenant_settings_validation(tiny_gpt2_dir: Path, tmp_
         assert client.put("/v1/tenants/c", json={"weight": 2}, headers=key).status_code == 403
         shown = client.get("/v1/tenants/c", headers=ADMIN).json()
         assert shown["max_concurrent"] == 1 and shown["usage"]["requests_last_minute"] >= 1
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+def test_a_burst_cannot_slip_under_requests_per_minute(tiny_gpt2_dir: Path, tmp_path: Path, store: str):
+    env = {"PREFIXSERVE_ADMIN_KEY": ADMIN_KEY}
+    url = (
+        str(tmp_path / "store")
+        if store == "local"
+        else f"redis://127.0.0.1:6379/0?namespace=b{secrets.token_hex(4)}"
+    )
+    with running_server(tiny_gpt2_dir, url, tmp_path, env=env) as server:
+        client = httpx.Client(base_url=server.url, timeout=60)
+        key = tenant_key(client, "burst")
+        assert (
+            client.put("/v1/tenants/burst", json={"requests_per_minute": 2}, headers=ADMIN).status_code == 200
+        )
+        for bad in ({"weight": True}, {"max_concurrent": "3"}, {"weight": "1e3"}):
+            assert client.put("/v1/tenants/burst", json=bad, headers=ADMIN).status_code == 422, bad
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+                body = {"prompt": "hi", "max_new_tokens": 2}
+                responses = await asyncio.gather(
+                    *(c.post("/v1/generate", json=body, headers=key) for _ in range(12))
+                )
+                return [r.status_code for r in responses]
+
+        statuses = asyncio.run(burst())
+        assert sorted(statuses) == [200, 200] + [429] * 10, statuses
+        assert client.get("/v1/tenants/burst", headers=key).json()["usage"]["requests_last_minute"] == 2
