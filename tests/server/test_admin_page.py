@@ -124,6 +124,9 @@ def test_admin_page_lists_prefixes_shows_metrics_and_generates(browser, server) 
         page.fill("#try-prompt", PROMPT)
         page.click("#try-run")
         expect(page.locator("#try-meta")).to_contain_text("generated tokens")
+        page.fill("#tenant-name", "acme")
+        page.click("#tenant-load")
+        expect(page.locator("#tenant-view")).to_be_visible()
         page.wait_for_timeout(3500)  # one metrics refresh, so rates show
         page.screenshot(path=screenshot, full_page=True)
     assert not page_errors, page_errors
