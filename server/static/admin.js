@@ -1,4 +1,5 @@
-// prefixserve admin page: prefixes, live figures from /metrics, and a box to try a prefix.
+// prefixserve admin page: prefixes, live figures from /metrics, tenants (weight, quotas, usage), and a box
+// to try a prefix.
 // Plain DOM, no framework; everything from the server is put in the page with textContent, never innerHTML.
 "use strict";
 
@@ -11,6 +12,9 @@ const OWN_ENDPOINTS = new Set(["/metrics", "/healthz", "/readyz", "/admin", "/ad
 const $ = (id) => document.getElementById(id);
 let apiKey = localStorage.getItem(KEY_STORAGE) || "";
 let previous = null; // last metrics snapshot, for rates
+let shownTenant = null; // the tenant whose settings the Tenants panel shows
+const tenantsFromPrefixes = new Set(); // suggestions for the tenant box
+const tenantsFromMetrics = new Set();
 
 // ---- HTTP -------------------------------------------------------------------------------------------
 
@@ -123,7 +127,34 @@ function snapshot(samples) {
     queue: total(samples, "prefixserve_queue_depth"),
     batchSum: total(samples, "prefixserve_batch_size_sum"),
     batchCount: total(samples, "prefixserve_batch_size_count"),
+    tenants: tenantFigures(samples),
   };
+}
+
+// Per-tenant series (present only for the admin key): {tenant: {running, queued, requests, tokens, refusals}}.
+const TENANT_SERIES = {
+  prefixserve_tenant_running_requests: "running",
+  prefixserve_tenant_queued_requests: "queued",
+  prefixserve_tenant_requests_total: "requests",
+  prefixserve_tenant_generated_tokens_total: "tokens",
+};
+
+function tenantFigures(samples) {
+  const tenants = new Map();
+  const entry = (name) => {
+    if (!tenants.has(name)) tenants.set(name, { running: 0, queued: 0, requests: 0, tokens: 0, refusals: {} });
+    return tenants.get(name);
+  };
+  for (const s of samples) {
+    const tenant = s.labels.tenant;
+    if (tenant === undefined) continue;
+    if (s.name in TENANT_SERIES) entry(tenant)[TENANT_SERIES[s.name]] += s.value;
+    else if (s.name === "prefixserve_tenant_refusals_total") {
+      const refusals = entry(tenant).refusals;
+      refusals[s.labels.reason || "?"] = (refusals[s.labels.reason || "?"] || 0) + s.value;
+    }
+  }
+  return tenants;
 }
 
 function rate(now, key) {
@@ -164,6 +195,34 @@ function renderMetrics(now) {
     cell(row, integer.format(s.value), "num");
   }
   if (!rows.length) emptyRow(tbody, 3, "no requests yet");
+  renderTenantTable(now.tenants);
+}
+
+function renderTenantTable(tenants) {
+  const tbody = $("tenant-table").tBodies[0];
+  tbody.textContent = "";
+  const names = [...tenants.keys()].sort();
+  for (const name of names) {
+    const t = tenants.get(name);
+    const row = tbody.insertRow();
+    row.className = "tenant-row";
+    row.dataset.tenant = name;
+    row.title = "click to see and set this tenant's weight and quotas";
+    cell(row, name, "id");
+    cell(row, integer.format(t.running), "num");
+    cell(row, integer.format(t.queued), "num");
+    cell(row, integer.format(t.requests), "num");
+    cell(row, integer.format(t.tokens), "num");
+    const reasons = Object.entries(t.refusals).filter(([, n]) => n > 0);
+    const refused = reasons.reduce((a, [, n]) => a + n, 0);
+    const td = cell(row, integer.format(refused), "num");
+    if (reasons.length) td.title = reasons.map(([reason, n]) => `${reason}: ${integer.format(n)}`).join(" · ");
+    row.addEventListener("click", () => lookUpTenant(name));
+  }
+  if (!names.length) emptyRow(tbody, 6, "no tenant traffic yet (the per-tenant figures need the admin key)");
+  tenantsFromMetrics.clear();
+  for (const name of names) tenantsFromMetrics.add(name);
+  suggestTenants();
 }
 
 async function refreshMetrics() {
@@ -235,6 +294,10 @@ function renderPrefixes(prefixes) {
   select.length = 1; // keep "(bare backbone)"
   for (const p of prefixes) select.add(new Option(p.id, p.id));
   if (prefixes.some((p) => p.id === chosen)) select.value = chosen;
+
+  tenantsFromPrefixes.clear();
+  for (const p of prefixes) tenantsFromPrefixes.add(p.tenant || p.id.split("/")[0]);
+  suggestTenants();
 }
 
 async function refreshPrefixes() {
@@ -250,6 +313,104 @@ async function refreshPrefixes() {
 function selectPrefix(id) {
   $("try-prefix").value = id;
   $("try-prompt").focus();
+}
+
+// ---- tenants: weight, quotas, usage ------------------------------------------------------------------------
+
+// the settings of PUT /v1/tenants/{tenant} and their inputs; an empty input sends null (the default)
+const TENANT_FIELDS = [
+  ["weight", "t-weight"],
+  ["max_concurrent", "t-max-concurrent"],
+  ["requests_per_minute", "t-requests-per-minute"],
+  ["tokens_per_minute", "t-tokens-per-minute"],
+];
+
+function suggestTenants() {
+  const list = $("tenant-names");
+  list.textContent = "";
+  for (const name of [...new Set([...tenantsFromPrefixes, ...tenantsFromMetrics])].sort()) {
+    list.appendChild(new Option(name, name));
+  }
+}
+
+function tenantPath(name) {
+  return "/v1/tenants/" + encodeURIComponent(name);
+}
+
+function limitText(limit, unit) {
+  return limit === null || limit === undefined ? "no limit" : `limit ${integer.format(limit)} ${unit}`;
+}
+
+function renderTenant(info, fillForm) {
+  const usage = info.usage || {};
+  show("t-running", usage.running ?? null);
+  show("t-queued", usage.queued ?? null);
+  show("t-requests", usage.requests_last_minute ?? null);
+  show("t-tokens", usage.tokens_last_minute ?? null);
+  $("t-running-sub").textContent = info.max_concurrent == null
+    ? "max concurrent: no limit" : `max concurrent ${integer.format(info.max_concurrent)} (running + queued)`;
+  $("t-requests-sub").textContent = limitText(info.requests_per_minute, "per minute");
+  $("t-tokens-sub").textContent = "prompt + generated · " + limitText(info.tokens_per_minute, "per minute");
+  if (fillForm) {
+    for (const [field, id] of TENANT_FIELDS) $(id).value = info[field] == null ? "" : String(info[field]);
+  }
+  $("tenant-view").hidden = false;
+  $("tenant-view").dataset.tenant = info.tenant;
+}
+
+async function lookUpTenant(name) {
+  name = (name || "").trim();
+  if (!name) return;
+  $("tenant-name").value = name;
+  $("tenant-error").textContent = "";
+  $("tenant-saved").textContent = "";
+  try {
+    const info = await (await api(tenantPath(name))).json();
+    shownTenant = name;
+    renderTenant(info, true);
+  } catch (error) {
+    shownTenant = null;
+    $("tenant-view").hidden = true;
+    $("tenant-error").textContent = describe(error);
+  }
+}
+
+async function refreshTenant() {
+  if (!shownTenant) return;
+  try {
+    renderTenant(await (await api(tenantPath(shownTenant))).json(), false);
+  } catch (error) {
+    $("tenant-error").textContent = describe(error);
+  }
+}
+
+async function saveTenant(event) {
+  event.preventDefault();
+  if (!shownTenant) return;
+  const body = {};
+  for (const [field, id] of TENANT_FIELDS) {
+    const input = $(id);
+    if (input.validity.badInput) {
+      $("tenant-error").textContent = `${field} must be a number, or empty for the default`;
+      return;
+    }
+    const text = input.value.trim();
+    body[field] = text === "" ? null : Number(text);
+  }
+  $("tenant-save").disabled = true;
+  $("tenant-error").textContent = "";
+  $("tenant-saved").textContent = "";
+  try {
+    const headers = { "Content-Type": "application/json" };
+    const response = await api(tenantPath(shownTenant), { method: "PUT", headers, body: JSON.stringify(body) });
+    const info = await response.json();
+    renderTenant(info, true);
+    $("tenant-saved").textContent = "saved " + new Date().toLocaleTimeString("en-GB");
+  } catch (error) {
+    $("tenant-error").textContent = describe(error);
+  } finally {
+    $("tenant-save").disabled = false;
+  }
 }
 
 // ---- try a prefix ----------------------------------------------------------------------------------------
@@ -277,6 +438,7 @@ async function tryPrefix(event) {
     $("try-meta").textContent = `${result.finish_reason} · ${usage.prompt_tokens} prompt + ` +
       `${usage.completion_tokens} generated tokens · ${decimal.format(seconds)} s`;
     refreshMetrics();
+    refreshTenant();
   } catch (error) {
     $("try-output").textContent = "";
     $("try-meta").textContent = "";
@@ -307,6 +469,7 @@ function refreshAll() {
   refreshStatus();
   refreshPrefixes();
   refreshMetrics();
+  refreshTenant();
 }
 
 $("api-key").value = apiKey;
@@ -314,5 +477,7 @@ $("key-form").addEventListener("submit", useKey);
 $("forget-key").addEventListener("click", forgetKey);
 $("refresh-prefixes").addEventListener("click", refreshPrefixes);
 $("try-form").addEventListener("submit", tryPrefix);
+$("tenant-lookup").addEventListener("submit", (event) => { event.preventDefault(); lookUpTenant($("tenant-name").value); });
+$("tenant-form").addEventListener("submit", saveTenant);
 refreshAll();
 setInterval(() => { refreshMetrics(); refreshStatus(); }, REFRESH_MS);

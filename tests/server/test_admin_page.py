@@ -124,6 +124,9 @@ def test_admin_page_lists_prefixes_shows_metrics_and_generates(browser, server) 
         page.fill("#try-prompt", PROMPT)
         page.click("#try-run")
         expect(page.locator("#try-meta")).to_contain_text("generated tokens")
+        page.fill("#tenant-name", "acme")
+        page.click("#tenant-load")
+        expect(page.locator("#tenant-view")).to_be_visible()
         page.wait_for_timeout(3500)  # one metrics refresh, so rates show
         page.screenshot(path=screenshot, full_page=True)
     assert not page_errors, page_errors
@@ -141,4 +144,78 @@ def test_admin_page_reports_a_bad_key(browser, server) -> None:
     assert page.locator("tr.prefix-row").count() == 0
     page.click("#forget-key")
     assert page.evaluate("localStorage.getItem('prefixserve.apiKey')") is None
+    context.close()
+
+
+def test_admin_page_tenants_panel_shows_and_sets_quotas(browser, server) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    created = httpx.post(f"{server.url}/v1/tenants/acme/keys", headers=admin)
+    assert created.status_code == 201, created.text
+    acme = {"Authorization": f"Bearer {created.json()['key']}"}
+    body = {"prefix": "acme/e2e", "prompt": PROMPT, "max_new_tokens": 4}
+    assert httpx.post(f"{server.url}/v1/generate", json=body, headers=acme).status_code == 200
+
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    page.goto(f"{server.url}/admin")
+    page.evaluate(f"localStorage.setItem('prefixserve.apiKey', '{ADMIN_KEY}')")
+    page.reload()
+
+    # a tenant with no settings and no traffic: the defaults
+    page.fill("#tenant-name", "quiet")
+    page.click("#tenant-load")
+    expect(page.locator("#tenant-view")).to_be_visible()
+    assert page.get_attribute("#tenant-view", "data-tenant") == "quiet"
+    assert page.input_value("#t-weight") == "1" and page.input_value("#t-max-concurrent") == ""
+    assert page.text_content("#t-requests-sub") == "no limit" and page.text_content("#t-running") == "0"
+
+    # acme's traffic shows in the per-tenant figures (admin /metrics); its row opens its settings
+    row = page.locator("tr.tenant-row[data-tenant='acme']")
+    expect(row).to_be_visible(timeout=10_000)
+    assert row.locator("td").nth(3).inner_text() == "1"  # one generation request
+    row.click()
+    expect(page.locator("#tenant-view")).to_have_attribute("data-tenant", "acme")
+    assert page.input_value("#tenant-name") == "acme"
+    expect(page.locator("#t-requests")).to_have_text("1")  # in the last minute
+    assert page.locator("datalist#tenant-names option[value='acme']").count() == 1
+
+    # set weight and a quota from the page: the server has them, and acme's next request is over it
+    page.fill("#t-weight", "2.5")
+    page.fill("#t-requests-per-minute", "1")
+    page.click("#tenant-save")
+    expect(page.locator("#tenant-saved")).to_contain_text("saved")
+    settings = httpx.get(f"{server.url}/v1/tenants/acme", headers=admin).json()
+    assert (settings["weight"], settings["requests_per_minute"], settings["max_concurrent"]) == (2.5, 1, None)
+    assert page.text_content("#t-requests-sub") == "limit 1 per minute"
+    refused = httpx.post(f"{server.url}/v1/generate", json=body, headers=acme)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+    expect(row.locator("td").nth(5)).to_have_text("1", timeout=10_000)  # refused, by reason on hover
+    assert "quota_exceeded: 1" in row.locator("td").nth(5).get_attribute("title")
+
+    # an emptied field goes back to its default; a value the server refuses is reported, not saved
+    page.fill("#t-requests-per-minute", "")
+    page.click("#tenant-save")
+    expect(page.locator("#t-requests-sub")).to_have_text("no limit")
+    assert httpx.get(f"{server.url}/v1/tenants/acme", headers=admin).json()["requests_per_minute"] is None
+    page.fill("#t-weight", "0")
+    page.click("#tenant-save")
+    expect(page.locator("#tenant-error")).to_contain_text("(422)")
+    assert httpx.get(f"{server.url}/v1/tenants/acme", headers=admin).json()["weight"] == 2.5
+    assert not page_errors, page_errors
+
+    # a tenant's key sees its own settings, no other tenant's, and no per-tenant figures
+    page.fill("#api-key", created.json()["key"])
+    page.click("#key-form button[type=submit]")
+    page.fill("#tenant-name", "acme")
+    page.click("#tenant-load")
+    expect(page.locator("#tenant-view")).to_have_attribute("data-tenant", "acme")
+    expect(page.locator("#t-weight")).to_have_value("2.5")
+    page.fill("#tenant-name", "shared")
+    page.click("#tenant-load")
+    expect(page.locator("#tenant-error")).to_contain_text("tenant_not_found")
+    assert page.locator("#tenant-view").is_hidden()
+    expect(page.locator("#tenant-table tbody")).to_contain_text("need the admin key")
+    assert not page_errors, page_errors
     context.close()

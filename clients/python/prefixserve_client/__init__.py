@@ -8,6 +8,8 @@ from prefixserve_client.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
     PrefixServeError,
+    QueueFullError,
+    QuotaExceededError,
     RateLimitError,
     ServerError,
     ValidationError,
@@ -19,6 +21,8 @@ from prefixserve_client.types import (
     PrefixInfo,
     PrefixPage,
     StreamEvent,
+    TenantInfo,
+    TenantUsage,
     Usage,
 )
 
@@ -38,9 +42,13 @@ __all__ = [
     "PrefixPage",
     "PrefixServeClient",
     "PrefixServeError",
+    "QueueFullError",
+    "QuotaExceededError",
     "RateLimitError",
     "ServerError",
     "StreamEvent",
+    "TenantInfo",
+    "TenantUsage",
     "Usage",
     "ValidationError",
 ]

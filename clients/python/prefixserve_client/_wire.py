@@ -67,6 +67,25 @@ def prefix_path(prefix_id: str) -> str:
     return f"/v1/prefixes/{tenant}/{name}"
 
 
+# what PUT /v1/tenants/{tenant} accepts; a value of None sends null, which resets it to its default
+TENANT_SETTINGS = ("weight", "max_concurrent", "requests_per_minute", "tokens_per_minute")
+
+
+def tenant_path(tenant: str) -> str:
+    return f"/v1/tenants/{check_part(tenant, 'tenant')}"
+
+
+def tenant_settings_body(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Body of PUT /v1/tenants/{tenant}: only the settings given, None kept (null resets to the default)."""
+    unknown = sorted(set(settings) - set(TENANT_SETTINGS))
+    if unknown:
+        raise ValidationError(
+            f"unknown tenant setting(s) {', '.join(unknown)}: use {', '.join(TENANT_SETTINGS)}",
+            code="invalid_settings",
+        )
+    return {name: settings[name] for name in TENANT_SETTINGS if name in settings}
+
+
 def key_path(tenant: str, key_id: str | None = None) -> str:
     path = f"/v1/tenants/{check_part(tenant, 'tenant')}/keys"
     return path if key_id is None else f"{path}/{quote(key_id, safe='')}"

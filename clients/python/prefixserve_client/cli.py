@@ -8,6 +8,8 @@
     prefixctl delete acme/e2e
     prefixctl keys create acme            # admin: prints key_id and the key (shown once)
     prefixctl keys revoke acme KEY_ID     # admin
+    prefixctl tenants show acme           # weight, quotas, usage (admin, or acme's own key)
+    prefixctl tenants set acme --weight 2 --requests-per-minute 600 --clear max_concurrent   # admin
 
 `--url` and `--api-key` override PREFIXSERVE_URL and PREFIXSERVE_API_KEY; `--json` prints JSON.
 Exit codes: 0 ok, 1 the server refused or failed, 2 bad usage or local file, 3 server unreachable.
@@ -22,9 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from prefixserve_client._wire import TENANT_SETTINGS
 from prefixserve_client.client import PrefixServeClient
-from prefixserve_client.errors import ConnectionError, PrefixServeError
-from prefixserve_client.types import PrefixInfo
+from prefixserve_client.errors import ConnectionError, PrefixServeError, ValidationError
+from prefixserve_client.types import PrefixInfo, TenantInfo
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 BARE_BACKBONE = "-"  # `prefixctl generate - PROMPT` uses the backbone without a prefix
@@ -98,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = key_verbs.add_parser("revoke", parents=[common], help="revoke a key")
     p.add_argument("tenant")
     p.add_argument("key_id")
+
+    tenants = verbs.add_parser("tenants", parents=[common], help="tenant weight, quotas and usage")
+    tenant_verbs = tenants.add_subparsers(dest="tenant_verb", required=True, metavar="ACTION")
+    p = tenant_verbs.add_parser(
+        "show", parents=[common], help="a tenant's settings and usage (admin key, or the tenant's own)"
+    )
+    p.add_argument("tenant")
+    p = tenant_verbs.add_parser(
+        "set", parents=[common], help="set a tenant's weight and quotas (admin); others keep their value"
+    )
+    p.add_argument("tenant")
+    p.add_argument("--weight", type=float, help="fair-share weight, > 0 and <= 1000 (default 1)")
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="running + queued requests on one replica")
+    p.add_argument("--requests-per-minute", type=int, metavar="N")
+    p.add_argument("--tokens-per-minute", type=int, metavar="N", help="prompt + generated tokens")
+    p.add_argument(
+        "--clear",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FIELD",
+        choices=[*TENANT_SETTINGS, *(name.replace("_", "-") for name in TENANT_SETTINGS)],
+        help=f"reset to the default (weight 1, no limit): {', '.join(TENANT_SETTINGS)}",
+    )
 
     verbs.add_parser("health", parents=[common], help="is the server alive and ready")
     verbs.add_parser("models", parents=[common], help="the backbone and the prefixes usable as OpenAI models")
@@ -218,6 +245,46 @@ def cmd_keys(client: PrefixServeClient, args: argparse.Namespace) -> None:
         )
 
 
+def _limit(value: int | None) -> str:
+    return "no limit" if value is None else str(value)
+
+
+def _describe_tenant(info: TenantInfo) -> str:
+    usage = info.usage
+    rows = [
+        ("tenant", info.tenant),
+        ("weight", f"{info.weight:g}"),
+        ("max concurrent", _limit(info.max_concurrent)),
+        ("requests/minute", _limit(info.requests_per_minute)),
+        ("tokens/minute", _limit(info.tokens_per_minute)),
+        ("running", str(usage.running)),
+        ("queued", str(usage.queued)),
+        ("last minute", f"{usage.requests_last_minute} requests, {usage.tokens_last_minute} tokens"),
+    ]
+    return "\n".join(f"{k + ':':<16} {v}" for k, v in rows)
+
+
+def _tenant_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings `tenants set` sends: the flags given, and None (reset) for each --clear FIELD."""
+    given = {name: getattr(args, name) for name in TENANT_SETTINGS if getattr(args, name) is not None}
+    cleared = {name.replace("-", "_") for name in args.clear}
+    both = sorted(cleared & set(given))
+    if both:
+        raise ValidationError(f"{', '.join(both)} both set and cleared: give one", code="invalid_settings")
+    if not given and not cleared:
+        flags = ", ".join("--" + name.replace("_", "-") for name in TENANT_SETTINGS)
+        raise ValidationError(f"nothing to set: give {flags} or --clear FIELD", code="invalid_settings")
+    return {**given, **dict.fromkeys(cleared)}
+
+
+def cmd_tenants(client: PrefixServeClient, args: argparse.Namespace) -> None:
+    if args.tenant_verb == "set":
+        info = client.set_tenant(args.tenant, **_tenant_settings(args))
+    else:
+        info = client.get_tenant(args.tenant)
+    _emit(args, info.to_dict(), _describe_tenant(info))
+
+
 def cmd_health(client: PrefixServeClient, args: argparse.Namespace) -> None:
     alive = client.health()
     ready = client.ready()
@@ -236,6 +303,7 @@ COMMANDS: dict[str, Callable[[PrefixServeClient, argparse.Namespace], None]] = {
     "delete": cmd_delete,
     "generate": cmd_generate,
     "keys": cmd_keys,
+    "tenants": cmd_tenants,
     "health": cmd_health,
     "models": cmd_models,
 }

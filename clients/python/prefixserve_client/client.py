@@ -21,6 +21,7 @@ from prefixserve_client.types import (
     PrefixInfo,
     PrefixPage,
     StreamEvent,
+    TenantInfo,
 )
 
 PathLike = str | os.PathLike[str]
@@ -137,6 +138,19 @@ class PrefixServeClient(_Base):
 
     def revoke_key(self, tenant: str, key_id: str) -> None:
         self._request("DELETE", _wire.key_path(tenant, key_id))
+
+    def set_tenant(self, tenant: str, **settings: Any) -> TenantInfo:
+        """Set `tenant`'s weight and quotas (admin key needed): any of weight, max_concurrent,
+        requests_per_minute, tokens_per_minute. Settings not given keep their value; one given as None goes
+        back to its default (weight 1, no limit). Answers the settings now in force and the usage."""
+        body = _wire.tenant_settings_body(settings)
+        return TenantInfo.from_dict(
+            _wire.json_body(self._request("PUT", _wire.tenant_path(tenant), json=body))
+        )
+
+    def get_tenant(self, tenant: str) -> TenantInfo:
+        """`tenant`'s settings and current usage: the admin key, or that tenant's own key."""
+        return TenantInfo.from_dict(_wire.json_body(self._request("GET", _wire.tenant_path(tenant))))
 
     # operations
     def health(self) -> dict[str, Any]:
@@ -262,6 +276,14 @@ class AsyncPrefixServeClient(_Base):
 
     async def revoke_key(self, tenant: str, key_id: str) -> None:
         await self._request("DELETE", _wire.key_path(tenant, key_id))
+
+    async def set_tenant(self, tenant: str, **settings: Any) -> TenantInfo:
+        body = _wire.tenant_settings_body(settings)
+        response = await self._request("PUT", _wire.tenant_path(tenant), json=body)
+        return TenantInfo.from_dict(_wire.json_body(response))
+
+    async def get_tenant(self, tenant: str) -> TenantInfo:
+        return TenantInfo.from_dict(_wire.json_body(await self._request("GET", _wire.tenant_path(tenant))))
 
     async def health(self) -> dict[str, Any]:
         return _json_or_status(await self._request("GET", "/healthz"))

@@ -63,6 +63,16 @@ class RateLimitError(PrefixServeError):
         self.retry_after = retry_after
 
 
+class QuotaExceededError(RateLimitError):
+    """429 `quota_exceeded`: the tenant is over one of its quotas (max_concurrent, requests_per_minute,
+    tokens_per_minute); `retry_after` says when the per-minute count will be back under it."""
+
+
+class QueueFullError(RateLimitError):
+    """429 `tenant_queue_full` (the queue is full and this tenant is over its weighted share of it) or
+    `queue_full`; retry after `retry_after` seconds."""
+
+
 class ServerError(PrefixServeError):
     """5xx: the server failed or is not ready (503 while the store is unreachable)."""
 
@@ -79,6 +89,13 @@ _BY_STATUS: dict[int, type[PrefixServeError]] = {
     413: PayloadTooLargeError,
     422: ValidationError,
     429: RateLimitError,
+}
+
+# 429s whose code says more than the status: how long a wait helps depends on which it is
+_RATE_LIMITS_BY_CODE: dict[str, type[RateLimitError]] = {
+    "quota_exceeded": QuotaExceededError,
+    "tenant_queue_full": QueueFullError,
+    "queue_full": QueueFullError,
 }
 
 
@@ -122,7 +139,8 @@ def error_from_response(
     code = code or f"http_{status}"
     if status == 429:
         retry_after = _parse_retry_after((headers or {}).get("retry-after"))
-        return RateLimitError(message, status=status, code=code, retry_after=retry_after)
+        limit_cls = _RATE_LIMITS_BY_CODE.get(code, RateLimitError)
+        return limit_cls(message, status=status, code=code, retry_after=retry_after)
     cls = _BY_STATUS.get(status)
     if cls is None:
         cls = ServerError if status >= 500 else PrefixServeError
@@ -136,6 +154,8 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PrefixServeError",
+    "QueueFullError",
+    "QuotaExceededError",
     "RateLimitError",
     "ServerError",
     "ValidationError",

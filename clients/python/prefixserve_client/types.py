@@ -164,3 +164,61 @@ class ModelInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
         return cls(str(data.get("id", "")), str(data.get("object", "model")), data.get("owned_by"), raw=data)
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """A tenant's load now: requests running and queued on the replica that answered, and what it used in the
+    last minute (sliding estimate; across replicas when the server's store is Redis)."""
+
+    running: int = 0
+    queued: int = 0
+    requests_last_minute: int = 0
+    tokens_last_minute: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> TenantUsage:
+        data = data or {}
+        return cls(
+            running=int(data.get("running", 0)),
+            queued=int(data.get("queued", 0)),
+            requests_last_minute=int(data.get("requests_last_minute", 0)),
+            tokens_last_minute=int(data.get("tokens_last_minute", 0)),
+        )
+
+
+def _limit(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    """A tenant's settings and usage (GET/PUT /v1/tenants/{tenant}). A quota of None means no limit."""
+
+    tenant: str
+    weight: float = 1.0  # fair-share weight
+    max_concurrent: int | None = None  # running + queued requests on one replica
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # prompt + generated tokens
+    usage: TenantUsage = field(default_factory=TenantUsage)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TenantInfo:
+        weight = data.get("weight")
+        return cls(
+            tenant=str(data.get("tenant", "")),
+            weight=1.0 if weight is None else float(weight),
+            max_concurrent=_limit(data.get("max_concurrent")),
+            requests_per_minute=_limit(data.get("requests_per_minute")),
+            tokens_per_minute=_limit(data.get("tokens_per_minute")),
+            usage=TenantUsage.from_dict(data.get("usage")),
+            raw=data,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The server's JSON when there is one, else the fields (for printing)."""
+        if self.raw:
+            return dict(self.raw)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in {"raw", "usage"}}
+        return {**data, "usage": {f.name: getattr(self.usage, f.name) for f in fields(self.usage)}}

@@ -155,3 +155,63 @@ def test_health_models_and_failures(env: dict[str, str]) -> None:
     assert bad_id.returncode == 2 and "<tenant>/<name>" in bad_id.stderr
     usage = run("frobnicate", env=env)
     assert usage.returncode == 2 and "invalid choice" in usage.stderr
+
+
+def test_tenants_set_and_show(env: dict[str, str], server_url: str) -> None:
+    shown = run("tenants", "show", "clitenants", env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["tenant:", "clitenants"] and "weight:          1" in lines
+    assert "max concurrent:  no limit" in lines and "last minute:     0 requests, 0 tokens" in lines
+
+    done = run(
+        "tenants", "set", "clitenants", "--weight", "2.5", "--max-concurrent", "4",
+        "--requests-per-minute", "120", "--tokens-per-minute", "9000", env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for line in (
+        "weight:          2.5",
+        "max concurrent:  4",
+        "requests/minute: 120",
+        "tokens/minute:   9000",
+    ):
+        assert line in done.stdout.splitlines(), done.stdout
+
+    cleared = run("tenants", "set", "clitenants", "--clear", "max-concurrent", "weight", "--json", env=env)
+    assert cleared.returncode == 0, cleared.stderr
+    assert json.loads(cleared.stdout) == {
+        "tenant": "clitenants",
+        "weight": 1.0,
+        "max_concurrent": None,
+        "requests_per_minute": 120,
+        "tokens_per_minute": 9000,
+        "usage": {"running": 0, "queued": 0, "requests_last_minute": 0, "tokens_last_minute": 0},
+    }
+    assert json.loads(run("tenants", "show", "clitenants", "--json", env=env).stdout) == json.loads(
+        cleared.stdout
+    )
+
+    # the tenant's own key may look, not change
+    key = json.loads(run("keys", "create", "clitenants", "--json", env=env).stdout)
+    tenant_flags = ["--url", server_url, "--api-key", key["key"]]
+    assert "requests/minute: 120" in run("tenants", "show", "clitenants", *tenant_flags).stdout
+    denied = run("tenants", "set", "clitenants", "--clear", "requests_per_minute", *tenant_flags)
+    assert denied.returncode == 1 and "forbidden (HTTP 403)" in denied.stderr
+    hidden = run("tenants", "show", "cli", *tenant_flags)
+    assert hidden.returncode == 1 and "tenant_not_found (HTTP 404)" in hidden.stderr
+    assert run("keys", "revoke", "clitenants", key["key_id"], env=env).returncode == 0
+
+
+def test_tenants_set_refuses_bad_usage(env: dict[str, str]) -> None:
+    nothing = run("tenants", "set", "clitenants", env=env)
+    assert nothing.returncode == 2 and "nothing to set" in nothing.stderr and not nothing.stdout
+    both = run("tenants", "set", "clitenants", "--weight", "2", "--clear", "weight", env=env)
+    assert both.returncode == 2 and "weight both set and cleared" in both.stderr
+    unknown = run("tenants", "set", "clitenants", "--clear", "colour", env=env)
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
+    out_of_range = run("tenants", "set", "clitenants", "--weight", "0", "--json", env=env)
+    assert out_of_range.returncode == 1
+    assert json.loads(out_of_range.stderr)["error"]["status"] == 422
+    bad_tenant = run("tenants", "show", "no/slash", env=env)
+    assert bad_tenant.returncode == 2 and "invalid_id" in bad_tenant.stderr
+    assert json.loads(run("tenants", "show", "clitenants", "--json", env=env).stdout)["weight"] == 1.0

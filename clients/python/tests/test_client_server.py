@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from prefixserve_client import (
     PermissionDeniedError,
     PrefixServeClient,
     PrefixServeError,
+    QuotaExceededError,
+    RateLimitError,
+    TenantInfo,
+    TenantUsage,
     ValidationError,
 )
 
@@ -224,3 +229,111 @@ async def test_async_client(server_url: str, admin_key: str, native_prefix_file:
         with pytest.raises(PrefixServeError) as info:
             await client.get_prefix("async/p")
         assert info.value.status == 404
+
+
+def test_tenant_settings_set_show_and_reset(admin: PrefixServeClient) -> None:
+    fresh = admin.get_tenant("settings")
+    assert fresh == TenantInfo("settings", 1.0, None, None, None, TenantUsage(0, 0, 0, 0))
+    info = admin.set_tenant("settings", weight=2.5, max_concurrent=3, tokens_per_minute=5000)
+    assert (
+        info.tenant,
+        info.weight,
+        info.max_concurrent,
+        info.requests_per_minute,
+        info.tokens_per_minute,
+    ) == (
+        "settings",
+        2.5,
+        3,
+        None,
+        5000,
+    )
+    assert info.raw["usage"] == {
+        "running": 0,
+        "queued": 0,
+        "requests_last_minute": 0,
+        "tokens_last_minute": 0,
+    }
+    assert admin.get_tenant("settings") == info
+    # settings not sent keep their value; None sends null, which resets one to its default
+    info = admin.set_tenant("settings", requests_per_minute=100, max_concurrent=None, weight=None)
+    assert (info.weight, info.max_concurrent, info.requests_per_minute, info.tokens_per_minute) == (
+        1.0,
+        None,
+        100,
+        5000,
+    )
+    assert admin.set_tenant("settings") == info  # nothing sent: nothing changes
+    for bad in ({"weight": 0}, {"weight": 1001}, {"max_concurrent": 0}, {"tokens_per_minute": 1.5}):
+        with pytest.raises(ValidationError) as error:
+            admin.set_tenant("settings", **bad)
+        assert error.value.status == 422, bad
+    with pytest.raises(ValidationError) as error:
+        admin.set_tenant("settings", colour="blue")  # refused before sending
+    assert (
+        error.value.status is None and error.value.code == "invalid_settings" and "colour" in str(error.value)
+    )
+    with pytest.raises(ValidationError) as error:
+        admin.get_tenant("../admin")
+    assert error.value.status is None and error.value.code == "invalid_id"
+    assert admin.get_tenant("settings") == info
+
+
+def test_tenant_key_reads_its_own_settings_only(server_url: str, admin: PrefixServeClient) -> None:
+    admin.set_tenant("owner", requests_per_minute=50)
+    key_id, key = admin.create_key("owner")
+    try:
+        with PrefixServeClient(server_url, api_key=key) as tenant:
+            assert tenant.get_tenant("owner").requests_per_minute == 50
+            with pytest.raises(NotFoundError) as error:
+                tenant.get_tenant("settings")
+            assert error.value.code == "tenant_not_found"
+            with pytest.raises(PermissionDeniedError):
+                tenant.set_tenant("owner", requests_per_minute=None)
+        assert admin.get_tenant("owner").requests_per_minute == 50
+    finally:
+        admin.revoke_key("owner", key_id)
+
+
+def test_requests_per_minute_quota_is_quota_exceeded_with_retry_after(
+    server_url: str, admin: PrefixServeClient
+) -> None:
+    admin.set_tenant("metered", requests_per_minute=2)
+    key_id, key = admin.create_key("metered")
+    try:
+        with PrefixServeClient(server_url, api_key=key) as tenant:
+            served = 0
+            with pytest.raises(QuotaExceededError) as error:
+                for _ in range(8):  # usage is counted just after admission, so allow a little slack
+                    tenant.generate(None, "hello", max_new_tokens=2, ignore_eos=True)
+                    served += 1
+            assert 2 <= served <= 4
+            refused = error.value
+            assert isinstance(refused, RateLimitError) and refused.status == 429
+            assert refused.code == "quota_exceeded" and "requests_per_minute" in refused.message
+            assert refused.retry_after is not None and 1 <= refused.retry_after <= 60
+            with pytest.raises(QuotaExceededError):  # the stream is refused the same way, before its 200
+                list(tenant.stream_generate(None, "hello", max_new_tokens=2))
+            usage = tenant.get_tenant("metered").usage
+            assert usage.requests_last_minute >= 2 and usage.running == 0 and usage.queued == 0
+            deadline = time.monotonic() + 10  # generated tokens are counted after each request ends
+            while tenant.get_tenant("metered").usage.tokens_last_minute == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert tenant.get_tenant("metered").usage.tokens_last_minute > 0
+
+            admin.set_tenant("metered", requests_per_minute=None)
+            assert (
+                tenant.generate(None, "hello", max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+            )
+    finally:
+        admin.revoke_key("metered", key_id)
+
+
+async def test_async_tenant_settings(server_url: str, admin_key: str) -> None:
+    async with AsyncPrefixServeClient(server_url, api_key=admin_key, timeout=30) as client:
+        info = await client.set_tenant("asynctenant", weight=3, tokens_per_minute=900)
+        assert (info.weight, info.tokens_per_minute, info.max_concurrent) == (3.0, 900, None)
+        assert await client.get_tenant("asynctenant") == info
+        assert (await client.set_tenant("asynctenant", tokens_per_minute=None)).tokens_per_minute is None
+        with pytest.raises(ValidationError):
+            await client.set_tenant("asynctenant", weight=-1)

@@ -16,8 +16,11 @@ from prefixserve_client import (
     PermissionDeniedError,
     PrefixServeClient,
     PrefixServeError,
+    QueueFullError,
+    QuotaExceededError,
     RateLimitError,
     ServerError,
+    TenantInfo,
     ValidationError,
 )
 from prefixserve_client.cli import main as prefixctl
@@ -171,6 +174,22 @@ def test_status_maps_to_error_class(status: int, cls: type[PrefixServeError]) ->
         assert isinstance(err, RateLimitError) and err.retry_after == 7.0
 
 
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("quota_exceeded", QuotaExceededError),
+        ("tenant_queue_full", QueueFullError),
+        ("queue_full", QueueFullError),
+        ("something_new", RateLimitError),
+    ],
+)
+def test_429_codes_map_to_rate_limit_subclasses(code: str, cls: type[RateLimitError]) -> None:
+    client = client_for(lambda r: error(429, code, "wait", **{"Retry-After": "12"}))
+    with client, pytest.raises(RateLimitError) as info:
+        client.generate(None, "hi")
+    assert type(info.value) is cls and info.value.code == code and info.value.retry_after == 12.0
+
+
 def test_non_json_error_body_still_maps() -> None:
     client = client_for(lambda r: httpx.Response(502, text="<html>Bad Gateway</html>"))
     with client, pytest.raises(ServerError) as info:
@@ -266,6 +285,50 @@ def test_keys_and_delete() -> None:
         client.revoke_key("acme", key_id)
         client.delete_prefix("acme/e2e")
     assert (key_id, key) == ("k1", "psk_secret")
+
+
+def test_tenant_settings_body_and_parsing() -> None:
+    sent: list[httpx.Request] = []
+    answer = {
+        "tenant": "acme",
+        "weight": 2.0,
+        "max_concurrent": None,
+        "requests_per_minute": 60,
+        "tokens_per_minute": None,
+        "usage": {"running": 1, "queued": 2, "requests_last_minute": 3, "tokens_last_minute": 40},
+        "later_field": "kept in raw",
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        assert request.url.path == "/v1/tenants/acme"
+        return httpx.Response(200, json=answer)
+
+    with client_for(handler) as client:
+        info = client.set_tenant("acme", weight=2, max_concurrent=None)
+        assert client.get_tenant("acme") == info
+        with pytest.raises(ValidationError):
+            client.set_tenant("acme", burst=3)  # not a setting: refused before sending
+        with pytest.raises(ValidationError):
+            client.get_tenant("acme/x")
+    assert [r.method for r in sent] == ["PUT", "GET"]
+    assert json.loads(sent[0].content) == {"weight": 2, "max_concurrent": None}  # None is sent: a reset
+    assert (info.weight, info.max_concurrent, info.requests_per_minute, info.tokens_per_minute) == (
+        2.0,
+        None,
+        60,
+        None,
+    )
+    assert (info.usage.running, info.usage.queued) == (1, 2)
+    assert (info.usage.requests_last_minute, info.usage.tokens_last_minute) == (3, 40)
+    assert info.to_dict()["later_field"] == "kept in raw"
+    assert TenantInfo.from_dict({"tenant": "x"}).weight == 1.0  # defaults for fields left out
+    assert TenantInfo("x").to_dict()["usage"] == {
+        "running": 0,
+        "queued": 0,
+        "requests_last_minute": 0,
+        "tokens_last_minute": 0,
+    }
 
 
 async def test_async_client_streams_and_pages() -> None:
