@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from server import generation
@@ -65,7 +65,7 @@ class GenerateResponse(BaseModel):
     choices: list[Choice] | None = None
 
 
-@router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True)
+@router.post("/v1/generate", response_model=GenerateResponse)
 async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request: Request):
     """Generate from a prefix (or the bare backbone). Greedy output equals PEFT's generate for that adapter."""
     state = http_request.app.state
@@ -105,7 +105,7 @@ async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request
         for i, r in enumerate(results)
     ]
     first = choices[0]
-    return GenerateResponse(
+    response = GenerateResponse(
         id=gens[0].request.request_id,
         prefix=body.prefix,
         text=first.text,
@@ -118,6 +118,9 @@ async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request
         logprobs=first.logprobs,
         choices=choices if body.n > 1 else None,
     )
+    # `prefix` stays (null for the bare backbone); logprobs and choices appear only when asked for
+    absent = {name for name in ("logprobs", "choices") if getattr(response, name) is None}
+    return JSONResponse(response.model_dump(exclude=absent, exclude_none=False))
 
 
 async def _events(state, gens: list[generation.Generation], with_index: bool) -> AsyncIterator[str]:
