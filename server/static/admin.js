@@ -429,7 +429,7 @@ function tryBody(prefix) {
   const n = $("try-n");
   if (n.validity.badInput) throw new Error("n must be a whole number, or empty for 1");
   if (n.value.trim() !== "") body.n = Number(n.value);
-  if ($("try-logprobs").checked) {
+  if ($("try-show-logprobs").checked) {
     const top = $("try-top");
     if (top.validity.badInput) throw new Error("alternatives must be a whole number from 0 to 20");
     body.logprobs = top.value.trim() === "" ? 0 : Number(top.value);
@@ -468,7 +468,7 @@ const logprobText = (lp) => (lp === null || lp === undefined ? "–" : lp.toFixe
 
 // One table per completion: each generated token, its logprob and probability, and the top alternatives
 // (the chosen one highlighted). The server names the alternatives only, so a token's text is known when it
-// is among them; otherwise it shows as its id.
+// is among them; otherwise it shows as "?" (its id is in the next column).
 function renderLogprobs(choices) {
   const box = $("try-logprobs");
   box.textContent = "";
@@ -499,7 +499,8 @@ function renderLogprobs(choices) {
       row.dataset.logprob = String(entry.logprob);
       row.title = top.map((t) => `${quoted(t.text)} ${logprobText(t.logprob)}`).join("\n") || "no alternatives asked for";
       cell(row, String(position), "num");
-      cell(row, chosen ? quoted(chosen.text) : `#${entry.token_id}`, "tok");
+      const token = cell(row, chosen ? quoted(chosen.text) : "?", "tok");
+      if (!chosen) token.title = "not among the alternatives asked for, so the server sent no text for it";
       cell(row, String(entry.token_id), "num");
       cell(row, logprobText(entry.logprob), "num");
       const probability = Math.exp(entry.logprob);
@@ -566,7 +567,7 @@ function setUpTryForm() {
   const beams = $("try-beams");
   for (let k = 1; k <= MAX_BEAMS; k++) beams.add(new Option(String(k), String(k)));
   beams.value = "1";
-  $("try-logprobs").addEventListener("change", () => { $("try-top").disabled = !$("try-logprobs").checked; });
+  $("try-show-logprobs").addEventListener("change", () => { $("try-top").disabled = !$("try-show-logprobs").checked; });
   $("try-form").addEventListener("submit", tryPrefix);
 }
 

@@ -235,19 +235,24 @@ def test_admin_page_try_box_beams_n_and_logprobs(browser, server) -> None:
     page.wait_for_selector("tr.prefix-row[data-id='acme/e2e']")
     page.click("tr.prefix-row[data-id='acme/e2e']")
 
+    ids = page.eval_on_selector_all("[id]", "elements => elements.map(e => e.id)")
+    assert len(ids) == len(set(ids)), "every id on the page is unique (the script finds elements by id)"
     # the beams selector offers 1-16 (1 chosen); alternatives are asked for only with the toggle on
     beams = page.eval_on_selector_all("#try-beams option", "options => options.map(o => o.value)")
     assert beams == [str(k) for k in range(1, 17)] and page.input_value("#try-beams") == "1"
     assert page.is_disabled("#try-top")
     page.fill("#try-prompt", PROMPT)
     page.fill("#try-max", "8")
-    page.check("#try-logprobs")
+    page.check("#try-show-logprobs")
     assert page.is_enabled("#try-top")
     page.fill("#try-top", "3")
     page.click("#try-run")
     expect(page.locator("#try-meta")).to_contain_text("generated tokens")
     assert page.text_content("#try-output") == expected["text"]
-    rows = page.locator("#try-logprobs table.logprobs tbody tr")
+    table = page.locator("div#try-logprobs > table.logprobs")
+    expect(table).to_be_visible()
+    assert table.bounding_box()["height"] > 8 * 10  # laid out below the output, a row per token
+    rows = table.locator("tbody tr")
     assert rows.count() == len(expected["token_ids"]) == 8
     shown = page.eval_on_selector_all(
         "#try-logprobs tr.logprob-row",
@@ -276,14 +281,14 @@ def test_admin_page_try_box_beams_n_and_logprobs(browser, server) -> None:
     page.select_option("#try-beams", "1")
     page.fill("#try-n", "2")
     page.fill("#try-temp", "1")
-    page.uncheck("#try-logprobs")
+    page.uncheck("#try-show-logprobs")
     page.click("#try-run")
     expect(page.locator("#try-meta")).to_contain_text("2 completions")
     heads = page.locator("#try-output .choice .choice-head").all_inner_texts()
     assert [h.split(" · ")[0] for h in heads] == ["completion 0", "completion 1"]
     assert page.locator("#try-logprobs table").count() == 0 and page.text_content("#try-error") == ""
     # both completions with log-probabilities: one table each
-    page.check("#try-logprobs")
+    page.check("#try-show-logprobs")
     page.click("#try-run")
     expect(page.locator("#try-logprobs table.logprobs")).to_have_count(2)
     assert page.get_attribute("#try-logprobs table.logprobs >> nth=1", "data-index") == "1"
