@@ -1,5 +1,5 @@
 // prefixserve admin page: prefixes, live figures from /metrics, tenants (weight, quotas, usage), and a box
-// to try a prefix.
+// to try a prefix (beams, n, per-token log-probabilities).
 // Plain DOM, no framework; everything from the server is put in the page with textContent, never innerHTML.
 "use strict";
 
@@ -415,15 +415,126 @@ async function saveTenant(event) {
 
 // ---- try a prefix ----------------------------------------------------------------------------------------
 
-async function tryPrefix(event) {
-  event.preventDefault();
-  const prefix = $("try-prefix").value || null;
+const MAX_BEAMS = 16;
+
+// The body of POST /v1/generate from the form; throws an Error whose message says which field is wrong.
+function tryBody(prefix) {
   const body = {
     prefix,
     prompt: $("try-prompt").value,
     max_new_tokens: Number($("try-max").value) || 32,
     temperature: Number($("try-temp").value) || 0,
+    num_beams: Number($("try-beams").value) || 1,
   };
+  const n = $("try-n");
+  if (n.validity.badInput) throw new Error("n must be a whole number, or empty for 1");
+  if (n.value.trim() !== "") body.n = Number(n.value);
+  if ($("try-show-logprobs").checked) {
+    const top = $("try-top");
+    if (top.validity.badInput) throw new Error("alternatives must be a whole number from 0 to 20");
+    body.logprobs = top.value.trim() === "" ? 0 : Number(top.value);
+  }
+  return body;
+}
+
+// Every completion of an answer: `choices` when n > 1, else the top-level fields as the one completion.
+function completions(result) {
+  if (Array.isArray(result.choices)) return result.choices;
+  return [{ index: 0, text: result.text, token_ids: result.token_ids, finish_reason: result.finish_reason,
+            logprobs: result.logprobs }];
+}
+
+function renderOutput(choices) {
+  const output = $("try-output");
+  output.textContent = "";
+  if (choices.length === 1) { output.textContent = choices[0].text; return; }
+  for (const choice of choices) {
+    const div = document.createElement("div");
+    div.className = "choice";
+    div.dataset.index = String(choice.index);
+    const head = document.createElement("div");
+    head.className = "choice-head";
+    head.textContent = `completion ${choice.index} · ${choice.finish_reason}`;
+    const text = document.createElement("div");
+    text.className = "choice-text";
+    text.textContent = choice.text;
+    div.append(head, text);
+    output.appendChild(div);
+  }
+}
+
+const quoted = (text) => JSON.stringify(text); // whitespace and newlines visible
+const logprobText = (lp) => (lp === null || lp === undefined ? "–" : lp.toFixed(4));
+
+// One table per completion: each generated token, its logprob and probability, and the top alternatives
+// (the chosen one highlighted). The server names the alternatives only, so a token's text is known when it
+// is among them; otherwise it shows as "?" (its id is in the next column).
+function renderLogprobs(choices) {
+  const box = $("try-logprobs");
+  box.textContent = "";
+  for (const choice of choices) {
+    if (!Array.isArray(choice.logprobs)) continue;
+    const head = document.createElement("div");
+    head.className = "subhead";
+    head.textContent = (choices.length > 1 ? `completion ${choice.index} · ` : "") +
+      "log-probabilities (hover a row for its alternatives)";
+    const table = document.createElement("table");
+    table.className = "logprobs";
+    table.dataset.index = String(choice.index);
+    const headRow = table.createTHead().insertRow();
+    for (const [label, className] of [["#", "num"], ["Token", ""], ["ID", "num"], ["Logprob", "num"],
+                                      ["Prob", ""], ["Top alternatives", ""]]) {
+      const th = document.createElement("th");
+      th.textContent = label;
+      if (className) th.className = className;
+      headRow.appendChild(th);
+    }
+    const tbody = table.createTBody();
+    choice.logprobs.forEach((entry, position) => {
+      const top = entry.top || [];
+      const chosen = top.find((t) => t.token_id === entry.token_id);
+      const row = tbody.insertRow();
+      row.className = "logprob-row";
+      row.dataset.tokenId = String(entry.token_id);
+      row.dataset.logprob = String(entry.logprob);
+      row.title = top.map((t) => `${quoted(t.text)} ${logprobText(t.logprob)}`).join("\n") || "no alternatives asked for";
+      cell(row, String(position), "num");
+      const token = cell(row, chosen ? quoted(chosen.text) : "?", "tok");
+      if (!chosen) token.title = "not among the alternatives asked for, so the server sent no text for it";
+      cell(row, String(entry.token_id), "num");
+      cell(row, logprobText(entry.logprob), "num");
+      const probability = Math.exp(entry.logprob);
+      const prob = cell(row, "");
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      bar.style.width = `${Math.round(40 * probability)}px`;
+      prob.append(bar, decimal.format(100 * probability) + " %");
+      const alts = cell(row, "", "alts");
+      for (const t of top) {
+        const alt = document.createElement("span");
+        alt.className = "alt" + (t.token_id === entry.token_id ? " chosen" : "");
+        alt.textContent = quoted(t.text);
+        const lp = document.createElement("span");
+        lp.className = "lp";
+        lp.textContent = logprobText(t.logprob);
+        alt.appendChild(lp);
+        alts.appendChild(alt);
+      }
+    });
+    box.append(head, table);
+  }
+}
+
+async function tryPrefix(event) {
+  event.preventDefault();
+  const prefix = $("try-prefix").value || null;
+  let body;
+  try {
+    body = tryBody(prefix);
+  } catch (error) {
+    $("try-error").textContent = error.message;
+    return;
+  }
   const headers = { "Content-Type": "application/json" };
   if (prefix) headers["X-Prefix-Id"] = prefix;
   $("try-run").disabled = true;
@@ -433,19 +544,31 @@ async function tryPrefix(event) {
   try {
     const result = await (await api("/v1/generate", { method: "POST", headers, body: JSON.stringify(body) })).json();
     const seconds = (performance.now() - started) / 1000;
-    $("try-output").textContent = result.text;
+    const choices = completions(result);
+    renderOutput(choices);
+    renderLogprobs(choices);
     const usage = result.usage || {};
-    $("try-meta").textContent = `${result.finish_reason} · ${usage.prompt_tokens} prompt + ` +
+    const many = choices.length > 1 ? `${choices.length} completions · ` : `${result.finish_reason} · `;
+    $("try-meta").textContent = `${many}${usage.prompt_tokens} prompt + ` +
       `${usage.completion_tokens} generated tokens · ${decimal.format(seconds)} s`;
     refreshMetrics();
     refreshTenant();
   } catch (error) {
     $("try-output").textContent = "";
+    $("try-logprobs").textContent = "";
     $("try-meta").textContent = "";
     $("try-error").textContent = describe(error);
   } finally {
     $("try-run").disabled = false;
   }
+}
+
+function setUpTryForm() {
+  const beams = $("try-beams");
+  for (let k = 1; k <= MAX_BEAMS; k++) beams.add(new Option(String(k), String(k)));
+  beams.value = "1";
+  $("try-show-logprobs").addEventListener("change", () => { $("try-top").disabled = !$("try-show-logprobs").checked; });
+  $("try-form").addEventListener("submit", tryPrefix);
 }
 
 // ---- wiring --------------------------------------------------------------------------------------------
@@ -476,7 +599,7 @@ $("api-key").value = apiKey;
 $("key-form").addEventListener("submit", useKey);
 $("forget-key").addEventListener("click", forgetKey);
 $("refresh-prefixes").addEventListener("click", refreshPrefixes);
-$("try-form").addEventListener("submit", tryPrefix);
+setUpTryForm();
 $("tenant-lookup").addEventListener("submit", (event) => { event.preventDefault(); lookUpTenant($("tenant-name").value); });
 $("tenant-form").addEventListener("submit", saveTenant);
 refreshAll();

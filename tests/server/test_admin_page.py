@@ -219,3 +219,83 @@ def test_admin_page_tenants_panel_shows_and_sets_quotas(browser, server) -> None
     expect(page.locator("#tenant-table tbody")).to_contain_text("need the admin key")
     assert not page_errors, page_errors
     context.close()
+
+
+def test_admin_page_try_box_beams_n_and_logprobs(browser, server) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"prefix": "acme/e2e", "prompt": PROMPT, "max_new_tokens": 8, "temperature": 0, "logprobs": 3}
+    expected = httpx.post(f"{server.url}/v1/generate", json=body, headers=admin).json()
+    context = browser.new_context(viewport={"width": 1280, "height": 1200})
+    page = context.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    page.goto(f"{server.url}/admin")
+    page.evaluate(f"localStorage.setItem('prefixserve.apiKey', '{ADMIN_KEY}')")
+    page.reload()
+    page.wait_for_selector("tr.prefix-row[data-id='acme/e2e']")
+    page.click("tr.prefix-row[data-id='acme/e2e']")
+
+    ids = page.eval_on_selector_all("[id]", "elements => elements.map(e => e.id)")
+    assert len(ids) == len(set(ids)), "every id on the page is unique (the script finds elements by id)"
+    # the beams selector offers 1-16 (1 chosen); alternatives are asked for only with the toggle on
+    beams = page.eval_on_selector_all("#try-beams option", "options => options.map(o => o.value)")
+    assert beams == [str(k) for k in range(1, 17)] and page.input_value("#try-beams") == "1"
+    assert page.is_disabled("#try-top")
+    page.fill("#try-prompt", PROMPT)
+    page.fill("#try-max", "8")
+    page.check("#try-show-logprobs")
+    assert page.is_enabled("#try-top")
+    page.fill("#try-top", "3")
+    page.click("#try-run")
+    expect(page.locator("#try-meta")).to_contain_text("generated tokens")
+    assert page.text_content("#try-output") == expected["text"]
+    table = page.locator("div#try-logprobs > table.logprobs")
+    expect(table).to_be_visible()
+    assert table.bounding_box()["height"] > 8 * 10  # laid out below the output, a row per token
+    rows = table.locator("tbody tr")
+    assert rows.count() == len(expected["token_ids"]) == 8
+    shown = page.eval_on_selector_all(
+        "#try-logprobs tr.logprob-row",
+        "rows => rows.map(r => [Number(r.dataset.tokenId), Number(r.dataset.logprob)])",
+    )
+    assert [token_id for token_id, _ in shown] == expected["token_ids"]
+    for (_, logprob), entry in zip(shown, expected["logprobs"], strict=True):
+        assert logprob == pytest.approx(entry["logprob"], abs=1e-6)
+    first, top = rows.nth(0), expected["logprobs"][0]["top"]
+    assert (
+        first.locator(".alt").count() == 3 and first.locator(".alt.chosen").count() == 1
+    )  # greedy: chosen is top 1
+    assert first.locator(".alt").nth(0).get_attribute("class") == "alt chosen"
+    assert f"{expected['logprobs'][0]['logprob']:.4f}" in first.inner_text()
+    assert all(f"{t['logprob']:.4f}" in first.get_attribute("title") for t in top)  # hover: the alternatives
+    assert page.text_content("#try-error") == ""
+
+    # beam search: today's server refuses num_beams > 1, and the page shows its error as for any other
+    page.select_option("#try-beams", "4")
+    page.click("#try-run")
+    expect(page.locator("#try-error")).to_contain_text("invalid_request (422)")
+    assert "num_beams" in page.text_content("#try-error")
+    assert page.text_content("#try-output") == "" and page.locator("#try-logprobs table").count() == 0
+
+    # n = 2, sampled, log-probabilities off: each completion under its header, no tables
+    page.select_option("#try-beams", "1")
+    page.fill("#try-n", "2")
+    page.fill("#try-temp", "1")
+    page.uncheck("#try-show-logprobs")
+    page.click("#try-run")
+    expect(page.locator("#try-meta")).to_contain_text("2 completions")
+    heads = page.locator("#try-output .choice .choice-head").all_inner_texts()
+    assert [h.split(" · ")[0] for h in heads] == ["completion 0", "completion 1"]
+    assert page.locator("#try-logprobs table").count() == 0 and page.text_content("#try-error") == ""
+    # both completions with log-probabilities: one table each
+    page.check("#try-show-logprobs")
+    page.click("#try-run")
+    expect(page.locator("#try-logprobs table.logprobs")).to_have_count(2)
+    assert page.get_attribute("#try-logprobs table.logprobs >> nth=1", "data-index") == "1"
+    # n left empty again: one completion, its text as is
+    page.fill("#try-n", "")
+    page.click("#try-run")
+    expect(page.locator("#try-logprobs table.logprobs")).to_have_count(1)
+    assert page.locator("#try-output .choice").count() == 0
+    assert not page_errors, page_errors
+    context.close()

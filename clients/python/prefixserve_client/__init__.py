@@ -16,6 +16,7 @@ from prefixserve_client.errors import (
 )
 from prefixserve_client.types import (
     CreatedKey,
+    GenerateChoice,
     GenerateResult,
     ModelInfo,
     PrefixInfo,
@@ -23,6 +24,8 @@ from prefixserve_client.types import (
     StreamEvent,
     TenantInfo,
     TenantUsage,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -33,6 +36,7 @@ __all__ = [
     "AuthenticationError",
     "ConnectionError",
     "CreatedKey",
+    "GenerateChoice",
     "GenerateResult",
     "ModelInfo",
     "NotFoundError",
@@ -49,6 +53,8 @@ __all__ = [
     "StreamEvent",
     "TenantInfo",
     "TenantUsage",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
     "ValidationError",
 ]

@@ -98,12 +98,24 @@ class GenerateRequest:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def num_completions(self) -> int:
+        """How many completions the answer holds (`n`), so a stream is known to be whole."""
+        n = self.body.get("n", 1)
+        return n if isinstance(n, int) and n >= 1 else 1
+
 
 def generate_request(
     prefix: str | None, prompt: str, stream: bool, sampling: Mapping[str, Any]
 ) -> GenerateRequest:
+    """The request for `generate` / `stream_generate`. Every keyword given (None ones left out) goes into
+    the body as is, so the server — which knows its options — refuses an unknown one by name (422)."""
     if prefix is not None:
         split_prefix_id(prefix)
+    if "stream" in sampling:
+        raise ValidationError(
+            "stream is not a generate() option: call stream_generate() to stream", code="invalid_request"
+        )
     body: dict[str, Any] = {"prefix": prefix, "prompt": prompt}
     body.update({k: v for k, v in sampling.items() if v is not None})
     if stream:
@@ -241,12 +253,18 @@ class SSEDecoder:
 
 
 class StreamState:
-    """Checks that a stream ended properly: a final event with finish_reason, then [DONE]."""
+    """Checks that a stream ended properly: a final event with finish_reason for each of the
+    `num_completions` completions (`n`), then [DONE]."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_completions: int = 1) -> None:
         self.decoder = SSEDecoder()
-        self.is_finished = False
+        self.num_completions = num_completions
+        self.finished: set[int] = set()  # indices of the completions whose final event came
         self.is_done = False
+
+    @property
+    def is_finished(self) -> bool:
+        return len(self.finished) >= self.num_completions
 
     def feed(self, line: str) -> StreamEvent | None:
         item = self.decoder.feed(line)
@@ -257,7 +275,8 @@ class StreamState:
             self.is_done = True
             return None
         if isinstance(item, StreamEvent):
-            self.is_finished = self.is_finished or item.is_final
+            if item.is_final:
+                self.finished.add(item.index)
             return item
         return None
 
@@ -271,9 +290,9 @@ class StreamState:
         return event
 
 
-def iter_sse(lines: Iterable[str]) -> Iterator[StreamEvent]:
+def iter_sse(lines: Iterable[str], num_completions: int = 1) -> Iterator[StreamEvent]:
     """Events of an SSE generation stream, stopping at [DONE]."""
-    state = StreamState()
+    state = StreamState(num_completions)
     for line in lines:
         event = state.feed(line)
         if event is not None:

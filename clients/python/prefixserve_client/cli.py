@@ -5,6 +5,7 @@
     prefixctl list [--tenant acme]
     prefixctl show acme/e2e
     prefixctl generate acme/e2e "name : Blue Spice" --stream --max-new-tokens 32
+    prefixctl generate acme/e2e "name : Blue Spice" --logprobs 3 --n 2 --temperature 0.8 --seed 1
     prefixctl delete acme/e2e
     prefixctl keys create acme            # admin: prints key_id and the key (shown once)
     prefixctl keys revoke acme KEY_ID     # admin
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +29,7 @@ from typing import Any, TextIO
 from prefixserve_client._wire import TENANT_SETTINGS
 from prefixserve_client.client import PrefixServeClient
 from prefixserve_client.errors import ConnectionError, PrefixServeError, ValidationError
-from prefixserve_client.types import PrefixInfo, TenantInfo
+from prefixserve_client.types import GenerateResult, PrefixInfo, TenantInfo, TokenLogprob
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 BARE_BACKBONE = "-"  # `prefixctl generate - PROMPT` uses the backbone without a prefix
@@ -93,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument(
+        "--n", type=int, metavar="N", help="completions of the prompt, 1-16 (with --seed, i uses seed + i)"
+    )
+    p.add_argument("--num-beams", type=int, metavar="K", help="beam search width, 1-16 (1 = no beam search)")
+    p.add_argument("--length-penalty", type=float, help="HF's, for beam search (default 1.0)")
+    p.add_argument("--early-stopping", action="store_true", default=None, help="HF's, for beam search")
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="N",
+        help="show each token's log-probability and its N most likely alternatives (0-20)",
+    )
+    p.add_argument("--repetition-penalty", type=float, help="HF's (1 = off)")
+    p.add_argument("--presence-penalty", type=float, help="OpenAI's, -2 to 2")
+    p.add_argument("--frequency-penalty", type=float, help="OpenAI's, -2 to 2")
 
     keys = verbs.add_parser("keys", parents=[common], help="tenant API keys (admin)")
     key_verbs = keys.add_subparsers(dest="key_verb", required=True, metavar="ACTION")
@@ -202,34 +219,109 @@ def cmd_delete(client: PrefixServeClient, args: argparse.Namespace) -> None:
     _emit(args, {"deleted": args.id}, f"deleted {args.id}")
 
 
+GENERATE_OPTIONS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "n",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "logprobs",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in GENERATE_OPTIONS if getattr(args, name) is not None}
+
+
+def _quoted(text: str | None) -> str:
+    return "?" if text is None else json.dumps(text, ensure_ascii=False)
+
+
+def _logprob_table(entries: Sequence[TokenLogprob]) -> str:
+    """Each generated token with its log-probability, probability and top alternatives, one row per token.
+
+    The server sends text for the alternatives only, so a token's text is shown when it is among them (always,
+    for greedy decoding with --logprobs 1 or more), else "?"."""
+    header = ("#", "TOKEN", "ID", "LOGPROB", "PROB", "TOP ALTERNATIVES")
+    rows = [header]
+    for i, entry in enumerate(entries):
+        top = "  ".join(f"{_quoted(t.text)} {t.logprob:.4f}" for t in entry.top)
+        probability = f"{math.exp(entry.logprob):.2%}"
+        rows.append(
+            (str(i), _quoted(entry.text), str(entry.token_id), f"{entry.logprob:.4f}", probability, top)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _describe_result(result: GenerateResult, with_logprobs: bool) -> str:
+    """The text; with n > 1 each completion under a header; with --logprobs each one's table below it."""
+    completions = result.completions
+    blocks = []
+    for choice in completions:
+        lines = (
+            [f"--- completion {choice.index} ({choice.finish_reason}) ---"] if len(completions) > 1 else []
+        )
+        lines.append(choice.text)
+        if with_logprobs and choice.logprobs is not None:
+            lines += ["", _logprob_table(choice.logprobs)]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def cmd_generate(client: PrefixServeClient, args: argparse.Namespace) -> None:
     prefix = None if args.id == BARE_BACKBONE else args.id
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not args.stream:
-        result = client.generate(prefix, prompt, **_sampling(args))
-        _emit(args, result.raw, result.text)
+    if args.stream:
+        _stream_generate(client, args, prefix, prompt)
         return
+    result = client.generate(prefix, prompt, **_sampling(args))
+    _emit(args, result.raw, _describe_result(result, args.logprobs is not None))
+
+
+def _stream_generate(
+    client: PrefixServeClient, args: argparse.Namespace, prefix: str | None, prompt: str
+) -> None:
+    """Text to standard output as it comes (a header per completion when --n > 1, each one's logprobs table
+    after it with --logprobs); the finish reason and token counts to standard error."""
     out: TextIO = sys.stdout
+    is_many = (args.n or 1) > 1
+    shown_index: int | None = None
+    entries: list[TokenLogprob] = []
     for event in client.stream_generate(prefix, prompt, **_sampling(args)):
         if args.json:
             out.write(json.dumps(event.raw) + "\n")  # one JSON object per line, as the server sent them
-        else:
-            out.write(event.text)
+            out.flush()
+            continue
+        if is_many and event.index != shown_index:
+            blank_line = "" if shown_index is None else "\n"
+            out.write(f"{blank_line}--- completion {event.index} ---\n")
+            shown_index = event.index
+        out.write(event.text)
         out.flush()
-        if event.is_final and not args.json:
-            out.write("\n")
-            usage = event.usage
-            tokens = (
-                f", {usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens"
-                if usage
-                else ""
-            )
-            print(f"[finish: {event.finish_reason}{tokens}]", file=sys.stderr)
+        if event.logprobs is not None:
+            entries.append(event.logprobs)
+        if not event.is_final:
+            continue
+        out.write("\n")
+        if args.logprobs is not None:
+            out.write("\n" + _logprob_table(entries) + "\n")
+        entries = []
+        usage = event.usage
+        tokens = (
+            f", {usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens" if usage else ""
+        )
+        which = f"completion {event.index} " if is_many else ""
+        print(f"[{which}finish: {event.finish_reason}{tokens}]", file=sys.stderr)
 
 
 def cmd_keys(client: PrefixServeClient, args: argparse.Namespace) -> None:

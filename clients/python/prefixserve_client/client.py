@@ -78,15 +78,20 @@ class PrefixServeClient(_Base):
 
     # generation
     def generate(self, prefix: str | None, prompt: str, **sampling: Any) -> GenerateResult:
-        """Generate with a prefix (None: the bare backbone). `sampling`: max_new_tokens, temperature, top_p,
-        top_k, seed, stop, ignore_eos — omitted ones take the server's defaults (greedy, 64 tokens)."""
+        """Generate with a prefix (None: the bare backbone).
+
+        `sampling`: max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, and the decoding
+        options n, num_beams, length_penalty, early_stopping, logprobs, repetition_penalty,
+        presence_penalty, frequency_penalty. Omitted ones (or None) take the server's defaults (greedy, 64
+        tokens); one the server does not know is a ValidationError naming it."""
         request = _wire.generate_request(prefix, prompt, False, sampling)
         response = self._request("POST", "/v1/generate", json=request.body, headers=request.headers)
         return GenerateResult.from_dict(_wire.json_body(response))
 
     def stream_generate(self, prefix: str | None, prompt: str, **sampling: Any) -> Iterator[StreamEvent]:
-        """Like generate(), token by token. Closing the iterator early closes the connection, and the
-        server frees the request's slot."""
+        """Like generate(), token by token (each event's `index` says which of the n completions it belongs
+        to; they come one after another). Closing the iterator early closes the connection, and the server
+        frees the request's slot."""
         request = _wire.generate_request(prefix, prompt, True, sampling)
         try:
             with self._http.stream(
@@ -95,7 +100,7 @@ class PrefixServeClient(_Base):
                 if not response.is_success:
                     response.read()
                     _wire.raise_for_error(response)
-                yield from _wire.iter_sse(response.iter_lines())
+                yield from _wire.iter_sse(response.iter_lines(), request.num_completions)
         except httpx.HTTPError as exc:
             raise _wire.transport_error(exc, self.base_url) from exc
 
@@ -228,7 +233,7 @@ class AsyncPrefixServeClient(_Base):
                 if not response.is_success:
                     await response.aread()
                     _wire.raise_for_error(response)
-                state = _wire.StreamState()
+                state = _wire.StreamState(request.num_completions)
                 async for line in response.aiter_lines():
                     event = state.feed(line)
                     if event is not None:

@@ -22,8 +22,75 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position, with its log-probability."""
+
+    token_id: int
+    text: str
+    logprob: float
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TopLogprob:
+        return cls(int(data["token_id"]), str(data.get("text") or ""), _logprob(data.get("logprob")))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability (of the distribution it was drawn from: after temperature, top-k,
+    top-p and the penalties) and the `top` alternatives asked for with `logprobs=N`, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+    @property
+    def text(self) -> str | None:
+        """The token's text when it is among the alternatives (the server sends text for those only)."""
+        return next((t.text for t in self.top if t.token_id == self.token_id), None)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenLogprob:
+        top = [TopLogprob.from_dict(t) for t in data.get("top") or []]
+        return cls(int(data["token_id"]), _logprob(data.get("logprob")), top)
+
+
+def _logprob(value: Any) -> float:
+    return float("-inf") if value is None else float(value)
+
+
+def _logprobs(data: Any) -> list[TokenLogprob] | None:
+    return None if data is None else [TokenLogprob.from_dict(entry) for entry in data]
+
+
+@dataclass(frozen=True)
+class GenerateChoice:
+    """One of the `n` completions of a prompt (GenerateResult.choices, when n > 1)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerateChoice:
+        return cls(
+            index=int(data.get("index", 0)),
+            text=str(data.get("text", "")),
+            token_ids=[int(t) for t in data.get("token_ids", [])],
+            finish_reason=str(data.get("finish_reason", "")),
+            logprobs=_logprobs(data.get("logprobs")),
+        )
+
+
+@dataclass(frozen=True)
 class GenerateResult:
-    """The answer of POST /v1/generate. `token_ids` are the generated ids only (no prompt, no final EOS)."""
+    """The answer of POST /v1/generate. `token_ids` are the generated ids only (no prompt, no final EOS).
+
+    The top-level fields are the first completion's. `logprobs` is there when asked for (`logprobs=N`), one
+    entry per token id; `choices` holds every completion when `n > 1` (else None), and `usage.completion_tokens`
+    counts the tokens of all of them.
+    """
 
     id: str
     prefix: str | None
@@ -31,10 +98,20 @@ class GenerateResult:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+    choices: list[GenerateChoice] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def completions(self) -> list[GenerateChoice]:
+        """Every completion: `choices` when n > 1, else the one completion as a choice of index 0."""
+        if self.choices is not None:
+            return self.choices
+        return [GenerateChoice(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerateResult:
+        choices = data.get("choices")
         return cls(
             id=str(data.get("id", "")),
             prefix=data.get("prefix"),
@@ -42,6 +119,8 @@ class GenerateResult:
             token_ids=[int(t) for t in data.get("token_ids", [])],
             finish_reason=str(data.get("finish_reason", "")),
             usage=Usage.from_dict(data.get("usage")),
+            logprobs=_logprobs(data.get("logprobs")),
+            choices=None if choices is None else [GenerateChoice.from_dict(c) for c in choices],
             raw=data,
         )
 
@@ -50,14 +129,18 @@ class GenerateResult:
 class StreamEvent:
     """One server-sent event of a streamed generation.
 
-    Token events carry `token_id` and `text`; the last event carries `finish_reason` and `usage` (and
-    `text` is "" there unless the server put text in it), so `print(event.text, end="")` works for all.
+    Token events carry `token_id` and `text` (and `logprobs` when asked for); the last event of a completion
+    carries `finish_reason` and `usage` (and `text` is "" there unless the server put text in it), so
+    `print(event.text, end="")` works for all. With n > 1 the completions come one after another, each
+    ending with its own last event; `index` says which completion an event belongs to (0 when n is 1).
     """
 
     token_id: int | None = None
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: TokenLogprob | None = None
+    index: int = 0
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -68,11 +151,14 @@ class StreamEvent:
     def from_dict(cls, data: dict[str, Any]) -> StreamEvent:
         token_id = data.get("token_id")
         usage = data.get("usage")
+        logprobs = data.get("logprobs")
         return cls(
             token_id=int(token_id) if token_id is not None else None,
             text=str(data.get("text") or ""),
             finish_reason=data.get("finish_reason"),
             usage=Usage.from_dict(usage) if usage is not None else None,
+            logprobs=TokenLogprob.from_dict(logprobs) if logprobs is not None else None,
+            index=int(data.get("index") or 0),
             raw=data,
         )
 

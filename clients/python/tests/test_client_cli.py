@@ -123,6 +123,71 @@ def test_generate_plain_stream_and_json(env: dict[str, str], native_prefix_file:
     assert bare.returncode == 0 and json.loads(bare.stdout)["prefix"] is None
 
 
+def test_generate_logprobs_table_choices_and_beams(env: dict[str, str], native_prefix_file: Path) -> None:
+    assert run("upload", "cli/lp", str(native_prefix_file), env=env).returncode == 0
+    flags = ["--max-new-tokens", "4", "--ignore-eos", "--logprobs", "2"]
+    as_json = run("generate", "cli/lp", "the quick brown fox", *flags, "--json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    result = json.loads(as_json.stdout)  # the server's object, logprobs included
+    assert [e["token_id"] for e in result["logprobs"]] == result["token_ids"]
+
+    plain = run("generate", "cli/lp", "the quick brown fox", *flags, env=env)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.startswith(result["text"] + "\n\n")  # the text, a blank line, the table
+    header, *rows = plain.stdout[len(result["text"]) + 2 :].rstrip("\n").split("\n")
+    assert header.split()[:5] == ["#", "TOKEN", "ID", "LOGPROB", "PROB"]
+    assert len(rows) == 4
+    for i, (row, entry) in enumerate(zip(rows, result["logprobs"], strict=True)):
+        assert row.startswith(f"{i}  ") and f"  {entry['token_id']}  " in row
+        assert f"{entry['logprob']:.4f}" in row and f"{entry['top'][1]['logprob']:.4f}" in row
+
+    # streamed: the text as it comes, then the same table
+    streamed = run("generate", "cli/lp", "the quick brown fox", *flags, "--stream", env=env)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.startswith(result["text"] + "\n\n")
+    streamed_rows = streamed.stdout[len(result["text"]) + 2 :].rstrip("\n").split("\n")[1:]
+    assert streamed_rows == rows
+
+    # n = 2: each completion under its header; usage counts both
+    sampled = ["--n", "2", "--seed", "1", "--temperature", "1", "--max-new-tokens", "3", "--ignore-eos"]
+    both = json.loads(run("generate", "cli/lp", "hello", *sampled, "--json", env=env).stdout)
+    assert [c["index"] for c in both["choices"]] == [0, 1] and both["usage"]["completion_tokens"] == 6
+    shown = run("generate", "cli/lp", "hello", *sampled, env=env)
+    assert shown.returncode == 0, shown.stderr
+    for choice in both["choices"]:
+        block = f"--- completion {choice['index']} (length) ---\n{choice['text']}"
+        assert block in shown.stdout
+    streamed = run("generate", "cli/lp", "hello", *sampled, "--stream", env=env)
+    assert streamed.stdout.count("--- completion ") == 2, streamed.stdout
+    assert "[completion 1 finish: length" in streamed.stderr
+
+    # beam search: today's server refuses num_beams > 1 by name
+    beams = run("generate", "cli/lp", "hello", "--num-beams", "4", env=env)
+    assert beams.returncode == 1 and "invalid_request (HTTP 422)" in beams.stderr
+    assert "num_beams" in beams.stderr and not beams.stdout
+    ok = run(
+        "generate",
+        "cli/lp",
+        "hello",
+        "--num-beams",
+        "1",
+        "--length-penalty",
+        "1.0",
+        "--max-new-tokens",
+        "2",
+        "--repetition-penalty",
+        "1.3",
+        "--presence-penalty",
+        "0.5",
+        "--frequency-penalty",
+        "0.5",
+        env=env,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = run("generate", "cli/lp", "hello", "--logprobs", "21", env=env)
+    assert bad.returncode == 1 and "logprobs" in bad.stderr
+
+
 def test_keys_create_use_revoke(env: dict[str, str], server_url: str, native_prefix_file: Path) -> None:
     created = run("keys", "create", "clitenant", "--json", env=env)
     assert created.returncode == 0, created.stderr

@@ -337,3 +337,123 @@ async def test_async_tenant_settings(server_url: str, admin_key: str) -> None:
         assert (await client.set_tenant("asynctenant", tokens_per_minute=None)).tokens_per_minute is None
         with pytest.raises(ValidationError):
             await client.set_tenant("asynctenant", weight=-1)
+
+
+PROMPT = "the quick brown fox"
+
+
+def test_logprobs_are_there_and_consistent_with_the_tokens(
+    admin: PrefixServeClient, native_prefix_file: Path
+) -> None:
+    admin.upload("lp/p", native_prefix_file)
+    result = admin.generate("lp/p", PROMPT, max_new_tokens=6, ignore_eos=True, logprobs=3)
+    assert result.logprobs is not None and result.choices is None
+    assert len(result.logprobs) == len(result.token_ids) == 6
+    for entry, token_id in zip(result.logprobs, result.token_ids, strict=True):
+        assert entry.token_id == token_id and entry.logprob <= 0 and len(entry.top) == 3
+        assert entry.top[0].logprob >= entry.logprob - 1e-6, "greedy picks the most likely token"
+        assert entry.text is not None, "greedy: the chosen token is among the alternatives, so it has text"
+        top = [t.logprob for t in entry.top]
+        assert top == sorted(top, reverse=True) and len({t.token_id for t in entry.top}) == 3
+    plain = admin.generate("lp/p", PROMPT, max_new_tokens=6, ignore_eos=True)
+    assert plain.token_ids == result.token_ids and plain.logprobs is None
+    # streamed: the same entry rides on each token's event
+    events = list(admin.stream_generate("lp/p", PROMPT, max_new_tokens=6, ignore_eos=True, logprobs=3))
+    streamed = [e.logprobs for e in events if e.token_id is not None]
+    assert all(e is not None for e in streamed) and len(streamed) == 6
+    for got, want in zip(streamed, result.logprobs, strict=True):
+        assert got is not None and got.token_id == want.token_id
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t.token_id for t in got.top] == [t.token_id for t in want.top]
+    assert events[-1].is_final and events[-1].logprobs is None
+    # logprobs=0: the chosen token's logprob alone
+    bare = admin.generate("lp/p", PROMPT, max_new_tokens=2, ignore_eos=True, logprobs=0)
+    assert bare.logprobs is not None and [e.top for e in bare.logprobs] == [[], []]
+
+
+def test_n_with_a_seed_gives_n_choices(admin: PrefixServeClient, native_prefix_file: Path) -> None:
+    admin.upload("lp/n", native_prefix_file)
+    sampled = {"max_new_tokens": 5, "ignore_eos": True, "temperature": 1.0, "seed": 7}
+    result = admin.generate("lp/n", PROMPT, n=3, logprobs=1, **sampled)
+    assert result.choices is not None and [c.index for c in result.choices] == [0, 1, 2]
+    assert result.completions == result.choices
+    assert all(len(c.token_ids) == 5 and c.finish_reason == "length" for c in result.choices)
+    assert all(c.logprobs is not None and len(c.logprobs) == 5 for c in result.choices)
+    first = result.choices[0]
+    assert (result.text, result.token_ids, result.logprobs) == (first.text, first.token_ids, first.logprobs)
+    assert result.usage.completion_tokens == 15, "usage counts the tokens of every completion"
+    # completion i uses seed + i
+    second = admin.generate("lp/n", PROMPT, **{**sampled, "seed": 8})
+    assert second.token_ids == result.choices[1].token_ids
+    again = admin.generate("lp/n", PROMPT, n=3, **sampled)
+    assert again.choices is not None
+    assert [c.token_ids for c in again.choices] == [c.token_ids for c in result.choices]
+    # streamed: each completion's events carry its index and end with its own final event
+    events = list(admin.stream_generate("lp/n", PROMPT, n=3, **sampled))
+    for choice in result.choices:
+        mine = [e for e in events if e.index == choice.index]
+        assert [e.token_id for e in mine if e.token_id is not None] == choice.token_ids
+        assert mine[-1].is_final and mine[-1].finish_reason == "length"
+
+
+def test_penalties_and_beam_options_pass_through(admin: PrefixServeClient, native_prefix_file: Path) -> None:
+    admin.upload("lp/pen", native_prefix_file)
+    options = {"max_new_tokens": 12, "ignore_eos": True}
+    plain = admin.generate("lp/pen", PROMPT, **options)
+    beams_off = admin.generate(
+        "lp/pen", PROMPT, num_beams=1, length_penalty=1.0, early_stopping=False, **options
+    )
+    assert beams_off.token_ids == plain.token_ids
+    # a strong penalty on repeats changes a greedy output that repeats tokens (the tiny model loops)
+    assert len(set(plain.token_ids)) < len(plain.token_ids), "premise: the plain output repeats a token"
+    penalised = admin.generate("lp/pen", PROMPT, repetition_penalty=100.0, **options)
+    assert penalised.token_ids != plain.token_ids
+    frequency = admin.generate("lp/pen", PROMPT, frequency_penalty=2.0, presence_penalty=2.0, **options)
+    assert frequency.token_ids != plain.token_ids
+    with pytest.raises(ValidationError) as info:
+        admin.generate("lp/pen", PROMPT, logprobs=21)
+    assert info.value.status == 422 and "logprobs" in info.value.message
+    with pytest.raises(ValidationError) as info:
+        admin.generate("lp/pen", PROMPT, num_beams=17)
+    assert info.value.status == 422 and "num_beams" in info.value.message
+
+
+def test_beam_search_is_refused_while_the_server_has_none(admin: PrefixServeClient) -> None:
+    """Today's server refuses num_beams > 1 by name (422 invalid_request); the client surfaces it as a
+    ValidationError. (When beam search lands, this becomes a test of its output.)"""
+    with pytest.raises(ValidationError) as info:
+        admin.generate(None, PROMPT, num_beams=4, max_new_tokens=4)
+    assert (info.value.status, info.value.code) == (422, "invalid_request")
+    assert "num_beams" in info.value.message
+    with pytest.raises(ValidationError) as info:
+        list(admin.stream_generate(None, PROMPT, num_beams=4, max_new_tokens=4))
+    assert "num_beams" in info.value.message
+
+
+def test_unknown_option_is_refused_by_name(admin: PrefixServeClient) -> None:
+    with pytest.raises(ValidationError) as info:
+        admin.generate(None, PROMPT, colour="blue")
+    assert info.value.status == 422 and "colour" in info.value.message
+    with pytest.raises(ValidationError):
+        admin.generate(None, PROMPT, stream=True)  # refused before sending: use stream_generate
+
+
+async def test_async_client_decoding_options(
+    server_url: str, admin_key: str, native_prefix_file: Path
+) -> None:
+    async with AsyncPrefixServeClient(server_url, api_key=admin_key, timeout=30) as client:
+        await client.upload("async/lp", native_prefix_file)
+        options = {"max_new_tokens": 4, "ignore_eos": True, "temperature": 1.0, "seed": 3, "logprobs": 2}
+        result = await client.generate("async/lp", PROMPT, n=2, **options)
+        assert result.choices is not None and len(result.choices) == 2
+        events = [e async for e in client.stream_generate("async/lp", PROMPT, n=2, **options)]
+        for choice in result.choices:
+            tokens = [e for e in events if e.index == choice.index and e.token_id is not None]
+            assert [e.token_id for e in tokens] == choice.token_ids
+            assert choice.logprobs is not None
+            assert [e.logprobs.token_id for e in tokens if e.logprobs] == [
+                x.token_id for x in choice.logprobs
+            ]
+        with pytest.raises(ValidationError) as info:
+            await client.generate("async/lp", PROMPT, num_beams=4)
+        assert "num_beams" in info.value.message

@@ -11,6 +11,7 @@ from prefixserve_client import (
     AsyncPrefixServeClient,
     AuthenticationError,
     ConnectionError,
+    GenerateChoice,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -21,6 +22,8 @@ from prefixserve_client import (
     RateLimitError,
     ServerError,
     TenantInfo,
+    TokenLogprob,
+    TopLogprob,
     ValidationError,
 )
 from prefixserve_client.cli import main as prefixctl
@@ -362,3 +365,160 @@ def test_cli_exit_codes_and_messages(capsys: pytest.CaptureFixture[str]) -> None
     assert "<tenant>/<name>" in capsys.readouterr().err
     assert prefixctl(["--json", "--url", "http://127.0.0.1:9", "upload", "a/b", "/nonexistent"]) == 2
     assert json.loads(capsys.readouterr().err)["error"]["code"] == "local_file"
+
+
+def _entry(token_id: int, logprob: float, top: list[tuple[int, str, float]]) -> dict:
+    return {
+        "token_id": token_id,
+        "logprob": logprob,
+        "top": [{"token_id": t, "text": text, "logprob": lp} for t, text, lp in top],
+    }
+
+
+LOGPROBS = [_entry(5, -0.5, [(5, "hel", -0.5), (9, "x", -1.5)]), _entry(6, -2.0, [(7, "y", -0.25)])]
+CHOICES = [
+    {"index": 0, "text": "hello", "token_ids": [5, 6], "finish_reason": "length", "logprobs": LOGPROBS},
+    {"index": 1, "text": "hi", "token_ids": [8], "finish_reason": "stop", "logprobs": [_entry(8, -0.1, [])]},
+]
+RESULT_N2 = {
+    **RESULT,
+    "logprobs": LOGPROBS,
+    "choices": CHOICES,
+    "usage": {"prompt_tokens": 3, "completion_tokens": 3},
+}
+
+
+def test_generate_sends_decoding_options_and_parses_logprobs_and_choices() -> None:
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, json=RESULT_N2)
+
+    options = {
+        "n": 2,
+        "num_beams": 4,
+        "length_penalty": 0.5,
+        "early_stopping": True,
+        "logprobs": 2,
+        "repetition_penalty": 1.2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+    }
+    with client_for(handler) as client:
+        result = client.generate("acme/e2e", "hi", **options, seed=None)
+    assert seen[0] == {"prefix": "acme/e2e", "prompt": "hi", **options}  # as given, None left out
+    assert result.logprobs is not None and [e.token_id for e in result.logprobs] == result.token_ids
+    first = result.logprobs[0]
+    assert (first.logprob, first.text, [t.token_id for t in first.top]) == (-0.5, "hel", [5, 9])
+    assert first.top[1] == TopLogprob(9, "x", -1.5)
+    assert result.logprobs[1].text is None  # not among its alternatives: the server sent no text for it
+    assert result.choices is not None and result.completions == result.choices
+    assert [(c.index, c.text, c.token_ids, c.finish_reason) for c in result.choices] == [
+        (0, "hello", [5, 6], "length"),
+        (1, "hi", [8], "stop"),
+    ]
+    assert result.choices[1].logprobs == [TokenLogprob(8, -0.1, [])]
+
+
+def test_plain_result_has_no_logprobs_or_choices() -> None:
+    with client_for(lambda r: httpx.Response(200, json=RESULT)) as client:
+        result = client.generate("acme/e2e", "hi")
+    assert result.logprobs is None and result.choices is None
+    assert result.completions == [GenerateChoice(0, "hello", [5, 6], "length", None)]
+
+
+def test_stream_option_is_refused_before_sending() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing may be sent")
+
+    with client_for(handler) as client, pytest.raises(ValidationError, match="stream_generate"):
+        client.generate("acme/e2e", "hi", stream=True)
+
+
+def _sse(*events: dict | str) -> str:
+    return "".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events)
+
+
+N2_EVENTS = [
+    {"index": 0, "token_id": 5, "text": "hel", "logprobs": LOGPROBS[0]},
+    {
+        "index": 0,
+        "id": "g",
+        "text": "",
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    },
+    {"index": 1, "token_id": 8, "text": "hi", "logprobs": _entry(8, -0.1, [])},
+    {
+        "index": 1,
+        "id": "g",
+        "text": "",
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    },
+]
+
+
+def test_stream_events_carry_index_and_logprobs() -> None:
+    with client_for(lambda r: httpx.Response(200, text=_sse(*N2_EVENTS, "[DONE]"))) as client:
+        events = list(client.stream_generate("acme/e2e", "hi", n=2, logprobs=2))
+    assert [(e.index, e.token_id, e.is_final) for e in events] == [
+        (0, 5, False),
+        (0, None, True),
+        (1, 8, False),
+        (1, None, True),
+    ]
+    assert events[0].logprobs == TokenLogprob.from_dict(LOGPROBS[0]) and events[1].logprobs is None
+    assert events[2].logprobs is not None and events[2].logprobs.logprob == -0.1
+    # n = 1: no index in the events, 0 for all
+    with client_for(lambda r: httpx.Response(200, text=SSE)) as client:
+        assert {e.index for e in client.stream_generate("acme/e2e", "hi")} == {0}
+
+
+def test_stream_of_n_cut_after_one_completion_is_a_connection_error() -> None:
+    """With n = 2 a stream that ends after the first completion's last event (no [DONE]) is incomplete."""
+    cut = client_for(lambda r: httpx.Response(200, text=_sse(*N2_EVENTS[:2])))
+    with cut, pytest.raises(ConnectionError, match="ended before"):
+        list(cut.stream_generate("acme/e2e", "hi", n=2))
+    with client_for(lambda r: httpx.Response(200, text=_sse(*N2_EVENTS))) as client:
+        assert len(list(client.stream_generate("acme/e2e", "hi", n=2))) == 4  # both finished: whole
+
+
+def test_cli_generate_shows_choices_and_logprob_table(capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, json=RESULT_N2)
+
+    transport = httpx.MockTransport(handler)
+    real_client = PrefixServeClient
+
+    def with_transport(*args, **kwargs):
+        return real_client(*args, transport=transport, **kwargs)
+
+    flags = ["--n", "2", "--logprobs", "2", "--num-beams", "1", "--length-penalty", "0.5", "--early-stopping"]
+    flags += ["--repetition-penalty", "1.2", "--presence-penalty", "0.5", "--frequency-penalty", "-0.5"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("prefixserve_client.cli.PrefixServeClient", with_transport)
+        assert prefixctl(["--url", "http://test", "generate", "acme/e2e", "hi", *flags]) == 0
+    assert seen[0] == {
+        "prefix": "acme/e2e",
+        "prompt": "hi",
+        "n": 2,
+        "logprobs": 2,
+        "num_beams": 1,
+        "length_penalty": 0.5,
+        "early_stopping": True,
+        "repetition_penalty": 1.2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+    }
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "--- completion 0 (length) ---" and lines[1] == "hello"
+    assert lines[3].split() == ["#", "TOKEN", "ID", "LOGPROB", "PROB", "TOP", "ALTERNATIVES"]
+    assert lines[4].split() == ["0", '"hel"', "5", "-0.5000", "60.65%", '"hel"', "-0.5000", '"x"', "-1.5000"]
+    assert lines[5].split() == ["1", "?", "6", "-2.0000", "13.53%", '"y"', "-0.2500"]
+    assert lines[7:9] == ["--- completion 1 (stop) ---", "hi"]
+    assert lines[11].split() == ["0", "?", "8", "-0.1000", "90.48%"]
