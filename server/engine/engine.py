@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import threading
 import uuid
@@ -142,18 +143,11 @@ class Engine:
         return [self._after_token(r, n) for r, n in zip(batch.sequences, before, strict=True)]
 
     def _after_token(self, request: Request, num_before: int) -> tuple[Request, RequestOutput]:
-        stream = self._streams.get(request.request_id)
+        # token ids only: the text (and stop strings) are worked out in the front, off this thread
         token_id = request.output_token_ids[-1] if len(request.output_token_ids) > num_before else None
-        delta = ""
         if token_id is not None:
             self.num_generated_tokens += 1
-            if stream is not None:
-                delta = stream.text.add(token_id)
-                if stream.text.is_stopped:
-                    request.finish("stop")
-        if request.is_finished and stream is not None:
-            delta += stream.text.flush()
-        return request, self._output(request, token_id, delta)
+        return request, self._output(request, token_id, "")
 
     def _output(
         self, request: Request, token_id: int | None, text: str, error: str | None = None
@@ -246,7 +240,7 @@ class Engine:
         stream.is_consumed = True
         try:
             while True:
-                output = await stream.queue.get()
+                output = self._with_text(request, stream.text, await stream.queue.get())
                 yield output
                 if output.is_finished:
                     return
@@ -254,6 +248,20 @@ class Engine:
             if not request.is_finished:
                 self.abort(request.request_id)
             self._streams.pop(request.request_id, None)
+
+    def _with_text(self, request: Request, text: IncrementalText, output: RequestOutput) -> RequestOutput:
+        """Fill in the output's text delta; a stop string finishes the request (its slot frees next step)."""
+        delta = "" if output.token_id is None else text.add(output.token_id)
+        if text.is_stopped and not output.is_finished:
+            with self._lock:
+                request.finish("stop")
+                self._lock.notify_all()
+        if text.is_stopped:
+            # the engine may have finished it otherwise in the same step (length): the stop string wins
+            return dataclasses.replace(output, text=delta, is_finished=True, finish_reason="stop")
+        if output.is_finished:
+            delta += text.flush()
+        return dataclasses.replace(output, text=delta)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its slot is freed at the next step and its stream ends with finish_reason abort."""
