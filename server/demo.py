@@ -15,6 +15,7 @@ from pathlib import Path
 from prefix_store.format import BackboneShape, PrefixFormatError, load_prefix, save_prefix, validate
 from prefix_store.store import PrefixStore, make_meta, open_store
 from server.cli import serve, settings_from_args
+from server.logs import configure_logging
 
 log = logging.getLogger("prefixserve.demo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +69,8 @@ def ensure_fallback_model() -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(argv)
+    configure_logging(settings.log_level, settings.log_format)
     model_dir = Path(settings.model)
     if not (model_dir / "config.json").is_file():
         log.warning(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -19,6 +20,9 @@ from server.auth import Principal
 from server.engine.engine import PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.errors import ServiceError
+from server.logs import request_id_var
+
+log = logging.getLogger("prefixserve.generation")
 
 _TOKENIZE_LOCK = threading.Lock()
 
@@ -68,6 +72,20 @@ async def start(
     state: Any, principal: Principal, prefix_id: str | None, prompt: str, params: SamplingParams
 ) -> Generation:
     """Validate and queue a generation. Raises ServiceError (404, 422, 429, 503)."""
+    if getattr(state, "draining", False):
+        raise ServiceError(
+            503, "draining", "this replica is shutting down; retry on another one", {"Retry-After": "1"}
+        )
+    state.num_starting = getattr(state, "num_starting", 0) + 1  # the drain waits for these too
+    try:
+        return await _start(state, principal, prefix_id, prompt, params)
+    finally:
+        state.num_starting -= 1
+
+
+async def _start(
+    state: Any, principal: Principal, prefix_id: str | None, prompt: str, params: SamplingParams
+) -> Generation:
     engine = state.engine
     prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
     try:
@@ -77,7 +95,9 @@ async def start(
         engine.check_fits(
             len(token_ids), 0 if prefix is None else prefix.num_virtual_tokens, params.max_new_tokens
         )
-        request = engine.add(token_ids, params, prefix, prefix_id, principal.tenant or "admin")
+        request = engine.add(
+            token_ids, params, prefix, prefix_id, principal.tenant or "admin", trace_id=request_id_var.get()
+        )
         stream = engine.stream(request)
     except PromptTooLong as exc:
         _release(state, prefix)
@@ -132,7 +152,17 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
                 metrics.tenant_tokens.labels(tenant).inc()
             yield output
             if output.is_finished:
-                metrics.request_latency.observe(time.monotonic() - gen.started)
+                seconds = time.monotonic() - gen.started
+                metrics.request_latency.observe(seconds)
+                log.info(
+                    "generation %s: prefix %s, %d prompt + %d new tokens, %s, %.3f s",
+                    gen.request.request_id,
+                    gen.prefix_id,
+                    output.num_prompt_tokens,
+                    output.num_output_tokens,
+                    output.finish_reason,
+                    seconds,
+                )
                 return
     finally:
         await stream.aclose()

@@ -38,6 +38,21 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(1024, ge=1, description="requests waiting for a busy slot before new ones get 429")
     cache_bytes: int = Field(1 << 30, ge=0, description="device cache budget for resident prefixes, in bytes")
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="KV cache budget in bytes; --max-num-seqs is capped to the sequences that fit. Default: 80% "
+        "of the memory free after loading the model, less --cache-bytes",
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="on SIGTERM, seconds running generations may take to finish before exit"
+    )
+    max_step_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="an engine step running longer than this makes /readyz report the loop stuck (503)",
+    )
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line")
     max_body_bytes: int = Field(
         64 << 20, ge=1024, description="largest request body (uploads), in bytes; over it: 413"
     )

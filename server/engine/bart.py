@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefix_store.format import BackboneShape
-from server.engine.backbone import BackboneError, GenerationRules, KVCache
+from server.engine.backbone import BackboneError, GenerationRules
+from server.engine.kv_cache import KVCache
 
 
 def _pad_prefixes(

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -39,11 +40,17 @@ class EngineConfig:
     max_model_len: int = 1024
     max_prefix_tokens: int = 256
     max_queue: int = 1024  # requests waiting for a busy slot before add() refuses (QueueFull -> 429)
+    max_step_seconds: float = 60.0  # a loop busy this long without finishing a step counts as stuck
+    kv_cache_bytes: int | None = None  # KV budget: max_num_seqs is capped to what fits; None = no cap
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "max_prefix_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.max_step_seconds <= 0:
+            raise ValueError("max_step_seconds must be > 0")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 0:
+            raise ValueError("kv_cache_bytes must be >= 0")
 
 
 @dataclass
@@ -65,15 +72,23 @@ class Engine:
         self.backbone = backbone
         self.config = config
         self.is_encoder_decoder = backbone.model_type == "bart"
+        self.runner = ModelRunner(
+            backbone,
+            config.max_num_seqs,
+            config.max_model_len,
+            config.max_prefix_tokens,
+            on_forward,
+            config.kv_cache_bytes,
+        )
+        if self.runner.kv_plan.num_seqs < config.max_num_seqs:  # the KV budget holds fewer sequences
+            config = dataclasses.replace(config, max_num_seqs=self.runner.kv_plan.num_seqs)
+        self.config = config
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens, backbone.rules.eos_token_ids)
         )
-        self.runner = ModelRunner(
-            backbone, config.max_num_seqs, config.max_model_len, config.max_prefix_tokens, on_forward
-        )
         self.release_prefix = release_prefix
-        # the loop thread detokenizes with its own copy: a HF fast tokenizer used by two threads at once can
-        # fail with "Already borrowed" (the front tokenizes prompts in worker threads)
+        # the front detokenizes (on the event loop) with its own copy: a HF fast tokenizer used by two threads
+        # at once can fail with "Already borrowed" (prompts are tokenized in worker threads)
         self._detokenizer = copy.deepcopy(backbone.tokenizer)
         self.num_generated_tokens = 0
         self.num_steps = 0
@@ -81,6 +96,8 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._is_stopping = False
+        self._busy_since: float | None = None  # when the loop found work and started stepping (None: idle)
+        self.loop_error: str | None = None
 
     # -- prompts ------------------------------------------------------------------------------------
     @property
@@ -132,7 +149,10 @@ class Engine:
         try:
             token_ids = self.runner.execute(batch)
         except Exception as exc:  # a bad step fails its requests, not the service
-            log.exception("engine step failed")
+            log.exception(
+                "engine step failed; failing requests %s",
+                ", ".join(r.trace_id or r.request_id for r in batch.sequences),
+            )
             with self._lock:
                 for request in batch.sequences:
                     request.finish("error")
@@ -164,14 +184,61 @@ class Engine:
         )
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    self._busy_since = None
+                    while not self.scheduler.has_work() and not self._is_stopping:
+                        self._lock.wait()
+                    if self._is_stopping:
+                        return
+                    self._busy_since = time.monotonic()
+                for request, output in self.step():
+                    self._deliver(request, output)
+        except BaseException as exc:  # the loop is gone: say so (/readyz turns 503) and fail what waits on it
+            log.critical("engine loop died", exc_info=True)
+            self.loop_error = f"{type(exc).__name__}: {exc}"
+            self._fail_all(f"engine loop died ({self.loop_error})")
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            requests = [*self.scheduler.running, *self.scheduler.waiting]
+            for request in requests:
+                request.finish("error")
+        for request in requests:
+            self._deliver(request, self._output(request, None, "", error=message))
+
+    def health(self) -> str | None:
+        """None while the loop is alive and stepping; else why not (dead, stuck in one step, not started)."""
+        if self.loop_error is not None:
+            return f"engine loop died: {self.loop_error}"
+        if self._thread is None or not self._thread.is_alive():
+            return "engine loop is not running"
+        busy_since = self._busy_since
+        if busy_since is not None and time.monotonic() - busy_since > self.config.max_step_seconds:
+            return f"engine loop stuck: no step finished for over {self.config.max_step_seconds:g} s"
+        return None
+
+    def warm_up(self) -> None:
+        """A greedy and a sampled request of two tokens through the real step before serving, so first-call
+        costs (allocator, kernels, lazy inits) are not paid by the first client. Not counted in metrics."""
+        rules = self.backbone.rules
+        token = next(
+            t for t in (rules.bos_token_id, min(rules.eos_token_ids, default=None), 0) if t is not None
+        )
+        on_forward, self.runner.on_forward = self.runner.on_forward, lambda requests: None
+        try:
             with self._lock:
-                while not self.scheduler.has_work() and not self._is_stopping:
-                    self._lock.wait()
-                if self._is_stopping:
-                    return
-            for request, output in self.step():
-                self._deliver(request, output)
+                for i, temperature in enumerate((0.0, 1.0)):
+                    params = SamplingParams(
+                        max_new_tokens=2, temperature=temperature, seed=0, ignore_eos=True
+                    )
+                    self.scheduler.add(Request(f"warm-up-{i}", [token], params))
+            while self.scheduler.has_work():
+                self.step()
+        finally:
+            self.runner.on_forward = on_forward
+            self.num_generated_tokens = self.num_steps = 0
 
     def _deliver(self, request: Request, output: RequestOutput) -> None:
         # the stream stays registered until its consumer is done with it (stream() removes it), so a
@@ -183,6 +250,16 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
         self._thread.start()
+
+    def abort_all(self) -> int:
+        """Abort every waiting and running request (drain deadline); returns how many."""
+        with self._lock:
+            ids = [
+                r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting) if not r.is_finished
+            ]
+        for request_id in ids:
+            self.abort(request_id)
+        return len(ids)
 
     def stop(self) -> None:
         with self._lock:
@@ -208,6 +285,7 @@ class Engine:
         prefix_id: str | None = None,
         tenant: str | None = None,
         request_id: str | None = None,
+        trace_id: str | None = None,
     ) -> Request:
         """Queue a request (its prefix already pinned). Raises QueueFull. Stream it with stream()."""
         request = Request(
@@ -218,6 +296,7 @@ class Engine:
             prefix_id=prefix_id,
             num_prefix_tokens=0 if prefix is None else prefix.num_virtual_tokens,
             tenant=tenant,
+            trace_id=trace_id,
         )
         stream = _Stream(
             asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self._detokenizer, params.stop)

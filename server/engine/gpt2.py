@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from prefix_store.format import BackboneShape
-from server.engine.backbone import GenerationRules, KVCache
+from server.engine.backbone import GenerationRules
+from server.engine.kv_cache import KVCache
 
 
 class GPT2Backbone:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.backbone import KVCache
+from server.engine.kv_cache import KVCache, plan_kv_cache
 from server.engine.request import Request, ScheduledBatch
 from server.engine.sampler import Sampler
 
@@ -37,13 +37,22 @@ class ModelRunner:
         max_model_len: int,
         max_prefix_tokens: int,
         on_forward: Callable[[list[Request]], None] | None = None,
+        kv_cache_bytes: int | None = None,
     ):
         self.backbone = backbone
         self.is_encoder_decoder = backbone.model_type == "bart"
         self.max_model_len = min(max_model_len, backbone.max_positions)
         cross_len = max_prefix_tokens + backbone.max_positions if self.is_encoder_decoder else 0
+        per_seq = KVCache.bytes_per_slot(backbone.shape, self.max_model_len, cross_len, backbone.dtype)
+        # raises KVBudgetError when not even one full-length sequence fits
+        self.kv_plan = plan_kv_cache(per_seq, self.max_model_len, max_num_seqs, kv_cache_bytes)
         self.cache = KVCache(
-            backbone.shape, max_num_seqs, self.max_model_len, cross_len, backbone.device, backbone.dtype
+            backbone.shape,
+            self.kv_plan.num_seqs,
+            self.max_model_len,
+            cross_len,
+            backbone.device,
+            backbone.dtype,
         )
         self.sampler = Sampler(backbone.rules, self.is_encoder_decoder, backbone.device)
         self.slots: list[SlotState] = []
