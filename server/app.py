@@ -19,6 +19,7 @@ from server.auth import KnownKeys
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.kv_cache import DEFAULT_KV_SHARE, available_memory, default_kv_budget
+from server.engine.transfer import upload
 from server.errors import BodyTooLarge, install_error_handlers
 from server.logs import RequestIdMiddleware
 from server.metrics import Metrics
@@ -139,7 +140,9 @@ def _kv_budget(settings: Settings, backbone: Any) -> int:
 
 
 def _to_device(prefix: Any, backbone: Any) -> dict:
-    return {k: v.to(device=backbone.device, dtype=backbone.dtype) for k, v in prefix.targets.items()}
+    # runs in a worker thread (PrefixCache.acquire is called through asyncio.to_thread): pinned, non_blocking,
+    # on a side stream on CUDA, so the engine's forward is not queued behind the copy
+    return {k: upload(v, backbone.device, backbone.dtype) for k, v in prefix.targets.items()}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -15,6 +15,7 @@ import torch
 from server.engine.kv_cache import KVCache, plan_kv_cache
 from server.engine.request import Request, ScheduledBatch
 from server.engine.sampler import Sampler
+from server.engine.transfer import copy_to_device
 
 
 @dataclass
@@ -123,16 +124,20 @@ class ModelRunner:
 
     def _decode(self) -> list[int]:
         """One token for every slot, in slot order."""
-        device = self.backbone.device
         requests = [s.request for s in self.slots]
-        tokens = torch.tensor([s.last_token for s in self.slots], device=device)
-        positions = torch.tensor([s.seq_len for s in self.slots], device=device)
+        # built on the host, copied once (pinned, non_blocking on CUDA): no wait before the forward
+        host = [
+            torch.tensor([s.last_token for s in self.slots]),
+            torch.tensor([s.seq_len for s in self.slots]),
+        ]
+        if self.is_encoder_decoder:
+            host.append(torch.tensor([s.cross_len for s in self.slots]))
+        tokens, positions, *cross = copy_to_device(host, self.backbone.device)
         length = max(s.seq_len for s in self.slots) + 1
         self.on_forward(requests)
         if self.is_encoder_decoder:
-            cross_lens = torch.tensor([s.cross_len for s in self.slots], device=device)
             cross_length = max(s.cross_len for s in self.slots)
-            logits = self.backbone.decode(self.cache, tokens, positions, length, cross_lens, cross_length)
+            logits = self.backbone.decode(self.cache, tokens, positions, length, cross[0], cross_length)
         else:
             logits = self.backbone.decode(self.cache, tokens, positions, length)
         sampled = self.sampler.sample(logits, requests)
