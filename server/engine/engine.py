@@ -92,6 +92,7 @@ class Engine:
         self._detokenizer = copy.deepcopy(backbone.tokenizer)
         self.num_generated_tokens = 0
         self.num_steps = 0
+        self.step_seconds = 0.0  # wall time of the steps counted in num_steps
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -137,6 +138,7 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[tuple[Request, RequestOutput]]:
         """One engine step: schedule -> execute -> update. Returns the outputs to deliver."""
+        started = time.perf_counter()
         with self._lock:
             batch = self.scheduler.schedule()
         for request in batch.finished:
@@ -159,8 +161,10 @@ class Engine:
             return [(r, self._output(r, None, "", error=f"engine error: {exc}")) for r in batch.sequences]
         with self._lock:
             self.scheduler.update(batch, token_ids)
+        outputs = [self._after_token(r, n) for r, n in zip(batch.sequences, before, strict=True)]
         self.num_steps += 1
-        return [self._after_token(r, n) for r, n in zip(batch.sequences, before, strict=True)]
+        self.step_seconds += time.perf_counter() - started
+        return outputs
 
     def _after_token(self, request: Request, num_before: int) -> tuple[Request, RequestOutput]:
         # token ids only: the text (and stop strings) are worked out in the front, off this thread
@@ -239,6 +243,7 @@ class Engine:
         finally:
             self.runner.on_forward = on_forward
             self.num_generated_tokens = self.num_steps = 0
+            self.step_seconds = self.runner.forward_seconds = 0.0
 
     def _deliver(self, request: Request, output: RequestOutput) -> None:
         # the stream stays registered until its consumer is done with it (stream() removes it), so a

@@ -7,6 +7,7 @@ copy of one sequence); a joining sequence copies its prefix once into its slot. 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class ModelRunner:
         self.sampler = Sampler(backbone.rules, self.is_encoder_decoder, backbone.device)
         self.slots: list[SlotState] = []
         self.on_forward = on_forward or (lambda requests: None)
+        self.forward_seconds = 0.0  # time inside the backbone's forward calls (bench: host time per step)
 
     def execute(self, batch: ScheduledBatch) -> list[int]:
         """Free finished slots, then produce one token for each of batch.prefill + batch.decode."""
@@ -97,7 +99,9 @@ class ModelRunner:
         ]
         prompts = [r.prompt_token_ids for r in requests]
         self.on_forward(requests)
+        started = time.perf_counter()
         logits = self.backbone.prefill(self.cache, start, prompts, prefix_lens)
+        self.forward_seconds += time.perf_counter() - started
         tokens = self.sampler.sample(logits, requests)
         for request, num_prefix, token in zip(requests, prefix_lens, tokens, strict=True):
             self.slots.append(SlotState(request, num_prefix + len(request.prompt_token_ids), 0, token))
@@ -111,6 +115,7 @@ class ModelRunner:
         written = [
             self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
         ]
+        started = time.perf_counter()
         cross_lens = self.backbone.encode(
             self.cache,
             start,
@@ -118,6 +123,7 @@ class ModelRunner:
             [_targets(r).get("encoder") for r in requests],
             [num_cross for _, num_cross in written],
         )
+        self.forward_seconds += time.perf_counter() - started
         start_token = self.backbone.rules.decoder_start_token_id
         for request, (num_decoder, _), cross_len in zip(requests, written, cross_lens, strict=True):
             self.slots.append(SlotState(request, num_decoder, cross_len, start_token))
@@ -135,11 +141,13 @@ class ModelRunner:
         tokens, positions, *cross = copy_to_device(host, self.backbone.device)
         length = max(s.seq_len for s in self.slots) + 1
         self.on_forward(requests)
+        started = time.perf_counter()
         if self.is_encoder_decoder:
             cross_length = max(s.cross_len for s in self.slots)
             logits = self.backbone.decode(self.cache, tokens, positions, length, cross[0], cross_length)
         else:
             logits = self.backbone.decode(self.cache, tokens, positions, length)
+        self.forward_seconds += time.perf_counter() - started
         sampled = self.sampler.sample(logits, requests)
         for state, token in zip(self.slots, sampled, strict=True):
             state.seq_len += 1
