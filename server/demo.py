@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from prefix_store.families import family
 from prefix_store.format import BackboneShape, PrefixFormatError, load_prefix, save_prefix, validate
 from prefix_store.store import PrefixStore, make_meta, open_store
 from server.cli import serve, settings_from_args
@@ -27,14 +28,7 @@ def backbone_shape(model_dir: Path) -> BackboneShape:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type == "gpt2":
-        return BackboneShape("gpt2", config.n_layer, config.n_head, config.n_embd // config.n_head)
-    return BackboneShape(
-        "bart",
-        config.decoder_layers,
-        config.decoder_attention_heads,
-        config.d_model // config.decoder_attention_heads,
-    )
+    return family(config.model_type).shape(config)
 
 
 def seed_demo_prefixes(

@@ -1,4 +1,4 @@
-"""Load a frozen GPT-2 or BART backbone, and the KV cache its forward passes share.
+"""Load a frozen backbone of a registered family (prefix_store/families) for serving.
 
 The forward passes themselves (gpt2.py, bart.py) reuse the HF modules' weights and sub-layers but own
 the attention, because that is where a prefix enters: every row of a batch has its own prefix (or none)
@@ -8,37 +8,17 @@ of its own length, written at the start of its KV slot, and its own positions.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from prefix_store.families import BackboneError, GenerationRules, family, generation_rules, load_class
 from prefix_store.format import BackboneShape
 
-SUPPORTED = {
-    "gpt2": "GPT-2 family causal LM (GPT2LMHeadModel)",
-    "bart": "BART family seq2seq (BartForConditionalGeneration)",
-}
-
+__all__ = ["Backbone", "BackboneError", "GenerationRules", "load_backbone", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger("prefixserve.engine")
-
-
-class BackboneError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class GenerationRules:
-    """What HF generate(do_sample=False) applies for this backbone, reproduced exactly."""
-
-    eos_token_ids: frozenset[int]
-    bos_token_id: int | None
-    pad_token_id: int
-    decoder_start_token_id: int | None
-    forced_bos_token_id: int | None
-    forced_eos_token_id: int | None
 
 
 class Backbone(Protocol):
@@ -114,37 +94,15 @@ def warn_unapplied_generation_settings(generation_config: Any, name: str) -> Non
         )
 
 
-def _generation_rules(model: Any, tokenizer: Any) -> GenerationRules:
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    pad = (
-        gen.pad_token_id
-        if gen.pad_token_id is not None
-        else (tokenizer.pad_token_id or min(eos_ids, default=0))
-    )
-    return GenerationRules(
-        eos_token_ids=eos_ids,
-        bos_token_id=gen.bos_token_id if gen.bos_token_id is not None else tokenizer.bos_token_id,
-        pad_token_id=int(pad),
-        decoder_start_token_id=gen.decoder_start_token_id,
-        forced_bos_token_id=gen.forced_bos_token_id,
-        forced_eos_token_id=gen.forced_eos_token_id,
-    )
-
-
 def load_backbone(path: str | Path, device: str = "auto", dtype: str = "auto") -> Any:
     """Load a local HF directory as a frozen backbone; anything but GPT-2 / BART is refused."""
-    from transformers import AutoConfig, AutoTokenizer, BartForConditionalGeneration, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     # a server logs lines (text or JSON), not progress bars; transformers' messages go through the root logger
     hf_logging.disable_progress_bar()
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
-
-    from server.engine.bart import BartBackbone
-    from server.engine.gpt2 import GPT2Backbone
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -153,18 +111,12 @@ def load_backbone(path: str | Path, device: str = "auto", dtype: str = "auto") -
             "directory saved with save_pretrained (nothing is downloaded)"
         )
     config = AutoConfig.from_pretrained(path)
-    if config.model_type not in SUPPORTED:
-        raise BackboneError(
-            f"model_type {config.model_type!r} is not supported; prefixserve serves "
-            + " or ".join(SUPPORTED.values())
-        )
+    spec = family(config.model_type)  # BackboneError naming the supported families otherwise
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    model_cls = GPT2LMHeadModel if config.model_type == "gpt2" else BartForConditionalGeneration
-    model: Any = model_cls.from_pretrained(path, dtype=torch_dtype)
+    model: Any = load_class(spec.hf_model_class).from_pretrained(path, dtype=torch_dtype)
     model = model.to(torch_device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    rules = _generation_rules(model, tokenizer)
+    rules = generation_rules(model.generation_config, tokenizer)
     warn_unapplied_generation_settings(model.generation_config, path.name)
-    backbone_cls = GPT2Backbone if config.model_type == "gpt2" else BartBackbone
-    return backbone_cls(model, tokenizer, rules, name=path.name)
+    return load_class(spec.server_backbone)(model, tokenizer, rules, name=path.name)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefix_store.format import BackboneShape
-from server.engine.backbone import BackboneError, GenerationRules
+from prefix_store.families import GenerationRules, family
+from prefix_store.families.spec import BackboneError
 from server.engine.kv_cache import KVCache
 from server.engine.transfer import copy_to_device
 
@@ -41,11 +41,8 @@ class BartBackbone:
 
     def __init__(self, model, tokenizer, rules: GenerationRules, name: str):
         config = model.config
-        if (
-            config.encoder_layers != config.decoder_layers
-            or config.encoder_attention_heads != config.decoder_attention_heads
-        ):
-            raise BackboneError("BART backbones need as many encoder as decoder layers and heads")
+        self.spec = family(config.model_type)
+        self.shape = self.spec.shape(config)  # BackboneError unless encoder and decoder match
         if rules.decoder_start_token_id is None:
             raise BackboneError("the BART config has no decoder_start_token_id")
         self.model = model
@@ -54,13 +51,7 @@ class BartBackbone:
         self.name = name
         self.encoder = model.model.encoder
         self.decoder = model.model.decoder
-        self.shape = BackboneShape(
-            "bart",
-            config.decoder_layers,
-            config.decoder_attention_heads,
-            config.d_model // config.decoder_attention_heads,
-        )
-        self.max_positions = config.max_position_embeddings
+        self.max_positions = self.spec.max_positions(config)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
 

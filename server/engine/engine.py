@@ -71,7 +71,7 @@ class Engine:
     ):
         self.backbone = backbone
         self.config = config
-        self.is_encoder_decoder = backbone.model_type == "bart"
+        self.is_encoder_decoder = backbone.spec.is_encoder_decoder
         self.runner = ModelRunner(
             backbone,
             config.max_num_seqs,
@@ -113,27 +113,15 @@ class Engine:
 
     def check_fits(self, num_prompt_tokens: int, num_prefix_tokens: int, max_new_tokens: int) -> None:
         """Raise PromptTooLong unless prefix + prompt + new tokens fit the backbone's positions."""
-        limit = self.max_model_len
         if num_prompt_tokens == 0:
             raise PromptTooLong(
                 "the prompt is empty and the backbone has no BOS token; send at least one token"
             )
-        if self.is_encoder_decoder:
-            if num_prompt_tokens > limit:
-                raise PromptTooLong(
-                    f"the prompt has {num_prompt_tokens} tokens; this backbone encodes at most {limit}"
-                )
-            needed, what = num_prefix_tokens + max_new_tokens, "prefix + max_new_tokens"
-        else:
-            needed, what = (
-                num_prefix_tokens + num_prompt_tokens + max_new_tokens,
-                "prefix + prompt + max_new_tokens",
-            )
-        if needed > limit:
-            raise PromptTooLong(
-                f"{what} = {needed} tokens, over this backbone's {limit} positions; shorten the prompt or lower "
-                "max_new_tokens"
-            )
+        problem = self.backbone.spec.fit_error(
+            num_prefix_tokens, num_prompt_tokens, max_new_tokens, self.max_model_len
+        )
+        if problem is not None:
+            raise PromptTooLong(f"{problem}; shorten the prompt or lower max_new_tokens")
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[tuple[Request, RequestOutput]]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prefix_store.format import BackboneShape
-from server.engine.backbone import GenerationRules
+from prefix_store.families import GenerationRules, family
 from server.engine.kv_cache import KVCache
 from server.engine.transfer import copy_to_device
 
@@ -28,8 +27,9 @@ class GPT2Backbone:
         self.transformer = model.transformer
         self.lm_head = model.lm_head
         self.blocks = list(self.transformer.h)
-        self.shape = BackboneShape("gpt2", config.n_layer, config.n_head, config.n_embd // config.n_head)
-        self.max_positions = config.n_positions
+        self.spec = family(config.model_type)
+        self.shape = self.spec.shape(config)
+        self.max_positions = self.spec.max_positions(config)
         self.device = self.lm_head.weight.device
         self.dtype = self.lm_head.weight.dtype
 

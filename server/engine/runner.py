@@ -42,7 +42,7 @@ class ModelRunner:
         kv_cache_bytes: int | None = None,
     ):
         self.backbone = backbone
-        self.is_encoder_decoder = backbone.model_type == "bart"
+        self.is_encoder_decoder = backbone.spec.is_encoder_decoder
         self.max_model_len = min(max_model_len, backbone.max_positions)
         cross_len = max_prefix_tokens + backbone.max_positions if self.is_encoder_decoder else 0
         per_seq = KVCache.bytes_per_slot(backbone.shape, self.max_model_len, cross_len, backbone.dtype)
