@@ -78,6 +78,26 @@ class FamilySpec:
             return f"{what} = {needed} tokens, over this backbone's {limit} positions"
         return None
 
+    def forced_token(
+        self,
+        rules: GenerationRules,
+        num_prompt: int,
+        num_generated: int,
+        max_new_tokens: int,
+        ignore_eos: bool = False,
+    ) -> int | None:
+        """The token HF's ForcedBOS / ForcedEOS logits processors force for generated token
+        num_generated + 1, if any."""
+        forced = None
+        # HF: ForcedBOS at cur_len == 1; cur_len counts the decoder input ([start] for encoder-decoder)
+        cur_len = num_generated + (1 if self.is_encoder_decoder else num_prompt)
+        if rules.forced_bos_token_id is not None and cur_len == 1:
+            forced = rules.forced_bos_token_id
+        # HF: ForcedEOS at cur_len == max_length - 1, i.e. the last token the budget allows
+        if rules.forced_eos_token_id is not None and not ignore_eos and num_generated == max_new_tokens - 1:
+            forced = rules.forced_eos_token_id
+        return forced
+
 
 _REGISTRY: dict[str, FamilySpec] = {}
 

@@ -38,7 +38,7 @@ class KVCache:
     def __init__(
         self, shape: BackboneShape, num_slots: int, max_positions: int, cross_len: int, device, dtype
     ):
-        dims = (shape.num_layers, 2, num_slots, shape.num_heads)
+        dims = (shape.num_layers, 2, num_slots, shape.kv_heads)
         self.self_kv = torch.zeros(*dims, max_positions, shape.head_dim, device=device, dtype=dtype)
         self.cross_kv = (
             torch.zeros(*dims, cross_len, shape.head_dim, device=device, dtype=dtype) if cross_len else None
@@ -47,7 +47,7 @@ class KVCache:
     @staticmethod
     def bytes_per_slot(shape: BackboneShape, max_positions: int, cross_len: int, dtype: torch.dtype) -> int:
         """Bytes one slot takes: self-attention entries for every position, plus the cross entries."""
-        per_position = shape.num_layers * 2 * shape.num_heads * shape.head_dim * dtype.itemsize
+        per_position = shape.num_layers * 2 * shape.kv_heads * shape.head_dim * dtype.itemsize
         return per_position * (max_positions + cross_len)
 
     @property
