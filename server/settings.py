@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = float32 on CPU, bfloat16 on CUDA"
+        "auto",
+        description="auto = float32 on CPU, bfloat16 on CUDA; token-exact parity with HF/PEFT holds in float32 only",
     )
     admin_key: str | None = Field(
         None, description="admin bearer key; unset = auth off (a warning is logged)"
