@@ -54,12 +54,18 @@ class BackboneShape:
 
     model_type: str  # "gpt2" | "bart"
     num_layers: int
-    num_heads: int
+    num_heads: int  # query heads
     head_dim: int
+    num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: as many as num_heads
 
     @property
     def hidden_size(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads a prefix (and the KV cache) holds: the file's `num_heads` is this number."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
 
 @dataclass
@@ -273,7 +279,7 @@ def validate(
             f"the prefix is for {prefix.model_type} but the server runs a {backbone.model_type} backbone",
         )
     allowed = TARGETS_BY_MODEL[backbone.model_type]
-    expected_head = (backbone.num_layers, 2, backbone.num_heads)
+    expected_head = (backbone.num_layers, 2, backbone.kv_heads)
     num_tokens: int | None = None
     dtype: torch.dtype | None = None
     for name, tensor in prefix.targets.items():
@@ -285,11 +291,11 @@ def validate(
             )
         shape = tuple(tensor.shape)
         if len(shape) != 5 or shape[:3] != expected_head or shape[4] != backbone.head_dim:
-            want = [backbone.num_layers, 2, backbone.num_heads, "P", backbone.head_dim]
+            want = [backbone.num_layers, 2, backbone.kv_heads, "P", backbone.head_dim]
             raise PrefixFormatError(
                 "shape_mismatch",
                 f"target {name!r} is shaped {list(shape)}; this backbone needs {want} "
-                f"({backbone.num_layers} layers, {backbone.num_heads} heads, head_dim {backbone.head_dim})",
+                f"({backbone.num_layers} layers, {backbone.kv_heads} heads, head_dim {backbone.head_dim})",
             )
         if num_tokens is not None and shape[3] != num_tokens:
             raise PrefixFormatError(

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prefix_store.store import KeyRecord, PrefixMeta, check_id_part, decode_cursor, encode_cursor, split_id
+from prefix_store.records import KeyRecord, PrefixMeta, check_id_part, decode_cursor, encode_cursor, split_id
 
 
 def write_atomic(path: Path, data: bytes) -> None:

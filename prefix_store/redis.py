@@ -40,7 +40,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from prefix_store.store import (
+from prefix_store.records import (
     InvalidId,
     KeyRecord,
     PrefixMeta,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 
 from prefix_store.cache import PrefixCache
@@ -16,7 +18,10 @@ from prefix_store.store import open_store
 from server.auth import KnownKeys
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
+from server.engine.kv_cache import DEFAULT_KV_SHARE, available_memory, default_kv_budget
+from server.engine.transfer import upload
 from server.errors import BodyTooLarge, install_error_handlers
+from server.logs import RequestIdMiddleware
 from server.metrics import Metrics
 from server.quotas import Quotas
 from server.settings import Settings, get_settings
@@ -86,7 +91,9 @@ class LimitsMiddleware:
 
 def build_state(settings: Settings) -> SimpleNamespace:
     """Everything the handlers share: settings, store, device cache, engine, metrics."""
-    state = SimpleNamespace(settings=settings, store=None, cache=None, engine=None, metrics=None)
+    state = SimpleNamespace(
+        settings=settings, store=None, cache=None, engine=None, metrics=None, draining=False, num_starting=0
+    )
     state.metrics = Metrics(state)
     state.known_keys = KnownKeys()
     backbone = load_backbone(settings.model, settings.device, settings.dtype)
@@ -100,10 +107,13 @@ def build_state(settings: Settings) -> SimpleNamespace:
         max_prefix_tokens=settings.max_prefix_tokens,
         max_queue=settings.max_queue,
         policy=settings.scheduling,
+        kv_cache_bytes=_kv_budget(settings, backbone),
+        max_step_seconds=settings.max_step_seconds,
     )
     state.engine = Engine(
         backbone, config, release_prefix=state.cache.release, on_forward=state.metrics.on_forward
     )
+    log.info("%s", state.engine.runner.kv_plan.describe(settings.max_num_seqs))
     watch = getattr(state.store, "watch", None)
     if watch is not None:
         watch(
@@ -114,8 +124,28 @@ def build_state(settings: Settings) -> SimpleNamespace:
     return state
 
 
+def _kv_budget(settings: Settings, backbone: Any) -> int:
+    """--kv-cache-bytes, or the documented share of the memory left now that the model is loaded."""
+    if settings.kv_cache_bytes is not None:
+        return settings.kv_cache_bytes
+    available = available_memory(backbone.device)
+    budget = default_kv_budget(available, settings.cache_bytes)
+    log.info(
+        "KV cache budget %.1f MiB: %d%% of the %.1f MiB free on %s after loading the model, less the %.1f MiB "
+        "prefix cache (--cache-bytes); set --kv-cache-bytes to choose",
+        budget / 2**20,
+        round(DEFAULT_KV_SHARE * 100),
+        available / 2**20,
+        backbone.device,
+        settings.cache_bytes / 2**20,
+    )
+    return budget
+
+
 def _to_device(prefix: Any, backbone: Any) -> dict:
-    return {k: v.to(device=backbone.device, dtype=backbone.dtype) for k, v in prefix.targets.items()}
+    # runs in a worker thread (PrefixCache.acquire is called through asyncio.to_thread): pinned, non_blocking,
+    # on a side stream on CUDA, so the engine's forward is not queued behind the copy
+    return {k: upload(v, backbone.device, backbone.dtype) for k, v in prefix.targets.items()}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -128,10 +158,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "!!! PREFIXSERVE_ADMIN_KEY is not set: AUTH IS OFF, every caller is admin. Set it in production."
             )
         state = build_state(settings)
+        started = time.monotonic()
+        state.engine.warm_up()
+        log.info("warm-up step done in %.2f s", time.monotonic() - started)
         for key, value in vars(state).items():
             setattr(app.state, key, value)
         state.engine.start()
         backbone = state.engine.backbone
+        if backbone.dtype != torch.float32:
+            log.warning(
+                "running in %s%s: outputs are close to, not token-identical with, HF/PEFT generate; the "
+                "exactness promise holds in float32 (--dtype float32)",
+                str(backbone.dtype).removeprefix("torch."),
+                " (--dtype auto picks bfloat16 on CUDA)" if settings.dtype == "auto" else "",
+            )
         log.info(
             "serving %s (%s, %d layers) on %s/%s; store %s; KV cache %.1f MiB for %d sequences",
             settings.model,
@@ -141,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backbone.dtype,
             state.store.url,
             state.engine.runner.cache.num_bytes / 2**20,
-            settings.max_num_seqs,
+            state.engine.config.max_num_seqs,
         )
         try:
             yield
@@ -152,8 +192,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     app.state.engine = None
+    app.state.draining = False
     replica = settings.replica_name or f"{socket.gethostname()}:{settings.port}"
     app.add_middleware(LimitsMiddleware, max_body_bytes=settings.max_body_bytes, replica=replica)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line gets the id
     install_error_handlers(app)
 
     from server.routes import admin, completions, generate, ops, prefixes, tenants

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -27,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         annotation = field.annotation
         if annotation in (int, float):
             kind = annotation
-        help_text = f"{field.description} (env PREFIXSERVE_{name.upper()}, default {field.default!r})"
+        description = (field.description or "").replace("%", "%%")  # argparse formats help with %
+        help_text = f"{description} (env PREFIXSERVE_{name.upper()}, default {field.default!r})"
         parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
     return parser
 
@@ -42,13 +42,15 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.drain import DrainingServer
+    from server.logs import configure_logging
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), log_config=None
     )
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
-    )
+    DrainingServer(config, app, settings.drain_timeout).run()
 
 
 def main(argv: list[str] | None = None) -> None:

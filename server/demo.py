@@ -12,9 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
+from prefix_store.families import family
 from prefix_store.format import BackboneShape, PrefixFormatError, load_prefix, save_prefix, validate
 from prefix_store.store import PrefixStore, make_meta, open_store
 from server.cli import serve, settings_from_args
+from server.logs import configure_logging
 
 log = logging.getLogger("prefixserve.demo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,14 +28,7 @@ def backbone_shape(model_dir: Path) -> BackboneShape:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type == "gpt2":
-        return BackboneShape("gpt2", config.n_layer, config.n_head, config.n_embd // config.n_head)
-    return BackboneShape(
-        "bart",
-        config.decoder_layers,
-        config.decoder_attention_heads,
-        config.d_model // config.decoder_attention_heads,
-    )
+    return family(config.model_type).shape(config)
 
 
 def seed_demo_prefixes(
@@ -68,8 +63,8 @@ def ensure_fallback_model() -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(argv)
+    configure_logging(settings.log_level, settings.log_format)
     model_dir = Path(settings.model)
     if not (model_dir / "config.json").is_file():
         log.warning(

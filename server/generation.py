@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -20,7 +21,10 @@ from server.auth import Principal
 from server.engine.engine import PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.errors import ServiceError
+from server.logs import request_id_var
 from server.quotas import QuotaExceeded, TenantSettings
+
+log = logging.getLogger("prefixserve.generation")
 
 _TOKENIZE_LOCK = threading.Lock()
 
@@ -94,6 +98,20 @@ async def start(
     state: Any, principal: Principal, prefix_id: str | None, prompt: str, params: SamplingParams
 ) -> Generation:
     """Validate and queue a generation. Raises ServiceError (404, 422, 429, 503)."""
+    if getattr(state, "draining", False):
+        raise ServiceError(
+            503, "draining", "this replica is shutting down; retry on another one", {"Retry-After": "1"}
+        )
+    state.num_starting = getattr(state, "num_starting", 0) + 1  # the drain waits for these too
+    try:
+        return await _start(state, principal, prefix_id, prompt, params)
+    finally:
+        state.num_starting -= 1
+
+
+async def _start(
+    state: Any, principal: Principal, prefix_id: str | None, prompt: str, params: SamplingParams
+) -> Generation:
     tenant = principal.tenant or "admin"
     settings, is_counted = await _admit(state, principal, tenant)
     try:
@@ -130,7 +148,15 @@ async def _queue(
             load = engine.tenant_load().get(tenant)
             num_active = 0 if load is None else load.num_running + load.num_waiting
             state.quotas.check_concurrent(tenant, settings, num_active)
-        request = engine.add(token_ids, params, prefix, prefix_id, tenant, weight=settings.weight)
+        request = engine.add(
+            token_ids,
+            params,
+            prefix,
+            prefix_id,
+            tenant,
+            weight=settings.weight,
+            trace_id=request_id_var.get(),
+        )
         stream = engine.stream(request)
     except PromptTooLong as exc:
         _release(state, prefix)
@@ -195,7 +221,17 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
                 metrics.tenant_tokens.labels(tenant).inc()
             yield output
             if output.is_finished:
-                metrics.request_latency.observe(time.monotonic() - gen.started)
+                seconds = time.monotonic() - gen.started
+                metrics.request_latency.observe(seconds)
+                log.info(
+                    "generation %s: prefix %s, %d prompt + %d new tokens, %s, %.3f s",
+                    gen.request.request_id,
+                    gen.prefix_id,
+                    output.num_prompt_tokens,
+                    output.num_output_tokens,
+                    output.finish_reason,
+                    seconds,
+                )
                 return
     finally:
         await stream.aclose()

@@ -42,6 +42,17 @@ class _LiveCollector(Collector):
                 "prefixserve_running_requests", "sequences in the running batch", value=engine.num_running
             )
             yield CounterMetricFamily("prefixserve_engine_steps", "engine steps run", value=engine.num_steps)
+            yield CounterMetricFamily(
+                "prefixserve_engine_step_seconds",
+                "wall time of those steps (schedule, inputs, forward, sampling, bookkeeping)",
+                value=engine.step_seconds,
+            )
+            yield CounterMetricFamily(
+                "prefixserve_engine_forward_seconds",
+                "time inside the model's forward calls of those steps (host time per step = step - forward; "
+                "on CUDA the forward is timed without a sync, so it counts launches)",
+                value=engine.runner.forward_seconds,
+            )
             running = GaugeMetricFamily(
                 "prefixserve_tenant_running_requests", "running sequences by tenant", labels=["tenant"]
             )

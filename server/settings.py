@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = float32 on CPU, bfloat16 on CUDA"
+        "auto",
+        description="auto = float32 on CPU, bfloat16 on CUDA; token-exact parity with HF/PEFT holds in float32 only",
     )
     admin_key: str | None = Field(
         None, description="admin bearer key; unset = auth off (a warning is logged)"
@@ -53,6 +54,21 @@ class Settings(BaseSettings):
         description="largest |value| accepted in an uploaded prefix (422 value_out_of_range beyond it)",
     )
     cache_bytes: int = Field(1 << 30, ge=0, description="device cache budget for resident prefixes, in bytes")
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="KV cache budget in bytes; --max-num-seqs is capped to the sequences that fit. Default: 80% "
+        "of the memory free after loading the model, less --cache-bytes",
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="on SIGTERM, seconds running generations may take to finish before exit"
+    )
+    max_step_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="an engine step running longer than this makes /readyz report the loop stuck (503)",
+    )
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line")
     max_body_bytes: int = Field(
         64 << 20, ge=1024, description="largest request body (uploads), in bytes; over it: 413"
     )

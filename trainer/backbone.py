@@ -24,10 +24,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from prefix_store.families import (
+    BackboneError,
+    FamilySpec,
+    GenerationRules,
+    family,
+    generation_rules,
+    load_class,
+)
 from prefix_store.format import BackboneShape, apply_template
 from trainer.data import Example
 
@@ -93,16 +101,28 @@ class Backbone:
         return self.tokenizer.eos_token_id
 
     @property
+    def spec(self) -> FamilySpec:
+        return family(self.model.config.model_type)
+
+    @property
+    def shape(self) -> BackboneShape:
+        return self.spec.shape(self.model.config)
+
+    @property
     def max_positions(self) -> int:
-        config = self.model.config
-        return getattr(config, "n_positions", None) or config.max_position_embeddings
+        return self.spec.max_positions(self.model.config)
+
+    @property
+    def rules(self) -> GenerationRules:
+        return generation_rules(self.model.generation_config, self.tokenizer)
 
     def default_template(self) -> str:
         raise NotImplementedError
 
     def fits(self, features: Features, num_virtual_tokens: int) -> bool:
-        """Whether every real token gets a position: [prefix ; prompt ; target] must fit n_positions."""
-        return num_virtual_tokens + len(features.source_ids) + len(features.target_ids) <= self.max_positions
+        """Whether every real token gets a position, by the family's rule (the server checks the same)."""
+        num_source, num_target = len(features.source_ids), len(features.target_ids)
+        return self.spec.fit_error(num_virtual_tokens, num_source, num_target, self.max_positions) is None
 
     def name(self) -> str:
         return Path(getattr(self.model.config, "_name_or_path", "") or "backbone").name
@@ -111,11 +131,6 @@ class Backbone:
 class GPT2Backbone(Backbone):
     model_type = "gpt2"
     targets = ("decoder",)
-
-    @property
-    def shape(self) -> BackboneShape:
-        c = self.model.config
-        return BackboneShape("gpt2", c.n_layer, c.n_head, c.n_embd // c.n_head)
 
     def default_template(self) -> str:
         # the paper's table-to-text input: " {source} <|endoftext|>", the target follows as " {target}" + EOS
@@ -198,26 +213,8 @@ class BartBackbone(Backbone):
     model_type = "bart"
     targets = ("encoder", "decoder", "cross")
 
-    @property
-    def shape(self) -> BackboneShape:
-        c = self.model.config
-        if c.encoder_layers != c.decoder_layers or c.encoder_attention_heads != c.decoder_attention_heads:
-            raise ValueError(
-                "prefix-train supports BART models with as many encoder as decoder layers and heads"
-            )
-        return BackboneShape(
-            "bart", c.decoder_layers, c.decoder_attention_heads, c.d_model // c.decoder_attention_heads
-        )
-
     def default_template(self) -> str:
         return "{source}"
-
-    def fits(self, features: Features, num_virtual_tokens: int) -> bool:
-        """Encoder positions are not shifted; decoder tokens start at P (and the first is decoder_start)."""
-        return (
-            len(features.source_ids) <= self.max_positions
-            and num_virtual_tokens + len(features.target_ids) <= self.max_positions
-        )
 
     def featurize(self, example: Example, template: str) -> Features:
         source_ids = self.tokenizer(apply_template(template, example.source))["input_ids"]
@@ -363,16 +360,12 @@ def _prepend_to_self_attention(cache: DynamicCache, num_tokens: int, module: nn.
 
 
 def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> Backbone:
-    """Load a local HF directory (GPT-2 family or BART family) in float32, frozen, in eval mode."""
+    """Load a local HF directory of a registered family in float32, frozen, in eval mode."""
     config = AutoConfig.from_pretrained(path)
+    try:
+        spec = family(config.model_type)
+    except BackboneError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     tokenizer = AutoTokenizer.from_pretrained(path)
-    device = torch.device(device)
-    if config.model_type == "gpt2":
-        return GPT2Backbone(
-            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer, device
-        )
-    if config.model_type == "bart":
-        return BartBackbone(
-            AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32), tokenizer, device
-        )
-    raise ValueError(f"{path}: model_type {config.model_type!r} is not supported; use a GPT-2 or BART model")
+    model = load_class(spec.hf_model_class).from_pretrained(path, dtype=torch.float32)
+    return load_class(spec.trainer_backbone)(model, tokenizer, torch.device(device))

@@ -1,8 +1,8 @@
 """Greedy and beam decoding with a prefix, following HF generate's semantics (what the server reproduces).
 
-GPT-2: the prompt is the filled template; generation stops at the tokenizer's EOS.
-BART: the decoder starts from decoder_start_token_id; generation_config.forced_bos_token_id forces the first
-token and forced_eos_token_id forces EOS as the last allowed token (the max_new_tokens-th).
+GPT-2: the prompt is the filled template. BART: the decoder starts from decoder_start_token_id.
+Generation stops at any of generation_config's EOS ids, and forced BOS/EOS tokens apply where HF applies
+them: both by the family's rules (prefix_store/families), the same the server applies.
 Returned ids exclude the prompt, the decoder start token and the final EOS (as the server's `token_ids`).
 """
 
@@ -12,31 +12,28 @@ from dataclasses import dataclass
 
 import torch
 
+from prefix_store.families import FamilySpec, GenerationRules
 from trainer.backbone import Backbone, PrefixTensors
 
 
 @dataclass(frozen=True)
 class Forcing:
-    eos_token_id: int
-    forced_bos_token_id: int | None = None
-    forced_eos_token_id: int | None = None
+    """The family's generation rules (prefix_store/families), as the server applies them."""
+
+    spec: FamilySpec
+    rules: GenerationRules
+    num_prompt: int
 
     @classmethod
-    def of(cls, backbone: Backbone) -> Forcing:
-        if backbone.model_type != "bart":
-            return cls(backbone.eos_token_id)
-        config = backbone.model.generation_config
-        eos = config.eos_token_id if config.eos_token_id is not None else backbone.eos_token_id
-        eos = eos[0] if isinstance(eos, list) else eos
-        return cls(eos, config.forced_bos_token_id, config.forced_eos_token_id)
+    def of(cls, backbone: Backbone, num_prompt: int) -> Forcing:
+        return cls(backbone.spec, backbone.rules, num_prompt)
+
+    def is_eos(self, token: int) -> bool:
+        return token in self.rules.eos_token_ids
 
     def apply(self, scores: torch.Tensor, num_generated: int, max_new_tokens: int) -> torch.Tensor:
         """scores [beams, V] for generated token number num_generated + 1."""
-        forced = None
-        if num_generated == 0 and self.forced_bos_token_id is not None:
-            forced = self.forced_bos_token_id
-        elif num_generated == max_new_tokens - 1 and self.forced_eos_token_id is not None:
-            forced = self.forced_eos_token_id
+        forced = self.spec.forced_token(self.rules, self.num_prompt, num_generated, max_new_tokens)
         if forced is None:
             return scores
         out = torch.full_like(scores, -float("inf"))
@@ -48,12 +45,12 @@ class Forcing:
 def greedy(
     backbone: Backbone, prefix: PrefixTensors | None, prompt_ids: list[int], max_new_tokens: int
 ) -> list[int]:
-    forcing = Forcing.of(backbone)
+    forcing = Forcing.of(backbone, len(prompt_ids))
     state, logits = backbone.begin(prefix, prompt_ids, num_beams=1)
     generated: list[int] = []
     for index in range(max_new_tokens):
         token = int(forcing.apply(logits, index, max_new_tokens).argmax(-1)[0])
-        if token == forcing.eos_token_id:
+        if forcing.is_eos(token):
             break
         generated.append(token)
         if index + 1 < max_new_tokens:
@@ -68,7 +65,7 @@ def beam_search(backbone: Backbone, prefix: PrefixTensors | None, prompt_ids: li
     step, a hypothesis ends at EOS), stopping when no running beam can beat the worst of num_beams finished."""
     if num_beams == 1:
         return greedy(backbone, prefix, prompt_ids, max_new_tokens)
-    forcing = Forcing.of(backbone)
+    forcing = Forcing.of(backbone, len(prompt_ids))
     state, logits = backbone.begin(prefix, prompt_ids, num_beams)
     device = backbone.device
     beam_scores = torch.full((num_beams,), -float("inf"), device=device)
@@ -83,7 +80,7 @@ def beam_search(backbone: Backbone, prefix: PrefixTensors | None, prompt_ids: li
         next_beams, next_tokens, next_scores = [], [], []
         for score, position in zip(scores.tolist(), flat.tolist(), strict=True):
             beam, token = divmod(position, vocab)
-            if token == forcing.eos_token_id:
+            if forcing.is_eos(token):
                 finished.append((score / max(len(beams[beam]) + 1, 1) ** length_penalty, beams[beam]))
             else:
                 next_beams.append(beam)

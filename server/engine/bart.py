@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefix_store.format import BackboneShape
-from server.engine.backbone import BackboneError, GenerationRules, KVCache
+from prefix_store.families import GenerationRules, family
+from prefix_store.families.spec import BackboneError
+from server.engine.kv_cache import KVCache
+from server.engine.transfer import copy_to_device
 
 
 def _pad_prefixes(
@@ -39,11 +41,8 @@ class BartBackbone:
 
     def __init__(self, model, tokenizer, rules: GenerationRules, name: str):
         config = model.config
-        if (
-            config.encoder_layers != config.decoder_layers
-            or config.encoder_attention_heads != config.decoder_attention_heads
-        ):
-            raise BackboneError("BART backbones need as many encoder as decoder layers and heads")
+        self.spec = family(config.model_type)
+        self.shape = self.spec.shape(config)  # BackboneError unless encoder and decoder match
         if rules.decoder_start_token_id is None:
             raise BackboneError("the BART config has no decoder_start_token_id")
         self.model = model
@@ -52,13 +51,7 @@ class BartBackbone:
         self.name = name
         self.encoder = model.model.encoder
         self.decoder = model.model.decoder
-        self.shape = BackboneShape(
-            "bart",
-            config.decoder_layers,
-            config.decoder_attention_heads,
-            config.d_model // config.decoder_attention_heads,
-        )
-        self.max_positions = config.max_position_embeddings
+        self.max_positions = self.spec.max_positions(config)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
 
@@ -70,6 +63,11 @@ class BartBackbone:
         """[n, T, D] -> [n, H, T, d]"""
         n, length, _ = x.shape
         return x.view(n, length, self.shape.num_heads, self.shape.head_dim).transpose(1, 2)
+
+    def _flat_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, T, D] -> [n*T, H, d]"""
+        n, length, _ = x.shape
+        return x.reshape(n * length, self.shape.num_heads, self.shape.head_dim)
 
     def _merge(self, x: torch.Tensor) -> torch.Tensor:
         """[n, H, T, d] -> [n, T, D]"""
@@ -91,21 +89,28 @@ class BartBackbone:
         device = self.device
         n = len(token_lists)
         src_len = max(len(t) for t in token_lists)
-        lens = torch.tensor([len(t) for t in token_lists], device=device)
-        ids = torch.full((n, src_len), self.rules.pad_token_id, dtype=torch.long, device=device)
-        for i, tokens in enumerate(token_lists):
-            ids[i, : len(tokens)] = torch.tensor(tokens, device=device)
-        steps = torch.arange(src_len, device=device)
-        valid = steps[None, :] < lens[:, None]  # [n, S]
         prefix, prefix_lens = _pad_prefixes(encoder_prefixes, cache.self_kv)
-        key_valid = valid
-        if prefix is not None:
-            prefix_valid = (
-                torch.arange(prefix.shape[4], device=device)[None, :]
-                < torch.tensor(prefix_lens, device=device)[:, None]
-            )
-            key_valid = torch.cat([prefix_valid, valid], dim=1)
-        mask = key_valid[:, None, None, :]  # [n, 1, 1, P_max + S]: bidirectional, pads and prefix padding out
+        num_prefix = 0 if prefix is None else prefix.shape[4]
+        # built on the host, copied once: ids, key mask, and where each real source token's cross K/V goes
+        ids = torch.full((n, src_len), self.rules.pad_token_id, dtype=torch.long)
+        key_valid = torch.zeros(n, num_prefix + src_len, dtype=torch.long)  # [prefix (padded) | source]
+        rows: list[int] = []
+        cols: list[int] = []
+        queries: list[int] = []
+        for i, tokens in enumerate(token_lists):
+            ids[i, : len(tokens)] = torch.tensor(tokens)
+            key_valid[i, : prefix_lens[i]] = 1
+            key_valid[i, num_prefix : num_prefix + len(tokens)] = 1
+            rows += [start + i] * len(tokens)
+            cols += range(cross_lens[i], cross_lens[i] + len(tokens))
+            queries += range(i * src_len, i * src_len + len(tokens))
+        ids, key_valid, rows_t, cols_t, queries_t = copy_to_device(
+            [ids, key_valid, torch.tensor(rows), torch.tensor(cols), torch.tensor(queries)], device
+        )
+        steps = torch.arange(src_len, device=device)
+        mask = key_valid.bool()[
+            :, None, None, :
+        ]  # [n, 1, 1, P_max + S]: bidirectional, pads and prefix padding out
 
         h = self.encoder.embed_tokens(ids) + self._positions(self.encoder.embed_positions, steps)[None]
         h = self.encoder.layernorm_embedding(h)
@@ -118,17 +123,17 @@ class BartBackbone:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
             h = layer.self_attn_layer_norm(h + attn.out_proj(self._merge(out)))
             h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
-            if h.dtype == torch.float16 and not torch.isfinite(h).all():  # as BartEncoderLayer does
+            if h.dtype == torch.float16:  # as BartEncoderLayer does, without a host wait on the check
                 clamp = torch.finfo(h.dtype).max - 1000
-                h = torch.clamp(h, min=-clamp, max=clamp)
+                h = torch.where(torch.isfinite(h).all(), h, torch.clamp(h, min=-clamp, max=clamp))
 
-        rows = (start + torch.arange(n, device=device))[:, None].expand(n, src_len)[valid]
-        cols = (torch.tensor(cross_lens, device=device)[:, None] + steps)[valid]
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.encoder_attn
             kv = cache.cross_kv[index]  # [2, S, H, C, d]
-            kv[0][rows, :, cols] = self._heads(attn.k_proj(h)).transpose(1, 2)[valid]
-            kv[1][rows, :, cols] = self._heads(attn.v_proj(h)).transpose(1, 2)[valid]
+            kv[0][rows_t, :, cols_t] = self._flat_heads(attn.k_proj(h)).index_select(
+                0, queries_t
+            )  # [N, H, d]
+            kv[1][rows_t, :, cols_t] = self._flat_heads(attn.v_proj(h)).index_select(0, queries_t)
         return [c + len(t) for c, t in zip(cross_lens, token_lists, strict=True)]
 
     @torch.inference_mode()

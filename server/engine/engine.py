@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ class EngineConfig:
     max_prefix_tokens: int = 256
     max_queue: int = 1024  # requests waiting for a busy slot; beyond it only tenants within their share
     policy: str = "fair"  # "fair" (VTC, see scheduler.py) or "fifo"
+    max_step_seconds: float = 60.0  # a loop busy this long without finishing a step counts as stuck
+    kv_cache_bytes: int | None = None  # KV budget: max_num_seqs is capped to what fits; None = no cap
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "max_prefix_tokens", "max_queue"):
@@ -50,6 +54,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.policy not in ("fair", "fifo"):
             raise ValueError("policy must be 'fair' or 'fifo'")
+        if self.max_step_seconds <= 0:
+            raise ValueError("max_step_seconds must be > 0")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 0:
+            raise ValueError("kv_cache_bytes must be >= 0")
 
 
 @dataclass
@@ -70,7 +78,18 @@ class Engine:
     ):
         self.backbone = backbone
         self.config = config
-        self.is_encoder_decoder = backbone.model_type == "bart"
+        self.is_encoder_decoder = backbone.spec.is_encoder_decoder
+        self.runner = ModelRunner(
+            backbone,
+            config.max_num_seqs,
+            config.max_model_len,
+            config.max_prefix_tokens,
+            on_forward,
+            config.kv_cache_bytes,
+        )
+        if self.runner.kv_plan.num_seqs < config.max_num_seqs:  # the KV budget holds fewer sequences
+            config = dataclasses.replace(config, max_num_seqs=self.runner.kv_plan.num_seqs)
+        self.config = config
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_seqs,
@@ -80,19 +99,19 @@ class Engine:
                 policy=config.policy,  # type: ignore[arg-type]
             )
         )
-        self.runner = ModelRunner(
-            backbone, config.max_num_seqs, config.max_model_len, config.max_prefix_tokens, on_forward
-        )
         self.release_prefix = release_prefix
-        # the loop thread detokenizes with its own copy: a HF fast tokenizer used by two threads at once can
-        # fail with "Already borrowed" (the front tokenizes prompts in worker threads)
+        # the front detokenizes (on the event loop) with its own copy: a HF fast tokenizer used by two threads
+        # at once can fail with "Already borrowed" (prompts are tokenized in worker threads)
         self._detokenizer = copy.deepcopy(backbone.tokenizer)
         self.num_generated_tokens = 0
         self.num_steps = 0
+        self.step_seconds = 0.0  # wall time of the steps counted in num_steps
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._is_stopping = False
+        self._busy_since: float | None = None  # when the loop found work and started stepping (None: idle)
+        self.loop_error: str | None = None
 
     # -- prompts ------------------------------------------------------------------------------------
     @property
@@ -107,31 +126,20 @@ class Engine:
 
     def check_fits(self, num_prompt_tokens: int, num_prefix_tokens: int, max_new_tokens: int) -> None:
         """Raise PromptTooLong unless prefix + prompt + new tokens fit the backbone's positions."""
-        limit = self.max_model_len
         if num_prompt_tokens == 0:
             raise PromptTooLong(
                 "the prompt is empty and the backbone has no BOS token; send at least one token"
             )
-        if self.is_encoder_decoder:
-            if num_prompt_tokens > limit:
-                raise PromptTooLong(
-                    f"the prompt has {num_prompt_tokens} tokens; this backbone encodes at most {limit}"
-                )
-            needed, what = num_prefix_tokens + max_new_tokens, "prefix + max_new_tokens"
-        else:
-            needed, what = (
-                num_prefix_tokens + num_prompt_tokens + max_new_tokens,
-                "prefix + prompt + max_new_tokens",
-            )
-        if needed > limit:
-            raise PromptTooLong(
-                f"{what} = {needed} tokens, over this backbone's {limit} positions; shorten the prompt or lower "
-                "max_new_tokens"
-            )
+        problem = self.backbone.spec.fit_error(
+            num_prefix_tokens, num_prompt_tokens, max_new_tokens, self.max_model_len
+        )
+        if problem is not None:
+            raise PromptTooLong(f"{problem}; shorten the prompt or lower max_new_tokens")
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[tuple[Request, RequestOutput]]:
         """One engine step: schedule -> execute -> update. Returns the outputs to deliver."""
+        started = time.perf_counter()
         with self._lock:
             batch = self.scheduler.schedule()
         for request in batch.finished:
@@ -144,7 +152,10 @@ class Engine:
         try:
             token_ids = self.runner.execute(batch)
         except Exception as exc:  # a bad step fails its requests, not the service
-            log.exception("engine step failed")
+            log.exception(
+                "engine step failed; failing requests %s",
+                ", ".join(r.trace_id or r.request_id for r in batch.sequences),
+            )
             with self._lock:
                 for request in batch.sequences:
                     request.finish("error")
@@ -154,24 +165,19 @@ class Engine:
             ]
         with self._lock:
             self.scheduler.update(batch, token_ids)
+        outputs = [self._after_token(r, n) for r, n in zip(batch.sequences, before, strict=True)]
         self.num_steps += 1
-        return [self._after_token(r, n) for r, n in zip(batch.sequences, before, strict=True)]
+        self.step_seconds += time.perf_counter() - started
+        return outputs
 
     def _after_token(self, request: Request, num_before: int) -> tuple[Request, RequestOutput]:
-        stream = self._streams.get(request.request_id)
+        # token ids only: the text (and stop strings) are worked out in the front, off this thread
         token_id = request.output_token_ids[-1] if len(request.output_token_ids) > num_before else None
-        delta = ""
         if token_id is not None:
             self.num_generated_tokens += 1
-            if stream is not None:
-                delta = stream.text.add(token_id)
-                if stream.text.is_stopped:
-                    request.finish("stop")
-        if request.is_finished and stream is not None:
-            delta += stream.text.flush()
         if request.finish_reason == "error":
-            return request, self._output(request, token_id, delta, NUMERICAL_ERROR, "numerical_error")
-        output = self._output(request, token_id, delta)
+            return request, self._output(request, token_id, "", NUMERICAL_ERROR, "numerical_error")
+        output = self._output(request, token_id, "")
         logprob = self.runner.logprobs.get(request.request_id) if token_id is not None else None
         if logprob is not None:
             output.logprob, output.top_logprobs = logprob.logprob, logprob.top
@@ -198,14 +204,62 @@ class Engine:
         )
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    self._busy_since = None
+                    while not self.scheduler.has_work() and not self._is_stopping:
+                        self._lock.wait()
+                    if self._is_stopping:
+                        return
+                    self._busy_since = time.monotonic()
+                for request, output in self.step():
+                    self._deliver(request, output)
+        except BaseException as exc:  # the loop is gone: say so (/readyz turns 503) and fail what waits on it
+            log.critical("engine loop died", exc_info=True)
+            self.loop_error = f"{type(exc).__name__}: {exc}"
+            self._fail_all(f"engine loop died ({self.loop_error})")
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            requests = self.scheduler.requests()
+            for request in requests:
+                request.finish("error")
+        for request in requests:
+            self._deliver(request, self._output(request, None, "", error=message))
+
+    def health(self) -> str | None:
+        """None while the loop is alive and stepping; else why not (dead, stuck in one step, not started)."""
+        if self.loop_error is not None:
+            return f"engine loop died: {self.loop_error}"
+        if self._thread is None or not self._thread.is_alive():
+            return "engine loop is not running"
+        busy_since = self._busy_since
+        if busy_since is not None and time.monotonic() - busy_since > self.config.max_step_seconds:
+            return f"engine loop stuck: no step finished for over {self.config.max_step_seconds:g} s"
+        return None
+
+    def warm_up(self) -> None:
+        """A greedy and a sampled request of two tokens through the real step before serving, so first-call
+        costs (allocator, kernels, lazy inits) are not paid by the first client. Not counted in metrics."""
+        rules = self.backbone.rules
+        token = next(
+            t for t in (rules.bos_token_id, min(rules.eos_token_ids, default=None), 0) if t is not None
+        )
+        on_forward, self.runner.on_forward = self.runner.on_forward, lambda requests: None
+        try:
             with self._lock:
-                while not self.scheduler.has_work() and not self._is_stopping:
-                    self._lock.wait()
-                if self._is_stopping:
-                    return
-            for request, output in self.step():
-                self._deliver(request, output)
+                for i, temperature in enumerate((0.0, 1.0)):
+                    params = SamplingParams(
+                        max_new_tokens=2, temperature=temperature, seed=0, ignore_eos=True
+                    )
+                    self.scheduler.add(Request(f"warm-up-{i}", [token], params))
+            while self.scheduler.has_work():
+                self.step()
+        finally:
+            self.runner.on_forward = on_forward
+            self.num_generated_tokens = self.num_steps = 0
+            self.step_seconds = self.runner.forward_seconds = 0.0
 
     def _deliver(self, request: Request, output: RequestOutput) -> None:
         # the stream stays registered until its consumer is done with it (stream() removes it), so a
@@ -217,6 +271,14 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
         self._thread.start()
+
+    def abort_all(self) -> int:
+        """Abort every waiting and running request (drain deadline); returns how many."""
+        with self._lock:
+            ids = [r.request_id for r in self.scheduler.requests() if not r.is_finished]
+        for request_id in ids:
+            self.abort(request_id)
+        return len(ids)
 
     def stop(self) -> None:
         with self._lock:
@@ -248,6 +310,7 @@ class Engine:
         tenant: str | None = None,
         request_id: str | None = None,
         weight: float = 1.0,
+        trace_id: str | None = None,
     ) -> Request:
         """Queue a request (its prefix already pinned) for `tenant` with its fair-share `weight`.
         Raises QueueFull (the queue is full and the tenant holds its share). Stream it with stream()."""
@@ -259,6 +322,7 @@ class Engine:
             prefix_id=prefix_id,
             num_prefix_tokens=0 if prefix is None else prefix.num_virtual_tokens,
             tenant=tenant,
+            trace_id=trace_id,
         )
         stream = _Stream(
             asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self._detokenizer, params.stop)
@@ -277,7 +341,7 @@ class Engine:
         stream.is_consumed = True
         try:
             while True:
-                output = await stream.queue.get()
+                output = self._with_text(request, stream.text, await stream.queue.get())
                 yield output
                 if output.is_finished:
                     return
@@ -285,6 +349,20 @@ class Engine:
             if not request.is_finished:
                 self.abort(request.request_id)
             self._streams.pop(request.request_id, None)
+
+    def _with_text(self, request: Request, text: IncrementalText, output: RequestOutput) -> RequestOutput:
+        """Fill in the output's text delta; a stop string finishes the request (its slot frees next step)."""
+        delta = "" if output.token_id is None else text.add(output.token_id)
+        if text.is_stopped and not output.is_finished:
+            with self._lock:
+                request.finish("stop")
+                self._lock.notify_all()
+        if text.is_stopped:
+            # the engine may have finished it otherwise in the same step (length): the stop string wins
+            return dataclasses.replace(output, text=delta, is_finished=True, finish_reason="stop")
+        if output.is_finished:
+            delta += text.flush()
+        return dataclasses.replace(output, text=delta)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its slot is freed at the next step and its stream ends with finish_reason abort."""

@@ -68,6 +68,7 @@ class Request:
     prefix_id: str | None = None
     num_prefix_tokens: int = 0
     tenant: str | None = None
+    trace_id: str | None = None  # the HTTP request's X-Request-Id, for log lines about this request
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

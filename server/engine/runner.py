@@ -7,14 +7,16 @@ copy of one sequence); a joining sequence copies its prefix once into its slot. 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from server.engine.backbone import KVCache
+from server.engine.kv_cache import KVCache, plan_kv_cache
 from server.engine.request import Request, ScheduledBatch
 from server.engine.sampler import Sampler, TokenLogprob
+from server.engine.transfer import copy_to_device
 
 
 @dataclass
@@ -37,13 +39,22 @@ class ModelRunner:
         max_model_len: int,
         max_prefix_tokens: int,
         on_forward: Callable[[list[Request]], None] | None = None,
+        kv_cache_bytes: int | None = None,
     ):
         self.backbone = backbone
-        self.is_encoder_decoder = backbone.model_type == "bart"
+        self.is_encoder_decoder = backbone.spec.is_encoder_decoder
         self.max_model_len = min(max_model_len, backbone.max_positions)
         cross_len = max_prefix_tokens + backbone.max_positions if self.is_encoder_decoder else 0
+        per_seq = KVCache.bytes_per_slot(backbone.shape, self.max_model_len, cross_len, backbone.dtype)
+        # raises KVBudgetError when not even one full-length sequence fits
+        self.kv_plan = plan_kv_cache(per_seq, self.max_model_len, max_num_seqs, kv_cache_bytes)
         self.cache = KVCache(
-            backbone.shape, max_num_seqs, self.max_model_len, cross_len, backbone.device, backbone.dtype
+            backbone.shape,
+            self.kv_plan.num_seqs,
+            self.max_model_len,
+            cross_len,
+            backbone.device,
+            backbone.dtype,
         )
         self.sampler = Sampler(backbone.rules, self.is_encoder_decoder, backbone.device)
         self.slots: list[SlotState] = []
@@ -51,6 +62,7 @@ class ModelRunner:
             str, TokenLogprob
         ] = {}  # this step's, for requests that asked (the engine takes them)
         self.on_forward = on_forward or (lambda requests: None)
+        self.forward_seconds = 0.0  # time inside the backbone's forward calls (bench: host time per step)
 
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
         """Free finished slots, then produce one token for each of batch.prefill + batch.decode.
@@ -98,7 +110,9 @@ class ModelRunner:
         ]
         prompts = [r.prompt_token_ids for r in requests]
         self.on_forward(requests)
+        started = time.perf_counter()
         logits = self.backbone.prefill(self.cache, start, prompts, prefix_lens)
+        self.forward_seconds += time.perf_counter() - started
         tokens = self._sample(logits, requests)
         for request, num_prefix, token in zip(requests, prefix_lens, tokens, strict=True):
             fed = (
@@ -115,6 +129,7 @@ class ModelRunner:
         written = [
             self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
         ]
+        started = time.perf_counter()
         cross_lens = self.backbone.encode(
             self.cache,
             start,
@@ -122,6 +137,7 @@ class ModelRunner:
             [_targets(r).get("encoder") for r in requests],
             [num_cross for _, num_cross in written],
         )
+        self.forward_seconds += time.perf_counter() - started
         start_token = self.backbone.rules.decoder_start_token_id
         for request, (num_decoder, _), cross_len in zip(requests, written, cross_lens, strict=True):
             self.slots.append(SlotState(request, num_decoder, cross_len, start_token))
@@ -135,18 +151,24 @@ class ModelRunner:
 
     def _decode(self) -> list[int | None]:
         """One token for every slot, in slot order."""
-        device = self.backbone.device
         requests = [s.request for s in self.slots]
-        tokens = torch.tensor([s.last_token for s in self.slots], device=device)
-        positions = torch.tensor([s.seq_len for s in self.slots], device=device)
+        # built on the host, copied once (pinned, non_blocking on CUDA): no wait before the forward
+        host = [
+            torch.tensor([s.last_token for s in self.slots]),
+            torch.tensor([s.seq_len for s in self.slots]),
+        ]
+        if self.is_encoder_decoder:
+            host.append(torch.tensor([s.cross_len for s in self.slots]))
+        tokens, positions, *cross = copy_to_device(host, self.backbone.device)
         length = max(s.seq_len for s in self.slots) + 1
         self.on_forward(requests)
+        started = time.perf_counter()
         if self.is_encoder_decoder:
-            cross_lens = torch.tensor([s.cross_len for s in self.slots], device=device)
             cross_length = max(s.cross_len for s in self.slots)
-            logits = self.backbone.decode(self.cache, tokens, positions, length, cross_lens, cross_length)
+            logits = self.backbone.decode(self.cache, tokens, positions, length, cross[0], cross_length)
         else:
             logits = self.backbone.decode(self.cache, tokens, positions, length)
+        self.forward_seconds += time.perf_counter() - started
         sampled = self._sample(logits, requests)
         for state, token in zip(self.slots, sampled, strict=True):
             state.seq_len += 1

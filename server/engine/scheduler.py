@@ -84,6 +84,10 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def requests(self) -> list[Request]:
+        """Every running and waiting request."""
+        return [*self.running, *(r for queue in self.waiting.values() for r in queue)]
+
     def has_work(self) -> bool:
         return bool(self._num_waiting or self.running or self._aborted_waiting)
 

@@ -23,7 +23,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Model loaded and store reachable; 503 with the reason otherwise."""
+    """Model loaded, store reachable, engine loop alive and stepping, not draining; 503 with the reason otherwise."""
     state = request.app.state
     if state.engine is None:
         return JSONResponse({"status": "loading", "model": False, "store": False}, status_code=503)
@@ -31,8 +31,20 @@ async def readyz(request: Request) -> JSONResponse:
         store_ok = bool(await asyncio.wait_for(asyncio.to_thread(state.store.ping), 2.0))
     except Exception:
         store_ok = False
-    body = {"status": "ready" if store_ok else "store_unavailable", "model": True, "store": store_ok}
-    return JSONResponse(body, status_code=200 if store_ok else 503)
+    engine_problem = state.engine.health()
+    body: dict[str, object] = {
+        "status": "ready",
+        "model": True,
+        "store": store_ok,
+        "engine": engine_problem is None,
+    }
+    if getattr(state, "draining", False):
+        body["status"] = "draining"
+    elif engine_problem is not None:
+        body.update(status="engine_unavailable", reason=engine_problem)
+    elif not store_ok:
+        body["status"] = "store_unavailable"
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 
 @router.get("/metrics")

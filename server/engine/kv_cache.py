@@ -1,0 +1,135 @@
+"""The slot KV cache every forward pass shares, and how many slots a memory budget holds.
+
+Sizing follows nano-vllm: measure what is left on the device after the model is loaded, take a share of
+it, and hand out as many whole-sequence slots as fit. A slot holds one sequence at full length, so a
+budget that cannot hold one is refused rather than discovered by an out-of-memory error mid-request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prefix_store.format import BackboneShape
+
+log = logging.getLogger("prefixserve.engine")
+
+# Share of the memory left after loading the model (and reserving the prefix cache) that the KV cache
+# takes by default. The rest covers activations, the tokenizers, the request queue and the allocator.
+DEFAULT_KV_SHARE = 0.8
+
+
+class KVBudgetError(ValueError):
+    """The KV budget cannot hold one full-length sequence; the message says what to change."""
+
+
+class KVCache:
+    """Per-slot KV storage. Slot s holds `[prefix (P) | tokens]`; cache index == the token's position.
+
+    self_kv:  [num_layers, 2, num_slots, num_kv_heads, max_positions, head_dim]
+    cross_kv: [num_layers, 2, num_slots, num_kv_heads, max_prefix + max_source, head_dim] (BART only)
+    Zero-initialised: masked-out entries are read by the attention matmul (with weight 0), so they must
+    never hold NaN/Inf. A request whose numbers broke may have written NaN/Inf into its own slot: the
+    runner clears a slot's written entries when its sequence leaves, so the next occupant reads zeros.
+    """
+
+    def __init__(
+        self, shape: BackboneShape, num_slots: int, max_positions: int, cross_len: int, device, dtype
+    ):
+        dims = (shape.num_layers, 2, num_slots, shape.kv_heads)
+        self.self_kv = torch.zeros(*dims, max_positions, shape.head_dim, device=device, dtype=dtype)
+        self.cross_kv = (
+            torch.zeros(*dims, cross_len, shape.head_dim, device=device, dtype=dtype) if cross_len else None
+        )
+
+    @staticmethod
+    def bytes_per_slot(shape: BackboneShape, max_positions: int, cross_len: int, dtype: torch.dtype) -> int:
+        """Bytes one slot takes: self-attention entries for every position, plus the cross entries."""
+        per_position = shape.num_layers * 2 * shape.kv_heads * shape.head_dim * dtype.itemsize
+        return per_position * (max_positions + cross_len)
+
+    @property
+    def num_bytes(self) -> int:
+        total = self.self_kv.numel() * self.self_kv.element_size()
+        if self.cross_kv is not None:
+            total += self.cross_kv.numel() * self.cross_kv.element_size()
+        return total
+
+    def clear(self, slot: int, self_len: int, cross_len: int) -> None:
+        """Zero a slot's first entries (what its sequence wrote)."""
+        self.self_kv[:, :, slot, :, :self_len] = 0
+        if self.cross_kv is not None:
+            self.cross_kv[:, :, slot, :, :cross_len] = 0
+
+    def move(self, src: int, dst: int, self_len: int, cross_len: int) -> None:
+        """Copy slot src's live entries into slot dst (compaction after a sequence leaves)."""
+        self.self_kv[:, :, dst, :, :self_len] = self.self_kv[:, :, src, :, :self_len]
+        if self.cross_kv is not None:
+            self.cross_kv[:, :, dst, :, :cross_len] = self.cross_kv[:, :, src, :, :cross_len]
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """How many sequences of how many positions the KV budget holds."""
+
+    num_seqs: int  # slots allocated: min(--max-num-seqs, what fits)
+    num_fit: int  # slots the budget holds
+    max_positions: int
+    bytes_per_seq: int
+    budget_bytes: int | None  # None: no budget given, --max-num-seqs allocated as asked
+
+    def describe(self, max_num_seqs: int) -> str:
+        if self.budget_bytes is None:
+            return f"KV cache: {self.num_seqs} sequences x {self.max_positions} positions (no budget set)"
+        line = (
+            f"KV cache: budget {self.budget_bytes / 2**20:.1f} MiB holds {self.num_fit} sequences x "
+            f"{self.max_positions} positions ({self.bytes_per_seq / 2**20:.2f} MiB each); "
+            f"using {self.num_seqs} ({self.num_seqs * self.bytes_per_seq / 2**20:.1f} MiB)"
+        )
+        if self.num_seqs < max_num_seqs:
+            line += (
+                f"; --max-num-seqs {max_num_seqs} capped to {self.num_seqs} (raise --kv-cache-bytes or lower "
+                "--max-model-len for more)"
+            )
+        return line
+
+
+def plan_kv_cache(
+    bytes_per_seq: int, max_positions: int, max_num_seqs: int, budget_bytes: int | None
+) -> KVPlan:
+    """Slots for `max_num_seqs` sequences, capped to what `budget_bytes` holds. Raises KVBudgetError."""
+    if budget_bytes is None:
+        return KVPlan(max_num_seqs, max_num_seqs, max_positions, bytes_per_seq, None)
+    num_fit = budget_bytes // bytes_per_seq
+    if num_fit < 1:
+        raise KVBudgetError(
+            f"the KV cache budget ({budget_bytes} bytes, {budget_bytes / 2**20:.1f} MiB) cannot hold one "
+            f"sequence of {max_positions} positions ({bytes_per_seq} bytes); raise --kv-cache-bytes "
+            f"(PREFIXSERVE_KV_CACHE_BYTES) to at least {bytes_per_seq}, lower --max-model-len, use a "
+            "smaller --dtype, or free memory on the device"
+        )
+    return KVPlan(min(max_num_seqs, num_fit), num_fit, max_positions, bytes_per_seq, budget_bytes)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on the device now: CUDA's free memory, or the host's MemAvailable on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_kv_budget(available_bytes: int, reserved_bytes: int) -> int:
+    """DEFAULT_KV_SHARE of what is left after the model (already loaded) and `reserved_bytes` (prefix cache)."""
+    return max(0, int((available_bytes - reserved_bytes) * DEFAULT_KV_SHARE))
