@@ -9,6 +9,7 @@ the compose volume). Where podman cannot run, the tests fail and say why: they n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -58,7 +59,7 @@ def podman_compose_command() -> list[str]:
     beside_python = Path(sys.executable).parent / "podman-compose"
     found = str(beside_python) if beside_python.exists() else shutil.which("podman-compose")
     if found is None:
-        pytest.fail("podman-compose is not installed: pip install podman-compose (`make .venv/.installed` does)")
+        pytest.fail("podman-compose is not installed: `make .venv/.installed` installs it (dev extras)")
     return [found]
 
 
@@ -128,21 +129,26 @@ class Topology:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         env = podman_env() | self.images
         env |= {
             "PREFIXSERVE_ADMIN_KEY": ADMIN_KEY,
             "PREFIXSERVE_HTTP_PORT": str(self.port),
             "PREFIXSERVE_MODEL_DIR": str(ROOT / "models" / "demo-gpt2"),
         }
-        command = [*podman_compose_command(), "-p", self.project, "-f", str(ROOT / "docker-compose.yml"), *args]
+        compose_file = str(ROOT / "docker-compose.yml")
+        command = [*podman_compose_command(), "-p", self.project, "-f", compose_file, *args]
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-        assert result.returncode == 0, f"podman-compose {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        if check:
+            assert result.returncode == 0, f"podman-compose {args} failed:\n{result.stdout}\n{result.stderr}"
         return result
 
     def containers(self) -> dict[str, dict]:
         """service name -> `podman ps` record, for this project's running containers."""
-        listing = podman("ps", "--filter", f"label=io.podman.compose.project={self.project}", "--format", "json")
+        labelled = f"label=io.podman.compose.project={self.project}"
+        listing = podman("ps", "--filter", labelled, "--format", "json")
         return {c["Labels"]["com.docker.compose.service"]: c for c in json.loads(listing.stdout or "[]")}
 
     def replica_ready(self, service: str) -> bool:
@@ -156,7 +162,8 @@ class Topology:
         """Start the project; returns the seconds until both replicas and nginx answered."""
         started = time.monotonic()
         self.compose("up", "-d")
-        wait_for(lambda: self.replica_ready("replica1") and self.replica_ready("replica2"), READY_TIMEOUT, "replicas")
+        both_ready = lambda: self.replica_ready("replica1") and self.replica_ready("replica2")  # noqa: E731
+        wait_for(both_ready, READY_TIMEOUT, "both replicas ready")
         wait_for(lambda: _answers(f"{self.url}/readyz"), 30, "nginx")
         return time.monotonic() - started
 
@@ -165,13 +172,8 @@ class Topology:
 
     def clean_up(self) -> None:
         """Remove everything the project made: containers, pod, network and the Redis volume."""
-        subprocess.run(
-            [*podman_compose_command(), "-p", self.project, "-f", str(ROOT / "docker-compose.yml"), "down", "-v"],
-            capture_output=True,
-            timeout=180,
-            cwd=ROOT,
-            env=podman_env() | self.images | {"PREFIXSERVE_ADMIN_KEY": ADMIN_KEY},
-        )
+        with contextlib.suppress(subprocess.TimeoutExpired):  # what it leaves is removed below
+            self.compose("down", "-v", timeout=180, check=False)
         labelled = f"label=io.podman.compose.project={self.project}"
         ids = podman("ps", "-aq", "--filter", labelled, check=False).stdout.split()
         if ids:
