@@ -92,7 +92,7 @@ def run_in_image(image: str, script: str) -> subprocess.CompletedProcess[str]:
 def test_cpu_image_runs_as_non_root_without_build_tools(images: dict[str, str]) -> None:
     image = images["PREFIXSERVE_IMAGE"]
     assert run_in_image(image, "id -u").stdout.strip() != "0"
-    tools = "gcc cc c++ g++ make ld as pip pip3 apt-get-build-dep"
+    tools = "gcc cc c++ g++ make ld as pip pip3"
     found = run_in_image(image, f"for t in {tools}; do command -v $t || true; done").stdout.split()
     assert found == [], f"the image holds build tools: {found}"
     assert run_in_image(image, "ls /src 2>/dev/null || true").stdout == ""  # the build stage's sources
@@ -124,6 +124,9 @@ class Topology:
     images: dict[str, str]
     project: str = field(default_factory=lambda: f"prefixserve-it-{uuid.uuid4().hex[:8]}")
     port: int = field(default_factory=free_port)
+    volumes: set[str] = field(
+        default_factory=set
+    )  # every volume its containers used (the image's VOLUME too)
 
     @property
     def url(self) -> str:
@@ -138,6 +141,8 @@ class Topology:
             "PREFIXSERVE_HTTP_PORT": str(self.port),
             "PREFIXSERVE_MODEL_DIR": str(ROOT / "models" / "demo-gpt2"),
         }
+        if args[0] == "down":
+            self.volumes |= self.used_volumes()
         compose_file = str(ROOT / "docker-compose.yml")
         command = [*podman_compose_command(), "-p", self.project, "-f", compose_file, *args]
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
@@ -150,6 +155,14 @@ class Topology:
         labelled = f"label=io.podman.compose.project={self.project}"
         listing = podman("ps", "--filter", labelled, "--format", "json")
         return {c["Labels"]["com.docker.compose.service"]: c for c in json.loads(listing.stdout or "[]")}
+
+    def used_volumes(self) -> set[str]:
+        labelled = f"label=io.podman.compose.project={self.project}"
+        ids = podman("ps", "-aq", "--filter", labelled).stdout.split()
+        if not ids:
+            return set()
+        mounts = podman("inspect", "--format", "{{range .Mounts}}{{.Name}} {{end}}", *ids).stdout.split()
+        return set(mounts)
 
     def replica_ready(self, service: str) -> bool:
         container = self.containers().get(service)
@@ -171,7 +184,7 @@ class Topology:
         return self.compose("logs", timeout=60).stdout[-8000:]
 
     def clean_up(self) -> None:
-        """Remove everything the project made: containers, pod, network and the Redis volume."""
+        """Remove everything the project made: containers, pod, network, the Redis volume and anonymous ones."""
         with contextlib.suppress(subprocess.TimeoutExpired):  # what it leaves is removed below
             self.compose("down", "-v", timeout=180, check=False)
         labelled = f"label=io.podman.compose.project={self.project}"
@@ -179,7 +192,8 @@ class Topology:
         if ids:
             podman("rm", "-f", "-t", "0", *ids, check=False)
         podman("pod", "rm", "-f", f"pod_{self.project}", check=False)
-        podman("volume", "rm", "-f", f"{self.project}_redis-data", check=False)
+        for volume in self.volumes | {f"{self.project}_redis-data"}:
+            podman("volume", "rm", "-f", volume, check=False)
         podman("network", "rm", "-f", f"{self.project}_default", check=False)
 
 
@@ -207,8 +221,8 @@ def topology(images: dict[str, str]) -> Iterator[Topology]:
     finally:
         topology.clean_up()
     assert topology.containers() == {}, "containers of the test project are left"
-    volumes = podman("volume", "ls", "--format", "{{.Name}}").stdout.split()
-    assert f"{topology.project}_redis-data" not in volumes
+    left = set(podman("volume", "ls", "--format", "{{.Name}}").stdout.split())
+    assert left.isdisjoint(topology.volumes | {f"{topology.project}_redis-data"}), "volumes are left"
 
 
 def generate(topology: Topology) -> httpx.Response:
