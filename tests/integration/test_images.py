@@ -103,7 +103,7 @@ def test_cpu_image_runs_as_non_root_without_build_tools(images: dict[str, str]) 
 def test_cuda_image_builds() -> None:
     """docker/Dockerfile.cuda on the local Debian base (no GPU here: it is built and imported, not served)."""
     result = subprocess.run(
-        [str(ROOT / "scripts" / "images"), "--cuda"],
+        [str(ROOT / "scripts" / "images"), "--cuda", "--print-env"],
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT,
@@ -111,7 +111,7 @@ def test_cuda_image_builds() -> None:
         env=podman_env(),
     )
     assert result.returncode == 0, result.stderr[-6000:]
-    image = "localhost/prefixserve:cuda"
+    image = dict(line.split("=", 1) for line in result.stdout.split())["PREFIXSERVE_CUDA_IMAGE"]
     assert podman("image", "inspect", "--format", "{{.Config.User}}", image).stdout.strip() == "prefixserve"
     checked = run_in_image(image, "python -c 'import server.cli, torch' && command -v prefix-serve")
     assert checked.stdout.strip() == "/opt/app/bin/prefix-serve"
@@ -124,9 +124,8 @@ class Topology:
     images: dict[str, str]
     project: str = field(default_factory=lambda: f"prefixserve-it-{uuid.uuid4().hex[:8]}")
     port: int = field(default_factory=free_port)
-    volumes: set[str] = field(
-        default_factory=set
-    )  # every volume its containers used (the image's VOLUME too)
+    # every volume its containers used: the Redis volume and the replicas' anonymous /data (the image's VOLUME)
+    volumes: set[str] = field(default_factory=set)
 
     @property
     def url(self) -> str:
