@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: serve test lint format bench clean
+.PHONY: serve test lint format bench images clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.throughput
+
+# The CPU image and local Redis/nginx stand-ins, with podman (README: Containers); CUDA=1 adds the CUDA image.
+images:
+	scripts/images $(if $(CUDA),--cuda)
 
 clean:
 	rm -rf $(VENV) var
