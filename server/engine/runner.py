@@ -53,6 +53,7 @@ class ModelRunner:
         self.sampler = Sampler(backbone.rules, self.is_encoder_decoder, backbone.device)
         self.beams = BeamSearch(backbone.rules, self.is_encoder_decoder, backbone.device)
         self._beam_choices: dict[int, BeamChoice] = {}  # this step's, by id(request)
+        self._to_fork: list[tuple[int, BeamChoice]] = []  # chosen, KV not yet forked (see _fork_beams)
         self.slots: list[SlotState] = []
         self.logprobs: dict[
             str, TokenLogprob
@@ -184,6 +185,7 @@ class ModelRunner:
         choices = self.beams.step(logits, [(requests[rows[0]], rows) for rows in groups.values()])
         for (key, rows), choice in zip(groups.items(), choices, strict=True):
             self._beam_choices[key] = choice
+            self._to_fork.append((key, choice))
             for i in rows:
                 tokens[i] = None if choice.result is None else choice.token_ids[beams[i]]
         return tokens
@@ -193,7 +195,8 @@ class ModelRunner:
         they feed); in a running group, beam j takes the generated KV of beam parents[j] — one gather, so
         any permutation is safe. A group that is done or failed leaves at the next step: nothing to copy."""
         appended: list[int | None] = []
-        for key, choice in self._beam_choices.items():
+        to_fork, self._to_fork = self._to_fork, []
+        for key, choice in to_fork:
             if choice.result is None or choice.result.token_ids is not None:
                 continue
             slots = sorted(
