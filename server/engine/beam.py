@@ -146,10 +146,10 @@ class BeamGroup:
         # g. the stopping condition of the search as a whole
         self.num_generated = g = g + 1
         best_running = self.running_scores[:, :1] / (g**self.length_penalty)
-        worst_finished = torch.where(
-            self.is_finished, torch.min(self.scores, dim=1, keepdim=True)[0], NEG
+        worst_finished = torch.where(self.is_finished, torch.min(self.scores, dim=1, keepdim=True)[0], NEG)
+        self.is_improvable = self.is_improvable & torch.any(
+            best_running > worst_finished, dim=-1, keepdim=True
         )
-        self.is_improvable = self.is_improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
         is_open = ~(torch.all(self.is_finished) & self.early_stopping)
         can_continue = ~torch.all(hits)
         is_done = ~(torch.any(self.is_improvable) & is_open & can_continue)
@@ -164,7 +164,9 @@ class BeamGroup:
         scores += (~self.is_improvable).to(torch.float32) * NEG
         scores += (~just_finished) * NEG
         merged_scores = torch.cat((self.scores, scores), dim=1)
-        merged_lengths = torch.cat((self.lengths, torch.full_like(top_scores, g + 1, dtype=torch.long)), dim=1)
+        merged_lengths = torch.cat(
+            (self.lengths, torch.full_like(top_scores, g + 1, dtype=torch.long)), dim=1
+        )
         best = torch.topk(merged_scores, k=self.num_beams)[1]
         self.sequences = _gather_beams(torch.cat((self.sequences, top_sequences), dim=1), best)
         self.scores = _gather_beams(merged_scores, best)

@@ -200,7 +200,8 @@ class ModelRunner:
             if choice.result is None or choice.result.token_ids is not None:
                 continue
             slots = sorted(
-                (i for i, s in enumerate(self.slots) if id(s.request) == key), key=lambda i: self.slots[i].beam
+                (i for i, s in enumerate(self.slots) if id(s.request) == key),
+                key=lambda i: self.slots[i].beam,
             )
             first = self.slots[slots[0]]
             group = self.beams.groups[first.request.request_id]

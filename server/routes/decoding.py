@@ -38,7 +38,9 @@ class DecodingOptions(BaseModel):
         # beam search gives one deterministic answer; the sampling fields it does not take are refused by
         # SamplingParams (-> 422 invalid_sampling naming them)
         if self.num_beams > 1 and self.n > 1:
-            raise ValueError("n > 1 with num_beams > 1 is not supported (beam search has one answer): use n 1")
+            raise ValueError(
+                "n > 1 with num_beams > 1 is not supported (beam search has one answer): use n 1"
+            )
         return self
 
     def penalties(self) -> dict[str, Any]:

@@ -25,7 +25,9 @@ def test_beam_search_over_http_equals_peft(peft_case, tmp_path: Path):
         prefix_id: peft_generate(model_dir, kind, path, PROMPTS, MAX_NEW, num_beams=4, **long_settings)
         for prefix_id, path in chosen.items()
     }
-    with running_server(model_dir, str(tmp_path / "store"), tmp_path, args=["--max-num-seqs", "20"]) as server:
+    with running_server(
+        model_dir, str(tmp_path / "store"), tmp_path, args=["--max-num-seqs", "20"]
+    ) as server:
         client = httpx.Client(base_url=server.url, timeout=120)
         for prefix_id, path in chosen.items():
             assert upload_peft(client, prefix_id, path).status_code == 201
@@ -62,7 +64,13 @@ def test_beam_search_over_http_equals_peft(peft_case, tmp_path: Path):
         # OpenAI's completions: temperature 0 is required with beams (its default is 1)
         completion = client.post(
             "/v1/completions",
-            json={"model": prefix_id, "prompt": PROMPTS[1], "max_tokens": MAX_NEW, "temperature": 0, "num_beams": 4},
+            json={
+                "model": prefix_id,
+                "prompt": PROMPTS[1],
+                "max_tokens": MAX_NEW,
+                "temperature": 0,
+                "num_beams": 4,
+            },
         )
         assert completion.status_code == 200, completion.text
         whole = client.post(
@@ -74,7 +82,13 @@ def test_beam_search_over_http_equals_peft(peft_case, tmp_path: Path):
 
         # streamed: the tokens arrive when the search is done, the same tokens and text as the whole answer
         events = []
-        body = {"prefix": prefix_id, "prompt": PROMPTS[1], "max_new_tokens": MAX_NEW, "num_beams": 4, "stream": True}
+        body = {
+            "prefix": prefix_id,
+            "prompt": PROMPTS[1],
+            "max_new_tokens": MAX_NEW,
+            "num_beams": 4,
+            "stream": True,
+        }
         with client.stream("POST", "/v1/generate", json=body) as response:
             for line in response.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
@@ -98,4 +112,3 @@ def test_beam_search_over_http_equals_peft(peft_case, tmp_path: Path):
             response = client.post(path, json=refused)
             assert response.status_code == 422, (refused, response.text)
             assert name in response.text, (refused, response.text)
-
