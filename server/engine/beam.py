@@ -217,11 +217,9 @@ class BeamSearch:
         for request, rows in groups:
             group = self.groups[request.request_id]
             k = group.num_beams
-            tokens, parents = values[at : at + k], values[at + k : at + 2 * k]
-            is_done, is_finite = values[at + 2 * k], values[at + 2 * k + 1]
+            own_values = values[at : at + 2 * k + 2]
             at += 2 * k + 2
-            result = None
-            if is_finite:
-                result = BeamResult(len(rows), group.best() if is_done else None)
-            choices.append(BeamChoice(tokens, parents, result))
+            is_done, is_finite = own_values[2 * k :]
+            result = BeamResult(len(rows), group.best() if is_done else None) if is_finite else None
+            choices.append(BeamChoice(own_values[:k], own_values[k : 2 * k], result))
         return choices

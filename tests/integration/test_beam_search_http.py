@@ -26,7 +26,7 @@ def test_beam_search_over_http_equals_peft(peft_case, tmp_path: Path):
         for prefix_id, path in chosen.items()
     }
     with running_server(
-        model_dir, str(tmp_path / "store"), tmp_path, args=["--max-num-seqs", "20"]
+        model_dir, str(tmp_path / "store"), tmp_path, args=["--max-num-seqs", "12"]
     ) as server:
         client = httpx.Client(base_url=server.url, timeout=120)
         for prefix_id, path in chosen.items():
