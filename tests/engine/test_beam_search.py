@@ -216,3 +216,33 @@ def test_sampling_fields_beam_search_does_not_take_are_refused_by_name(field: st
     with pytest.raises(ValueError, match=field):
         SamplingParams(num_beams=4, **{field: value})
     SamplingParams(num_beams=1, **{field: value})  # fine without beams
+
+
+def test_eos_handling_equals_hf_on_a_backbone_that_likes_eos(tmp_path: Path):
+    """The bare backbone against HF's generate(num_beams=4) where EOS is often among the candidates: beams
+    that finish early (even at once, giving no tokens), beams that a later, longer hypothesis beats, and
+    length penalties that favour short or long answers."""
+    from tiny_models import build_gpt2
+    from transformers import GPT2LMHeadModel
+
+    model_dir = build_gpt2(tmp_path / "eos-gpt2")
+    model = GPT2LMHeadModel.from_pretrained(model_dir)
+    with torch.no_grad():  # a larger EOS embedding (tied to the LM head): EOS gets likely
+        model.transformer.wte.weight[model.config.eos_token_id] *= 2.0
+    model.save_pretrained(model_dir)
+    backbone = load_backbone(model_dir, "cpu", "float32")
+    settings = [{}, {"length_penalty": 2.0, "early_stopping": True}, {"length_penalty": -1.0}]
+    jobs = [(None, p, SamplingParams(max_new_tokens=12, num_beams=4, **s)) for s in settings for p in PROMPTS]
+    jobs += [(None, p, SamplingParams(max_new_tokens=12)) for p in PROMPTS]
+    results, reasons, _ = run_jobs(backbone, jobs, max_num_seqs=10)
+    expected = [
+        answer
+        for s in settings
+        for answer in peft_generate(model_dir, "gpt2", None, PROMPTS, 12, num_beams=4, **s)
+    ]
+    expected += peft_generate(model_dir, "gpt2", None, PROMPTS, 12)
+    assert results == expected
+    beams = list(zip(results[: -len(PROMPTS)], reasons[: -len(PROMPTS)], strict=True))
+    assert any(r == "stop" and 0 < len(t) < 12 for t, r in beams)  # finished on EOS mid-way
+    assert any(r == "stop" and not t for t, r in beams)  # the best hypothesis is EOS at once
+    assert any(r == "length" for _, r in beams)
