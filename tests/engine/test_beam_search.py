@@ -246,3 +246,21 @@ def test_eos_handling_equals_hf_on_a_backbone_that_likes_eos(tmp_path: Path):
     assert any(r == "stop" and 0 < len(t) < 12 for t, r in beams)  # finished on EOS mid-way
     assert any(r == "stop" and not t for t, r in beams)  # the best hypothesis is EOS at once
     assert any(r == "length" for _, r in beams)
+
+
+def test_a_poisoned_beam_group_fails_alone_and_leaves_clean_slots(tiny_gpt2_dir: Path):
+    from test_fault_isolation import poisoned
+
+    backbone = load_backbone(tiny_gpt2_dir, "cpu", "float32")
+    bad = device_prefix("evil/nan", poisoned(backbone, float("nan")))
+    beams = SamplingParams(max_new_tokens=MAX_NEW, num_beams=4)
+    greedy = SamplingParams(max_new_tokens=MAX_NEW)
+    jobs = []
+    for prompt in PROMPTS[:3]:
+        jobs += [(bad, prompt, beams), (None, prompt, beams), (None, prompt, greedy)]
+    alone = [run_jobs(backbone, [job], max_num_seqs=4)[0][0] for job in jobs[1:3]]
+    results, reasons, _ = run_jobs(backbone, jobs, max_num_seqs=8)  # 8 slots: poisoned slots are reused
+    assert reasons[0::3] == ["error"] * 3 and results[0::3] == [[]] * 3
+    assert results[1:3] == alone
+    assert results[1::3] == peft_generate(tiny_gpt2_dir, "gpt2", None, PROMPTS[:3], MAX_NEW, num_beams=4)
+    assert results[2::3] == peft_generate(tiny_gpt2_dir, "gpt2", None, PROMPTS[:3], MAX_NEW)
