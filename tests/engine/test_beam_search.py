@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft_oracle import MAX_NEW, PROMPTS, peft_generate
-from test_engine_exactness import device_prefix
+from test_engine_exactness import device_prefix, random_native
 from test_fault_isolation import count_host_syncs
 
 from prefix_store.format import import_peft
@@ -264,3 +264,31 @@ def test_a_poisoned_beam_group_fails_alone_and_leaves_clean_slots(tiny_gpt2_dir:
     assert results[1:3] == alone
     assert results[1::3] == peft_generate(tiny_gpt2_dir, "gpt2", None, PROMPTS[:3], MAX_NEW, num_beams=4)
     assert results[2::3] == peft_generate(tiny_gpt2_dir, "gpt2", None, PROMPTS[:3], MAX_NEW)
+
+
+def test_prefix_and_prompt_are_copied_once_then_only_generated_entries(tiny_bart_dir: Path, monkeypatch):
+    """BART: the source is encoded once, the start token decoded once; then the group's other slots get that
+    row's entries once, and each later step moves only entries past prefix + start token."""
+    import server.engine.runner as runner_module
+
+    copies: list[tuple[list[int], list[int], int, int, int]] = []
+    original = runner_module._copy_kv
+
+    def recording(cache, src, dst, start, end, cross_len):
+        copies.append((src, dst, start, end, cross_len))
+        original(cache, src, dst, start, end, cross_len)
+
+    monkeypatch.setattr(runner_module, "_copy_kv", recording)
+    backbone = load_backbone(tiny_bart_dir, "cpu", "float32")
+    prefix = device_prefix("t/n", random_native("bart", backbone, {"decoder": 5, "cross": 3}, seed=1))
+    runner = ModelRunner(backbone, max_num_seqs=4, max_model_len=128, max_prefix_tokens=16)
+    group = Request("b", [5, 6, 7, 8], SamplingParams(max_new_tokens=12, num_beams=4), prefix=prefix)
+    runner.execute(ScheduledBatch(prefill=[group], decode=[], finished=[]))
+    assert len(runner.slots) == 4
+    # the first copy: slot 0's prefix + start token (self) and cross prefix + 4 source tokens (cross)
+    assert copies[0] == ([0, 0, 0], [1, 2, 3], 0, 5 + 1, 3 + 4)
+    for _ in range(6):
+        runner.execute(ScheduledBatch(prefill=[], decode=[group], finished=[]))
+    for src, dst, start, end, cross_len in copies[1:]:
+        assert start == 5 + 1 < end and cross_len == 0 and len(src) == len(set(dst)) == len(dst) <= 4
+    assert len(copies) > 1, "no beam ever continued another: the test shows nothing"
