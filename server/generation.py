@@ -135,6 +135,13 @@ async def _queue(
     params: SamplingParams,
 ) -> Generation:
     engine = state.engine
+    if params.num_beams > engine.config.max_num_seqs:
+        raise ServiceError(
+            422,
+            "invalid_sampling",
+            f"num_beams {params.num_beams} is over this server's {engine.config.max_num_seqs} sequences per "
+            "step (--max-num-seqs): a beam group runs as num_beams sequences",
+        )
     prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
     try:
         if prefix is not None:

@@ -45,8 +45,10 @@ def peft_generate(
     prompts: list[str],
     max_new_tokens: int,
     device: str = "cpu",
+    **generate_kwargs,
 ) -> list[list[int]]:
-    """Greedy token ids per prompt, one request at a time, as prefixserve reports them (no prompt, no final EOS)."""
+    """Greedy token ids per prompt (or what `generate_kwargs` ask for, e.g. num_beams), one request at a time,
+    as prefixserve reports them (no prompt, no final EOS)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = _auto(kind).from_pretrained(model_dir)
     if adapter is not None:
@@ -61,7 +63,7 @@ def peft_generate(
     for prompt in prompts:
         enc = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
         ids = out[0, enc["input_ids"].shape[1] :] if kind == "gpt2" else out[0, 1:]
         ids = ids.tolist()
         if ids and ids[-1] == eos:

@@ -165,9 +165,33 @@ class Engine:
             ]
         with self._lock:
             self.scheduler.update(batch, token_ids)
-        outputs = [self._after_token(r, n) for r, n in zip(batch.sequences, before, strict=True)]
+        outputs = []
+        for request, num_before in zip(batch.sequences, before, strict=True):
+            if request.params.num_beams > 1 and request.finish_reason in (None, "stop", "length"):
+                outputs += self._beam_outputs(request)
+            else:
+                outputs.append(self._after_token(request, num_before))
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
+        return outputs
+
+    def _beam_outputs(self, request: Request) -> list[tuple[Request, RequestOutput]]:
+        """A beam search's tokens are known only when it is done: then one output per token, the last one
+        finishing the request (stream consumers see them all at once; the front adds the text). Nothing
+        before that."""
+        if not request.is_finished:
+            return []
+        tokens = request.output_token_ids
+        outputs = []
+        for index, token_id in enumerate(tokens):
+            self.num_generated_tokens += 1
+            is_last = index == len(tokens) - 1
+            output = self._output(request, token_id, "")
+            output.is_finished, output.num_output_tokens = is_last, index + 1
+            output.finish_reason = request.finish_reason if is_last else None
+            outputs.append((request, output))
+        if not tokens:  # the best hypothesis is an immediate EOS
+            outputs.append((request, self._output(request, None, "")))
         return outputs
 
     def _after_token(self, request: Request, num_before: int) -> tuple[Request, RequestOutput]:

@@ -23,6 +23,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every generated token's logit
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated text
     logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+    num_beams: int = 1  # beam search (HF's, see beam.py) when > 1: deterministic, tokens known at the end
+    length_penalty: float = 1.0  # HF's: a finished beam scores sum(logprobs) / num_tokens ** length_penalty
+    early_stopping: bool = False  # HF's: True stops once num_beams hypotheses are finished
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -41,6 +44,34 @@ class SamplingParams:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
+        if self.num_beams < 1:
+            raise ValueError("num_beams must be >= 1 (1 = no beam search)")
+        if self.num_beams > 1:
+            self._check_beams()
+
+    def _check_beams(self) -> None:
+        """Beam search is deterministic and its tokens are only known at the end: what does not fit is refused."""
+        refused = [
+            name
+            for name, is_set in (
+                ("temperature", self.temperature != 0),
+                ("top_k", self.top_k != 0),
+                ("top_p", self.top_p != 1.0),
+                ("seed", self.seed is not None),
+                ("stop", bool(self.stop)),
+                ("ignore_eos", self.ignore_eos),
+                ("presence_penalty", self.presence_penalty != 0),
+                ("frequency_penalty", self.frequency_penalty != 0),
+                ("logprobs", self.logprobs is not None),
+            )
+            if is_set
+        ]
+        if refused:
+            raise ValueError(
+                f"num_beams > 1 (beam search) does not take {', '.join(refused)}: beam search is deterministic "
+                "(temperature 0, no top_k/top_p/seed) and supports neither stop strings, ignore_eos, "
+                "presence/frequency penalties nor logprobs; drop them or use num_beams 1"
+            )
 
     @property
     def has_penalties(self) -> bool:
@@ -82,6 +113,14 @@ class Request:
     def finish(self, reason: str) -> None:
         if self.finish_reason is None:
             self.finish_reason = reason
+
+
+@dataclass(frozen=True)
+class BeamResult:
+    """What the runner returns for a beam-search request each step, in place of a token id."""
+
+    num_rows: int  # rows the group ran this step (the tokens it is charged)
+    token_ids: list[int] | None = None  # the best hypothesis once the search is done (its EOS included)
 
 
 @dataclass

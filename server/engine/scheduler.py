@@ -3,7 +3,9 @@
 Every step the scheduler hands the runner three lists: requests to retire (their slots are freed),
 requests to prefill (admitted from the waiting queues while slots and the prefill token budget allow),
 and running requests to decode. Each slot holds a whole sequence up to the model's positions, and the
-front rejects requests that cannot fit before they are queued.
+front rejects requests that cannot fit before they are queued. A beam-search request of k beams holds k
+slots: it is admitted only when k slots are free (while it is first in line, nobody overtakes it), and is
+charged k generated tokens per step.
 
 Fairness is the virtual token counter (VTC) of Sheng et al., "Fairness in Serving Large Language
 Models" (OSDI 2024): every tenant has a counter of the service it received — prefill tokens x
@@ -21,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from server.engine.request import Request, RequestStatus, ScheduledBatch
+from server.engine.request import BeamResult, Request, RequestStatus, ScheduledBatch
 
 
 class QueueFull(RuntimeError):
@@ -56,6 +58,11 @@ class SchedulerConfig:
 class TenantLoad:
     num_running: int = 0
     num_waiting: int = 0
+
+
+def _num_slots(requests: list[Request]) -> int:
+    """KV slots the requests hold: one each, k for a beam group of k beams."""
+    return sum(r.params.num_beams for r in requests)
 
 
 def _tenant(request: Request) -> str:
@@ -108,7 +115,7 @@ class Scheduler:
 
     def _check_room(self, tenant: str, weight: float) -> None:
         # requests that free slots will take at the next step are not queued behind anyone
-        free_slots = max(0, self.config.max_num_seqs - len(self.running))
+        free_slots = max(0, self.config.max_num_seqs - _num_slots(self.running))
         limit = self.config.max_queue + free_slots
         if self._num_waiting < limit:
             return
@@ -171,11 +178,14 @@ class Scheduler:
         self._min_active_counter()
         prefill: list[Request] = []
         budget = self.config.max_prefill_tokens
-        while self._num_waiting and len(decode) + len(prefill) < self.config.max_num_seqs:
+        num_free = self.config.max_num_seqs - _num_slots(decode)
+        while self._num_waiting and num_free > 0:
             tenant = self._next_tenant()
-            num_tokens = len(self.waiting[tenant][0].prompt_token_ids)
-            if prefill and num_tokens > budget:
-                break
+            head = self.waiting[tenant][0]
+            num_tokens = len(head.prompt_token_ids)
+            if (prefill and num_tokens > budget) or _num_slots([head]) > num_free:
+                break  # a beam group waits (first in line) until its k slots are free
+            num_free -= _num_slots([head])
             request = self._pop(tenant)
             request.status = RequestStatus.RUNNING
             self._charge(request, self.config.prefill_token_cost * num_tokens)
@@ -227,13 +237,17 @@ class Scheduler:
         tenant = _tenant(request)
         self.counters[tenant] += service / max(self.weights.get(tenant, 1.0), 1e-9)
 
-    def update(self, batch: ScheduledBatch, token_ids: list[int | None]) -> None:
-        """Record one sampled token per sequence of the batch; finish on EOS or length; None = the row failed."""
+    def update(self, batch: ScheduledBatch, token_ids: list[int | BeamResult | None]) -> None:
+        """Record one sampled token per sequence of the batch; finish on EOS or length; None = the row failed;
+        a BeamResult for a beam group (see beam.py)."""
         for request, token_id in zip(batch.sequences, token_ids, strict=True):
             if request.is_finished:  # aborted while the step ran: drop the token
                 continue
             if token_id is None:
                 request.finish("error")
+                continue
+            if isinstance(token_id, BeamResult):
+                self._update_beams(request, token_id)
                 continue
             self._charge(request, self.config.output_token_cost)
             if token_id in self.config.eos_token_ids and not request.params.ignore_eos:
@@ -242,6 +256,16 @@ class Scheduler:
             request.output_token_ids.append(token_id)
             if len(request.output_token_ids) >= request.params.max_new_tokens:
                 request.finish("length")
+
+    def _update_beams(self, request: Request, result: BeamResult) -> None:
+        """A beam group is charged a generated token per row and step; its tokens come when it is done."""
+        self._charge(request, self.config.output_token_cost * result.num_rows)
+        if result.token_ids is None:
+            return
+        tokens = result.token_ids
+        ends_on_eos = bool(tokens) and tokens[-1] in self.config.eos_token_ids
+        request.output_token_ids.extend(tokens[:-1] if ends_on_eos else tokens)
+        request.finish("stop" if ends_on_eos else "length")
 
     def tenant_load(self) -> dict[str, TenantLoad]:
         """Running and waiting requests of every active tenant (a copy)."""

@@ -34,20 +34,25 @@ class DecodingOptions(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False, description="OpenAI's")
 
     @model_validator(mode="after")
-    def _refuse_beams(self) -> DecodingOptions:
-        if self.num_beams > 1:
-            # refused at the door rather than silently decoded greedily (see README, Known limits)
+    def _check_beams(self) -> DecodingOptions:
+        # beam search gives one deterministic answer; the sampling fields it does not take are refused by
+        # SamplingParams (-> 422 invalid_sampling naming them)
+        if self.num_beams > 1 and self.n > 1:
             raise ValueError(
-                "num_beams > 1 (beam search) is not available on this server yet; use num_beams 1"
+                "n > 1 with num_beams > 1 is not supported (beam search has one answer): use n 1"
             )
         return self
 
     def penalties(self) -> dict[str, Any]:
+        """The decoding fields SamplingParams takes as they are (penalties, logprobs, beam search)."""
         return {
             "repetition_penalty": self.repetition_penalty,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "logprobs": self.logprobs,
+            "num_beams": self.num_beams,
+            "length_penalty": self.length_penalty,
+            "early_stopping": self.early_stopping,
         }
 
 

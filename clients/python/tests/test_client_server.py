@@ -418,16 +418,22 @@ def test_penalties_and_beam_options_pass_through(admin: PrefixServeClient, nativ
     assert info.value.status == 422 and "num_beams" in info.value.message
 
 
-def test_beam_search_is_refused_while_the_server_has_none(admin: PrefixServeClient) -> None:
-    """Today's server refuses num_beams > 1 by name (422 invalid_request); the client surfaces it as a
-    ValidationError. (When beam search lands, this becomes a test of its output.)"""
+def test_beam_search_through_the_client(admin: PrefixServeClient) -> None:
+    """num_beams passes through; whole and streamed answers agree; options beam search cannot honour are
+    refused by name (ValidationError)."""
+    whole = admin.generate(
+        None, PROMPT, num_beams=4, max_new_tokens=4, length_penalty=0.5, early_stopping=True
+    )
+    assert whole.finish_reason in ("stop", "length") and len(whole.token_ids) <= 4
+    events = list(
+        admin.stream_generate(
+            None, PROMPT, num_beams=4, max_new_tokens=4, length_penalty=0.5, early_stopping=True
+        )
+    )
+    assert [e.token_id for e in events if e.token_id is not None] == whole.token_ids
     with pytest.raises(ValidationError) as info:
-        admin.generate(None, PROMPT, num_beams=4, max_new_tokens=4)
-    assert (info.value.status, info.value.code) == (422, "invalid_request")
-    assert "num_beams" in info.value.message
-    with pytest.raises(ValidationError) as info:
-        list(admin.stream_generate(None, PROMPT, num_beams=4, max_new_tokens=4))
-    assert "num_beams" in info.value.message
+        admin.generate(None, PROMPT, num_beams=4, max_new_tokens=4, logprobs=2)
+    assert info.value.status == 422 and "logprobs" in info.value.message
 
 
 def test_unknown_option_is_refused_by_name(admin: PrefixServeClient) -> None:
@@ -455,5 +461,5 @@ async def test_async_client_decoding_options(
                 x.token_id for x in choice.logprobs
             ]
         with pytest.raises(ValidationError) as info:
-            await client.generate("async/lp", PROMPT, num_beams=4)
-        assert "num_beams" in info.value.message
+            await client.generate("async/lp", PROMPT, num_beams=4, temperature=1.0)
+        assert "temperature" in info.value.message  # beam search does not sample: refused by name
