@@ -87,7 +87,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
     """Everything the handlers share: settings, store, device cache, engine, metrics."""
     state = SimpleNamespace(settings=settings, store=None, cache=None, engine=None, metrics=None)
     state.metrics = Metrics(state)
-    state.known_keys = KnownKeys()
+    state.known_keys = KnownKeys(settings.key_grace_seconds)
     backbone = load_backbone(settings.model, settings.device, settings.dtype)
     state.store = open_store(settings.store)
     state.cache = PrefixCache(state.store, lambda p: _to_device(p, backbone), settings.cache_bytes)
