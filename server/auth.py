@@ -105,6 +105,8 @@ def authenticate(
             if known is not None and from_store:  # only the store renews the grace, not its own use
                 known.remember(record)
             return Principal(is_admin=False, tenant=record.tenant)
+        if known is not None and from_store and record is None:
+            known.forget(key_id)  # revoked elsewhere: not to be accepted again during a later outage
     else:
         hmac.compare_digest(hash_key(key), hash_key(admin_key))  # same work either way
     raise _unauthorized("the key is not valid (revoked, mistyped, or for another deployment)")

@@ -71,3 +71,20 @@ def test_key_grace_seconds_is_a_setting():
 
     assert settings_from_args([]).key_grace_seconds == 600.0
     assert settings_from_args(["--key-grace-seconds", "2.5"]).key_grace_seconds == 2.5
+
+
+def test_key_the_store_no_longer_has_is_not_accepted_in_a_later_outage():
+    """Revoked through another replica: this one sees the key gone in the store and must forget it, or the
+    revoked key would work again here as soon as the store became unreachable."""
+    store, known = FlakyStore(), KnownKeys()
+    record, key = new_key("acme")
+    store.records = {record.key_id: record}
+    assert authenticate(f"Bearer {key}", "admin", store, known).tenant == "acme"
+    del store.records[record.key_id]  # revoked on another replica
+    with pytest.raises(ServiceError) as err:
+        authenticate(f"Bearer {key}", "admin", store, known)
+    assert err.value.status == 401
+    store.is_down = True
+    with pytest.raises(ServiceError) as err:
+        authenticate(f"Bearer {key}", "admin", store, known)
+    assert err.value.status == 503
