@@ -21,10 +21,9 @@ from serving import ROOT, ServerProcess, free_port, start_server
 from prefix_store.format import Prefix, save_prefix
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-pytestmark = [
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
-    pytest.mark.slow,
-]
+pytestmark = pytest.mark.slow
+# Generous ceilings for conditions waited on (never a duration asserted): a loaded CI box may be slow.
+CEILING = 30.0
 GENERATE = {"prompt": "the quick brown fox", "max_new_tokens": 8}
 
 
@@ -37,6 +36,8 @@ class OwnRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        if shutil.which("redis-server") is None:  # a missing component fails the test, never skips it
+            pytest.fail("redis-server is not installed: scripts/ensure-redis installs it (make test runs it)")
         args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir)]
         args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -72,7 +73,8 @@ class Nginx:
     """nginx running docker/nginx.conf itself, with the replica addresses and the port swapped for loopback ones."""
 
     def __init__(self, work_dir: Path, replica_ports: tuple[int, int]):
-        assert NGINX is not None
+        if NGINX is None:
+            pytest.fail("nginx is not installed: scripts/ensure-nginx installs it (make test runs it)")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         site = (ROOT / "docker" / "nginx.conf").read_text()
@@ -190,7 +192,7 @@ def test_what_one_replica_stores_the_other_serves_and_lists(cluster: Cluster, ti
     assert answer.json()["token_ids"] == generate(r1, "acme/shared").json()["token_ids"]
 
 
-def test_replacement_and_deletion_reach_the_other_replica_within_a_second(
+def test_replacement_and_deletion_reach_the_other_replica(
     cluster: Cluster, tiny_gpt2_dir: Path
 ) -> None:
     r1, r2 = cluster.replicas["r1"].url, cluster.replicas["r2"].url
@@ -201,14 +203,16 @@ def test_replacement_and_deletion_reach_the_other_replica_within_a_second(
     assert upload(r1, "acme/fresh", new).status_code == 200
     replaced = time.monotonic()
     # r2 never polls Redis per request: only the change notice can evict its cached old version.
+    # (a fallback re-read on a timer would also pass: the ceiling is for slow machines, not a latency claim;
+    # docs/redis.md quotes the measured latency, ~0.1 s, printed below)
     wait_for(
-        lambda: generate(r2, "acme/fresh").json()["token_ids"] == new_ids, 1.0, "r2 serving the new version"
+        lambda: generate(r2, "acme/fresh").json()["token_ids"] == new_ids, CEILING, "r2 serving the new version"
     )
     print(f"replacement seen by r2 after {time.monotonic() - replaced:.3f} s")
 
     assert httpx.delete(f"{r1}/v1/prefixes/acme/fresh").status_code == 204
     deleted = time.monotonic()
-    wait_for(lambda: generate(r2, "acme/fresh").status_code == 404, 1.0, "r2 answering 404")
+    wait_for(lambda: generate(r2, "acme/fresh").status_code == 404, CEILING, "r2 answering 404")
     print(f"deletion seen by r2 after {time.monotonic() - deleted:.3f} s")
     assert generate(r1, "acme/fresh").status_code == 404
 
@@ -230,30 +234,29 @@ def test_redis_crash_loses_no_acknowledged_prefix_and_replicas_recover(
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
         served = generate(url, "crash/p0")  # resident prefixes keep being served while Redis is down
         assert served.status_code == 200 and served.json()["token_ids"] == resident[url]
-        assert generate(url, "crash/p5").status_code in (
-            200,
-            503,
-        )  # resident on neither or one: never a 5xx crash
+        cold = generate(url, "crash/p5")  # stored, never generated with: resident on neither replica
+        assert cold.status_code == 503 and cold.json()["error"]["code"] == "store_unavailable", cold.text
         assert upload(url, "crash/during", tiny_prefix(tiny_gpt2_dir, 9)).status_code == 503
         failed = httpx.get(f"{url}/v1/prefixes", timeout=10)
         assert failed.status_code == 503 and failed.json()["error"]["code"] == "store_unavailable"
 
     cluster.redis.start()
     for url in (r1, r2):  # no restart of the replicas
-        wait_for(lambda url=url: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 20, f"{url} ready")
+        wait_for(
+            lambda url=url: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, CEILING, f"{url} ready"
+        )
         listed = httpx.get(f"{url}/v1/prefixes", params={"tenant": "crash"}).json()
         assert [m["id"] for m in listed["prefixes"]] == sorted(stored)
         for prefix_id, answer in stored.items():
             assert httpx.get(f"{url}/v1/prefixes/{prefix_id}").json()["sha256"] == answer.json()["sha256"]
         assert generate(url, "crash/p1").status_code == 200
     # The change feed is back too: a deletion on r1 reaches r2's cache (crash/p1 is resident there now).
-    wait_for(lambda: httpx.delete(f"{r1}/v1/prefixes/crash/p1").status_code == 204, 10, "delete on r1")
+    wait_for(lambda: httpx.delete(f"{r1}/v1/prefixes/crash/p1").status_code == 204, CEILING, "delete on r1")
     wait_for(
-        lambda: generate(r2, "crash/p1").status_code == 404, 5.0, "r2 seeing the deletion after the restart"
+        lambda: generate(r2, "crash/p1").status_code == 404, CEILING, "r2 seeing the deletion after the restart"
     )
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/ensure-nginx installs it)")
 def test_nginx_keeps_a_prefix_on_one_replica_and_fails_over(
     cluster: Cluster, tiny_gpt2_dir: Path, tmp_path: Path
 ) -> None:
