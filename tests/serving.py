@@ -114,7 +114,12 @@ class BackgroundStream:
     def __init__(self, url: str, body: dict, headers: dict[str, str] | None = None, timeout: float = 120):
         import threading
 
-        self.url, self.body, self.headers, self.timeout = url, {**body, "stream": True}, headers or {}, timeout
+        self.url, self.body, self.headers, self.timeout = (
+            url,
+            {**body, "stream": True},
+            headers or {},
+            timeout,
+        )
         self.first_token = threading.Event()
         self.tokens: list[int] = []
         self.text = ""

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from serving import ROOT, ServerProcess, free_port, start_server
+from serving import ROOT, BackgroundStream, ServerProcess, free_port, start_server
+from tiny_models import build_gpt2
 
 from prefix_store.format import Prefix, save_prefix
 
@@ -121,8 +122,10 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("replicas")
+    # the tiny GPT-2's shape with 512 positions: long generations stay in flight while a prefix changes
+    model = build_gpt2(work / "gpt2-512", n_positions=512)
     redis = OwnRedis(work)
     redis.start()
     replicas: dict[str, ServerProcess] = {}
@@ -130,7 +133,7 @@ def cluster(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         with ThreadPoolExecutor(2) as pool:  # both start at once: model loading dominates the setup
             starting = {
                 name: pool.submit(
-                    start_server, tiny_gpt2_dir, redis.url, work / "logs", {"PREFIXSERVE_REPLICA_NAME": name}
+                    start_server, model, redis.url, work / "logs", {"PREFIXSERVE_REPLICA_NAME": name}
                 )
                 for name in ("r1", "r2")
             }
@@ -192,9 +195,7 @@ def test_what_one_replica_stores_the_other_serves_and_lists(cluster: Cluster, ti
     assert answer.json()["token_ids"] == generate(r1, "acme/shared").json()["token_ids"]
 
 
-def test_replacement_and_deletion_reach_the_other_replica(
-    cluster: Cluster, tiny_gpt2_dir: Path
-) -> None:
+def test_replacement_and_deletion_reach_the_other_replica(cluster: Cluster, tiny_gpt2_dir: Path) -> None:
     r1, r2 = cluster.replicas["r1"].url, cluster.replicas["r2"].url
     old, new, old_ids, new_ids = distinct_versions(tiny_gpt2_dir, r1, "acme/fresh")
     assert upload(r1, "acme/fresh", old).status_code == 200
@@ -206,7 +207,9 @@ def test_replacement_and_deletion_reach_the_other_replica(
     # (a fallback re-read on a timer would also pass: the ceiling is for slow machines, not a latency claim;
     # docs/redis.md quotes the measured latency, ~0.1 s, printed below)
     wait_for(
-        lambda: generate(r2, "acme/fresh").json()["token_ids"] == new_ids, CEILING, "r2 serving the new version"
+        lambda: generate(r2, "acme/fresh").json()["token_ids"] == new_ids,
+        CEILING,
+        "r2 serving the new version",
     )
     print(f"replacement seen by r2 after {time.monotonic() - replaced:.3f} s")
 
@@ -215,6 +218,44 @@ def test_replacement_and_deletion_reach_the_other_replica(
     wait_for(lambda: generate(r2, "acme/fresh").status_code == 404, CEILING, "r2 answering 404")
     print(f"deletion seen by r2 after {time.monotonic() - deleted:.3f} s")
     assert generate(r1, "acme/fresh").status_code == 404
+
+
+def test_replace_and_delete_on_one_replica_while_the_other_runs_requests_with_it(
+    cluster: Cluster, tiny_gpt2_dir: Path
+) -> None:
+    """r2 has requests with the prefix in flight when r1 replaces (then deletes) it: they finish with the
+    version they started with, and r2 serves no request admitted after the change notice with the old one."""
+    r1, r2 = cluster.replicas["r1"].url, cluster.replicas["r2"].url
+    old, new, _, _ = distinct_versions(tiny_gpt2_dir, r1, "acme/busy")
+    long = {"prompt": "the quick brown fox", "max_new_tokens": 400, "ignore_eos": True, "prefix": "acme/busy"}
+    assert upload(r1, "acme/busy", old).status_code == 200
+    old_ids = httpx.post(f"{r2}/v1/generate", json=long, timeout=120).json()["token_ids"]
+
+    running = [BackgroundStream(r2, long) for _ in range(4)]
+    for stream in running:
+        assert stream.first_token.wait(60) and stream.error is None, stream.error
+    assert upload(r1, "acme/busy", new).status_code == 200
+    replaced = time.monotonic()
+    new_ids = wait_for(
+        lambda: (
+            (ids := httpx.post(f"{r2}/v1/generate", json=long, timeout=120).json()["token_ids"]) != old_ids
+            and ids
+        ),
+        CEILING,
+        "r2 serving the new version",
+    )
+    assert [s.result() for s in running] == [old_ids] * 4
+    assert any(s.finished_at > replaced for s in running), "no request on r2 was in flight at the replace"
+    assert httpx.post(f"{r1}/v1/generate", json=long, timeout=120).json()["token_ids"] == new_ids
+
+    running = [BackgroundStream(r2, long) for _ in range(4)]
+    for stream in running:
+        assert stream.first_token.wait(60) and stream.error is None, stream.error
+    assert httpx.delete(f"{r1}/v1/prefixes/acme/busy").status_code == 204
+    deleted = time.monotonic()
+    wait_for(lambda: generate(r2, "acme/busy").status_code == 404, CEILING, "r2 answering 404")
+    assert [s.result() for s in running] == [new_ids] * 4
+    assert any(s.finished_at > deleted for s in running), "no request on r2 was in flight at the delete"
 
 
 def test_redis_crash_loses_no_acknowledged_prefix_and_replicas_recover(
@@ -253,7 +294,9 @@ def test_redis_crash_loses_no_acknowledged_prefix_and_replicas_recover(
     # The change feed is back too: a deletion on r1 reaches r2's cache (crash/p1 is resident there now).
     wait_for(lambda: httpx.delete(f"{r1}/v1/prefixes/crash/p1").status_code == 204, CEILING, "delete on r1")
     wait_for(
-        lambda: generate(r2, "crash/p1").status_code == 404, CEILING, "r2 seeing the deletion after the restart"
+        lambda: generate(r2, "crash/p1").status_code == 404,
+        CEILING,
+        "r2 seeing the deletion after the restart",
     )
 
 

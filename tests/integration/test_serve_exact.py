@@ -40,18 +40,23 @@ async def generate_all(url: str, jobs: list[tuple[str | None, str]]) -> list[lis
 
 
 @pytest.fixture(scope="module")
-def served(peft_case, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, httpx.Client]]:
+def served(
+    peft_case, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, httpx.Client]]:
     """One server per backbone kind with every PEFT adapter of peft_case uploaded."""
     kind, model_dir, adapters, _ = peft_case
     root = tmp_path_factory.mktemp(f"serve-{kind}")
-    with running_server(model_dir, str(root / "store"), root, args=["--max-num-seqs", "8"]) as server:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            for prefix_id, path in adapters.items():
-                response = upload_peft(client, prefix_id, path)
-                assert response.status_code == 201, response.text
-                meta = response.json()
-                assert meta["source"] == "peft" and meta["targets"] == ["decoder"]
-            yield server, client
+    args = ["--max-num-seqs", "8"]
+    with (
+        running_server(model_dir, str(root / "store"), root, args=args) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
+        for prefix_id, path in adapters.items():
+            response = upload_peft(client, prefix_id, path)
+            assert response.status_code == 201, response.text
+            meta = response.json()
+            assert meta["source"] == "peft" and meta["targets"] == ["decoder"]
+        yield server, client
 
 
 def test_peft_adapters_served_concurrently_are_exact(peft_case, served) -> None:
@@ -131,7 +136,9 @@ def test_streaming_matches_whole_response_with_prefixes_and_stops(peft_case, ser
             stopped = client.post("/v1/generate", json={**body, "stop": [stop]}).json()
             want_ids, want_text = stopped_oracle(tokenizer, whole["token_ids"], stop)
             assert (stopped["token_ids"], stopped["text"]) == (want_ids, want_text), (prefix_id, prompt, stop)
-            assert stopped["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == len(want_ids)
+            assert stopped["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == len(
+                want_ids
+            )
             assert_stream_equals_whole(client, {**body, "stop": [stop]}, stopped)
             num_stops += 1
     assert num_stops >= 10, f"only {num_stops} outputs had a usable stop string"
@@ -163,13 +170,21 @@ def test_openai_streaming_is_token_by_token(peft_case, served) -> None:
                 "/v1/generate", json={"prefix": prefix_id, "prompt": prompt, "max_new_tokens": MAX_NEW}
             ).json()
             ids = native["token_ids"]
-            body = {"model": prefix_id or backbone_name, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0}
+            body = {
+                "model": prefix_id or backbone_name,
+                "prompt": prompt,
+                "max_tokens": MAX_NEW,
+                "temperature": 0,
+            }
             whole = client.post("/v1/completions", json=body).json()
             assert whole["choices"][0]["text"] == native["text"]
             assert whole["usage"]["completion_tokens"] == len(ids)
             chunks = sse_events(client, "/v1/completions", body)
             texts = [c["choices"][0]["text"] for c in chunks]
-            assert [t for t in texts if t] == [t for t in token_deltas(tokenizer, ids) if t], (prefix_id, prompt)
+            assert [t for t in texts if t] == [t for t in token_deltas(tokenizer, ids) if t], (
+                prefix_id,
+                prompt,
+            )
             assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
             assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
