@@ -274,9 +274,16 @@ def test_unreachable_redis_raises_store_unavailable() -> None:
 
 
 def test_local_store_has_a_noop_watch(tmp_path: object) -> None:
+    """One process owns an embedded store: nothing else changes it, so watch() never calls back."""
     local = open_store(str(tmp_path))
-    local.watch(lambda _: None)  # type: ignore[attr-defined]
+    events: list[str | None] = []
+    local.watch(events.append)  # type: ignore[attr-defined]
+    data = make_prefix(0)
+    local.put(make_meta("acme/x", load_prefix(data), data, "native", False), data)
+    assert local.delete("acme/x") is True
+    time.sleep(0.2)  # a watcher thread, if there were one, would have reported by now
     local.close()
+    assert events == []
 
 
 def test_listing_skips_an_id_whose_prefix_vanished(store: RedisStore) -> None:

@@ -41,7 +41,9 @@ def test_cli_trains_evaluates_and_writes_a_servable_prefix(tiny_gpt2_dir: Path, 
     assert again.num_sources == 2
     # and it is BLEU: with the outputs themselves as references, the same training run scores 100
     echoed = tmp_path / "echo.txt"
-    echoed.write_text("".join(f"{s}||{h}\n" for s, h in zip(again.sources, again.hypotheses, strict=True) if h))
+    echoed.write_text(
+        "".join(f"{s}||{h}\n" for s, h in zip(again.sources, again.hypotheses, strict=True) if h)
+    )
     assert echoed.read_text(), "the prefix produced no text at all"
     second = tmp_path / "out" / "again.safetensors"
     assert main(["--model", str(tiny_gpt2_dir), "--train", str(data), "--dev", str(echoed), "--output", str(second),
@@ -51,7 +53,9 @@ def test_cli_trains_evaluates_and_writes_a_servable_prefix(tiny_gpt2_dir: Path, 
     assert (tmp_path / "out" / "e2e.safetensors.checkpoint.pt").exists()
 
 
-def test_upload_to_a_real_prefix_serve(tiny_bart_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_to_a_real_prefix_serve(
+    tiny_bart_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--upload against a real prefix-serve with auth on: the tenant key from PREFIXSERVE_API_KEY is used, the
     stored prefix is byte-for-byte the written file, and the server generates with it."""
     import hashlib
