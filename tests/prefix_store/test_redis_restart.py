@@ -19,7 +19,6 @@ from prefix_store.redis import RedisStore
 from prefix_store.store import StoreUnavailable, make_meta
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
