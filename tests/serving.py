@@ -50,7 +50,7 @@ def start_server(
     env: dict[str, str] | None = None,
     args: list[str] | None = None,
     port: int | None = None,
-    ready_timeout: float = 90.0,
+    ready_timeout: float = 300.0,  # a ceiling: on a loaded 2-core box, importing torch alone can take a minute
 ) -> ServerProcess:
     """Launch `python -m server` and wait until /readyz answers 200."""
     port = port or free_port()
