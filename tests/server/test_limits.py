@@ -141,16 +141,21 @@ def test_request_timeout_is_504(client: httpx.Client) -> None:
 
 
 def test_time_in_queue_counts_toward_the_timeout(server: ServerProcess, client: httpx.Client) -> None:
-    first_tokens = metric(client, "prefixserve_time_to_first_token_seconds_count")
+    tokens_before = _generated(client)
     with ExitStack() as stack:
         first = _open_stream(stack, server, LONG)
-        next(first)  # holds the slot until its own deadline
+        assert '"token_id"' in next(first)  # holds the slot until its own deadline
         response = client.post("/v1/generate", json=LONG)  # queued for almost all of its time
         assert_error(response, 504, "timeout")
-    # it timed out in the queue: it never got a slot, so it never produced a token (had queue time not
-    # counted, it would have got the slot when the first timed out, and produced tokens until its own)
+        rest = list(first)  # the first ended at its deadline, before the second's
+        assert '"code": "timeout"' in rest[-2], rest[-2:]
+        first_tokens = 1 + sum('"token_id"' in line for line in rest)
     assert wait_until(lambda: _engine_idle(client), timeout=CEILING)
-    assert metric(client, "prefixserve_time_to_first_token_seconds_count") == first_tokens + 1
+    second_tokens = _generated(client) - tokens_before - first_tokens
+    # The second got the slot only when the first timed out. Had its queue time not counted, it would then have
+    # run a whole REQUEST_TIMEOUT, as the first did, at the same speed (one slot): about as many tokens. Counted,
+    # it runs only for the moment between the two deadlines (the time it took to send it after the first).
+    assert second_tokens < first_tokens / 2, (first_tokens, second_tokens)
 
 
 def test_streamed_timeout_ends_with_an_error_event(server: ServerProcess, client: httpx.Client) -> None:
