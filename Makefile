@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: serve test lint format bench images clean
+.PHONY: serve test lint format bench images mutants clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,19 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Each benchmark writes bench/results/<name>.json (committed); bench.report renders the README's figures from them.
 bench: $(STAMP)
-	$(PY) -m bench.throughput
+	scripts/ensure-redis
+	$(PY) -m bench.throughput --threads 1
+	$(PY) -m bench.cache_rotation
+	$(PY) -m bench.store_bench
+	$(PY) -m bench.report --write
+
+# Deliberate breakages applied to copies of the tree; each must make the tests named in scripts/mutants fail.
+mutants: $(STAMP)
+	scripts/ensure-redis
+	scripts/ensure-nginx
+	$(PY) scripts/mutants
 
 # The CPU image and local Redis/nginx stand-ins, with podman (README: Containers); CUDA=1 adds the CUDA image.
 images:

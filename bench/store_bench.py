@@ -19,16 +19,20 @@ from collections.abc import Callable
 
 import torch
 
+from bench.record import write_result
 from prefix_store.cache import PrefixCache
 from prefix_store.format import Prefix, load_prefix, save_prefix
 from prefix_store.local import LocalStore
 from prefix_store.redis import RedisStore
 from prefix_store.store import PrefixStore, encode_cursor, make_meta
 
+FIGURES: dict[str, dict[str, float]] = {}  # what bench/results/store.json gets, filled as the figures print
 
-def percentiles(samples: list[float]) -> str:
+
+def percentiles(samples: list[float], key: str) -> str:
     ms = sorted(s * 1000 for s in samples)
     p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+    FIGURES[key] = {"p50_ms": statistics.median(ms), "p99_ms": p99, "n": len(ms)}
     return f"p50 {statistics.median(ms):7.3f} ms   p99 {p99:7.3f} ms   (n={len(ms)})"
 
 
@@ -38,7 +42,7 @@ def gpt2_prefix(num_tokens: int, num_layers: int = 12, num_heads: int = 12, head
     return save_prefix(Prefix(model_type="gpt2", targets=targets))
 
 
-def cold_loads(store: PrefixStore, iterations: int) -> list[float]:
+def cold_loads(store: PrefixStore, iterations: int, name: str) -> list[float]:
     data = gpt2_prefix(num_tokens=14)
     store.put(make_meta("bench/cold", load_prefix(data), data, "native", False), data)
     cache = PrefixCache(store, to_device=lambda p: p.targets, max_bytes=1 << 30)
@@ -51,7 +55,7 @@ def cold_loads(store: PrefixStore, iterations: int) -> list[float]:
         samples.append(time.perf_counter() - started)
         cache.release(entry)
     store.delete("bench/cold")
-    print(f"    store.get alone:     {percentiles(get_only)}")
+    print(f"    store.get alone:     {percentiles(get_only, f'{name}_get')}")
     return samples[5:]  # the first loads warm up connections and the script cache
 
 
@@ -94,12 +98,13 @@ def timed(call: Callable[[], object], repeat: int) -> list[float]:
 
 def listing(store: RedisStore, ids: list[str]) -> None:
     middle = encode_cursor(ids[len(ids) // 2])
-    print(f"  first page (100):            {percentiles(timed(lambda: store.list(limit=100), 200))}")
     print(
-        f"  page at the middle (100):    {percentiles(timed(lambda: store.list(limit=100, cursor=middle), 200))}"
+        f"  first page (100):            {percentiles(timed(lambda: store.list(limit=100), 200), 'list_first_page')}"
     )
+    middle_page = timed(lambda: store.list(limit=100, cursor=middle), 200)
+    print(f"  page at the middle (100):    {percentiles(middle_page, 'list_middle_page')}")
     page = lambda: store.list(tenant="tenant050", limit=100, cursor=middle, include_public=True)  # noqa: E731
-    print(f"  tenant + public, middle:     {percentiles(timed(page, 200))}")
+    print(f"  tenant + public, middle:     {percentiles(timed(page, 200), 'list_tenant_public_middle')}")
     started = time.perf_counter()
     seen, cursor, pages = 0, None, 0
     while True:
@@ -111,6 +116,7 @@ def listing(store: RedisStore, ids: list[str]) -> None:
     elapsed = time.perf_counter() - started
     assert seen == len(ids), (seen, len(ids))
     print(f"  full walk: {pages:,} pages of 100 in {elapsed:.2f} s ({elapsed / pages * 1000:.3f} ms/page)")
+    FIGURES["list_full_walk"] = {"pages": pages, "seconds": elapsed, "ms_per_page": elapsed / pages * 1000}
 
 
 def remove(store: RedisStore, ids: list[str], num_tenants: int) -> None:
@@ -135,10 +141,13 @@ def main() -> None:
 
     print("cold load of a ~1 MB prefix into PrefixCache (store.get + parse + to_device on CPU):")
     print("  redis:")
-    print(f"    acquire (cold):      {percentiles(cold_loads(store, args.iterations))}")
+    print(
+        f"    acquire (cold):      {percentiles(cold_loads(store, args.iterations, 'redis'), 'redis_cold_load')}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         print("  directory (page cache warm):")
-        print(f"    acquire (cold):      {percentiles(cold_loads(LocalStore(tmp), args.iterations))}")
+        loads = cold_loads(LocalStore(tmp), args.iterations, "directory")
+        print(f"    acquire (cold):      {percentiles(loads, 'directory_cold_load')}")
 
     num_tenants = 100
     print(f"listing with {args.count:,} prefixes stored ({num_tenants} tenants, 1 in 1,000 public):")
@@ -153,6 +162,8 @@ def main() -> None:
             num_tenants,
         )
         store.close()
+    figures = {"count": args.count, "tenants": num_tenants, "iterations": args.iterations, **FIGURES}
+    write_result("store", "bench.store_bench", figures)
 
 
 if __name__ == "__main__":

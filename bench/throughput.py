@@ -1,23 +1,27 @@
 """Side by side on one workload: prefixserve over HTTP vs PEFT one request at a time vs HF batched, no prefix.
 
-    .venv/bin/python -m bench.throughput                      # GPT-2, 4 layers, width 256, 32 requests, 16 prefixes
+    .venv/bin/python -m bench.throughput --threads 1          # GPT-2, 4 layers, width 256, 32 requests, 16 prefixes
     .venv/bin/python -m bench.throughput --layers 24 --width 1024 --heads 16 --prefixes 64 --requests 128 --device cuda
 
 The backbone is built here with random weights and a BPE tokenizer trained on ../shared/data (nothing is
 downloaded); the prefixes are PEFT prefix-tuning adapters of different lengths, uploaded to prefixserve
-as PEFT multipart. Every request generates exactly --new-tokens tokens (EOS ignored) so all three do the
-same work. Greedy outputs of prefixserve are checked against PEFT's for every request PEFT ran.
+as PEFT multipart. One rule for all three: greedy, up to --new-tokens tokens, a request ends at EOS (nobody
+ignores or suppresses it), and throughput counts the tokens each contender actually returned. Each contender
+is warmed up the same way (the first --warmup requests, untimed, in its own mode) and timed --repeats times;
+the figures are the median and the range. prefixserve's greedy tokens must equal PEFT's for every request PEFT
+ran, or the benchmark fails. Figures go to bench/results/<--name>.json (python -m bench.report puts them in
+the README).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -26,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "tests"))
+
+from bench.record import spread, write_result  # noqa: E402
 
 
 def build_backbone(path: Path, layers: int, width: int, heads: int, vocab: int) -> Path:
@@ -63,43 +69,56 @@ def prefix_lengths(num_prefixes: int) -> list[int]:
     return [4 + (i * 7) % 29 for i in range(num_prefixes)]  # 4..32 virtual tokens, all different-ish
 
 
-def run_prefixserve(
-    model_dir: Path, adapters: list[Path], jobs, new_tokens: int, device: str, workdir: Path
-) -> tuple[float, list]:
+Job = tuple[int, str]  # (prefix index, prompt)
+
+
+def timed(run: Callable[[list[Job]], list[list[int]]], jobs: list[Job], warmup: int, repeats: int):
+    """Warm up on the first `warmup` jobs (untimed), then time `repeats` runs of all of them.
+    Returns (seconds per run, tokens returned per run, the last run's token ids)."""
+    run(jobs[:warmup])
+    seconds, tokens, results = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        results = run(jobs)
+        seconds.append(time.perf_counter() - start)
+        tokens.append(sum(len(ids) for ids in results))
+    return seconds, tokens, results
+
+
+def until_eos(ids: list[int], eos: int) -> list[int]:
+    """Generated ids as prefixserve reports them: up to (without) the first EOS."""
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def run_prefixserve(model_dir: Path, adapters: list[Path], jobs: list[Job], args, workdir: Path):
     from serving import running_server, upload_peft
 
-    args = ["--max-num-seqs", str(len(jobs)), "--device", device, "--log-level", "warning"]
+    server_args = ["--max-num-seqs", str(len(jobs)), "--device", args.device, "--log-level", "warning"]
     env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    with running_server(model_dir, str(workdir / "store"), workdir, args=args, env=env) as server:
+    with running_server(model_dir, str(workdir / "store"), workdir, args=server_args, env=env) as server:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             for i, path in enumerate(adapters):
-                response = upload_peft(client, f"bench/p{i}", path)
-                response.raise_for_status()
+                upload_peft(client, f"bench/p{i}", path).raise_for_status()
 
-        async def go() -> list[list[int]]:
+        async def go(batch: list[Job]) -> list[list[int]]:
             async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
 
                 async def one(prefix_index: int, prompt: str) -> list[int]:
                     body = {
                         "prefix": f"bench/p{prefix_index}",
                         "prompt": prompt,
-                        "max_new_tokens": new_tokens,
-                        "ignore_eos": True,
+                        "max_new_tokens": args.new_tokens,
                     }
                     response = await client.post("/v1/generate", json=body)
                     response.raise_for_status()
                     return response.json()["token_ids"]
 
-                await one(*jobs[0])  # warm-up: first forward, caches
-                start = time.perf_counter()
-                results = await asyncio.gather(*(one(*job) for job in jobs))
-                return [time.perf_counter() - start, results]
+                return list(await asyncio.gather(*(one(*job) for job in batch)))
 
-        elapsed, results = asyncio.run(go())
-    return elapsed, results
+        return timed(lambda batch: asyncio.run(go(batch)), jobs, args.warmup, args.repeats)
 
 
-def run_peft(model_dir: Path, adapters: list[Path], jobs, new_tokens: int, device: str) -> tuple[float, list]:
+def run_peft(model_dir: Path, adapters: list[Path], jobs: list[Job], args):
     """What users do today: one PeftModel with every adapter loaded, set_adapter between requests."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,40 +129,35 @@ def run_peft(model_dir: Path, adapters: list[Path], jobs, new_tokens: int, devic
     )
     for i, path in enumerate(adapters[1:], start=1):
         model.load_adapter(path, adapter_name=f"p{i}")
-    model = model.to(device).eval()
+    model = model.to(args.device).eval()
+    eos = tokenizer.eos_token_id
 
     def one(prefix_index: int, prompt: str) -> list[int]:
         model.set_adapter(f"p{prefix_index}")
-        enc = tokenizer(prompt, return_tensors="pt").to(device)
+        enc = tokenizer(prompt, return_tensors="pt").to(args.device)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        return out[0, enc["input_ids"].shape[1] :].tolist()
+            out = model.generate(**enc, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=eos)
+        return until_eos(out[0, enc["input_ids"].shape[1] :].tolist(), eos)
 
-    one(*jobs[0])
-    start = time.perf_counter()
-    results = [one(*job) for job in jobs]
-    return time.perf_counter() - start, results
+    return timed(lambda batch: [one(*job) for job in batch], jobs, args.warmup, args.repeats)
 
 
-def run_hf_batched(model_dir: Path, jobs, new_tokens: int, device: str) -> float:
+def run_hf_batched(model_dir: Path, jobs: list[Job], args):
     """The ceiling: the same prompts in one left-padded HF generate call, no prefixes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
-    enc = tokenizer([prompt for _, prompt in jobs], return_tensors="pt", padding=True).to(device)
-    kwargs = dict(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    with torch.no_grad():
-        model.generate(**{k: v[:2] for k, v in enc.items()}, **kwargs)
-        start = time.perf_counter()
-        model.generate(**enc, **kwargs)
-    return time.perf_counter() - start
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(args.device).eval()
+    eos = tokenizer.eos_token_id
+
+    def batch_generate(batch: list[Job]) -> list[list[int]]:
+        enc = tokenizer([prompt for _, prompt in batch], return_tensors="pt", padding=True).to(args.device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=eos)
+        return [until_eos(row, eos) for row in out[:, enc["input_ids"].shape[1] :].tolist()]
+
+    return timed(batch_generate, jobs, args.warmup, args.repeats)
 
 
 def main() -> None:
@@ -156,13 +170,15 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--prefixes", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64, help="at most; a request ends at EOS")
     parser.add_argument(
         "--peft-requests",
         type=int,
         default=None,
         help="run PEFT on the first N requests only (slow backbones)",
     )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed requests per contender first")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--threads",
@@ -170,7 +186,7 @@ def main() -> None:
         default=torch.get_num_threads(),
         help="torch CPU threads for all three contenders (the server gets OMP_NUM_THREADS)",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
+    parser.add_argument("--name", default="throughput", help="results file: bench/results/NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -185,45 +201,54 @@ def main() -> None:
     ]
     jobs = workload(args.requests, args.prefixes)
     peft_jobs = jobs[: args.peft_requests] if args.peft_requests else jobs
-    n = args.new_tokens
 
-    ps_time, ps_results = run_prefixserve(model_dir, adapters, jobs, n, args.device, workdir)
-    peft_time, peft_results = run_peft(model_dir, adapters, peft_jobs, n, args.device)
-    hf_time = run_hf_batched(model_dir, jobs, n, args.device)
-    exact = sum(a == b for a, b in zip(ps_results, peft_results, strict=False))
+    contenders = {
+        "prefixserve": run_prefixserve(model_dir, adapters, jobs, args, workdir),
+        "peft": run_peft(model_dir, adapters, peft_jobs, args),
+        "hf_batched": run_hf_batched(model_dir, jobs, args),
+    }
+    ps_results, peft_results = contenders["prefixserve"][2], contenders["peft"][2]
+    mismatches = [i for i, (a, b) in enumerate(zip(ps_results, peft_results, strict=False)) if a != b]
+    if mismatches:
+        raise SystemExit(f"prefixserve's greedy tokens differ from PEFT's for requests {mismatches}")
 
-    rows = {
-        "prefixserve (HTTP, mixed prefixes)": len(jobs) * n / ps_time,
-        "PEFT one at a time (set_adapter)": len(peft_jobs) * n / peft_time,
-        "HF batched generate, no prefix": len(jobs) * n / hf_time,
+    rates = {
+        name: [tokens / seconds for seconds, tokens in zip(run[0], run[1], strict=True)]
+        for name, run in contenders.items()
+    }
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    labels = {
+        "prefixserve": "prefixserve (HTTP, mixed prefixes)",
+        "peft": "PEFT one at a time (set_adapter)",
+        "hf_batched": "HF batched generate, no prefix",
     }
     print(
         f"\nGPT-2 {args.layers} layers x {args.width} wide, vocab {args.vocab}, {args.device}, torch threads "
         f"{torch.get_num_threads()}: {len(jobs)} requests over {args.prefixes} prefixes (P {min(lengths)}-{max(lengths)}), "
-        f"{n} new tokens each"
+        f"up to {args.new_tokens} new tokens each, {args.repeats} timed runs"
     )
-    for name, rate in rows.items():
-        print(f"  {name:<38} {rate:10.1f} tokens/s")
-    ratio_peft = rows["prefixserve (HTTP, mixed prefixes)"] / rows["PEFT one at a time (set_adapter)"]
-    ratio_ceiling = rows["prefixserve (HTTP, mixed prefixes)"] / rows["HF batched generate, no prefix"]
-    print(f"  prefixserve / PEFT one-at-a-time      {ratio_peft:10.2f}x")
-    print(f"  prefixserve / no-prefix ceiling       {ratio_ceiling:10.2f}x")
-    print(f"  greedy outputs identical to PEFT:     {exact}/{len(peft_results)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "tokens_per_s": rows,
-                "ratio_vs_peft": ratio_peft,
-                "ratio_vs_ceiling": ratio_ceiling,
-                "identical": [exact, len(peft_results)],
-                "device": args.device,
-                "cpu_count": os.cpu_count(),
-            },
-            indent=2,
-        )
-    )
+    for name, label in labels.items():
+        r = rates[name]
+        print(f"  {label:<38} {medians[name]:10.1f} tokens/s  (range {min(r):.1f}-{max(r):.1f})")
+    print(f"  prefixserve / PEFT one-at-a-time      {medians['prefixserve'] / medians['peft']:10.2f}x")
+    print(f"  prefixserve / no-prefix ceiling       {medians['prefixserve'] / medians['hf_batched']:10.2f}x")
+    print(f"  greedy outputs identical to PEFT:     {len(peft_results)}/{len(peft_results)}")
+    figures = {
+        "model": {"layers": args.layers, "width": args.width, "heads": args.heads, "vocab": args.vocab},
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "requests": len(jobs),
+        "peft_requests": len(peft_jobs),
+        "prefixes": args.prefixes,
+        "prefix_lengths": [min(lengths), max(lengths)],
+        "max_new_tokens": args.new_tokens,
+        "tokens_returned": {name: run[1] for name, run in contenders.items()},
+        "tokens_per_s": {name: spread(r) for name, r in rates.items()},
+        "ratio_vs_peft": medians["prefixserve"] / medians["peft"],
+        "ratio_vs_ceiling": medians["prefixserve"] / medians["hf_batched"],
+        "identical_to_peft": [len(peft_results), len(peft_results)],
+    }
+    write_result(args.name, "bench.throughput", figures)
 
 
 if __name__ == "__main__":

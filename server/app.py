@@ -95,7 +95,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
         settings=settings, store=None, cache=None, engine=None, metrics=None, draining=False, num_starting=0
     )
     state.metrics = Metrics(state)
-    state.known_keys = KnownKeys()
+    state.known_keys = KnownKeys(settings.key_grace_seconds)
     backbone = load_backbone(settings.model, settings.device, settings.dtype)
     state.store = open_store(settings.store)
     state.quotas = Quotas(state.store)

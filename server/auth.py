@@ -59,12 +59,14 @@ class KnownKeys:
     """Keys this replica verified recently, used only while the store is unreachable.
 
     Normally every request checks its key in the store (so a revocation anywhere takes effect at once). When the
-    store is down, a key verified here within KEY_GRACE_SECONDS keeps working, so tenants whose prefixes are
-    resident are still served; a key revoked through this replica is forgotten at once.
+    store is down, a key verified here within `grace_seconds` (--key-grace-seconds, default KEY_GRACE_SECONDS)
+    keeps working, so tenants whose prefixes are resident are still served; a key revoked through this replica
+    is forgotten at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grace_seconds: float = KEY_GRACE_SECONDS) -> None:
         self._records: dict[str, tuple[KeyRecord, float]] = {}
+        self.grace_seconds = grace_seconds
 
     def remember(self, record: KeyRecord) -> None:
         self._records[record.key_id] = (record, time.monotonic())
@@ -74,7 +76,7 @@ class KnownKeys:
 
     def recent(self, key_id: str) -> KeyRecord | None:
         record, seen = self._records.get(key_id, (None, 0.0))
-        return record if record is not None and time.monotonic() - seen < KEY_GRACE_SECONDS else None
+        return record if record is not None and time.monotonic() - seen < self.grace_seconds else None
 
 
 def authenticate(
@@ -92,16 +94,19 @@ def authenticate(
     # psk_<key_id>_<secret>: the key id is hex, the secret is urlsafe base64 and may itself hold "_"
     key_id, _, secret = key[len(KEY_PREFIX) :].partition("_")
     if key.startswith(KEY_PREFIX) and key_id and secret:
+        from_store = True
         try:
             record = store.get_key(key_id)
         except StoreUnavailable as exc:
-            record = known.recent(key_id) if known is not None else None
+            record, from_store = (known.recent(key_id) if known is not None else None), False
             if record is None:
                 raise ServiceError(503, "store_unavailable", f"cannot check the key: {exc}") from exc
         if record is not None and hmac.compare_digest(hash_key(key), record.key_hash):
-            if known is not None:
+            if known is not None and from_store:  # only the store renews the grace, not its own use
                 known.remember(record)
             return Principal(is_admin=False, tenant=record.tenant)
+        if known is not None and from_store and record is None:
+            known.forget(key_id)  # revoked elsewhere: not to be accepted again during a later outage
     else:
         hmac.compare_digest(hash_key(key), hash_key(admin_key))  # same work either way
     raise _unauthorized("the key is not valid (revoked, mistyped, or for another deployment)")

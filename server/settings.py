@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     request_timeout: float = Field(
         300.0, gt=0, description="seconds a generation may take before it is aborted (504)"
     )
+    key_grace_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="while the store is unreachable, tenant keys verified here this recently keep working",
+    )
     replica_name: str | None = Field(None, description="sent as X-Prefixserve-Replica; default host:port")
     log_level: str = Field("info", description="python logging level")
 

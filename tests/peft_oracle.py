@@ -70,3 +70,18 @@ def peft_generate(
             ids = ids[:-1]
         results.append(ids)
     return results
+
+
+def assert_prefixes_matter(expected: dict[str | None, list[list[int]]]) -> None:
+    """Guard for the parity tests: an oracle in which the prefixes do not move greedy output cannot tell a
+    server that ignores them from a correct one. `expected` maps None (bare backbone) and each prefix id to
+    the expected ids per prompt; every adapter must differ from the bare backbone on every prompt, and no two
+    adapters may agree on all prompts (so serving one adapter in place of another fails too)."""
+    bare = expected[None]
+    adapters = {k: v for k, v in expected.items() if k is not None}
+    assert adapters, "no adapters in the oracle"
+    for prefix_id, ids in adapters.items():
+        same = [i for i, (got, base) in enumerate(zip(ids, bare, strict=True)) if got == base]
+        assert not same, f"{prefix_id}: PEFT's output equals the bare backbone's for prompts {same}"
+    outputs = [tuple(map(tuple, ids)) for ids in adapters.values()]
+    assert len(set(outputs)) == len(outputs), "two adapters give the same output on every prompt"

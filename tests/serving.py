@@ -50,7 +50,7 @@ def start_server(
     env: dict[str, str] | None = None,
     args: list[str] | None = None,
     port: int | None = None,
-    ready_timeout: float = 90.0,
+    ready_timeout: float = 300.0,  # a ceiling: on a loaded 2-core box, importing torch alone can take a minute
 ) -> ServerProcess:
     """Launch `python -m server` and wait until /readyz answers 200."""
     port = port or free_port()
@@ -105,3 +105,62 @@ def upload_peft(client: httpx.Client, prefix_id: str, path: Path) -> httpx.Respo
         "adapter_config": ("adapter_config.json", (path / "adapter_config.json").read_bytes()),
     }
     return client.put(f"/v1/prefixes/{prefix_id}", files=files)
+
+
+class BackgroundStream:
+    """A streamed POST /v1/generate read on its own thread, for requests that must be in flight while the
+    test does something else: `first_token` is set once a token arrived, `result()` waits for the end."""
+
+    def __init__(self, url: str, body: dict, headers: dict[str, str] | None = None, timeout: float = 120):
+        import threading
+
+        self.url, self.body, self.headers, self.timeout = (
+            url,
+            {**body, "stream": True},
+            headers or {},
+            timeout,
+        )
+        self.first_token = threading.Event()
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.finished_at: float | None = None  # time.monotonic() when the final event arrived
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import json
+
+        try:
+            with httpx.stream(
+                "POST", f"{self.url}/v1/generate", json=self.body, headers=self.headers, timeout=self.timeout
+            ) as response:
+                if response.status_code != 200:
+                    self.error = f"{response.status_code}: {response.read().decode(errors='replace')}"
+                    return
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        self.error = json.dumps(event["error"])
+                        return
+                    if event.get("token_id") is not None:
+                        self.tokens.append(event["token_id"])
+                        self.first_token.set()
+                    self.text += event.get("text", "")
+                    if event.get("finish_reason"):
+                        self.finish_reason = event["finish_reason"]
+                        self.finished_at = time.monotonic()
+        except Exception as exc:  # reported by result()
+            self.error = repr(exc)
+        finally:
+            self.first_token.set()  # never leave a waiter hanging; result() reports what happened
+
+    def result(self) -> list[int]:
+        self._thread.join(self.timeout)
+        assert not self._thread.is_alive(), f"stream still running after {self.timeout} s"
+        assert self.error is None, self.error
+        assert self.finish_reason is not None, "the stream ended without a final event"
+        return self.tokens

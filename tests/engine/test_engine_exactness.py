@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import torch
-from peft_oracle import MAX_NEW, PROMPTS
+from peft_oracle import MAX_NEW, PROMPTS, assert_prefixes_matter
 
 from prefix_store.cache import DevicePrefix
 from prefix_store.format import Prefix, import_peft, save_prefix
@@ -52,6 +52,7 @@ def run_engine(backbone, jobs, max_num_seqs: int = 6, stagger: bool = True):
 
 def test_mixed_batches_match_peft_token_for_token(peft_case):
     kind, model_dir, adapters, expected = peft_case
+    assert_prefixes_matter(expected)
     backbone = load_backbone(model_dir, "cpu", "float32")
     prefixes: dict[str | None, DevicePrefix | None] = {None: None}
     for prefix_id, path in adapters.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_oracle import MAX_NEW, PROMPTS, peft_generate
+from peft_oracle import MAX_NEW, PROMPTS, assert_prefixes_matter, peft_generate
 from test_engine_exactness import device_prefix, run_engine
 
 from prefix_store.format import import_peft
@@ -21,16 +21,18 @@ def test_mixed_batches_match_peft_on_cuda(peft_case):
     kind, model_dir, adapters, _ = peft_case
     backbone = load_backbone(model_dir, "cuda", "float32")
     jobs, expected = [], []
+    oracle = {None: peft_generate(model_dir, kind, None, PROMPTS, MAX_NEW, device="cuda")}
     for prefix_id, path in adapters.items():
         imported = import_peft(
             (path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()
         )
         imported.targets = {k: v.cuda() for k, v in imported.targets.items()}
         prefix = device_prefix(prefix_id, imported)
-        want = peft_generate(model_dir, kind, path, PROMPTS, MAX_NEW, device="cuda")
+        want = oracle[prefix_id] = peft_generate(model_dir, kind, path, PROMPTS, MAX_NEW, device="cuda")
         for prompt, ids in zip(PROMPTS, want, strict=True):
             jobs.append((prefix, prompt, SamplingParams(max_new_tokens=MAX_NEW)))
             expected.append(ids)
+    assert_prefixes_matter(oracle)
     results, distinct = run_engine(backbone, jobs, max_num_seqs=16)
     assert results == expected
     assert max(distinct) >= 3

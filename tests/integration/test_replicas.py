@@ -16,15 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from serving import ROOT, ServerProcess, free_port, start_server
+from serving import ROOT, BackgroundStream, ServerProcess, free_port, start_server
+from tiny_models import build_gpt2
 
 from prefix_store.format import Prefix, save_prefix
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-pytestmark = [
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
-    pytest.mark.slow,
-]
+pytestmark = pytest.mark.slow
+# Generous ceilings for conditions waited on (never a duration asserted): a loaded CI box may be slow.
+CEILING = 30.0
 GENERATE = {"prompt": "the quick brown fox", "max_new_tokens": 8}
 
 
@@ -37,6 +37,8 @@ class OwnRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        if shutil.which("redis-server") is None:  # a missing component fails the test, never skips it
+            pytest.fail("redis-server is not installed: scripts/ensure-redis installs it (make test runs it)")
         args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir)]
         args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -72,7 +74,8 @@ class Nginx:
     """nginx running docker/nginx.conf itself, with the replica addresses and the port swapped for loopback ones."""
 
     def __init__(self, work_dir: Path, replica_ports: tuple[int, int]):
-        assert NGINX is not None
+        if NGINX is None:
+            pytest.fail("nginx is not installed: scripts/ensure-nginx installs it (make test runs it)")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         site = (ROOT / "docker" / "nginx.conf").read_text()
@@ -119,8 +122,10 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("replicas")
+    # the tiny GPT-2's shape with 512 positions: long generations stay in flight while a prefix changes
+    model = build_gpt2(work / "gpt2-512", n_positions=512)
     redis = OwnRedis(work)
     redis.start()
     replicas: dict[str, ServerProcess] = {}
@@ -128,7 +133,7 @@ def cluster(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         with ThreadPoolExecutor(2) as pool:  # both start at once: model loading dominates the setup
             starting = {
                 name: pool.submit(
-                    start_server, tiny_gpt2_dir, redis.url, work / "logs", {"PREFIXSERVE_REPLICA_NAME": name}
+                    start_server, model, redis.url, work / "logs", {"PREFIXSERVE_REPLICA_NAME": name}
                 )
                 for name in ("r1", "r2")
             }
@@ -190,9 +195,7 @@ def test_what_one_replica_stores_the_other_serves_and_lists(cluster: Cluster, ti
     assert answer.json()["token_ids"] == generate(r1, "acme/shared").json()["token_ids"]
 
 
-def test_replacement_and_deletion_reach_the_other_replica_within_a_second(
-    cluster: Cluster, tiny_gpt2_dir: Path
-) -> None:
+def test_replacement_and_deletion_reach_the_other_replica(cluster: Cluster, tiny_gpt2_dir: Path) -> None:
     r1, r2 = cluster.replicas["r1"].url, cluster.replicas["r2"].url
     old, new, old_ids, new_ids = distinct_versions(tiny_gpt2_dir, r1, "acme/fresh")
     assert upload(r1, "acme/fresh", old).status_code == 200
@@ -201,16 +204,58 @@ def test_replacement_and_deletion_reach_the_other_replica_within_a_second(
     assert upload(r1, "acme/fresh", new).status_code == 200
     replaced = time.monotonic()
     # r2 never polls Redis per request: only the change notice can evict its cached old version.
+    # (a fallback re-read on a timer would also pass: the ceiling is for slow machines, not a latency claim;
+    # docs/redis.md quotes the measured latency, ~0.1 s, printed below)
     wait_for(
-        lambda: generate(r2, "acme/fresh").json()["token_ids"] == new_ids, 1.0, "r2 serving the new version"
+        lambda: generate(r2, "acme/fresh").json()["token_ids"] == new_ids,
+        CEILING,
+        "r2 serving the new version",
     )
     print(f"replacement seen by r2 after {time.monotonic() - replaced:.3f} s")
 
     assert httpx.delete(f"{r1}/v1/prefixes/acme/fresh").status_code == 204
     deleted = time.monotonic()
-    wait_for(lambda: generate(r2, "acme/fresh").status_code == 404, 1.0, "r2 answering 404")
+    wait_for(lambda: generate(r2, "acme/fresh").status_code == 404, CEILING, "r2 answering 404")
     print(f"deletion seen by r2 after {time.monotonic() - deleted:.3f} s")
     assert generate(r1, "acme/fresh").status_code == 404
+
+
+def test_replace_and_delete_on_one_replica_while_the_other_runs_requests_with_it(
+    cluster: Cluster, tiny_gpt2_dir: Path
+) -> None:
+    """r2 has requests with the prefix in flight when r1 replaces (then deletes) it: they finish with the
+    version they started with, and r2 serves no request admitted after the change notice with the old one."""
+    r1, r2 = cluster.replicas["r1"].url, cluster.replicas["r2"].url
+    old, new, _, _ = distinct_versions(tiny_gpt2_dir, r1, "acme/busy")
+    long = {"prompt": "the quick brown fox", "max_new_tokens": 400, "ignore_eos": True, "prefix": "acme/busy"}
+    assert upload(r1, "acme/busy", old).status_code == 200
+    old_ids = httpx.post(f"{r2}/v1/generate", json=long, timeout=120).json()["token_ids"]
+
+    running = [BackgroundStream(r2, long) for _ in range(4)]
+    for stream in running:
+        assert stream.first_token.wait(60) and stream.error is None, stream.error
+    assert upload(r1, "acme/busy", new).status_code == 200
+    replaced = time.monotonic()
+    new_ids = wait_for(
+        lambda: (
+            (ids := httpx.post(f"{r2}/v1/generate", json=long, timeout=120).json()["token_ids"]) != old_ids
+            and ids
+        ),
+        CEILING,
+        "r2 serving the new version",
+    )
+    assert [s.result() for s in running] == [old_ids] * 4
+    assert any(s.finished_at > replaced for s in running), "no request on r2 was in flight at the replace"
+    assert httpx.post(f"{r1}/v1/generate", json=long, timeout=120).json()["token_ids"] == new_ids
+
+    running = [BackgroundStream(r2, long) for _ in range(4)]
+    for stream in running:
+        assert stream.first_token.wait(60) and stream.error is None, stream.error
+    assert httpx.delete(f"{r1}/v1/prefixes/acme/busy").status_code == 204
+    deleted = time.monotonic()
+    wait_for(lambda: generate(r2, "acme/busy").status_code == 404, CEILING, "r2 answering 404")
+    assert [s.result() for s in running] == [new_ids] * 4
+    assert any(s.finished_at > deleted for s in running), "no request on r2 was in flight at the delete"
 
 
 def test_redis_crash_loses_no_acknowledged_prefix_and_replicas_recover(
@@ -230,30 +275,31 @@ def test_redis_crash_loses_no_acknowledged_prefix_and_replicas_recover(
         assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
         served = generate(url, "crash/p0")  # resident prefixes keep being served while Redis is down
         assert served.status_code == 200 and served.json()["token_ids"] == resident[url]
-        assert generate(url, "crash/p5").status_code in (
-            200,
-            503,
-        )  # resident on neither or one: never a 5xx crash
+        cold = generate(url, "crash/p5")  # stored, never generated with: resident on neither replica
+        assert cold.status_code == 503 and cold.json()["error"]["code"] == "store_unavailable", cold.text
         assert upload(url, "crash/during", tiny_prefix(tiny_gpt2_dir, 9)).status_code == 503
         failed = httpx.get(f"{url}/v1/prefixes", timeout=10)
         assert failed.status_code == 503 and failed.json()["error"]["code"] == "store_unavailable"
 
     cluster.redis.start()
     for url in (r1, r2):  # no restart of the replicas
-        wait_for(lambda url=url: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 20, f"{url} ready")
+        wait_for(
+            lambda url=url: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, CEILING, f"{url} ready"
+        )
         listed = httpx.get(f"{url}/v1/prefixes", params={"tenant": "crash"}).json()
         assert [m["id"] for m in listed["prefixes"]] == sorted(stored)
         for prefix_id, answer in stored.items():
             assert httpx.get(f"{url}/v1/prefixes/{prefix_id}").json()["sha256"] == answer.json()["sha256"]
         assert generate(url, "crash/p1").status_code == 200
     # The change feed is back too: a deletion on r1 reaches r2's cache (crash/p1 is resident there now).
-    wait_for(lambda: httpx.delete(f"{r1}/v1/prefixes/crash/p1").status_code == 204, 10, "delete on r1")
+    wait_for(lambda: httpx.delete(f"{r1}/v1/prefixes/crash/p1").status_code == 204, CEILING, "delete on r1")
     wait_for(
-        lambda: generate(r2, "crash/p1").status_code == 404, 5.0, "r2 seeing the deletion after the restart"
+        lambda: generate(r2, "crash/p1").status_code == 404,
+        CEILING,
+        "r2 seeing the deletion after the restart",
     )
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/ensure-nginx installs it)")
 def test_nginx_keeps_a_prefix_on_one_replica_and_fails_over(
     cluster: Cluster, tiny_gpt2_dir: Path, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ import queue
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,6 @@ import torch
 from prefix_store.format import Prefix, load_prefix, save_prefix
 from prefix_store.redis import RedisStore
 from prefix_store.store import StoreUnavailable, make_meta
-
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
 
 def free_port() -> int:
@@ -39,6 +38,8 @@ class OwnRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        if shutil.which("redis-server") is None:  # a missing component fails the test, never skips it
+            pytest.fail("redis-server is not installed: scripts/ensure-redis installs it (make test runs it)")
         args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir)]
         args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,6 +134,7 @@ def test_watch_keeps_trying_while_redis_is_down(own_redis: OwnRedis) -> None:
         own_redis.start()
         assert next_event(events, timeout=15) is None
     finally:
-        started = time.monotonic()
-        store.close()
-        assert time.monotonic() - started < 5.0  # close() stops the watcher promptly
+        closing = threading.Thread(target=store.close)
+        closing.start()
+        closing.join(timeout=30)  # a ceiling: close() must stop the reconnecting watcher, not hang on it
+        assert not closing.is_alive(), "close() did not return while the watcher was reconnecting"

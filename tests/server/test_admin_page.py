@@ -32,16 +32,13 @@ PROMPT = "name : Blue Spice | area : city centre"
 
 
 def _missing(reason: str) -> None:
-    """Locally a skip that says what to install; in CI (CI set) a failure, so a missing install is seen."""
-    message = f"{reason}: run scripts/ensure-chromium and pip install playwright (dev extras)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    """A failure, never a skip: a missing browser must not pass unseen (make test installs it)."""
+    pytest.fail(f"{reason}: run scripts/ensure-chromium and pip install playwright (dev extras)")
 
 
 try:
     from playwright.sync_api import expect, sync_playwright
-except ImportError:  # reported by the browser fixture: a skip locally, a failure in CI
+except ImportError:  # reported by the browser fixture, as a failure
     expect = sync_playwright = None  # type: ignore[assignment]
 
 

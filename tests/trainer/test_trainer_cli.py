@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,8 @@ import pytest
 from prefix_store.format import load_prefix, validate
 from trainer.backbone import load_backbone
 from trainer.cli import main
+from trainer.data import read_examples
+from trainer.evaluate import evaluate
 
 PAIRS = [
     "name : Blue Spice | Type : coffee shop | area : city centre||The Blue Spice coffee shop is in the city centre .",
@@ -34,46 +34,59 @@ def test_cli_trains_evaluates_and_writes_a_servable_prefix(tiny_gpt2_dir: Path, 
     assert prefix.num_virtual_tokens == 3
     assert prefix.prompt_template == " {source} <|endoftext|>"
     assert prefix.extra_metadata["x-train-steps"] == "4"
-    assert float(prefix.extra_metadata["x-dev-bleu"]) >= 0.0
+    # the BLEU it reports is the BLEU of the prefix it wrote: re-evaluated here from the file
+    again = evaluate(load_backbone(tiny_gpt2_dir), prefix.targets, read_examples(data), prefix.prompt_template,
+                     max_new_tokens=12, show_progress=False)  # fmt: skip
+    assert prefix.extra_metadata["x-dev-bleu"] == f"{again.bleu:.2f}"
+    assert again.num_sources == 2
+    # and it is BLEU: with the outputs themselves as references, the same training run scores 100
+    echoed = tmp_path / "echo.txt"
+    echoed.write_text(
+        "".join(f"{s}||{h}\n" for s, h in zip(again.sources, again.hypotheses, strict=True) if h)
+    )
+    assert echoed.read_text(), "the prefix produced no text at all"
+    second = tmp_path / "out" / "again.safetensors"
+    assert main(["--model", str(tiny_gpt2_dir), "--train", str(data), "--dev", str(echoed), "--output", str(second),
+                 "--max-steps", "4", "--batch-size", "2", "--lr", "1e-2", "--mid-dim", "16", "--prefix-length", "3",
+                 "--max-new-tokens", "12", "--quiet", "--device", "cpu"]) == 0  # fmt: skip
+    assert load_prefix(second.read_bytes()).extra_metadata["x-dev-bleu"] == "100.00"
     assert (tmp_path / "out" / "e2e.safetensors.checkpoint.pt").exists()
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    requests: list[tuple[str, dict, bytes]] = []
-
-    def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Recorder.requests.append((self.path, dict(self.headers), body))
-        payload = json.dumps({"id": "demo/e2e"}).encode()
-        self.send_response(201)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def test_upload_puts_the_native_file(
+def test_upload_to_a_real_prefix_serve(
     tiny_bart_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("PREFIXSERVE_API_KEY", "k-123")
+    """--upload against a real prefix-serve with auth on: the tenant key from PREFIXSERVE_API_KEY is used, the
+    stored prefix is byte-for-byte the written file, and the server generates with it."""
+    import hashlib
+
+    import httpx
+    from serving import running_server
+
     data = tmp_path / "pairs.jsonl"
     data.write_text(
         "\n".join(json.dumps({"source": p.split("||")[0], "target": p.split("||")[1]}) for p in PAIRS)
     )
     output = tmp_path / "bart.safetensors"
-    try:
-        main(["--model", str(tiny_bart_dir), "--train", str(data), "--output", str(output), "--max-steps", "1",
-              "--mid-dim", "16", "--quiet", "--upload", f"http://127.0.0.1:{server.server_port}/demo/e2e"])  # fmt: skip
-    finally:
-        server.shutdown()
-    path, headers, body = _Recorder.requests[-1]
-    assert path == "/v1/prefixes/demo/e2e"
-    assert headers["Content-Type"] == "application/octet-stream"
-    assert headers["Authorization"] == "Bearer k-123"
-    assert body == output.read_bytes()
-    assert load_prefix(body).target_names() == ["encoder", "decoder", "cross"]
+    argv = ["--model", str(tiny_bart_dir), "--train", str(data), "--output", str(output), "--max-steps", "1",
+            "--mid-dim", "16", "--quiet", "--device", "cpu"]  # fmt: skip
+    admin = {"Authorization": "Bearer trainer-admin-key-0123456789"}
+    env = {"PREFIXSERVE_ADMIN_KEY": admin["Authorization"][7:]}
+    with running_server(tiny_bart_dir, str(tmp_path / "store"), tmp_path / "logs", env=env) as server:
+        created = httpx.post(f"{server.url}/v1/tenants/demo/keys", headers=admin, timeout=30)
+        assert created.status_code == 201, created.text
+        key = created.json()["key"]
+        monkeypatch.delenv("PREFIXSERVE_API_KEY", raising=False)
+        with pytest.raises(RuntimeError, match="HTTP 401"):  # no key: refused, and said so
+            main([*argv, "--upload", f"{server.url}/demo/e2e"])
+        monkeypatch.setenv("PREFIXSERVE_API_KEY", key)
+        with pytest.raises(RuntimeError, match="HTTP 40[34]"):  # another tenant's namespace
+            main([*argv, "--upload", f"{server.url}/other/e2e"])
+        assert main([*argv, "--upload", f"{server.url}/demo/e2e"]) == 0
+        tenant = {"Authorization": f"Bearer {key}"}
+        meta = httpx.get(f"{server.url}/v1/prefixes/demo/e2e", headers=tenant, timeout=30).json()
+        assert meta["sha256"] == hashlib.sha256(output.read_bytes()).hexdigest()
+        assert meta["targets"] == ["encoder", "decoder", "cross"] and meta["source"] == "native"
+        body = {"prefix": "demo/e2e", "prompt": PAIRS[0].split("||")[0], "max_new_tokens": 4}
+        answer = httpx.post(f"{server.url}/v1/generate", json=body, headers=tenant, timeout=60)
+        assert answer.status_code == 200 and answer.json()["prefix"] == "demo/e2e", answer.text

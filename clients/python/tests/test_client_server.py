@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -43,7 +44,7 @@ def test_upload_native_then_replace(admin: PrefixServeClient, native_prefix_file
     assert (first.id, first.tenant, first.name) == ("native/p1", "native", "p1")
     assert (first.num_virtual_tokens, first.source, first.targets) == (5, "native", ["decoder"])
     assert first.dtype == "float32" and not first.public
-    assert len(first.sha256) == 64 and int(first.sha256, 16) >= 0
+    assert first.sha256 == hashlib.sha256(native_prefix_file.read_bytes()).hexdigest()
     again = admin.upload("native/p1", native_prefix_file)
     assert again.created is False and again.created_at == first.created_at
     assert again.sha256 == first.sha256, (
@@ -91,9 +92,34 @@ def test_closing_a_stream_early_frees_the_server(admin: PrefixServeClient, nativ
     first = next(iter(stream))
     assert first.token_id is not None
     stream.close()  # type: ignore[attr-defined]
+    # the server has 64 slots, so one more request being served proves nothing: watch the engine instead
+    assert wait_until(lambda: running_requests(admin) == 0), "the closed stream still holds its slot"
+    generated = metric(admin, "prefixserve_generated_tokens_total")
     assert (
         admin.generate("gen/early", "hello", max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
     )
+    assert metric(admin, "prefixserve_generated_tokens_total") == generated + 2  # nothing else generating
+
+
+def metric(client: PrefixServeClient, name: str) -> float:
+    for line in client.metrics().splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def running_requests(client: PrefixServeClient) -> float:
+    return metric(client, "prefixserve_running_requests") + metric(client, "prefixserve_queue_depth")
+
+
+def wait_until(condition: Callable[[], bool], ceiling: float = 30.0) -> bool:
+    """Poll `condition` until it holds; False after `ceiling` seconds (generous: a slow box is no failure)."""
+    deadline = time.monotonic() + ceiling
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_list_pages_through_every_prefix(admin: PrefixServeClient, native_prefix_file: Path) -> None:
