@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) -m bench.throughput --threads 1
 	$(PY) -m bench.cache_rotation
 	$(PY) -m bench.store_bench
+	$(PY) -m bench.fairness
 	$(PY) -m bench.report --write
 
 # Deliberate breakages applied to copies of the tree; each must make the tests named in scripts/mutants fail.

@@ -1,7 +1,7 @@
 """FIFO vs fair admission (virtual token counter), side by side in one run, on the real engine.
 
-    .venv/bin/python -m bench.fairness                # tiny GPT-2 built here, ~2 minutes on 2 CPU cores
-    .venv/bin/python -m bench.fairness --out bench/results/fairness.json
+    .venv/bin/python -m bench.fairness       # tiny GPT-2 built here, ~3 minutes on 2 CPU cores;
+                                             # writes bench/results/fairness.json
 
 Three scenarios, each run once with --scheduling fifo and once with fair:
 1. flood:    tenant "flood" keeps more requests in flight than slots + queue (each answered request is sent
@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import random
 import statistics
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench.record import write_result  # noqa: E402
 from server.engine.backbone import load_backbone  # noqa: E402
 from server.engine.engine import Engine, EngineConfig, QueueFull  # noqa: E402
 from server.engine.request import SamplingParams  # noqa: E402
@@ -211,7 +210,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="counting window per scenario")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs per policy (median)")
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from tiny_models import build_gpt2
@@ -241,19 +239,9 @@ def main() -> None:
         ),
         "throughput_tokens_per_s": rates,
     }
-    report = {
-        "benchmark": "bench.fairness",
-        "command": "python -m bench.fairness " + " ".join(sys.argv[1:]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {platform.processor() or 'cpu'}",
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "summary": summary,
-        "results": results,
-    }
-    print(json.dumps(report, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    figures = {"settings": vars(args), "summary": summary, "results": results}
+    print(json.dumps(figures, indent=2, default=str))
+    write_result("fairness", "bench.fairness", figures)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,42 @@ def store() -> list[str]:
     ]
 
 
+def fairness() -> list[str]:
+    record = load("fairness")
+    if record is None:
+        return []
+    f = record["figures"]
+    summary, results = f["summary"], f["results"]
+    fifo, fair = results["fifo"], results["fair"]
+
+    def ratio(value: float | None) -> str:
+        return "never served" if value is None else f"{value:.2f}×"
+
+    settings = f["settings"]
+    return [
+        f"The engine in-process (tiny GPT-2, {settings['max_num_seqs']} slots, queue {settings['max_queue']}, "
+        f"requests of ~{settings['new_tokens']} tokens); FIFO and fair (virtual token counter) side by side:",
+        "",
+        "| | FIFO | fair |",
+        "|---|---:|---:|",
+        f"| light tenant's latency under a flood ÷ alone | {ratio(summary['light_latency_ratio']['fifo'])} | "
+        f"**{ratio(summary['light_latency_ratio']['fair'])}** |",
+        f"| … of which one step's cost with the flood's full batch ÷ alone | {fifo['flood']['step_time_ratio']:.2f}× | "
+        f"{fair['flood']['step_time_ratio']:.2f}× |",
+        f"| light tenant's requests refused (of {fair['flood']['light_requests']}) | "
+        f"{summary['light_refused']['fifo']} | **{summary['light_refused']['fair']}** |",
+        f"| Jain's index, tokens served to 4 equal backlogged tenants (4–32 in flight) | "
+        f"{summary['jain_index']['fifo']:.3f} | **{summary['jain_index']['fair']:.3f}** |",
+        f"| weights 1 : 2 : 4, largest relative error of the served shares | "
+        f"{summary['weighted_share_max_error']['fifo']:.1%} | **{summary['weighted_share_max_error']['fair']:.1%}** |",
+        "",
+        f"Total throughput, fair ÷ FIFO (median of {len(summary['throughput_tokens_per_s']['fair'])} alternating "
+        f"runs each): **{summary['throughput_fair_over_fifo']:.2f}×**.",
+        "",
+        provenance(record, "fairness"),
+    ]
+
+
 def render() -> str:
     parts = []
     sections = [
@@ -124,6 +160,7 @@ def render() -> str:
         ("**Throughput, GPT-2-small shape**", throughput("throughput-gpt2-small")),
         ("**Prefixes rotating through the device cache**", cache_rotation()),
         ("**Store**", store()),
+        ("**Fair share between tenants**", fairness()),
     ]
     for title, lines in sections:
         if lines:
