@@ -43,11 +43,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "models" / "demo-prefixes")
     p.add_argument("--work", type=Path, default=ROOT / "var" / "demo-prefixes")
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", default="5e-3")
+    p.add_argument("--init-text", default="table-to-text:",
+                   help="initialise the prefix from this text's activations ('' for a random start)")  # fmt: skip
     p.add_argument("--only", choices=["e2e", "webnlg"])
     args = p.parse_args()
-    common = ["--model", args.model, "--prefix-length", "10", "--lr", "5e-3", "--batch-size", "10",
+    common = ["--model", args.model, "--prefix-length", "10", "--lr", args.lr, "--batch-size", "10",
               "--max-steps", str(args.steps), "--warmup-steps", "30", "--eval-max-sources", "50",
-              "--threads", "1", "--max-new-tokens", "80"]  # fmt: skip
+              "--threads", "1", "--max-new-tokens", "80", "--quiet"]  # fmt: skip
+    if args.init_text:
+        common += ["--init-text", args.init_text]
     if args.only in (None, "e2e"):
         train, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
         run(["--train", str(write_jsonl(args.work / "e2e-train.jsonl", train)),
