@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--public", action="store_true", help="with --upload: make it public (needs the admin key)"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars (a log line every 50 steps instead)"
+    )
     return p
 
 
