@@ -29,6 +29,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.copy_probes import run_probes  # noqa: E402
+from scripts.plant_copy import plant_induction  # noqa: E402
 from trainer.data import e2e_split, group_references, read_source_target, read_webnlg  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -57,10 +59,35 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--init-from", type=Path, help="continue from a saved model dir (its tokenizer and weights)"
     )
+    p.add_argument(
+        "--tokenizer", type=Path, help="reuse the tokenizer of this model dir instead of training one"
+    )
+    p.add_argument("--no-plant", action="store_true",
+                   help="plain random initialisation (default: plant a copy circuit, scripts/plant_copy.py)")  # fmt: skip
+    p.add_argument("--synthetic-frac", type=float, default=0.12,
+                   help="extra blocks of repeated random-token spans, as a fraction of the text blocks")  # fmt: skip
+    p.add_argument("--rename-frac", type=float, default=0.5,
+                   help="share of E2E documents whose venue name is replaced by an invented one")  # fmt: skip
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--probe-every", type=int, default=50, help="steps between copy probes")
     return p.parse_args()
 
 
-def corpus(data: Path, group_by_source: bool) -> tuple[list[str], list[str]]:
+TRAIN_SYLLABLES = ["ar", "bel", "cor", "dun", "el", "far", "gin", "hal", "ist", "jor", "kal", "lem", "nor",
+                   "pen", "ros", "sut", "tam", "ulf", "ven", "wil"]  # fmt: skip
+
+
+def invented_name(rng: random.Random) -> str:
+    words = [
+        "".join(rng.sample(TRAIN_SYLLABLES, rng.choice([2, 3]))).capitalize()
+        for _ in range(rng.choice([1, 2, 2]))
+    ]
+    return ("The " if rng.random() < 0.3 else "") + " ".join(words)
+
+
+def corpus(
+    data: Path, group_by_source: bool, rename_frac: float = 0.0, seed: int = 0
+) -> tuple[list[str], list[str]]:
     """(documents for the language model, extra lines for the tokenizer only)."""
     docs: list[str] = []
     for name in ("valid.txt", "test.txt"):
@@ -79,8 +106,16 @@ def corpus(data: Path, group_by_source: bool) -> tuple[list[str], list[str]]:
     if group_by_source:
         # all references of one MR / triple set form one document: the same names recur sentence after
         # sentence, which teaches the model to copy names from its context (what a table-to-text prefix needs)
-        for examples in (e2e_train, webnlg):
-            docs += [" ".join(refs) for refs in group_references(examples)[1]]
+        rng = random.Random(seed)
+        sources, references = group_references(e2e_train)
+        for source, refs in zip(sources, references, strict=True):
+            doc = " ".join(refs)
+            name = source.split("|")[0].split(":", 1)[1].strip() if source.startswith("name :") else ""
+            if name and rng.random() < rename_frac:
+                # an invented venue name (never in the probes: other syllables), the same all through the doc
+                doc = doc.replace(name, invented_name(rng))
+            docs.append(doc)
+        docs += [" ".join(refs) for refs in group_references(webnlg)[1]]
     else:
         docs += [ex.target for ex in e2e_train] + [ex.target for ex in webnlg]
     tables = sorted({ex.source for ex in e2e_train} | {ex.source for ex in webnlg})
@@ -107,6 +142,19 @@ def pack(tokenizer: GPT2Tokenizer, docs: list[str], block: int, seed: int) -> to
     return torch.tensor(stream[: num_blocks * block]).view(num_blocks, block)
 
 
+def synthetic_blocks(count: int, block: int, vocab_size: int, eos_id: int, seed: int) -> torch.Tensor:
+    """Blocks of random-token spans (length 8-60), each followed by 1-3 copies of itself, behind EOS."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        row = [eos_id]
+        while len(row) < block:
+            span = [rng.randrange(1, vocab_size) for _ in range(rng.randint(8, 60))]
+            row += span * rng.randint(2, 4) + [eos_id]
+        rows.append(row[:block])
+    return torch.tensor(rows)
+
+
 def lr_at(args: argparse.Namespace, step: int, started: float) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -114,20 +162,33 @@ def lr_at(args: argparse.Namespace, step: int, started: float) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+@torch.no_grad()
+def heldout_loss(model: GPT2LMHeadModel, heldout: torch.Tensor) -> float:
+    was_training = model.training
+    model.eval()
+    loss = sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in heldout) / len(heldout)
+    model.train(was_training)
+    return loss
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
-    docs, tables = corpus(args.data, args.group_by_source)
-    if args.init_from:
-        tokenizer = GPT2Tokenizer.from_pretrained(args.init_from)
+    docs, tables = corpus(args.data, args.group_by_source, args.rename_frac, args.seed)
+    if args.init_from or args.tokenizer:
+        tokenizer = GPT2Tokenizer.from_pretrained(args.init_from or args.tokenizer)
     else:
         tokenizer = train_tokenizer(docs, tables, args.vocab_size)
     blocks = pack(tokenizer, docs, args.block, seed=0)  # fixed: the held-out blocks never change
     num_heldout = max(8, len(blocks) // 50)
     heldout, blocks = blocks[:num_heldout], blocks[num_heldout:]
-    print(f"{len(docs)} documents, {blocks.numel()} training tokens, {heldout.numel()} held-out", flush=True)
+    synthetic = synthetic_blocks(int(args.synthetic_frac * len(blocks)), args.block, len(tokenizer),
+                                 tokenizer.eos_token_id, args.seed)  # fmt: skip
+    print(f"{len(docs)} documents, {blocks.numel()} training tokens, {heldout.numel()} held-out, "
+          f"{synthetic.numel()} synthetic", flush=True)  # fmt: skip
+    blocks = torch.cat([blocks, synthetic])
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=args.block, n_embd=args.n_embd, n_layer=args.n_layer,
         n_head=args.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -136,8 +197,15 @@ def main() -> None:
     model = GPT2LMHeadModel(config)
     if args.init_from:
         model = GPT2LMHeadModel.from_pretrained(args.init_from, dtype=torch.float32)
+    elif not args.no_plant:
+        plant_induction(model, seed=args.seed)
+    forbidden = " ".join(docs)
+    print(f"step 0 probes {run_probes(model, tokenizer, forbidden)} held-out loss {heldout_loss(model, heldout):.3f}",
+          flush=True)  # fmt: skip
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
+    )
     started = time.time()
     step, epoch = 0, 0
     while step < args.max_steps and time.time() - started < 60 * args.max_minutes:
@@ -159,21 +227,27 @@ def main() -> None:
                 rate = step * args.batch * args.block / elapsed
                 print(f"step {step} epoch {epoch} loss {loss.item():.3f} lr {group['lr']:.2e} "
                       f"{rate:.0f} tok/s {elapsed / 60:.1f} min", flush=True)  # fmt: skip
+            if step % args.probe_every == 0:
+                print(f"step {step} probes {run_probes(model, tokenizer, forbidden)} "
+                      f"held-out loss {heldout_loss(model, heldout[:8]):.3f}", flush=True)  # fmt: skip
             if step % 100 == 0:
                 torch.save({"model": model.state_dict(), "step": step}, args.work / "checkpoint.pt")
         epoch += 1
     model.eval()
     torch.save({"model": model.state_dict(), "step": step}, args.work / "final.pt")
-    with torch.no_grad():
-        heldout_loss = sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in heldout) / len(
-            heldout
-        )
-    print(f"done: {step} steps, {epoch} epochs, held-out loss {heldout_loss:.3f} "
-          f"(perplexity {math.exp(heldout_loss):.1f}), {(time.time() - started) / 60:.1f} min", flush=True)  # fmt: skip
+    final_loss = heldout_loss(model, heldout)
+    probes = run_probes(model, tokenizer, forbidden)
+    print(f"done: {step} steps, {epoch} epochs, held-out loss {final_loss:.3f} "
+          f"(perplexity {math.exp(final_loss):.1f}), probes {probes}, {(time.time() - started) / 60:.1f} min", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     model.half().save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    recipe = {**{k: str(v) for k, v in vars(args).items()}, "steps": step, "heldout_loss": heldout_loss}
+    recipe = {
+        **{k: str(v) for k, v in vars(args).items()},
+        "steps": step,
+        "heldout_loss": final_loss,
+        "probes": probes,
+    }
     (args.out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
 
 

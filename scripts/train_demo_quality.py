@@ -42,6 +42,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=2e-4)
     p.add_argument("--prefix-length", type=int, default=10)
     p.add_argument("--sizes", default="50,100,200,500")
+    p.add_argument(
+        "--seeds", default="0,1,2", help="low data: one run per seed (subset drawn and training seeded by it)"
+    )
+    p.add_argument("--methods", default="prefix,finetune", help="low data: which methods to run")
     p.add_argument("--only", choices=["full", "full-prefix", "full-finetune", "low"])
     return p.parse_args()
 
@@ -52,10 +56,11 @@ def score(backbone, prefix, heldout, template, args) -> tuple[float, list[str]]:
     return ev.bleu, ev.hypotheses[:3]
 
 
-def run_prefix(args, examples, heldout, steps, init_text=None) -> dict:
+def run_prefix(args, examples, heldout, steps, init_text=None, seed=0) -> dict:
     backbone = load_backbone(args.model)
     config = TrainConfig(num_virtual_tokens=args.prefix_length, learning_rate=args.prefix_lr, max_steps=steps,
-                         batch_size=10, warmup_steps=min(30, steps // 10), init_text=init_text, show_progress=False)  # fmt: skip
+                         batch_size=10, warmup_steps=min(30, steps // 10), init_text=init_text, show_progress=False,
+                         seed=seed)  # fmt: skip
     started = time.time()
     result = train_prefix(backbone, examples, config)
     bleu, samples = score(backbone, result.tuner(), heldout, result.template, args)
@@ -65,10 +70,10 @@ def run_prefix(args, examples, heldout, steps, init_text=None) -> dict:
             "init_text": init_text, "samples": samples}  # fmt: skip
 
 
-def run_finetune(args, examples, heldout, steps) -> dict:
+def run_finetune(args, examples, heldout, steps, seed=0) -> dict:
     backbone = load_backbone(args.model)
     config = TrainConfig(learning_rate=args.finetune_lr, max_steps=steps, batch_size=10,
-                         warmup_steps=min(30, steps // 10), show_progress=False)  # fmt: skip
+                         warmup_steps=min(30, steps // 10), show_progress=False, seed=seed)  # fmt: skip
     started = time.time()
     losses = finetune(backbone, examples, config)
     bleu, samples = score(backbone, None, heldout, backbone.default_template(), args)
@@ -111,14 +116,19 @@ def main() -> None:
             {"setting": "full", "size": len(train), **run_finetune(args, train, heldout, args.steps)},
         )
     if args.only in (None, "low"):
-        shuffled = list(train)
-        random.Random(0).shuffle(shuffled)
-        for size in (int(s) for s in args.sizes.split(",")):
-            subset = shuffled[:size]
-            steps = args.low_data_steps
-            record(args.out, {"setting": "low", "size": size,
-                              **run_prefix(args, subset, heldout, steps, init_text="table-to-text:")})  # fmt: skip
-            record(args.out, {"setting": "low", "size": size, **run_finetune(args, subset, heldout, steps)})
+        methods = args.methods.split(",")
+        for seed in (int(s) for s in args.seeds.split(",")):
+            shuffled = list(train)
+            random.Random(seed).shuffle(shuffled)
+            for size in (int(s) for s in args.sizes.split(",")):
+                subset, steps = shuffled[:size], args.low_data_steps
+                row = {"setting": "low", "size": size, "seed": seed}
+                if "prefix" in methods:
+                    record(
+                        args.out, {**row, **run_prefix(args, subset, heldout, steps, "table-to-text:", seed)}
+                    )
+                if "finetune" in methods:
+                    record(args.out, {**row, **run_finetune(args, subset, heldout, steps, seed)})
 
 
 if __name__ == "__main__":

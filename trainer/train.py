@@ -175,6 +175,10 @@ def _loop(backbone: Backbone, tuner: PrefixTuner, features: list[Features], conf
         bar.set_postfix(
             loss=f"{result.last_loss:.3f}", tok_s=f"{num_seen / max(time.time() - started, 1e-9):.0f}"
         )
+        if not config.show_progress and (result.steps % 50 == 0 or result.steps == steps):
+            elapsed = time.time() - started
+            log.info("step %d/%d loss %.3f lr %.2e (%.1f min)", result.steps, steps, result.last_loss,
+                     scheduler.get_last_lr()[0], elapsed / 60)  # fmt: skip
         if checkpoint is not None and config.save_every and result.steps % config.save_every == 0:
             save_checkpoint(checkpoint, tuner, optimizer, scheduler, result.steps, config, result.template)
     bar.close()
