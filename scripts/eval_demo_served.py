@@ -66,8 +66,12 @@ def start_server(model: Path, store: Path, port: int, log_path: Path) -> subproc
     raise SystemExit(f"prefix-serve not ready after 300 s; see {log_path}")
 
 
-def generate(client: httpx.Client, prefix: str | None, prompt: str, max_new_tokens: int) -> str:
+def generate(
+    client: httpx.Client, prefix: str | None, prompt: str, max_new_tokens: int, num_beams: int = 1
+) -> str:
     body = {"prefix": prefix, "prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0.0}
+    if num_beams > 1:
+        body["num_beams"] = num_beams
     response = client.post("/v1/generate", json=body, timeout=600)
     response.raise_for_status()
     return response.json()["text"].strip()
@@ -77,7 +81,9 @@ def run_all(
     client: httpx.Client, prefix: str | None, prompts: list[str], args: argparse.Namespace
 ) -> list[str]:
     with ThreadPoolExecutor(args.concurrency) as pool:
-        return list(pool.map(lambda p: generate(client, prefix, p, args.max_new_tokens), prompts))
+        return list(
+            pool.map(lambda p: generate(client, prefix, p, args.max_new_tokens, args.num_beams), prompts)
+        )
 
 
 def e2e_name(source: str) -> str:
@@ -110,6 +116,7 @@ def main() -> None:
         "--webnlg-sources", type=int, help="first N distinct triple sets of webnlg/dev (default: all)"
     )
     p.add_argument("--only", choices=["e2e", "webnlg"])
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = greedy)")
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
