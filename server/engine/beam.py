@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.backbone import GenerationRules
+from prefix_store.families import FamilySpec, GenerationRules
 from server.engine.request import BeamResult, Request
 from server.engine.sampler import apply_penalties
 
@@ -61,13 +61,15 @@ def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 class BeamGroup:
     """The search state of one request, on the device. Beams are numbered 0..k-1 (HF's order)."""
 
-    def __init__(self, request: Request, rules: GenerationRules, is_encoder_decoder: bool, device):
+    def __init__(self, request: Request, rules: GenerationRules, family: FamilySpec, device):
         params = request.params
         k = self.num_beams = params.num_beams
         self.max_new_tokens = params.max_new_tokens
         self.length_penalty = params.length_penalty
         self.early_stopping = params.early_stopping
         self.rules = rules
+        self.family = family
+        is_encoder_decoder = family.is_encoder_decoder
         self.repetition_penalty = params.repetition_penalty
         # HF's decoder_prompt_len: what input_ids hold before generation (the prompt, or BART's start token)
         self.num_prompt = 1 if is_encoder_decoder else len(request.prompt_token_ids)
@@ -96,12 +98,9 @@ class BeamGroup:
         log_probs = torch.log_softmax(logits, dim=-1)
         if self.repetition_penalty != 1.0:
             log_probs = self._penalise(log_probs)
-        cur_len = self.num_prompt + self.num_generated
-        forced = None
-        if self.rules.forced_bos_token_id is not None and cur_len == 1:
-            forced = self.rules.forced_bos_token_id
-        if self.rules.forced_eos_token_id is not None and self.num_generated == self.max_new_tokens - 1:
-            forced = self.rules.forced_eos_token_id
+        forced = self.family.forced_token(
+            self.rules, self.num_prompt, self.num_generated, self.max_new_tokens
+        )
         if forced is not None:  # HF: -inf everywhere, 0 on the forced token
             log_probs = torch.full_like(log_probs, float("-inf"))
             log_probs[:, forced] = 0
@@ -182,9 +181,9 @@ class BeamGroup:
 class BeamSearch:
     """All beam groups of the runner, stepped together with one device->host wait per step."""
 
-    def __init__(self, rules: GenerationRules, is_encoder_decoder: bool, device: torch.device):
+    def __init__(self, rules: GenerationRules, family: FamilySpec, device: torch.device):
         self.rules = rules
-        self.is_encoder_decoder = is_encoder_decoder
+        self.family = family
         self.device = device
         self.groups: dict[str, BeamGroup] = {}
 
@@ -194,9 +193,7 @@ class BeamSearch:
     def group(self, request: Request) -> BeamGroup:
         group = self.groups.get(request.request_id)
         if group is None:
-            group = self.groups[request.request_id] = BeamGroup(
-                request, self.rules, self.is_encoder_decoder, self.device
-            )
+            group = self.groups[request.request_id] = BeamGroup(request, self.rules, self.family, self.device)
         return group
 
     def step(self, logits: torch.Tensor, groups: list[tuple[Request, list[int]]]) -> list[BeamChoice]:

@@ -61,8 +61,8 @@ class ModelRunner:
             backbone.device,
             backbone.dtype,
         )
-        self.sampler = Sampler(backbone.rules, self.is_encoder_decoder, backbone.device)
-        self.beams = BeamSearch(backbone.rules, self.is_encoder_decoder, backbone.device)
+        self.sampler = Sampler(backbone.rules, backbone.spec, backbone.device)
+        self.beams = BeamSearch(backbone.rules, backbone.spec, backbone.device)
         self._beam_choices: dict[int, BeamChoice] = {}  # this step's, by id(request)
         self._to_fork: list[tuple[int, BeamChoice]] = []  # chosen, KV not yet forked (see _fork_beams)
         self.slots: list[SlotState] = []

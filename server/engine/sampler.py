@@ -18,27 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.backbone import GenerationRules
+from prefix_store.families import FamilySpec, GenerationRules
 from server.engine.request import Request
 
 # Temperatures in (0, MIN_TEMPERATURE) are computed as MIN_TEMPERATURE: sampling among the tokens whose
 # scores are within float32 rounding of the best one, i.e. greedy up to exact ties.
 MIN_TEMPERATURE = 1e-30
-
-
-def forced_token(request: Request, rules: GenerationRules, is_encoder_decoder: bool) -> int | None:
-    """The token HF's forced-BOS/EOS logits processors would force at this step, if any."""
-    num_out = len(request.output_token_ids)
-    forced = None
-    # HF: ForcedBOS at cur_len == 1 (cur_len counts the decoder input: [start] for seq2seq, the prompt otherwise)
-    cur_len = num_out + (1 if is_encoder_decoder else len(request.prompt_token_ids))
-    if rules.forced_bos_token_id is not None and cur_len == 1:
-        forced = rules.forced_bos_token_id
-    # HF: ForcedEOS at cur_len == max_length - 1, i.e. the last token the budget allows
-    is_last = num_out == request.params.max_new_tokens - 1
-    if rules.forced_eos_token_id is not None and not request.params.ignore_eos and is_last:
-        forced = rules.forced_eos_token_id
-    return forced
 
 
 @dataclass
@@ -73,26 +58,59 @@ class _RowState:
     counts: torch.Tensor | None = None  # [V] float32: generated tokens' occurrences
 
 
-def filtered_scores(logits: torch.Tensor, temperature, top_k, top_p) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [s, V] float32 (finite), temperature/top_p [s] float32, top_k [s] long (0 = off) ->
-    (scores sorted descending with the filtered-out ones at -inf [s, V], their token ids [s, V]).
+def ranking_depth(params: list, vocab: int) -> int:
+    """How many of the best tokens per row `filtered_scores` must rank for these rows' top-k/top-p (from the
+    host-side parameters, so no wait): top-k alone needs the k-th best score, top-p the order of the tokens
+    it may keep, which top-k bounds; top-p without top-k needs the whole vocabulary in order."""
+    depth = 0
+    for p in params:
+        k = min(p.top_k, vocab) if p.top_k > 0 else 0
+        depth = max(depth, vocab if p.top_p < 1.0 and k == 0 else k)
+    return depth
 
+
+def filtered_scores(
+    logits: torch.Tensor, temperature, top_k, top_p, depth: int | None = None
+) -> torch.Tensor:
+    """logits [s, V] float32 (finite), temperature/top_p [s] float32, top_k [s] long (0 = off) ->
+    scores [s, V] with the tokens top-k/top-p filter out at -inf (HF's warper order: temperature, top-k, top-p).
+
+    `depth` (see `ranking_depth`, default V) bounds the ranking: only the `depth` best tokens per row are
+    put in order (a top-k instead of a sort of the whole vocabulary, which dominated sampling's cost on CPU).
     Never all -inf: the best token's score is exactly 0 whatever the temperature, and it always survives.
     """
     vocab = logits.shape[-1]
+    depth = vocab if depth is None else min(depth, vocab)
     best = logits.max(dim=-1, keepdim=True).values
-    scores = (logits - best) / temperature.clamp(min=MIN_TEMPERATURE)[:, None]  # <= 0, best == 0
-    scores, order = scores.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device)
-    # top-k as HF does it: keep every token scoring at least the k-th best (ties at the k-th included)
-    kth = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab) - 1
-    keep = scores >= scores.gather(1, kth[:, None])
-    scores = scores.masked_fill(~keep, float("-inf"))
-    # top-p as HF does it: drop a token when the tokens more likely than it already hold >= top_p of the mass
+    scores = (logits - best).div_(temperature.clamp(min=MIN_TEMPERATURE)[:, None])  # <= 0, best == 0
+    if depth == 0:  # no row filters
+        return scores
+    if depth * 8 >= vocab:
+        ranked, order = scores.sort(dim=-1, descending=True)
+    else:
+        ranked, order = scores.topk(depth, dim=-1)  # sorted, descending
+    # top-k as HF does it: keep every token scoring at least the k-th best (ties at the k-th included, also
+    # those the ranking left out)
+    kth = ranked.gather(1, (top_k.clamp(min=1, max=depth) - 1)[:, None])
+    kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
+    scores.masked_fill_(scores < kth, float("-inf"))
+    # top-p as HF does it: drop a token when the tokens more likely than it already hold >= top_p of the mass.
+    # Tokens kept but not ranked (ties with the k-th best) come after all the ranked ones.
     probs = scores.softmax(dim=-1)
-    more_likely = probs.cumsum(dim=-1) - probs
-    keep = (more_likely < top_p[:, None]) | (top_p[:, None] >= 1.0) | (ranks == 0)
-    return scores.masked_fill(~keep, float("-inf")), order
+    ranked_probs = probs.gather(1, order)
+    more_likely = ranked_probs.cumsum(dim=-1) - ranked_probs
+    applies = top_p[:, None] < 1.0
+    drop_ranked = applies & (more_likely >= top_p[:, None])
+    drop_ranked[:, 0] = False  # the best token always survives
+    drop = torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, drop_ranked)
+    if (
+        depth < vocab
+    ):  # the unranked kept tokens all tie with the k-th best: in vocabulary order after the ranked
+        tied = torch.isfinite(scores).scatter_(1, order, False)  # kept, not ranked
+        before = tied.cumsum(dim=-1, dtype=torch.int32).sub_(1)  # how many of them come before this one
+        more_likely = probs.mul_(before).add_(ranked_probs.sum(dim=-1, keepdim=True))  # probs: not used after
+        drop |= tied & applies & (more_likely >= top_p[:, None])
+    return scores.masked_fill_(drop, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, seen, counts, repetition, presence, frequency) -> torch.Tensor:
@@ -106,9 +124,10 @@ def apply_penalties(logits: torch.Tensor, seen, counts, repetition, presence, fr
 
 
 class Sampler:
-    def __init__(self, rules: GenerationRules, is_encoder_decoder: bool, device: torch.device):
+    def __init__(self, rules: GenerationRules, family: FamilySpec, device: torch.device):
         self.rules = rules
-        self.is_encoder_decoder = is_encoder_decoder
+        self.family = family
+        self.is_encoder_decoder = family.is_encoder_decoder
         self.device = device
         self._rows: dict[str, _RowState] = {}
 
@@ -154,7 +173,7 @@ class Sampler:
         Host work is per row (reading its parameters); device work is batched; the only device->host
         wait is the final `.tolist()`.
         """
-        forced = [forced_token(r, self.rules, self.is_encoder_decoder) for r in requests]
+        forced = [self._forced(r) for r in requests]
         is_finite = torch.isfinite(logits).all(dim=-1)  # [n]
         penalised = [i for i, r in enumerate(requests) if r.params.has_penalties]
         if penalised:
@@ -171,6 +190,16 @@ class Sampler:
             columns += self._logprobs(logits, chosen, rows, filtered, num_top)
         values = torch.cat(columns, dim=1).tolist()  # the step's one device->host wait
         return self._unpack(values, requests, forced, num_top)
+
+    def _forced(self, request: Request) -> int | None:
+        """The token the backbone's generation rules force at this step (HF's ForcedBOS/ForcedEOS), if any."""
+        return self.family.forced_token(
+            self.rules,
+            len(request.prompt_token_ids),
+            len(request.output_token_ids),
+            request.params.max_new_tokens,
+            request.params.ignore_eos,
+        )
 
     def _unpack(self, values, requests: list[Request], forced: list[int | None], num_top) -> SampledTokens:
         token_ids: list[int | None] = []
@@ -217,9 +246,7 @@ class Sampler:
         (penalised) logits for greedy rows, the temperature/top-k/top-p-filtered scores for sampled rows."""
         distribution = logits
         if rows:
-            scores, order = filtered
-            unsorted = torch.full_like(scores, float("-inf")).scatter(1, order, scores)
-            distribution = logits.index_copy(0, self._as_tensor(rows), unsorted)
+            distribution = logits.index_copy(0, self._as_tensor(rows), filtered)
         logprobs = torch.log_softmax(distribution, dim=-1)
         picked = logprobs.gather(1, chosen[:, None])
         top = logprobs.topk(max(num_top, 1), dim=-1)
@@ -232,21 +259,22 @@ class Sampler:
         return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=True)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request], rows: list[int]):
-        """(sampled ids [s], (filtered scores sorted [s, V], their ids [s, V])) for the given rows: Gumbel-max
-        over the temperature/top-k/top-p-filtered scores, each row drawing from its own generator."""
+        """(sampled ids [s], filtered scores [s, V]) for the given rows: Gumbel-max over the
+        temperature/top-k/top-p-filtered scores, each row drawing from its own generator."""
         params = [requests[i].params for i in rows]
         selected = logits.index_select(0, self._as_tensor(rows))
         selected = torch.nan_to_num(selected, nan=0.0, posinf=0.0, neginf=0.0)  # failed rows: result unused
-        scores, order = filtered_scores(
+        vocab = logits.shape[-1]
+        scores = filtered_scores(
             selected,
             self._as_tensor([p.temperature for p in params], torch.float32),
             self._as_tensor([p.top_k for p in params]),
             self._as_tensor([p.top_p for p in params], torch.float32),
+            ranking_depth(params, vocab),
         )
-        vocab = logits.shape[-1]
         uniform = torch.stack(
             [torch.rand(vocab, generator=self._generator(requests[i]), device=self.device) for i in rows]
         )
-        gumbel = -torch.log(-torch.log(uniform))  # uniform in [0, 1): -inf at 0, never +inf
-        pick = (scores + gumbel).argmax(dim=-1, keepdim=True)  # the best token is finite, so never NaN
-        return order.gather(1, pick)[:, 0], (scores, order)
+        gumbel = uniform.log_().neg_().log_().neg_()  # uniform in [0, 1): -inf at 0, never +inf
+        drawn = gumbel.add_(scores).argmax(dim=-1)  # the best token is finite, so never NaN
+        return drawn, scores

@@ -12,6 +12,7 @@ import torch
 from peft_oracle import MAX_NEW, PROMPTS
 from test_engine_exactness import device_prefix, run_engine
 
+from prefix_store.families import family
 from prefix_store.format import Prefix, import_peft
 from server.engine.backbone import GenerationRules, load_backbone
 from server.engine.engine import Engine, EngineConfig
@@ -97,7 +98,7 @@ def test_sampling_is_safe_at_the_extremes(params: SamplingParams):
     logits[1, 7] = 3e38
     logits[1, 8] = -3e38
     requests = rows(params, params, params)
-    out = Sampler(RULES, False, torch.device("cpu")).sample(logits, requests).token_ids
+    out = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits, requests).token_ids
     assert all(t is not None and 0 <= t < 50 for t in out)
     if params.temperature < 1e-30 or params.top_p < 1e-100 or params.top_k == 1:
         assert out == logits.argmax(dim=-1).tolist()  # greedy up to exact ties
@@ -110,30 +111,48 @@ def test_non_finite_rows_are_reported_and_others_keep_their_tokens():
     requests = rows(
         SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=1e-40)
     )
-    result = Sampler(RULES, False, torch.device("cpu")).sample(logits, requests)
+    result = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits, requests)
     assert result.failed == [1, 2]
     assert result.token_ids[0] == int(logits[0].argmax()) and result.token_ids[3] == int(logits[3].argmax())
 
 
-def test_top_k_and_top_p_keep_what_hf_keeps():
+def hf_filtered(logits, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
-    from server.engine.sampler import filtered_scores
+    scores = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    return TopPLogitsWarper(top_p)(None, scores) if top_p < 1.0 else scores
 
-    logits = torch.randn(6, 40) * 3
-    temperature, top_k, top_p = 0.7, 9, 0.8
-    hf = TopPLogitsWarper(top_p)(
-        None, TopKLogitsWarper(top_k)(None, TemperatureLogitsWarper(temperature)(None, logits))
-    )
-    scores, order = filtered_scores(
-        logits, torch.full((6,), temperature), torch.full((6,), top_k), torch.full((6,), top_p)
-    )
-    ours = torch.full_like(logits, float("-inf")).scatter(1, order, scores)
-    assert torch.equal(torch.isfinite(ours), torch.isfinite(hf))
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [(0.7, 9, 0.8)] * 6,  # the bounded ranking (top-k) with top-p
+        [(0.7, 9, 0.8), (1.3, 0, 0.9), (0.5, 40, 1.0), (1.0, 0, 1.0), (2.0, 3, 0.3), (0.9, 700, 0.95)],
+        [(1.0, 5, 1.0), (0.8, 17, 1.0), (1.0, 0, 1.0), (1.2, 1, 0.5), (0.6, 64, 0.7), (1.0, 2, 0.99)],
+        [(1.0, 2, 1.0), (1.0, 1, 0.9), (0.5, 3, 0.6), (3.0, 1, 1.0)],  # ties beyond the ranked depth (3)
+    ],
+)
+def test_top_k_and_top_p_keep_what_hf_keeps(params):
+    from server.engine.sampler import filtered_scores, ranking_depth
+
+    vocab = 1000
+    logits = torch.randn(len(params), vocab) * 3
+    logits[:, :7] = 9.0  # a tie across the k-th best for k in 1..7
+    temperature, top_k, top_p = (torch.tensor(column) for column in zip(*params, strict=True))
+    depth = ranking_depth([SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in params], vocab)
+    for d in (None, depth):  # the whole vocabulary sorted, or the bounded ranking the sampler uses
+        ours = filtered_scores(logits, temperature.float(), top_k, top_p.float(), depth=d)
+        for row, (t, k, p) in enumerate(params):
+            hf = hf_filtered(logits[row : row + 1], t, k, p)[0]
+            # the same tokens kept, up to which of exactly tied tokens top-p cuts (an order both leave open)
+            kept, kept_by_hf = (logits[row][torch.isfinite(x)].sort().values for x in (ours[row], hf))
+            assert torch.equal(kept, kept_by_hf), (d, params[row])
 
 
 @contextlib.contextmanager

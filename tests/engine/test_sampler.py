@@ -11,6 +11,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
 )
 
+from prefix_store.families import family
 from server.engine.backbone import GenerationRules
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import Sampler
@@ -20,7 +21,7 @@ VOCAB = 40
 
 
 def sampler() -> Sampler:
-    return Sampler(RULES, False, torch.device("cpu"))
+    return Sampler(RULES, family("gpt2"), torch.device("cpu"))
 
 
 def test_repetition_penalty_is_hf_s():
