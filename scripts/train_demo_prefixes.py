@@ -69,12 +69,16 @@ def main() -> None:
     p.add_argument("--only", choices=["e2e", "webnlg"])
     p.add_argument("--rename-frac", type=float, default=0.5,
                    help="E2E: share of training pairs whose venues get invented names (see rename_venues)")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in --work (e.g. with a larger --steps)")  # fmt: skip
     args = p.parse_args()
     common = ["--model", args.model, "--prefix-length", "10", "--lr", args.lr, "--batch-size", "10",
               "--max-steps", str(args.steps), "--warmup-steps", "30", "--eval-max-sources", "50",
               "--threads", "1", "--max-new-tokens", "80", "--quiet"]  # fmt: skip
     if args.init_text:
         common += ["--init-text", args.init_text]
+    if args.resume:
+        common += ["--resume"]
     if args.only in (None, "e2e"):
         train, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
         train = rename_venues(train, args.rename_frac)

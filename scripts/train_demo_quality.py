@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.train_demo_prefixes import rename_venues  # noqa: E402
 from trainer.backbone import load_backbone  # noqa: E402
 from trainer.data import e2e_split, read_source_target  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
@@ -35,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models" / "demo-gpt2"))
     p.add_argument("--out", type=Path, default=ROOT / "var" / "quality" / "results.jsonl")
-    p.add_argument("--eval-sources", type=int, default=50)
+    p.add_argument("--eval-sources", type=int, default=100)
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of the full-data runs")
     p.add_argument("--low-data-steps", type=int, default=150)
     p.add_argument("--prefix-lr", type=float, default=5e-3)
@@ -46,14 +47,19 @@ def parse_args() -> argparse.Namespace:
         "--seeds", default="0,1,2", help="low data: one run per seed (subset drawn and training seeded by it)"
     )
     p.add_argument("--methods", default="prefix,finetune", help="low data: which methods to run")
+    p.add_argument("--rename-frac", type=float, default=0.5,
+                   help="share of training pairs whose venues get invented names, as for the shipped demo/e2e")  # fmt: skip
     p.add_argument("--only", choices=["full", "full-prefix", "full-finetune", "low"])
     return p.parse_args()
 
 
-def score(backbone, prefix, heldout, template, args) -> tuple[float, list[str]]:
+def score(backbone, prefix, heldout, template, args) -> tuple[float, float, list[str]]:
+    """BLEU, the share of outputs naming the venue exactly as the MR does, and three sample outputs."""
     ev = evaluate(backbone, prefix, heldout, template, args.eval_sources, num_beams=1, max_new_tokens=60,
                   show_progress=False)  # fmt: skip
-    return ev.bleu, ev.hypotheses[:3]
+    names = [dict(p.partition(" : ")[::2] for p in s.split(" | ")).get("name", "") for s in ev.sources]
+    named = sum(bool(n) and n in h for n, h in zip(names, ev.hypotheses, strict=True)) / len(names)
+    return ev.bleu, named, ev.hypotheses[:3]
 
 
 def run_prefix(args, examples, heldout, steps, init_text=None, seed=0) -> dict:
@@ -63,9 +69,9 @@ def run_prefix(args, examples, heldout, steps, init_text=None, seed=0) -> dict:
                          seed=seed)  # fmt: skip
     started = time.time()
     result = train_prefix(backbone, examples, config)
-    bleu, samples = score(backbone, result.tuner(), heldout, result.template, args)
+    bleu, named, samples = score(backbone, result.tuner(), heldout, result.template, args)
     exported = sum(t.numel() for t in result.tuner.export().targets.values())
-    return {"method": "prefix", "bleu": bleu, "trainable": result.tuner.num_trainable(), "served": exported,
+    return {"method": "prefix", "bleu": bleu, "named": named, "trainable": result.tuner.num_trainable(), "served": exported,
             "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]), "minutes": (time.time() - started) / 60,
             "init_text": init_text, "samples": samples}  # fmt: skip
 
@@ -76,9 +82,9 @@ def run_finetune(args, examples, heldout, steps, seed=0) -> dict:
                          warmup_steps=min(30, steps // 10), show_progress=False, seed=seed)  # fmt: skip
     started = time.time()
     losses = finetune(backbone, examples, config)
-    bleu, samples = score(backbone, None, heldout, backbone.default_template(), args)
+    bleu, named, samples = score(backbone, None, heldout, backbone.default_template(), args)
     trainable = sum(p.numel() for p in backbone.model.parameters())
-    return {"method": "finetune", "bleu": bleu, "trainable": trainable, "served": trainable,
+    return {"method": "finetune", "bleu": bleu, "named": named, "trainable": trainable, "served": trainable,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]), "minutes": (time.time() - started) / 60,
             "samples": samples}  # fmt: skip
 
@@ -94,6 +100,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     train, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
+    train = rename_venues(train, args.rename_frac)
     if args.only == "full-prefix":
         record(
             args.out, {"setting": "full", "size": len(train), **run_prefix(args, train, heldout, args.steps)}
@@ -105,8 +112,9 @@ def main() -> None:
         )
     if args.only in (None, "full"):
         backbone = load_backbone(args.model)
-        bleu, samples = score(backbone, None, heldout, backbone.default_template(), args)
-        record(args.out, {"setting": "full", "size": len(train), "method": "none", "bleu": bleu, "trainable": 0,
+        bleu, named, samples = score(backbone, None, heldout, backbone.default_template(), args)
+        record(args.out, {"setting": "full", "size": len(train), "method": "none", "bleu": bleu, "named": named,
+                          "trainable": 0,
                           "samples": samples})  # fmt: skip
         record(
             args.out, {"setting": "full", "size": len(train), **run_prefix(args, train, heldout, args.steps)}
