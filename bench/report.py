@@ -153,6 +153,41 @@ def fairness() -> list[str]:
     ]
 
 
+def sampling() -> list[str]:
+    record = load("sampling")
+    if record is None:
+        return []
+    f = record["figures"]
+    st, before = f["settings"], f["before"]
+    header = "| | tokens/s | × greedy | host ms/step |"
+    rule = "|---|---:|---:|---:|"
+    if before:
+        header += f" before ({before['commit']}): tokens/s | × greedy | host ms/step |"
+        rule += "---:|---:|---:|"
+    rows = []
+    for mode, this in f["this"].items():
+        row = f"| {mode} | {this['tokens_per_s']:.0f} | **{this['x_greedy']:.2f}×** | {this['host_ms']:.1f} |"
+        if before and mode in before["results"]:
+            b = before["results"][mode]
+            row += f" {b['tokens_per_s']:.0f} | {b['x_greedy']:.2f}× | {b['host_ms']:.1f} |"
+        rows.append(row)
+    sampled = ", ".join(f"{k} {v}" for k, v in f["sampled"].items())
+    top_p = ", ".join(f"{k} {v}" for k, v in f["top_p_only"].items())
+    return [
+        f"{st['requests']} concurrent requests × {st['new_tokens']} tokens over {st['prefixes']} prefixes, GPT-2 "
+        f"{st['layers']}×{st['width']} (vocabulary {st['vocab']:,}) on {st['device']}, over HTTP; best of "
+        f"{st['repeats']} round(s) per mode. Sampled: {sampled}, a seed each; top-p only: {top_p}, a seed each. "
+        "Host time per step = engine step − forward (`prefixserve_engine_*`)"
+        + (", the same load run on the commit before, one after the other." if before else "."),
+        "",
+        header,
+        rule,
+        *rows,
+        "",
+        provenance(record, "sampling"),
+    ]
+
+
 def render() -> str:
     parts = []
     sections = [
@@ -161,6 +196,7 @@ def render() -> str:
         ("**Prefixes rotating through the device cache**", cache_rotation()),
         ("**Store**", store()),
         ("**Fair share between tenants**", fairness()),
+        ("**Sampling and streaming next to greedy**", sampling()),
     ]
     for title, lines in sections:
         if lines:

@@ -2,13 +2,16 @@
 
     .venv/bin/python -m bench.sampling                  # GPT-2 4 layers x 256, 64 requests x 128 tokens, 8 prefixes
     .venv/bin/python -m bench.sampling --device cuda --layers 24 --width 1024 --heads 16
-    .venv/bin/python -m bench.sampling --server-root /path/to/other/checkout   # the same load on other code
+    .venv/bin/python -m bench.sampling --before-root /path/to/other/checkout   # and the same load on other code
 
-Three rounds of the same 64 concurrent requests (E2E prompts, 8 prefixes round-robin, EOS ignored so each
+Rounds of the same 64 concurrent requests (E2E prompts, 8 prefixes round-robin, EOS ignored so each
 generates exactly --new-tokens): greedy; sampled (temperature 0.8, top-k 50, top-p 0.95, a seed each);
-sampled and streamed (SSE). Prints tokens/s per round and its ratio to greedy, and the engine's time per
-step split into forward and host (step minus forward), read from /metrics (prefixserve_engine_*). The
-backbone is built here with random weights (bench.throughput's recipe); nothing is downloaded.
+sampled and streamed (SSE); and top-p alone (temperature 1, top-p 0.9, no top-k: the sampler must rank the
+whole vocabulary). Prints tokens/s per round and its ratio to greedy, and the engine's time per step split
+into forward and host (step minus forward), read from /metrics (prefixserve_engine_*). With --before-root the
+same rounds also run against that checkout's server, one after the other, and both are printed side by side.
+The backbone is built here with random weights (bench.throughput's recipe); nothing is downloaded. Writes
+bench/results/sampling.json (rendered into the README by bench.report).
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.record import write_result
 from bench.throughput import ROOT, build_backbone, workload
 
 sys.path.insert(0, str(ROOT / "tests"))
 
 SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+TOP_P_ONLY = {"temperature": 1.0, "top_p": 0.9}
+MODES = ("greedy", "sampled", "sampled+streamed", "top-p only")
 
 
 def native_prefixes(model_dir: Path, num_prefixes: int) -> list[bytes]:
@@ -89,15 +95,15 @@ def bodies_for(mode: str, jobs: list[tuple[int, str]], new_tokens: int) -> list[
         body: dict = {"prefix": f"bench/p{prefix}", "prompt": prompt, "max_new_tokens": new_tokens}
         body["ignore_eos"] = True
         if mode != "greedy":
-            body.update(SAMPLED, seed=i)
+            body.update(TOP_P_ONLY if mode == "top-p only" else SAMPLED, seed=i)
         if mode == "sampled+streamed":
             body["stream"] = True
         out.append(body)
     return out
 
 
-def run_rounds(url: str, model_dir: Path, args: argparse.Namespace) -> dict[str, tuple]:
-    """mode -> (tokens/s, step ms, forward ms, steps): the best of --repeats rounds."""
+def run_rounds(url: str, model_dir: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """mode -> figures of the best of --repeats rounds (tokens/s, step/forward/host ms, steps)."""
     with httpx.Client(base_url=url, timeout=60) as client:
         for i, data in enumerate(native_prefixes(model_dir, args.prefixes)):
             headers = {"Content-Type": "application/octet-stream"}
@@ -105,7 +111,7 @@ def run_rounds(url: str, model_dir: Path, args: argparse.Namespace) -> dict[str,
         jobs = workload(args.requests, args.prefixes)
         asyncio.run(round_trip(url, bodies_for("greedy", jobs[:8], 8)))  # warm the prefix cache
         results = {}
-        for mode in ("greedy", "sampled", "sampled+streamed"):
+        for mode in MODES:
             best = None
             for _ in range(args.repeats):
                 before = engine_seconds(client)
@@ -113,8 +119,10 @@ def run_rounds(url: str, model_dir: Path, args: argparse.Namespace) -> dict[str,
                 steps, step_s, forward_s = (
                     a - b for a, b in zip(engine_seconds(client), before, strict=True)
                 )
-                figures = (tokens / seconds, step_s / steps * 1e3, forward_s / steps * 1e3, steps)
-                if best is None or figures[0] > best[0]:
+                figures = {"tokens_per_s": tokens / seconds, "step_ms": step_s / steps * 1e3,
+                           "forward_ms": forward_s / steps * 1e3, "host_ms": (step_s - forward_s) / steps * 1e3,
+                           "steps": steps}  # fmt: skip
+                if best is None or figures["tokens_per_s"] > best["tokens_per_s"]:
                     best = figures
             results[mode] = best
     return results
@@ -133,12 +141,50 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per mode (the best is reported)")
-    parser.add_argument("--server-root", type=Path, default=ROOT, help="checkout whose server to run")
+    parser.add_argument("--before-root", type=Path, help="also run the same load on this checkout's server")
+    parser.add_argument("--no-record", action="store_true", help="do not write bench/results/sampling.json")
     args = parser.parse_args()
 
+    roots = {"this": ROOT, **({"before": args.before_root} if args.before_root else {})}
+    results = {name: measure(root, args) for name, root in roots.items()}
+    print(f"{args.requests} requests x {args.new_tokens} tokens, {args.prefixes} prefixes, GPT-2 "
+          f"{args.layers}x{args.width} on {args.device}")  # fmt: skip
+    for name, by_mode in results.items():
+        for f in by_mode.values():
+            f["x_greedy"] = f["tokens_per_s"] / by_mode["greedy"]["tokens_per_s"]
+        print(f"server from {roots[name]}")
+        print(
+            f"{'mode':<18} {'tokens/s':>9} {'x greedy':>9} {'step ms':>8} {'forward ms':>11} {'host ms':>8} {'steps':>6}"
+        )
+        for mode, f in by_mode.items():
+            print(f"{mode:<18} {f['tokens_per_s']:>9.0f} {f['x_greedy']:>9.2f} {f['step_ms']:>8.2f} "
+                  f"{f['forward_ms']:>11.2f} {f['host_ms']:>8.2f} {f['steps']:>6.0f}")  # fmt: skip
+    if not args.no_record:
+        settings = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "prefixes", "requests",
+                                                  "new_tokens", "device", "repeats")}  # fmt: skip
+        before = (
+            {"root": str(args.before_root), "commit": commit_of(args.before_root)}
+            if args.before_root
+            else None
+        )
+        figures = {"settings": settings, "sampled": SAMPLED, "top_p_only": TOP_P_ONLY, "this": results["this"],
+                   "commit": commit_of(ROOT), "before": before and {**before, "results": results["before"]}}  # fmt: skip
+        write_result("sampling", "bench.sampling", figures)
+
+
+def commit_of(root: Path) -> str:
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+def measure(server_root: Path, args: argparse.Namespace) -> dict[str, dict]:
     import serving
 
-    serving.ROOT = args.server_root  # the server process runs from this checkout
+    serving.ROOT = server_root  # the server process runs from this checkout
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = build_backbone(root / "model", args.layers, args.width, args.heads, args.vocab)
@@ -148,16 +194,7 @@ def main() -> None:
         with serving.running_server(
             model_dir, str(root / "store"), root / "logs", args=server_args
         ) as server:
-            results = run_rounds(server.url, model_dir, args)
-    greedy = results["greedy"][0]
-    print(f"{args.requests} requests x {args.new_tokens} tokens, {args.prefixes} prefixes, GPT-2 "
-          f"{args.layers}x{args.width} on {args.device}, server from {args.server_root}")  # fmt: skip
-    print(
-        f"{'mode':<18} {'tokens/s':>9} {'x greedy':>9} {'step ms':>8} {'forward ms':>11} {'host ms':>8} {'steps':>6}"
-    )
-    for mode, (rate, step_ms, forward_ms, steps) in results.items():
-        print(f"{mode:<18} {rate:>9.0f} {rate / greedy:>9.2f} {step_ms:>8.2f} {forward_ms:>11.2f} "
-              f"{step_ms - forward_ms:>8.2f} {steps:>6.0f}")  # fmt: skip
+            return run_rounds(server.url, model_dir, args)
 
 
 if __name__ == "__main__":

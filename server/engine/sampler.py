@@ -1,29 +1,84 @@
 """Next-token choice for the whole batch at once, with one device->host wait per step.
 
 Greedy rows are exactly HF `generate(do_sample=False)`: an argmax. Sampled rows apply temperature, then
-top-k, then top-p (HF's warper order) and draw with the Gumbel-max trick from their own generator, so a
-seeded request gives the same tokens alone and in any batch. The backbone's forced tokens
-(generation_config.forced_bos_token_id / forced_eos_token_id) are applied where HF applies them.
+top-k, then top-p (HF's warper order and keep rules, ties at the k-th best included) and draw with the
+Gumbel-max trick. The backbone's forced tokens (generation_config.forced_bos_token_id / forced_eos_token_id)
+are applied where HF applies them (the family spec says where).
+
+Cost: a row with top-k ranks only its k best tokens (`topk`, not a sort of the vocabulary: the sort was
+most of sampling's host time on CPU) and draws among them; top-p without top-k sorts the vocabulary;
+temperature alone ranks nothing. Each row's figures are computed the same way whatever else is in the batch
+(sums run in rank order, so a deeper ranking for another row's larger k changes nothing).
+
+Randomness is per request and stateless where it can be: a top-k row's Gumbel noise is a hash (splitmix64)
+of the request's seed, the step and the token id, computed only for its candidates; other sampled rows draw
+a uniform per vocabulary entry from the request's own torch generator. Either way a seeded request gives the
+same tokens alone and in any batch. In the rare step where a top-k row's k-th best score ties exactly with
+tokens beyond the ranking (HF keeps all of them; bfloat16 logits tie often), that row is redone over the
+whole vocabulary after the step's wait, with the same noise: a second wait in that step only.
 
 Fault isolation: a row whose logits are not all finite (its prefix or prompt broke the arithmetic) gets
-no token and is reported as failed; the other rows are untouched. Sampling itself cannot produce NaN for
-any value the API accepts: scores are shifted so the best is 0 before dividing by the temperature (so a
-tiny temperature sends the others to -inf, never 0/0), the temperature is floored at MIN_TEMPERATURE
-(below it float32 would round it to 0), and the most likely token always survives top-k/top-p.
+no token and is reported as failed; the other rows are untouched (all arithmetic is per row). Sampling
+itself cannot produce NaN for any value the API accepts: scores are shifted so the best is 0 before
+dividing by the temperature (so a tiny temperature sends the others to -inf, never 0/0), the temperature is
+floored at MIN_TEMPERATURE (below it float32 would round it to 0), and the best token always survives
+top-k/top-p.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
 
 from prefix_store.families import FamilySpec, GenerationRules
-from server.engine.request import Request
+from server.engine.request import Request, SamplingParams
 
 # Temperatures in (0, MIN_TEMPERATURE) are computed as MIN_TEMPERATURE: sampling among the tokens whose
 # scores are within float32 rounding of the best one, i.e. greedy up to exact ties.
 MIN_TEMPERATURE = 1e-30
+
+NEG_INF = float("-inf")
+_MASK64 = (1 << 64) - 1
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_SYSTEM_RANDOM = random.SystemRandom()
+
+
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 torch holds it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser on Python ints (the host-side twin of `hashed_uniform`)."""
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def noise_key(seed: int, step: int) -> int:
+    """The hash key of a request's step: a function of its seed and the index of the token being drawn."""
+    return _signed(_mix64((_mix64((seed + _GOLDEN) & _MASK64) + step * _GOLDEN) & _MASK64))
+
+
+def hashed_uniform(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """keys [s, 1] int64 (noise_key), token_ids [s, m] int64 -> uniforms in (0, 1) [s, m] float32:
+    splitmix64(key + id * golden) on int64 (multiplication wraps), the top 23 bits."""
+
+    def shift(z: torch.Tensor, bits: int) -> torch.Tensor:  # logical right shift on int64
+        return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+    z = keys + token_ids * _signed(_GOLDEN)
+    z = (z ^ shift(z, 30)) * _signed(_MIX1)
+    z = (z ^ shift(z, 27)) * _signed(_MIX2)
+    z = z ^ shift(z, 31)
+    return shift(z, 41).float().add_(0.5).mul_(2.0**-23)  # 23 bits: exact in float32, never 0 or 1
+
+
+def gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise from uniforms in (0, 1) (in place); the argmax of scores + noise is a draw."""
+    return uniform.log_().neg_().log_().neg_()
 
 
 @dataclass
@@ -51,66 +106,89 @@ class SampledTokens:
 class _RowState:
     """What the sampler keeps per request across steps (on the device)."""
 
-    generator: torch.Generator | None = None
+    seed: int = 0
+    generator: torch.Generator | None = None  # rows without top-k: uniforms over the whole vocabulary
     seen: torch.Tensor | None = (
         None  # [V] bool: the tokens HF's repetition penalty looks at before generation
     )
     counts: torch.Tensor | None = None  # [V] float32: generated tokens' occurrences
 
 
-def ranking_depth(params: list, vocab: int) -> int:
-    """How many of the best tokens per row `filtered_scores` must rank for these rows' top-k/top-p (from the
-    host-side parameters, so no wait): top-k alone needs the k-th best score, top-p the order of the tokens
-    it may keep, which top-k bounds; top-p without top-k needs the whole vocabulary in order."""
-    depth = 0
-    for p in params:
-        k = min(p.top_k, vocab) if p.top_k > 0 else 0
-        depth = max(depth, vocab if p.top_p < 1.0 and k == 0 else k)
-    return depth
+def scaled_scores(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """logits [s, V] -> (logits - best) / temperature: <= 0, the best exactly 0 whatever the temperature."""
+    best = logits.amax(dim=-1, keepdim=True)
+    return (logits - best).div_(temperature.clamp(min=MIN_TEMPERATURE)[:, None])
 
 
-def filtered_scores(
-    logits: torch.Tensor, temperature, top_k, top_p, depth: int | None = None
-) -> torch.Tensor:
-    """logits [s, V] float32 (finite), temperature/top_p [s] float32, top_k [s] long (0 = off) ->
-    scores [s, V] with the tokens top-k/top-p filter out at -inf (HF's warper order: temperature, top-k, top-p).
+def ranked_filter(
+    scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, depth: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scores [s, V] (scaled_scores), top_k [s] long (0 = off), top_p [s] float32 ->
+    (ranked [s, m]: the m best scores per row, descending, those top-k/top-p drop at -inf; their ids [s, m];
+    spill [s] bool: top-k may keep tokens beyond the ranking, ties with the k-th best: redo with depth V).
 
-    `depth` (see `ranking_depth`, default V) bounds the ranking: only the `depth` best tokens per row are
-    put in order (a top-k instead of a sort of the whole vocabulary, which dominated sampling's cost on CPU).
-    Never all -inf: the best token's score is exactly 0 whatever the temperature, and it always survives.
+    m = depth, or V when depth >= V / 8 (then a full sort is cheaper than topk). HF's rules: top-k keeps every
+    token scoring at least the k-th best; top-p drops a token when the tokens ranked before it already hold
+    >= top_p of the kept mass (the best always survives). Sums run in rank order (cumsum), so a row's result
+    does not depend on m as long as m covers what it keeps.
     """
-    vocab = logits.shape[-1]
-    depth = vocab if depth is None else min(depth, vocab)
-    best = logits.max(dim=-1, keepdim=True).values
-    scores = (logits - best).div_(temperature.clamp(min=MIN_TEMPERATURE)[:, None])  # <= 0, best == 0
-    if depth == 0:  # no row filters
-        return scores
+    vocab = scores.shape[-1]
     if depth * 8 >= vocab:
-        ranked, order = scores.sort(dim=-1, descending=True)
+        ranked, order = scores.sort(dim=-1, descending=True, stable=True)  # ties in id order
     else:
-        ranked, order = scores.topk(depth, dim=-1)  # sorted, descending
-    # top-k as HF does it: keep every token scoring at least the k-th best (ties at the k-th included, also
-    # those the ranking left out)
-    kth = ranked.gather(1, (top_k.clamp(min=1, max=depth) - 1)[:, None])
-    kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
-    scores.masked_fill_(scores < kth, float("-inf"))
-    # top-p as HF does it: drop a token when the tokens more likely than it already hold >= top_p of the mass.
-    # Tokens kept but not ranked (ties with the k-th best) come after all the ranked ones.
-    probs = scores.softmax(dim=-1)
-    ranked_probs = probs.gather(1, order)
-    more_likely = ranked_probs.cumsum(dim=-1) - ranked_probs
-    applies = top_p[:, None] < 1.0
-    drop_ranked = applies & (more_likely >= top_p[:, None])
-    drop_ranked[:, 0] = False  # the best token always survives
-    drop = torch.zeros_like(scores, dtype=torch.bool).scatter(1, order, drop_ranked)
-    if (
-        depth < vocab
-    ):  # the unranked kept tokens all tie with the k-th best: in vocabulary order after the ranked
-        tied = torch.isfinite(scores).scatter_(1, order, False)  # kept, not ranked
-        before = tied.cumsum(dim=-1, dtype=torch.int32).sub_(1)  # how many of them come before this one
-        more_likely = probs.mul_(before).add_(ranked_probs.sum(dim=-1, keepdim=True))  # probs: not used after
-        drop |= tied & applies & (more_likely >= top_p[:, None])
-    return scores.masked_fill_(drop, float("-inf"))
+        ranked, order = scores.topk(depth, dim=-1)
+        # the same order a stable sort gives (ties in id order): top-p's cut inside a tie group, and so a
+        # seeded draw, must not depend on how deep the ranking went
+        order, by_id = order.sort(dim=-1)
+        ranked, by_score = ranked.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+        order = order.gather(1, by_score)
+    m = ranked.shape[-1]
+    kth = ranked.gather(1, (top_k.clamp(min=1, max=m) - 1)[:, None])
+    kth = torch.where(top_k[:, None] > 0, kth, NEG_INF)
+    ranked = ranked.masked_fill(ranked < kth, NEG_INF)
+    spill = ranked[:, -1] > NEG_INF if m < vocab else torch.zeros_like(top_k, dtype=torch.bool)
+    weights = ranked.exp()  # the best is 1, dropped 0
+    cumulative = weights.cumsum(dim=-1)
+    more_likely = (cumulative - weights).div_(cumulative[:, -1:])
+    drop = (top_p[:, None] < 1.0) & (more_likely >= top_p[:, None])
+    drop[:, 0] = False
+    return ranked.masked_fill_(drop, NEG_INF), order, spill
+
+
+def filtered_scores(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
+    """The whole-vocabulary view [s, V]: scaled scores with what top-k/top-p drop at -inf (tests, tools)."""
+    scores = scaled_scores(logits, temperature)
+    ranked, order, _ = ranked_filter(scores, top_k, top_p, scores.shape[-1])
+    return torch.full_like(scores, NEG_INF).scatter_(1, order, ranked)
+
+
+@dataclass
+class _Drawn:
+    """One group of sampled rows: their draws [s] and, where asked, log-probabilities of what they drew from."""
+
+    rows: list[int]
+    tokens: torch.Tensor
+    spill: torch.Tensor | None = None  # [s] bool (top-k rows)
+    logprobs: list[torch.Tensor] | None = None  # [picked [s, 1], top ids [s, T], top logprobs [s, T]]
+
+
+def ranked_logprobs(ranked, order, pick, num_top: int) -> list[torch.Tensor]:
+    """Log-probabilities of a ranked, filtered distribution: [picked [s, 1], top ids [s, T], top lps [s, T]]."""
+    logprobs = ranked - ranked.logsumexp(dim=-1, keepdim=True)
+    width = min(num_top, ranked.shape[-1])
+    ids, values = order[:, :width], logprobs[:, :width]
+    if width < num_top:  # fewer ranked tokens than alternatives asked for: the rest cannot be drawn
+        pad = num_top - width
+        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], pad)], dim=1)
+        values = torch.cat([values, values.new_full((values.shape[0], pad), NEG_INF)], dim=1)
+    return [logprobs.gather(1, pick), ids, values]
+
+
+def full_logprobs(distribution, tokens, num_top: int) -> list[torch.Tensor]:
+    """Log-probabilities of a whole-vocabulary distribution [s, V]."""
+    logprobs = torch.log_softmax(distribution, dim=-1)
+    top = logprobs.topk(max(num_top, 1), dim=-1)
+    return [logprobs.gather(1, tokens[:, None]), top.indices[:, :num_top], top.values[:, :num_top]]
 
 
 def apply_penalties(logits: torch.Tensor, seen, counts, repetition, presence, frequency) -> torch.Tensor:
@@ -137,17 +215,16 @@ class Sampler:
     def _state(self, request: Request) -> _RowState:
         state = self._rows.get(request.request_id)
         if state is None:
-            state = self._rows[request.request_id] = _RowState()
+            seed = request.params.seed
+            state = _RowState(seed=seed if seed is not None else _SYSTEM_RANDOM.getrandbits(63))
+            self._rows[request.request_id] = state
         return state
 
     def _generator(self, request: Request) -> torch.Generator:
         state = self._state(request)
         if state.generator is None:
             state.generator = torch.Generator(device=self.device)
-            if request.params.seed is not None:
-                state.generator.manual_seed(request.params.seed)
-            else:
-                state.generator.seed()
+            state.generator.manual_seed(state.seed)
         return state.generator
 
     def _history(self, request: Request, vocab: int) -> _RowState:
@@ -171,25 +248,106 @@ class Sampler:
         """logits [n, vocab] float32, one row per request -> one id per row (None: the row failed).
 
         Host work is per row (reading its parameters); device work is batched; the only device->host
-        wait is the final `.tolist()`.
+        wait is the final `.tolist()` (a second one only in a step where a top-k row spills, see above).
         """
         forced = [self._forced(r) for r in requests]
-        is_finite = torch.isfinite(logits).all(dim=-1)  # [n]
+        # NaN propagates through amax/amin (vectorised reductions, far cheaper than isfinite().all() on CPU)
+        is_finite = torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))  # [n]
         penalised = [i for i, r in enumerate(requests) if r.params.has_penalties]
         if penalised:
             logits = self._penalise(logits, requests, penalised)
-        chosen = logits.argmax(dim=-1)  # [n] greedy rows
-        rows = [i for i, r in enumerate(requests) if not r.params.is_greedy and forced[i] is None]
-        filtered = None
-        if rows:
-            drawn, filtered = self._draw(logits, requests, rows)
-            chosen = chosen.index_copy(0, self._as_tensor(rows), drawn)
         num_top = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
-        columns = [chosen[:, None].double(), is_finite[:, None].double()]
-        if num_top is not None:
-            columns += self._logprobs(logits, chosen, rows, filtered, num_top)
-        values = torch.cat(columns, dim=1).tolist()  # the step's one device->host wait
+        sampled = [i for i, r in enumerate(requests) if not r.params.is_greedy and forced[i] is None]
+        top_k_rows = [i for i in sampled if requests[i].params.top_k > 0]
+        other_rows = [i for i in sampled if requests[i].params.top_k <= 0]
+        groups = []
+        if top_k_rows:
+            groups.append(self._draw_top_k(logits, requests, top_k_rows, num_top))
+        if other_rows:
+            groups.append(self._draw_whole(logits, requests, other_rows, num_top))
+        values = self._gather(logits, is_finite, groups, num_top)
+        spilled = [i for i, row in enumerate(values) if row[2] and row[1]]
+        if (
+            spilled
+        ):  # exact ties with a k-th best beyond the ranking: redo those rows over the whole vocabulary
+            groups[0] = self._draw_top_k(logits, requests, top_k_rows, num_top, whole=True)
+            values = self._gather(logits, is_finite, groups, num_top)
         return self._unpack(values, requests, forced, num_top)
+
+    def _gather(self, logits, is_finite, groups: list[_Drawn], num_top: int | None) -> list[list[float]]:
+        """The step's columns [token, finite, spilled, (logprob, top ids, top logprobs)] for every row, read
+        back in one wait."""
+        n = logits.shape[0]
+        if len(groups) == 1 and len(groups[0].rows) == n:
+            chosen = groups[0].tokens
+        else:
+            chosen = logits.argmax(dim=-1)  # greedy rows (and forced ones: replaced on the host)
+            for g in groups:
+                chosen = chosen.index_copy(0, self._as_tensor(g.rows), g.tokens)
+        spill = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        for g in groups:
+            if g.spill is not None:
+                spill = spill.index_copy(0, self._as_tensor(g.rows), g.spill)
+        columns = [chosen[:, None].double(), is_finite[:, None].double(), spill[:, None].double()]
+        if num_top is not None:
+            parts = full_logprobs(logits, chosen, num_top)  # greedy rows' distribution: the logits
+            for g in groups:
+                assert g.logprobs is not None
+                index = self._as_tensor(g.rows)
+                parts = [
+                    whole.index_copy(0, index, own) for whole, own in zip(parts, g.logprobs, strict=True)
+                ]
+            columns += [part.double() for part in parts]
+        return torch.cat(columns, dim=1).tolist()  # the step's device->host wait
+
+    def _params(self, requests: list[Request], rows: list[int]) -> tuple[list[SamplingParams], torch.Tensor]:
+        params = [requests[i].params for i in rows]
+        return params, self._as_tensor([p.temperature for p in params], torch.float32)
+
+    def _selected(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return logits if len(rows) == logits.shape[0] else logits.index_select(0, self._as_tensor(rows))
+
+    def _draw_top_k(self, logits, requests, rows: list[int], num_top, whole: bool = False) -> _Drawn:
+        """Rows with top-k: rank each row's k best (+1, to see a tie beyond), filter, and draw among them with
+        hashed noise per (seed, step, token id). Rows with non-finite logits compute NaN in their own row."""
+        params, temperature = self._params(requests, rows)
+        vocab = logits.shape[-1]
+        depth = vocab if whole else min(vocab, max(p.top_k for p in params) + 1)
+        scores = scaled_scores(self._selected(logits, rows), temperature)
+        ranked, order, spill = ranked_filter(
+            scores,
+            self._as_tensor([p.top_k for p in params]),
+            self._as_tensor([p.top_p for p in params], torch.float32),
+            depth,
+        )
+        keys = [noise_key(self._state(requests[i]).seed, len(requests[i].output_token_ids)) for i in rows]
+        noise = gumbel(hashed_uniform(self._as_tensor(keys)[:, None], order))
+        pick = noise.add_(ranked).argmax(dim=-1, keepdim=True)  # the best token is finite, so never NaN
+        tokens = order.gather(1, pick)[:, 0]
+        logprobs = None if num_top is None else ranked_logprobs(ranked, order, pick, num_top)
+        return _Drawn(rows, tokens, spill, logprobs)
+
+    def _draw_whole(self, logits, requests, rows: list[int], num_top) -> _Drawn:
+        """Rows without top-k: temperature (and top-p over the sorted vocabulary), a uniform per vocabulary
+        entry from the request's own generator."""
+        params, temperature = self._params(requests, rows)
+        vocab = logits.shape[-1]
+        scores = scaled_scores(self._selected(logits, rows), temperature)
+        uniform = torch.empty(len(rows), vocab, device=logits.device)
+        for j, i in enumerate(rows):
+            uniform[j].uniform_(generator=self._generator(requests[i]))
+        noise = gumbel(uniform)  # [s, V], by token id (a uniform of exactly 0 gives -inf: never drawn)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = self._as_tensor([p.top_p for p in params], torch.float32)
+            zero_k = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+            ranked, order, _ = ranked_filter(scores, zero_k, top_p, vocab)
+            pick = noise.gather(1, order).add_(ranked).argmax(dim=-1, keepdim=True)
+            tokens = order.gather(1, pick)[:, 0]
+            logprobs = None if num_top is None else ranked_logprobs(ranked, order, pick, num_top)
+        else:
+            tokens = noise.add_(scores).argmax(dim=-1)
+            logprobs = None if num_top is None else full_logprobs(scores, tokens, num_top)
+        return _Drawn(rows, tokens, None, logprobs)
 
     def _forced(self, request: Request) -> int | None:
         """The token the backbone's generation rules force at this step (HF's ForcedBOS/ForcedEOS), if any."""
@@ -213,13 +371,9 @@ class Sampler:
             elif force is not None:  # HF's forced-token processors leave a one-hot distribution
                 logprobs.append(TokenLogprob(0.0, [(force, 0.0)][:asked]))
             else:
-                ids, lps = row[3 : 3 + num_top], row[3 + num_top :]
-                top = [
-                    (int(i), lp)
-                    for i, lp in zip(ids[:asked], lps[:asked], strict=True)
-                    if lp != float("-inf")
-                ]
-                logprobs.append(TokenLogprob(row[2], top))
+                ids, lps = row[4 : 4 + num_top], row[4 + num_top :]
+                top = [(int(i), lp) for i, lp in zip(ids[:asked], lps[:asked], strict=True) if lp != NEG_INF]
+                logprobs.append(TokenLogprob(row[3], top))
             if token is not None and request.params.has_penalties:
                 state = self._rows[request.request_id]
                 assert state.counts is not None
@@ -241,40 +395,7 @@ class Sampler:
         )
         return logits.index_copy(0, index, penalised)
 
-    def _logprobs(self, logits, chosen, rows: list[int], filtered, num_top: int) -> list[torch.Tensor]:
-        """[chosen logprob [n], top ids [n, k], top logprobs [n, k]] of each row's distribution: the
-        (penalised) logits for greedy rows, the temperature/top-k/top-p-filtered scores for sampled rows."""
-        distribution = logits
-        if rows:
-            distribution = logits.index_copy(0, self._as_tensor(rows), filtered)
-        logprobs = torch.log_softmax(distribution, dim=-1)
-        picked = logprobs.gather(1, chosen[:, None])
-        top = logprobs.topk(max(num_top, 1), dim=-1)
-        values, ids = top.values[:, :num_top], top.indices[:, :num_top]
-        return [picked.double(), ids.double(), values.double()]
-
     def _as_tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """A host list as a device tensor: a host->device copy, never a wait."""
         pinned = self.device.type == "cuda"
         return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=True)
-
-    def _draw(self, logits: torch.Tensor, requests: list[Request], rows: list[int]):
-        """(sampled ids [s], filtered scores [s, V]) for the given rows: Gumbel-max over the
-        temperature/top-k/top-p-filtered scores, each row drawing from its own generator."""
-        params = [requests[i].params for i in rows]
-        selected = logits.index_select(0, self._as_tensor(rows))
-        selected = torch.nan_to_num(selected, nan=0.0, posinf=0.0, neginf=0.0)  # failed rows: result unused
-        vocab = logits.shape[-1]
-        scores = filtered_scores(
-            selected,
-            self._as_tensor([p.temperature for p in params], torch.float32),
-            self._as_tensor([p.top_k for p in params]),
-            self._as_tensor([p.top_p for p in params], torch.float32),
-            ranking_depth(params, vocab),
-        )
-        uniform = torch.stack(
-            [torch.rand(vocab, generator=self._generator(requests[i]), device=self.device) for i in rows]
-        )
-        gumbel = uniform.log_().neg_().log_().neg_()  # uniform in [0, 1): -inf at 0, never +inf
-        drawn = gumbel.add_(scores).argmax(dim=-1)  # the best token is finite, so never NaN
-        return drawn, scores

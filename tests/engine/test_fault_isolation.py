@@ -132,27 +132,118 @@ def hf_filtered(logits, temperature: float, top_k: int, top_p: float) -> torch.T
 @pytest.mark.parametrize(
     "params",
     [
-        [(0.7, 9, 0.8)] * 6,  # the bounded ranking (top-k) with top-p
+        [(0.7, 9, 0.8)] * 6,
         [(0.7, 9, 0.8), (1.3, 0, 0.9), (0.5, 40, 1.0), (1.0, 0, 1.0), (2.0, 3, 0.3), (0.9, 700, 0.95)],
         [(1.0, 5, 1.0), (0.8, 17, 1.0), (1.0, 0, 1.0), (1.2, 1, 0.5), (0.6, 64, 0.7), (1.0, 2, 0.99)],
-        [(1.0, 2, 1.0), (1.0, 1, 0.9), (0.5, 3, 0.6), (3.0, 1, 1.0)],  # ties beyond the ranked depth (3)
+        [(1.0, 2, 1.0), (1.0, 1, 0.9), (0.5, 3, 0.6), (3.0, 1, 1.0)],  # ties beyond the ranked depth
     ],
 )
 def test_top_k_and_top_p_keep_what_hf_keeps(params):
-    from server.engine.sampler import filtered_scores, ranking_depth
+    """The kept set equals HF's warpers' (up to which of exactly tied tokens top-p cuts, an order both leave
+    open), ranking the whole vocabulary or only as deep as the sampler does; where top-k keeps ties beyond the
+    bounded ranking, the row says so (spill) and the sampler redoes it over the whole vocabulary."""
+    from server.engine.sampler import ranked_filter, scaled_scores
 
     vocab = 1000
-    logits = torch.randn(len(params), vocab) * 3
-    logits[:, :7] = 9.0  # a tie across the k-th best for k in 1..7
+    logits = torch.randn(len(params), vocab)
+    logits[:, :7] = 9.0  # seven tied best tokens: a tie across the k-th best for k in 1..7
     temperature, top_k, top_p = (torch.tensor(column) for column in zip(*params, strict=True))
-    depth = ranking_depth([SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in params], vocab)
-    for d in (None, depth):  # the whole vocabulary sorted, or the bounded ranking the sampler uses
-        ours = filtered_scores(logits, temperature.float(), top_k, top_p.float(), depth=d)
+    scores = scaled_scores(logits, temperature.float())
+    bounded = min(vocab, max(k for _, k, _ in params) + 1)  # what the sampler ranks for top-k rows
+    for depth in (vocab, bounded):
+        ranked, order, spill = ranked_filter(scores, top_k, top_p.float(), depth)
+        ours = torch.full_like(scores, float("-inf")).scatter(1, order, ranked)
         for row, (t, k, p) in enumerate(params):
             hf = hf_filtered(logits[row : row + 1], t, k, p)[0]
-            # the same tokens kept, up to which of exactly tied tokens top-p cuts (an order both leave open)
+            if spill[row]:
+                # only a tie group the ranking cut, or a row without top-k (the sampler ranks those fully)
+                assert depth < vocab and (k == 0 or depth <= 7)
+                continue
             kept, kept_by_hf = (logits[row][torch.isfinite(x)].sort().values for x in (ours[row], hf))
-            assert torch.equal(kept, kept_by_hf), (d, params[row])
+            assert torch.equal(kept, kept_by_hf), (depth, params[row])
+        if depth == bounded and bounded * 8 < vocab:  # ranked by topk: the ties reach past the ranking?
+            assert spill.tolist() == [k == 0 or bounded <= 7 for _, k, _ in params]
+
+
+def sampler_rows(params: list[dict], seeds) -> list[Request]:
+    return [
+        Request(f"r{i}", [1, 2], SamplingParams(max_new_tokens=8, seed=seed, **p))
+        for i, (p, seed) in enumerate(zip(params, seeds, strict=True))
+    ]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 0.8, "top_k": 5},  # hashed noise over the ranked candidates
+        {"temperature": 1.3, "top_k": 6, "top_p": 0.8},
+        {"temperature": 0.9, "top_p": 0.85},  # the sorted vocabulary, the request's generator
+        {"temperature": 1.5},  # no ranking at all
+    ],
+)
+def test_sampled_tokens_follow_hf_s_distribution(params):
+    """4,000 seeds drawing from one row: the frequencies match softmax of HF's warped scores."""
+    vocab, draws = 12, 4000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 1.5
+    hf = hf_filtered(logits, params["temperature"], params.get("top_k", 0), params.get("top_p", 1.0))
+    expected = torch.softmax(hf[0], -1)
+    requests = sampler_rows([params] * draws, range(draws))
+    tokens = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits.expand(draws, -1), requests)
+    counts = torch.bincount(torch.tensor(tokens.token_ids), minlength=vocab).float()
+    assert counts[expected == 0].sum() == 0  # never a token HF's warpers drop
+    deviation = (counts / draws - expected).abs()
+    assert bool((deviation <= 4 * (expected * (1 - expected) / draws).sqrt() + 1e-3).all()), (
+        counts,
+        expected,
+    )
+
+
+def test_seeded_draws_do_not_depend_on_the_batch_even_inside_ties():
+    """A seeded row draws the same token alone and beside rows that change the ranking depth (a larger top-k)
+    or the path (no top-k), also when top-p cuts inside a group of exactly tied tokens and when its k-th best
+    ties beyond its own ranking (the spill redo)."""
+    vocab = 500
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(5)) * 2
+    logits[0, [3, 40, 41, 200, 333, 499]] = 7.0  # six exactly tied best tokens
+    mine = [{"temperature": 1.0, "top_k": 2, "top_p": 0.4}, {"temperature": 0.7, "top_k": 4}]
+    others = [{"temperature": 1.0, "top_k": 60}, {"temperature": 1.2}, {"temperature": 0.9, "top_p": 0.9}]
+    for own in mine:
+        for seed in range(20):
+            alone = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(
+                logits, sampler_rows([own], [seed])
+            )
+            batch = sampler_rows([*others, own], [7, 8, 9, seed])
+            together = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits.expand(4, -1), batch)
+            assert alone.token_ids[0] == together.token_ids[3], (own, seed)
+            assert alone.token_ids[0] in (3, 40, 41, 200, 333, 499)
+
+
+def test_a_spilling_row_is_redone_with_one_more_wait_only():
+    vocab = 500
+    logits = torch.randn(2, vocab) * 2
+    logits[:, 10:20] = 8.0  # ten tied best tokens, beyond top_k 3's ranking of 4
+    requests = sampler_rows([{"temperature": 1.0, "top_k": 3}, {"temperature": 1.0, "top_k": 3}], [1, 2])
+    with count_host_syncs() as calls:
+        out = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits, requests)
+    assert calls == ["tolist", "tolist"]
+    assert all(10 <= t < 20 for t in out.token_ids)
+    logits[:, 10:20] = torch.arange(10.0)  # no ties: one wait
+    with count_host_syncs() as calls:
+        Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits, requests)
+    assert calls == ["tolist"]
+
+
+def test_hashed_noise_is_splitmix64():
+    """The int64 tensor arithmetic (wrapping multiplication, logical shifts) equals the 64-bit reference."""
+    from server.engine.sampler import _GOLDEN, _MASK64, _mix64, hashed_uniform, noise_key
+
+    keys = [noise_key(seed, step) for seed, step in ((0, 0), (1, 5), (2**62 + 3, 127), (12345, 1))]
+    ids = torch.tensor([0, 1, 7, 8191, 50256])
+    got = hashed_uniform(torch.tensor(keys)[:, None], ids.expand(len(keys), -1))
+    for r, key in enumerate(keys):
+        for c, token in enumerate(ids.tolist()):
+            z = _mix64(((key & _MASK64) + token * _GOLDEN) & _MASK64)
+            assert got[r, c].item() == ((z >> 41) + 0.5) / 2**23
 
 
 @contextlib.contextmanager
