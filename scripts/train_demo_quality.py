@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", default="prefix,finetune", help="low data: which methods to run")
     p.add_argument("--rename-frac", type=float, default=0.5,
                    help="share of training pairs whose venues get invented names, as for the shipped demo/e2e")  # fmt: skip
+    p.add_argument("--report", action="store_true",
+                   help="print the low-data table (mean ± spread over seeds) from --out and exit")  # fmt: skip
     p.add_argument("--only", choices=["full", "full-prefix", "full-finetune", "low"])
     return p.parse_args()
 
@@ -96,8 +98,33 @@ def record(path: Path, row: dict) -> None:
     print(json.dumps(row), flush=True)
 
 
+def low_data_table(path: Path) -> str:
+    """Markdown: BLEU and venue named per method and training-set size, mean ± half the range over seeds."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("setting") == "low"]
+    sizes = sorted({r["size"] for r in rows})
+    methods = [m for m in ("prefix", "finetune") if any(r["method"] == m for r in rows)]
+
+    def cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+        if not values:
+            return "—"
+        mean, half = sum(values) / len(values), (max(values) - min(values)) / 2
+        return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f} ({len(values)})"
+
+    lines = ["| method | " + " | ".join(str(s) for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+    for method in methods:
+        for what, key, scale in (("BLEU", "bleu", 1.0), ("venue named, %", "named", 100.0)):
+            cells = [cell([r[key] for r in rows if r["method"] == method and r["size"] == size], scale)
+                     for size in sizes]  # fmt: skip
+            lines.append(f"| {method}: {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
+    if args.report:
+        print(low_data_table(args.out))
+        return
     torch.set_num_threads(1)
     train, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
     train = rename_venues(train, args.rename_frac)
