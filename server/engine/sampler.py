@@ -10,12 +10,12 @@ most of sampling's host time on CPU) and draws among them; top-p without top-k s
 temperature alone ranks nothing. Each row's figures are computed the same way whatever else is in the batch
 (sums run in rank order, so a deeper ranking for another row's larger k changes nothing).
 
-Randomness is per request and stateless where it can be: a top-k row's Gumbel noise is a hash (splitmix64)
-of the request's seed, the step and the token id, computed only for its candidates; other sampled rows draw
-a uniform per vocabulary entry from the request's own torch generator. Either way a seeded request gives the
-same tokens alone and in any batch. In the rare step where a top-k row's k-th best score ties exactly with
-tokens beyond the ranking (HF keeps all of them; bfloat16 logits tie often), that row is redone over the
-whole vocabulary after the step's wait, with the same noise: a second wait in that step only.
+Drawing is by inverse CDF: one uniform per row and step, a hash (splitmix64) of the request's seed and the
+step computed on the host, against the cumulative weights of what the row keeps (in rank order, ties by token
+id; in token-id order for temperature alone). No generator state: a seeded request gives the same tokens alone
+and in any batch (bit for bit on CPU, where cumulative sums run in order). In the rare step where a top-k row's
+k-th best score ties exactly with tokens beyond the ranking (HF keeps them all; bfloat16 logits tie often),
+that row is redone over the whole vocabulary after the step's wait: a second wait in that step only.
 
 Fault isolation: a row whose logits are not all finite (its prefix or prompt broke the arithmetic) gets
 no token and is reported as failed; the other rows are untouched (all arithmetic is per row). Sampling
@@ -51,34 +51,28 @@ def _signed(value: int) -> int:
 
 
 def _mix64(z: int) -> int:
-    """splitmix64's finaliser on Python ints (the host-side twin of `hashed_uniform`)."""
+    """splitmix64's finaliser (64-bit, on Python ints)."""
     z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
     z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
     return z ^ (z >> 31)
 
 
-def noise_key(seed: int, step: int) -> int:
-    """The hash key of a request's step: a function of its seed and the index of the token being drawn."""
-    return _signed(_mix64((_mix64((seed + _GOLDEN) & _MASK64) + step * _GOLDEN) & _MASK64))
+def step_uniform(seed: int, step: int) -> float:
+    """A request's uniform in (0, 1) for generated token `step`: splitmix64 of (seed, step), 23 bits (exact in
+    float32, never 0 or 1)."""
+    z = _mix64((_mix64((seed + _GOLDEN) & _MASK64) + (step + 1) * _GOLDEN) & _MASK64)
+    return ((z >> 41) + 0.5) / 2**23
 
 
-def hashed_uniform(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """keys [s, 1] int64 (noise_key), token_ids [s, m] int64 -> uniforms in (0, 1) [s, m] float32:
-    splitmix64(key + id * golden) on int64 (multiplication wraps), the top 23 bits."""
-
-    def shift(z: torch.Tensor, bits: int) -> torch.Tensor:  # logical right shift on int64
-        return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-    z = keys + token_ids * _signed(_GOLDEN)
-    z = (z ^ shift(z, 30)) * _signed(_MIX1)
-    z = (z ^ shift(z, 27)) * _signed(_MIX2)
-    z = z ^ shift(z, 31)
-    return shift(z, 41).float().add_(0.5).mul_(2.0**-23)  # 23 bits: exact in float32, never 0 or 1
-
-
-def gumbel(uniform: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise from uniforms in (0, 1) (in place); the argmax of scores + noise is a draw."""
-    return uniform.log_().neg_().log_().neg_()
+def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """weights [s, m] >= 0 (a positive one in each row), uniform [s] in (0, 1) -> [s, 1] the index whose
+    cumulative weight first exceeds uniform * total: a draw proportional to the weights, never a zero weight.
+    A row of NaN (failed; its result is unused) gets a valid index too."""
+    cumulative = weights.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    below_total = torch.nextafter(total, torch.zeros_like(total))  # float rounding of u * total
+    target = torch.minimum(uniform[:, None] * total, below_total)
+    return torch.searchsorted(cumulative, target, right=True).clamp_(max=weights.shape[-1] - 1)
 
 
 @dataclass
@@ -107,7 +101,6 @@ class _RowState:
     """What the sampler keeps per request across steps (on the device)."""
 
     seed: int = 0
-    generator: torch.Generator | None = None  # rows without top-k: uniforms over the whole vocabulary
     seen: torch.Tensor | None = (
         None  # [V] bool: the tokens HF's repetition penalty looks at before generation
     )
@@ -220,13 +213,6 @@ class Sampler:
             self._rows[request.request_id] = state
         return state
 
-    def _generator(self, request: Request) -> torch.Generator:
-        state = self._state(request)
-        if state.generator is None:
-            state.generator = torch.Generator(device=self.device)
-            state.generator.manual_seed(state.seed)
-        return state.generator
-
     def _history(self, request: Request, vocab: int) -> _RowState:
         """The request's penalty history; the first time: what HF's input_ids hold before generation."""
         state = self._state(request)
@@ -307,9 +293,16 @@ class Sampler:
     def _selected(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         return logits if len(rows) == logits.shape[0] else logits.index_select(0, self._as_tensor(rows))
 
+    def _uniforms(self, requests: list[Request], rows: list[int]) -> torch.Tensor:
+        """[s] this step's uniform of each row (host arithmetic, one small copy)."""
+        values = [
+            step_uniform(self._state(requests[i]).seed, len(requests[i].output_token_ids)) for i in rows
+        ]
+        return self._as_tensor(values, torch.float32)
+
     def _draw_top_k(self, logits, requests, rows: list[int], num_top, whole: bool = False) -> _Drawn:
-        """Rows with top-k: rank each row's k best (+1, to see a tie beyond), filter, and draw among them with
-        hashed noise per (seed, step, token id). Rows with non-finite logits compute NaN in their own row."""
+        """Rows with top-k: rank each row's k best (+1, to see a tie beyond), filter, and draw among them.
+        Rows with non-finite logits compute NaN in their own row."""
         params, temperature = self._params(requests, rows)
         vocab = logits.shape[-1]
         depth = vocab if whole else min(vocab, max(p.top_k for p in params) + 1)
@@ -320,32 +313,26 @@ class Sampler:
             self._as_tensor([p.top_p for p in params], torch.float32),
             depth,
         )
-        keys = [noise_key(self._state(requests[i]).seed, len(requests[i].output_token_ids)) for i in rows]
-        noise = gumbel(hashed_uniform(self._as_tensor(keys)[:, None], order))
-        pick = noise.add_(ranked).argmax(dim=-1, keepdim=True)  # the best token is finite, so never NaN
+        pick = inverse_cdf(ranked.exp(), self._uniforms(requests, rows))
         tokens = order.gather(1, pick)[:, 0]
         logprobs = None if num_top is None else ranked_logprobs(ranked, order, pick, num_top)
         return _Drawn(rows, tokens, spill, logprobs)
 
     def _draw_whole(self, logits, requests, rows: list[int], num_top) -> _Drawn:
-        """Rows without top-k: temperature (and top-p over the sorted vocabulary), a uniform per vocabulary
-        entry from the request's own generator."""
+        """Rows without top-k: temperature (and top-p over the sorted vocabulary)."""
         params, temperature = self._params(requests, rows)
         vocab = logits.shape[-1]
         scores = scaled_scores(self._selected(logits, rows), temperature)
-        uniform = torch.empty(len(rows), vocab, device=logits.device)
-        for j, i in enumerate(rows):
-            uniform[j].uniform_(generator=self._generator(requests[i]))
-        noise = gumbel(uniform)  # [s, V], by token id (a uniform of exactly 0 gives -inf: never drawn)
+        uniform = self._uniforms(requests, rows)
         if any(p.top_p < 1.0 for p in params):
             top_p = self._as_tensor([p.top_p for p in params], torch.float32)
             zero_k = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
             ranked, order, _ = ranked_filter(scores, zero_k, top_p, vocab)
-            pick = noise.gather(1, order).add_(ranked).argmax(dim=-1, keepdim=True)
+            pick = inverse_cdf(ranked.exp(), uniform)
             tokens = order.gather(1, pick)[:, 0]
             logprobs = None if num_top is None else ranked_logprobs(ranked, order, pick, num_top)
         else:
-            tokens = noise.add_(scores).argmax(dim=-1)
+            tokens = inverse_cdf(scores.exp(), uniform)[:, 0]  # token-id order
             logprobs = None if num_top is None else full_logprobs(scores, tokens, num_top)
         return _Drawn(rows, tokens, None, logprobs)
 

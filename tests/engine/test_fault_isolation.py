@@ -233,17 +233,22 @@ def test_a_spilling_row_is_redone_with_one_more_wait_only():
     assert calls == ["tolist"]
 
 
-def test_hashed_noise_is_splitmix64():
-    """The int64 tensor arithmetic (wrapping multiplication, logical shifts) equals the 64-bit reference."""
-    from server.engine.sampler import _GOLDEN, _MASK64, _mix64, hashed_uniform, noise_key
+def test_step_uniforms_are_splitmix64_and_draws_skip_zero_weights():
+    from server.engine.sampler import inverse_cdf, step_uniform
 
-    keys = [noise_key(seed, step) for seed, step in ((0, 0), (1, 5), (2**62 + 3, 127), (12345, 1))]
-    ids = torch.tensor([0, 1, 7, 8191, 50256])
-    got = hashed_uniform(torch.tensor(keys)[:, None], ids.expand(len(keys), -1))
-    for r, key in enumerate(keys):
-        for c, token in enumerate(ids.tolist()):
-            z = _mix64(((key & _MASK64) + token * _GOLDEN) & _MASK64)
-            assert got[r, c].item() == ((z >> 41) + 0.5) / 2**23
+    def splitmix64(state: int) -> int:  # the published reference (Steele et al.), one output from `state`
+        z = (state + 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        return z ^ (z >> 31)
+
+    for seed, step in ((0, 0), (1, 5), (2**63 - 1, 127), (12345, 1)):
+        z = splitmix64((splitmix64(seed) + step * 0x9E3779B97F4A7C15) % 2**64)
+        u = step_uniform(seed, step)
+        assert u == ((z >> 41) + 0.5) / 2**23 and 0 < u < 1 and float(torch.tensor(u)) == u
+    weights = torch.tensor([[0.0, 2.0, 0.0, 0.0, 1.0, 0.0]] * 3 + [[float("nan")] * 6])
+    picks = inverse_cdf(weights, torch.tensor([1e-7, 0.6, 1 - 2**-23, 0.5]))[:, 0].tolist()
+    assert picks[:3] == [1, 1, 4] and 0 <= picks[3] < 6  # never a zero weight; a NaN row stays in range
 
 
 @contextlib.contextmanager
