@@ -148,11 +148,9 @@ def ranked_filter(
     return ranked.masked_fill_(drop, NEG_INF), order, spill
 
 
-def filtered_scores(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
-    """The whole-vocabulary view [s, V]: scaled scores with what top-k/top-p drop at -inf (tests, tools)."""
-    scores = scaled_scores(logits, temperature)
-    ranked, order, _ = ranked_filter(scores, top_k, top_p, scores.shape[-1])
-    return torch.full_like(scores, NEG_INF).scatter_(1, order, ranked)
+def ranks_few(params: SamplingParams, vocab: int) -> bool:
+    """Whether a top-k row's ranking (its k best + 1) is cheaper by topk than by sorting the vocabulary."""
+    return (min(params.top_k, vocab) + 1) * 8 < vocab
 
 
 @dataclass
@@ -244,18 +242,24 @@ class Sampler:
             logits = self._penalise(logits, requests, penalised)
         num_top = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
         sampled = [i for i, r in enumerate(requests) if not r.params.is_greedy and forced[i] is None]
-        top_k_rows = [i for i in sampled if requests[i].params.top_k > 0]
+        vocab = logits.shape[-1]
+        # top-k rows whose ranking is cheap (topk) apart from those whose k asks for a sort anyway, so that one
+        # request's huge top_k does not make every other top-k row sort the vocabulary
+        with_k = [i for i in sampled if requests[i].params.top_k > 0]
+        top_k_rows = [i for i in with_k if ranks_few(requests[i].params, vocab)]
+        top_k_sorted = [i for i in with_k if not ranks_few(requests[i].params, vocab)]
         other_rows = [i for i in sampled if requests[i].params.top_k <= 0]
         groups = []
         if top_k_rows:
             groups.append(self._draw_top_k(logits, requests, top_k_rows, num_top))
+        if top_k_sorted:
+            groups.append(self._draw_top_k(logits, requests, top_k_sorted, num_top, whole=True))
         if other_rows:
             groups.append(self._draw_whole(logits, requests, other_rows, num_top))
         values = self._gather(logits, is_finite, groups, num_top)
-        spilled = [i for i, row in enumerate(values) if row[2] and row[1]]
-        if (
-            spilled
-        ):  # exact ties with a k-th best beyond the ranking: redo those rows over the whole vocabulary
+        if any(row[2] and row[1] for row in values):
+            # exact ties with a k-th best beyond the ranking (only the topk group can spill): redo that group
+            # over the whole vocabulary
             groups[0] = self._draw_top_k(logits, requests, top_k_rows, num_top, whole=True)
             values = self._gather(logits, is_finite, groups, num_top)
         return self._unpack(values, requests, forced, num_top)

@@ -206,15 +206,20 @@ def test_seeded_draws_do_not_depend_on_the_batch_even_inside_ties():
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(5)) * 2
     logits[0, [3, 40, 41, 200, 333, 499]] = 7.0  # six exactly tied best tokens
     mine = [{"temperature": 1.0, "top_k": 2, "top_p": 0.4}, {"temperature": 0.7, "top_k": 4}]
-    others = [{"temperature": 1.0, "top_k": 60}, {"temperature": 1.2}, {"temperature": 0.9, "top_p": 0.9}]
+    others = [
+        {"temperature": 1.0, "top_k": 60},
+        {"temperature": 1.0, "top_k": 400},  # a k that sorts the vocabulary: its own group
+        {"temperature": 1.2},
+        {"temperature": 0.9, "top_p": 0.9},
+    ]
     for own in mine:
         for seed in range(20):
             alone = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(
                 logits, sampler_rows([own], [seed])
             )
-            batch = sampler_rows([*others, own], [7, 8, 9, seed])
-            together = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits.expand(4, -1), batch)
-            assert alone.token_ids[0] == together.token_ids[3], (own, seed)
+            batch = sampler_rows([*others, own], [7, 8, 9, 10, seed])
+            together = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits.expand(5, -1), batch)
+            assert alone.token_ids[0] == together.token_ids[4], (own, seed)
             assert alone.token_ids[0] in (3, 40, 41, 200, 333, 499)
 
 
