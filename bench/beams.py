@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.throughput import build_backbone, prefix_lengths, workload
+from bench.throughput import add_backbone_args, build_backbone, prefix_lengths, workload
 
 
 def random_prefixes(backbone, num: int, device) -> list:
@@ -128,10 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=2000)
+    add_backbone_args(parser, vocab=2000)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--beams", type=int, default=4)

@@ -29,7 +29,7 @@ import httpx
 import torch
 
 from bench.record import write_result
-from bench.throughput import ROOT, build_backbone, workload
+from bench.throughput import ROOT, add_backbone_args, build_backbone, workload
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -132,10 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8000)
+    add_backbone_args(parser)
     parser.add_argument("--prefixes", type=int, default=8)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -57,6 +57,14 @@ def build_backbone(path: Path, layers: int, width: int, heads: int, vocab: int) 
     return path
 
 
+def add_backbone_args(parser: argparse.ArgumentParser, vocab: int = 8000) -> None:
+    """--layers/--width/--heads/--vocab: the random GPT-2 that `build_backbone` makes (every bench takes them)."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=vocab)
+
+
 def workload(num_requests: int, num_prefixes: int) -> list[tuple[int, str]]:
     """(prefix index, prompt): E2E meaning representations, prefixes round-robin."""
     sources = list(
@@ -164,10 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8000)
+    add_backbone_args(parser)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--prefixes", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64, help="at most; a request ends at EOS")
