@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,38 +29,17 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(
+    0, str(ROOT / "tests")
+)  # serving.py: the test suite's launcher (python -m server, waits for /readyz)
+
+from serving import running_server  # noqa: E402
 
 from prefix_store.format import apply_template, load_prefix  # noqa: E402
 from trainer.data import e2e_split, group_references, read_source_target, read_webnlg  # noqa: E402
 from trainer.evaluate import corpus_bleu  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, store: Path, port: int, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "PREFIXSERVE_MODEL": str(model), "PREFIXSERVE_STORE": str(store),
-           "PREFIXSERVE_PORT": str(port), "PREFIXSERVE_HOST": "127.0.0.1", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    env.pop("PREFIXSERVE_ADMIN_KEY", None)
-    server = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env,
-                              stdout=log_path.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"prefix-serve exited ({server.returncode}); see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    server.terminate()
-    raise SystemExit(f"prefix-serve not ready after 300 s; see {log_path}")
 
 
 def generate(
@@ -119,35 +95,32 @@ def main() -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = greedy)")
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    with tempfile.TemporaryDirectory() as store:
-        server = start_server(args.model.resolve(), Path(store), port, args.out.with_suffix(".server.log"))
-        report: dict = {"model": str(args.model), "prefixes": str(args.prefixes), "greedy": True,
-                        "max_new_tokens": args.max_new_tokens}  # fmt: skip
-        try:
-            client = httpx.Client(base_url=f"http://127.0.0.1:{port}")
-            tasks = [args.only] if args.only else ["e2e", "webnlg"]
-            for task in tasks:
-                data = (args.prefixes / f"{task}.safetensors").read_bytes()
-                put = client.put(f"/v1/prefixes/demo/{task}", content=data, params={"public": "true"},
-                                 headers={"Content-Type": "application/octet-stream"})  # fmt: skip
-                put.raise_for_status()
-                template = load_prefix(data).prompt_template
-                started = time.time()
-                if task == "e2e":
-                    _, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
-                    sources, references = group_references(heldout)
-                    report["e2e"] = score_task(client, "e2e", sources, references, template, args,
-                                               lambda s, o: e2e_name(s) in o)  # fmt: skip
-                else:
-                    sources, references = group_references(read_webnlg(DATA / "webnlg" / "dev"))
-                    sources, references = sources[: args.webnlg_sources], references[: args.webnlg_sources]
-                    report["webnlg"] = score_task(client, "webnlg", sources, references, template, args,
-                                                  lambda s, o: s.split(" : ", 1)[0] in o)  # fmt: skip
-                report[task]["minutes"] = (time.time() - started) / 60
-        finally:
-            server.terminate()
-            server.wait(30)
+    report: dict = {"model": str(args.model), "prefixes": str(args.prefixes), "greedy": True,
+                    "max_new_tokens": args.max_new_tokens}  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as store,
+        running_server(args.model.resolve(), store, args.out.parent / "server-logs") as server,
+    ):
+        client = httpx.Client(base_url=server.url)
+        tasks = [args.only] if args.only else ["e2e", "webnlg"]
+        for task in tasks:
+            data = (args.prefixes / f"{task}.safetensors").read_bytes()
+            put = client.put(f"/v1/prefixes/demo/{task}", content=data, params={"public": "true"},
+                             headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+            put.raise_for_status()
+            template = load_prefix(data).prompt_template
+            started = time.time()
+            if task == "e2e":
+                _, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
+                sources, references = group_references(heldout)
+                report["e2e"] = score_task(client, "e2e", sources, references, template, args,
+                                           lambda s, o: e2e_name(s) in o)  # fmt: skip
+            else:
+                sources, references = group_references(read_webnlg(DATA / "webnlg" / "dev"))
+                sources, references = sources[: args.webnlg_sources], references[: args.webnlg_sources]
+                report["webnlg"] = score_task(client, "webnlg", sources, references, template, args,
+                                              lambda s, o: s.split(" : ", 1)[0] in o)  # fmt: skip
+            report[task]["minutes"] = (time.time() - started) / 60
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"report: {args.out}")
 
