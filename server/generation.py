@@ -204,19 +204,22 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
     tenant = gen.request.tenant or "admin"
     deadline = gen.started + state.settings.request_timeout
     stream = gen.stream
+    timed_out = False
+
+    def time_out() -> None:  # one timer per request, not a wait_for (a task and a timer) per token
+        nonlocal timed_out
+        timed_out = True
+        state.engine.abort(gen.request.request_id)  # its stream ends with an abort output
+
+    timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), time_out)
     try:
-        while True:
-            try:
-                output = await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                state.engine.abort(gen.request.request_id)
+        async for output in stream:
+            if timed_out:
                 raise ServiceError(
                     504,
                     "timeout",
                     f"generation took over {state.settings.request_timeout:g} s and was aborted",
-                ) from None
+                )
             if output.error:
                 if output.error_code == "numerical_error":  # the request's own numbers: it alone failed
                     raise ServiceError(422, "numerical_error", output.error)
@@ -241,6 +244,7 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
                 )
                 return
     finally:
+        timer.cancel()
         await stream.aclose()
         request = gen.request
         if gen.counts_usage:

@@ -60,6 +60,11 @@ class EngineConfig:
             raise ValueError("kv_cache_bytes must be >= 0")
 
 
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, output in items:
+        queue.put_nowait(output)
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -237,8 +242,7 @@ class Engine:
                     if self._is_stopping:
                         return
                     self._busy_since = time.monotonic()
-                for request, output in self.step():
-                    self._deliver(request, output)
+                self._deliver_all(self.step())
         except BaseException as exc:  # the loop is gone: say so (/readyz turns 503) and fail what waits on it
             log.critical("engine loop died", exc_info=True)
             self.loop_error = f"{type(exc).__name__}: {exc}"
@@ -284,6 +288,18 @@ class Engine:
             self.runner.on_forward = on_forward
             self.num_generated_tokens = self.num_steps = 0
             self.step_seconds = self.runner.forward_seconds = 0.0
+
+    def _deliver_all(self, outputs: list[tuple[Request, RequestOutput]]) -> None:
+        """A step's outputs handed over with one wake-up per event loop, not one per request: each
+        call_soon_threadsafe writes to the loop's self-pipe and schedules a callback."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for request, output in outputs:
+            stream = self._streams.get(request.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in by_loop.items():
+            if not loop.is_closed():  # a consumer whose loop is gone reads nothing
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, request: Request, output: RequestOutput) -> None:
         # the stream stays registered until its consumer is done with it (stream() removes it), so a
