@@ -1,12 +1,12 @@
 """Next-token choice for the whole batch at once, with one device->host wait per step.
 
 Greedy rows are exactly HF `generate(do_sample=False)`: an argmax. Sampled rows apply temperature, then
-top-k, then top-p (HF's warper order and keep rules, ties at the k-th best included) and draw with the
-Gumbel-max trick. The backbone's forced tokens (generation_config.forced_bos_token_id / forced_eos_token_id)
+top-k, then top-p (HF's warper order and keep rules, ties at the k-th best included) and draw by inverse
+CDF (below). The backbone's forced tokens (generation_config.forced_bos_token_id / forced_eos_token_id)
 are applied where HF applies them (the family spec says where).
 
-Cost: a row with top-k ranks only its k best tokens (`topk`, not a sort of the vocabulary: the sort was
-most of sampling's host time on CPU) and draws among them; top-p without top-k sorts the vocabulary;
+Cost: a row with top-k ranks only its k best tokens (`top_values`: topk over blocks, not a sort of the
+vocabulary: the sort was most of sampling's host time on CPU) and draws among them; top-p without top-k sorts the vocabulary;
 temperature alone ranks nothing. Each row's figures are computed the same way whatever else is in the batch
 (sums run in rank order, so a deeper ranking for another row's larger k changes nothing).
 
@@ -40,6 +40,7 @@ from server.engine.request import Request, SamplingParams
 MIN_TEMPERATURE = 1e-30
 
 NEG_INF = float("-inf")
+_BLOCK = 16  # columns per block in top_values
 _MASK64 = (1 << 64) - 1
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _SYSTEM_RANDOM = random.SystemRandom()
@@ -113,25 +114,49 @@ def scaled_scores(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tens
     return (logits - best).div_(temperature.clamp(min=MIN_TEMPERATURE)[:, None])
 
 
+def top_values(x: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [s, V] -> (the `depth` largest values of each row, descending; their ids): `x.topk(depth)`'s values
+    exactly (ties in any order), cheaper when depth << V. The columns are cut into blocks of _BLOCK; every one of
+    a row's `depth` best values lies in one of the `depth` blocks with the largest maxima (a value outside them
+    is at most the smallest of those maxima, so `depth` values are at least as large), so topk runs over the
+    blocks' maxima, then over those blocks' members (and the few columns past the last whole block) only."""
+    rows, vocab = x.shape
+    num_blocks = vocab // _BLOCK
+    if num_blocks < 4 * depth:
+        return x.topk(depth, dim=-1)
+    span = num_blocks * _BLOCK
+    # block j holds columns j, j + num_blocks, ...: the max over a middle dimension vectorises
+    maxima = x[:, :span].view(rows, _BLOCK, num_blocks).amax(dim=1)
+    blocks = maxima.topk(depth, dim=-1, sorted=False).indices
+    members = (blocks[:, :, None] + torch.arange(0, span, num_blocks, device=x.device)).view(rows, -1)
+    tail = torch.arange(span, vocab, device=x.device).expand(rows, -1)
+    ids = torch.cat([members, tail], dim=1)
+    values, where = x.gather(1, ids).topk(depth, dim=-1)
+    return values, ids.gather(1, where)
+
+
 def ranked_filter(
-    scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, depth: int
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, depth: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scores [s, V] (scaled_scores), top_k [s] long (0 = off), top_p [s] float32 ->
-    (ranked [s, m]: the m best scores per row, descending, those top-k/top-p drop at -inf; their ids [s, m];
-    spill [s] bool: top-k may keep tokens beyond the ranking, ties with the k-th best: redo with depth V).
+    """logits [s, V], temperature [s], top_k [s] long (0 = off), top_p [s] float32 ->
+    (ranked [s, m]: the m best scaled_scores per row, descending, those top-k/top-p drop at -inf; their ids
+    [s, m]; spill [s] bool: top-k may keep tokens beyond the ranking, ties with the k-th best: redo with depth V).
 
     m = depth, or V when depth >= V / 8 (then a full sort is cheaper than topk). HF's rules: top-k keeps every
     token scoring at least the k-th best; top-p drops a token when the tokens ranked before it already hold
     >= top_p of the kept mass (the best always survives). Sums run in rank order (cumsum), so a row's result
-    does not depend on m as long as m covers what it keeps.
+    does not depend on m as long as m covers what it keeps. A partial ranking picks on the raw logits (scaling
+    keeps the order) and scales only what it picked: the same numbers as scaled_scores, elementwise.
     """
-    vocab = scores.shape[-1]
+    vocab = logits.shape[-1]
     if depth * 8 >= vocab:
+        scores = scaled_scores(logits, temperature)
         ranked, order = scores.sort(dim=-1, descending=True, stable=True)  # ties in id order
     else:
-        ranked, order = scores.topk(depth, dim=-1)
+        best, order = top_values(logits, depth)
+        ranked = (best - best[:, :1]).div_(temperature.clamp(min=MIN_TEMPERATURE)[:, None])
         # the same order a stable sort gives (ties in id order): top-p's cut inside a tie group, and so a
-        # seeded draw, must not depend on how deep the ranking went
+        # seeded draw, must not depend on how deep the ranking went (scaling can also make new ties)
         order, by_id = order.sort(dim=-1)
         ranked, by_score = ranked.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
         order = order.gather(1, by_score)
@@ -310,9 +335,9 @@ class Sampler:
         params, temperature = self._params(requests, rows)
         vocab = logits.shape[-1]
         depth = vocab if whole else min(vocab, max(p.top_k for p in params) + 1)
-        scores = scaled_scores(self._selected(logits, rows), temperature)
         ranked, order, spill = ranked_filter(
-            scores,
+            self._selected(logits, rows),
+            temperature,
             self._as_tensor([p.top_k for p in params]),
             self._as_tensor([p.top_p for p in params], torch.float32),
             depth,
@@ -326,16 +351,17 @@ class Sampler:
         """Rows without top-k: temperature (and top-p over the sorted vocabulary)."""
         params, temperature = self._params(requests, rows)
         vocab = logits.shape[-1]
-        scores = scaled_scores(self._selected(logits, rows), temperature)
+        selected = self._selected(logits, rows)
         uniform = self._uniforms(requests, rows)
         if any(p.top_p < 1.0 for p in params):
             top_p = self._as_tensor([p.top_p for p in params], torch.float32)
             zero_k = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-            ranked, order, _ = ranked_filter(scores, zero_k, top_p, vocab)
+            ranked, order, _ = ranked_filter(selected, temperature, zero_k, top_p, vocab)
             pick = inverse_cdf(ranked.exp(), uniform)
             tokens = order.gather(1, pick)[:, 0]
             logprobs = None if num_top is None else ranked_logprobs(ranked, order, pick, num_top)
         else:
+            scores = scaled_scores(selected, temperature)
             tokens = inverse_cdf(scores.exp(), uniform)[:, 0]  # token-id order
             logprobs = None if num_top is None else full_logprobs(scores, tokens, num_top)
         return _Drawn(rows, tokens, None, logprobs)

@@ -138,20 +138,20 @@ def hf_filtered(logits, temperature: float, top_k: int, top_p: float) -> torch.T
         [(1.0, 2, 1.0), (1.0, 1, 0.9), (0.5, 3, 0.6), (3.0, 1, 1.0)],  # ties beyond the ranked depth
     ],
 )
-def test_top_k_and_top_p_keep_what_hf_keeps(params):
+@pytest.mark.parametrize("vocab", [1000, 5003])  # 5,003: top_values' blocks (and a tail) for the small k
+def test_top_k_and_top_p_keep_what_hf_keeps(params, vocab):
     """The kept set equals HF's warpers' (up to which of exactly tied tokens top-p cuts, an order both leave
     open), ranking the whole vocabulary or only as deep as the sampler does; where top-k keeps ties beyond the
     bounded ranking, the row says so (spill) and the sampler redoes it over the whole vocabulary."""
     from server.engine.sampler import ranked_filter, scaled_scores
 
-    vocab = 1000
     logits = torch.randn(len(params), vocab)
     logits[:, :7] = 9.0  # seven tied best tokens: a tie across the k-th best for k in 1..7
     temperature, top_k, top_p = (torch.tensor(column) for column in zip(*params, strict=True))
     scores = scaled_scores(logits, temperature.float())
     bounded = min(vocab, max(k for _, k, _ in params) + 1)  # what the sampler ranks for top-k rows
     for depth in (vocab, bounded):
-        ranked, order, spill = ranked_filter(scores, top_k, top_p.float(), depth)
+        ranked, order, spill = ranked_filter(logits, temperature.float(), top_k, top_p.float(), depth)
         ours = torch.full_like(scores, float("-inf")).scatter(1, order, ranked)
         for row, (t, k, p) in enumerate(params):
             hf = hf_filtered(logits[row : row + 1], t, k, p)[0]
@@ -163,6 +163,29 @@ def test_top_k_and_top_p_keep_what_hf_keeps(params):
             assert torch.equal(kept, kept_by_hf), (depth, params[row])
         if depth == bounded and bounded * 8 < vocab:  # ranked by topk: the ties reach past the ranking?
             assert spill.tolist() == [k == 0 or bounded <= 7 for _, k, _ in params]
+
+
+@pytest.mark.parametrize("vocab", [64, 1000, 8000, 8013, 50257])
+@pytest.mark.parametrize("depth", [1, 2, 51, 300])
+def test_top_values_are_topk_values(vocab, depth):
+    """The blocked ranking gives exactly topk's values (ties, repeated values, -inf, the columns past the last
+    whole block included) and ids that hold them; a NaN row stays in range."""
+    from server.engine.sampler import top_values
+
+    if depth > vocab:
+        return
+    g = torch.Generator().manual_seed(vocab + depth)
+    logits = torch.randn(6, vocab, generator=g)
+    logits[1] = torch.randint(0, 4, (vocab,), generator=g).float()  # a handful of values, many ties
+    logits[2, -5:] = 50.0  # the best ones past the last whole block
+    logits[3, ::7] = float("-inf")
+    logits[4, : vocab // 2] = 3.0
+    logits[5, vocab // 3] = float("nan")
+    values, ids = top_values(logits, depth)
+    assert torch.equal(values[:5], logits[:5].topk(depth, dim=-1).values)
+    assert torch.equal(logits.gather(1, ids)[:5], values[:5])
+    assert all(len(set(row)) == depth for row in ids.tolist())  # distinct tokens
+    assert int(ids.min()) >= 0 and int(ids.max()) < vocab
 
 
 def sampler_rows(params: list[dict], seeds) -> list[Request]:
