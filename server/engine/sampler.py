@@ -41,6 +41,7 @@ MIN_TEMPERATURE = 1e-30
 
 NEG_INF = float("-inf")
 _BLOCK = 16  # columns per block in top_values
+_CDF_BLOCK = 64  # weights per block in inverse_cdf's first level
 _MASK64 = (1 << 64) - 1
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _SYSTEM_RANDOM = random.SystemRandom()
@@ -68,12 +69,39 @@ def step_uniform(seed: int, step: int) -> float:
 def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """weights [s, m] >= 0 (a positive one in each row), uniform [s] in (0, 1) -> [s, 1] the index whose
     cumulative weight first exceeds uniform * total: a draw proportional to the weights, never a zero weight.
-    A row of NaN (failed; its result is unused) gets a valid index too."""
-    cumulative = weights.cumsum(dim=-1)
+    A row of NaN (failed; its result is unused) gets a valid index too.
+
+    Over a whole vocabulary the cumulative sum (sequential per row, the costliest step on CPU) runs in two
+    levels: over blocks of _CDF_BLOCK weights' sums to find the block, then inside that block only."""
+    rows, m = weights.shape
+    if m < 4 * _CDF_BLOCK:
+        cumulative = weights.cumsum(dim=-1)
+        return _search(cumulative, uniform[:, None] * cumulative[:, -1:])
+    span = m // _CDF_BLOCK * _CDF_BLOCK
+    sums = weights[:, :span].view(rows, -1, _CDF_BLOCK).sum(dim=-1)
+    if span < m:  # the last block is shorter
+        sums = torch.cat([sums, weights[:, span:].sum(dim=-1, keepdim=True)], dim=1)
+    cumulative = sums.cumsum(dim=-1)
+    target = _below_total(cumulative, uniform[:, None] * cumulative[:, -1:])
+    block = _search(cumulative, target)
+    columns = block * _CDF_BLOCK + torch.arange(_CDF_BLOCK, device=weights.device)
+    inside = weights.gather(1, columns.clamp(max=m - 1)).masked_fill_(columns >= m, 0.0)
+    before = torch.where(block > 0, cumulative.gather(1, (block - 1).clamp_(min=0)), 0.0)
+    pick = _search(inside.cumsum(dim=-1), target - before)
+    return (block * _CDF_BLOCK + pick).clamp_(max=m - 1)
+
+
+def _below_total(cumulative: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """target [s, 1] kept below the row's total (float rounding of u * total)."""
     total = cumulative[:, -1:]
-    below_total = torch.nextafter(total, torch.zeros_like(total))  # float rounding of u * total
-    target = torch.minimum(uniform[:, None] * total, below_total)
-    return torch.searchsorted(cumulative, target, right=True).clamp_(max=weights.shape[-1] - 1)
+    return torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+
+
+def _search(cumulative: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """cumulative [s, m] weights' running sums -> [s, 1] the first index whose sum exceeds target [s, 1],
+    kept below the total: the index holds a positive weight."""
+    target = _below_total(cumulative, target)
+    return torch.searchsorted(cumulative, target, right=True).clamp_(max=cumulative.shape[-1] - 1)
 
 
 @dataclass

@@ -204,9 +204,10 @@ def sampler_rows(params: list[dict], seeds) -> list[Request]:
         {"temperature": 1.5},  # no ranking at all
     ],
 )
-def test_sampled_tokens_follow_hf_s_distribution(params):
+@pytest.mark.parametrize("vocab", [12, 300])  # 300: the whole-vocabulary draws take the two-level search
+def test_sampled_tokens_follow_hf_s_distribution(params, vocab):
     """4,000 seeds drawing from one row: the frequencies match softmax of HF's warped scores."""
-    vocab, draws = 12, 4000
+    draws = 4000
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 1.5
     hf = hf_filtered(logits, params["temperature"], params.get("top_k", 0), params.get("top_p", 1.0))
     expected = torch.softmax(hf[0], -1)
@@ -277,6 +278,24 @@ def test_step_uniforms_are_splitmix64_and_draws_skip_zero_weights():
     weights = torch.tensor([[0.0, 2.0, 0.0, 0.0, 1.0, 0.0]] * 3 + [[float("nan")] * 6])
     picks = inverse_cdf(weights, torch.tensor([1e-7, 0.6, 1 - 2**-23, 0.5]))[:, 0].tolist()
     assert picks[:3] == [1, 1, 4] and 0 <= picks[3] < 6  # never a zero weight; a NaN row stays in range
+
+
+@pytest.mark.parametrize("vocab", [256, 1000, 8003])
+def test_two_level_inverse_cdf_picks_what_one_cumulative_sum_picks(vocab):
+    """Integer weights (sums exact in float32): the blocked search picks exactly the index the flat one does,
+    for uniforms across (0, 1), zero-weight blocks and a short last block included."""
+    from server.engine.sampler import inverse_cdf
+
+    g = torch.Generator().manual_seed(vocab)
+    weights = torch.randint(0, 5, (1, vocab), generator=g).float()
+    weights[0, 64:200] = 0.0  # whole blocks of zero weight
+    weights[0, -3:] = 7.0  # the short last block is reachable
+    uniform = (torch.arange(4000) + 0.5) / 4000
+    picks = inverse_cdf(weights.expand(4000, -1), uniform)[:, 0]
+    cumulative = weights[0].cumsum(0)
+    flat = torch.searchsorted(cumulative, uniform * cumulative[-1], right=True)
+    assert torch.equal(picks, flat)
+    assert bool((weights[0, picks] > 0).all())
 
 
 @contextlib.contextmanager
