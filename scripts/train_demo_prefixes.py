@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.train_demo_backbone import invented_name  # noqa: E402
+from scripts.train_demo_backbone import TRAIN_SYLLABLES, invented_name  # noqa: E402
 from trainer.cli import main as prefix_train  # noqa: E402
 from trainer.data import Example, e2e_split, read_source_target  # noqa: E402
 
@@ -34,10 +34,28 @@ def write_jsonl(path: Path, examples: list[Example]) -> Path:
     return path
 
 
-def rename_venues(examples: list[Example], fraction: float, seed: int = 0) -> list[Example]:
+def varied_name(rng: random.Random) -> str:
+    """An invented venue name of one to three words, "The ..." half the time: real venue names have up to
+    three words, and `name` and `near` both starting with "The" is the case where copying the wrong one is
+    easiest (invented_name, the backbone corpus's, has at most two words and "The" in 30 %)."""
+    words = [
+        "".join(rng.sample(TRAIN_SYLLABLES, rng.choice([2, 3]))).capitalize()
+        for _ in range(rng.choice([1, 2, 2, 3]))
+    ]
+    return ("The " if rng.random() < 0.5 else "") + " ".join(words)
+
+
+NAME_STYLES = {"backbone": invented_name, "varied": varied_name}
+
+
+def rename_venues(
+    examples: list[Example], fraction: float, seed: int = 0, style: str = "backbone"
+) -> list[Example]:
     """Replace the `name` and `near` venues of a share of the E2E training pairs (in the MR and in the text) by
-    invented names. The training part has few venues, so a prefix can get by memorising them; the held-out MRs
-    are about other venues, which only copying from the MR gets right. Renaming makes copying pay in training."""
+    invented names (NAME_STYLES[style]). The training part has few venues, so a prefix can get by memorising
+    them; the held-out MRs are about other venues, which only copying from the MR gets right. Renaming makes
+    copying pay in training."""
+    invent = NAME_STYLES[style]
     rng = random.Random(seed)
     out = []
     for ex in examples:
@@ -46,7 +64,7 @@ def rename_venues(examples: list[Example], fraction: float, seed: int = 0) -> li
             for part in ex.source.split(" | "):
                 key, _, value = part.partition(" : ")
                 if key in ("name", "near") and value:
-                    new = invented_name(rng)
+                    new = invent(rng)
                     source, target = source.replace(value, new), target.replace(value, new)
         out.append(Example(source, target))
     return out
@@ -69,10 +87,13 @@ def main() -> None:
     p.add_argument("--only", choices=["e2e", "webnlg"])
     p.add_argument("--rename-frac", type=float, default=0.5,
                    help="E2E: share of training pairs whose venues get invented names (see rename_venues)")  # fmt: skip
+    p.add_argument("--name-style", choices=sorted(NAME_STYLES), default="backbone",
+                   help="E2E: how renamed venues are invented (see varied_name)")  # fmt: skip
+    p.add_argument("--prefix-length", type=int, default=10)
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --work (e.g. with a larger --steps)")  # fmt: skip
     args = p.parse_args()
-    common = ["--model", args.model, "--prefix-length", "10", "--lr", args.lr, "--batch-size", "10",
+    common = ["--model", args.model, "--prefix-length", str(args.prefix_length), "--lr", args.lr, "--batch-size", "10",
               "--max-steps", str(args.steps), "--warmup-steps", "30", "--eval-max-sources", "50",
               "--threads", "1", "--max-new-tokens", "80", "--quiet"]  # fmt: skip
     if args.init_text:
@@ -81,7 +102,7 @@ def main() -> None:
         common += ["--resume"]
     if args.only in (None, "e2e"):
         train, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
-        train = rename_venues(train, args.rename_frac)
+        train = rename_venues(train, args.rename_frac, style=args.name_style)
         run(["--train", str(write_jsonl(args.work / "e2e-train.jsonl", train)),
              "--dev", str(write_jsonl(args.work / "e2e-heldout.jsonl", heldout)),
              "--output", str(args.out / "e2e.safetensors"),
