@@ -42,6 +42,7 @@ MIN_TEMPERATURE = 1e-30
 NEG_INF = float("-inf")
 _BLOCK = 16  # columns per block in top_values
 _CDF_BLOCK = 64  # weights per block in inverse_cdf's first level
+_ARGMAX_BLOCK = 64  # columns per block in first_argmax
 _MASK64 = (1 << 64) - 1
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _SYSTEM_RANDOM = random.SystemRandom()
@@ -161,6 +162,23 @@ def top_values(x: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]
     ids = torch.cat([members, tail], dim=1)
     values, where = x.gather(1, ids).topk(depth, dim=-1)
     return values, ids.gather(1, where)
+
+
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [s, V] -> [s] `x.argmax(dim=-1)` (the first of tied maxima), in two levels: the first block of
+    _ARGMAX_BLOCK columns whose max is the row's max, then the first max inside it (argmax over the whole row is
+    not vectorised on CPU: 1.3 vs 0.2 ms at 64 x 8,000). Rows with NaN get an index in range."""
+    rows, vocab = x.shape
+    span = vocab // _ARGMAX_BLOCK * _ARGMAX_BLOCK
+    if span < 4 * _ARGMAX_BLOCK:
+        return x.argmax(dim=-1)
+    maxima = x[:, :span].view(rows, -1, _ARGMAX_BLOCK).amax(dim=-1)
+    if span < vocab:  # the last block is shorter
+        maxima = torch.cat([maxima, x[:, span:].amax(dim=-1, keepdim=True)], dim=1)
+    block = maxima.argmax(dim=-1, keepdim=True)
+    columns = block * _ARGMAX_BLOCK + torch.arange(_ARGMAX_BLOCK, device=x.device)
+    inside = x.gather(1, columns.clamp(max=vocab - 1)).masked_fill_(columns >= vocab, NEG_INF)
+    return (block[:, 0] * _ARGMAX_BLOCK + inside.argmax(dim=-1)).clamp_(max=vocab - 1)
 
 
 def ranked_filter(
@@ -324,7 +342,7 @@ class Sampler:
         if len(groups) == 1 and len(groups[0].rows) == n:
             chosen = groups[0].tokens
         else:
-            chosen = logits.argmax(dim=-1)  # greedy rows (and forced ones: replaced on the host)
+            chosen = first_argmax(logits)  # greedy rows (and forced ones: replaced on the host)
             for g in groups:
                 chosen = chosen.index_copy(0, self._as_tensor(g.rows), g.tokens)
         spill = torch.zeros(n, dtype=torch.bool, device=logits.device)

@@ -280,6 +280,26 @@ def test_step_uniforms_are_splitmix64_and_draws_skip_zero_weights():
     assert picks[:3] == [1, 1, 4] and 0 <= picks[3] < 6  # never a zero weight; a NaN row stays in range
 
 
+@pytest.mark.parametrize("vocab", [100, 256, 1000, 8003, 50257])
+def test_first_argmax_is_argmax(vocab):
+    """The blocked argmax gives torch.argmax's index (the first of tied maxima, -inf and a best column past
+    the last whole block included); a NaN row stays in range."""
+    from server.engine.sampler import first_argmax
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(7, vocab, generator=g)
+    logits[1] = torch.randint(0, 3, (vocab,), generator=g).float()  # many tied maxima
+    logits[2, -1] = 99.0  # the best in the short last block
+    logits[3, [vocab // 2, vocab // 3, vocab - 2]] = 99.0  # tied best, the first one wins
+    logits[4] = float("-inf")
+    logits[4, vocab // 5] = 0.0
+    logits[5] = 1.0  # all tied: column 0
+    logits[6, vocab // 4] = float("nan")
+    picks = first_argmax(logits)
+    assert torch.equal(picks[:6], logits[:6].argmax(dim=-1))
+    assert 0 <= int(picks[6]) < vocab
+
+
 @pytest.mark.parametrize("vocab", [256, 1000, 8003])
 def test_two_level_inverse_cdf_picks_what_one_cumulative_sum_picks(vocab):
     """Integer weights (sums exact in float32): the blocked search picks exactly the index the flat one does,
