@@ -102,8 +102,10 @@ def low_data_table(path: Path) -> str:
     """Markdown: BLEU and venue named per method and training-set size, mean ± half the range over seeds."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("setting") == "low"]
+    for r in rows:
+        r.setdefault("steps", 150)  # the first runs did not record it: they all ran 150 steps
     sizes = sorted({r["size"] for r in rows})
-    methods = [m for m in ("prefix", "finetune") if any(r["method"] == m for r in rows)]
+    kinds = sorted({(r["method"], r["steps"]) for r in rows}, key=lambda k: (k[0] != "prefix", k[1]))
 
     def cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
         if not values:
@@ -112,11 +114,11 @@ def low_data_table(path: Path) -> str:
         return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f} ({len(values)})"
 
     lines = ["| method | " + " | ".join(str(s) for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
-    for method in methods:
+    for method, steps in kinds:
         for what, key, scale in (("BLEU", "bleu", 1.0), ("venue named, %", "named", 100.0)):
-            cells = [cell([r[key] for r in rows if r["method"] == method and r["size"] == size], scale)
-                     for size in sizes]  # fmt: skip
-            lines.append(f"| {method}: {what} | " + " | ".join(cells) + " |")
+            cells = [cell([r[key] for r in rows if (r["method"], r["steps"]) == (method, steps) and r["size"] == size],
+                          scale) for size in sizes]  # fmt: skip
+            lines.append(f"| {method}, {steps} steps: {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -157,7 +159,7 @@ def main() -> None:
             random.Random(seed).shuffle(shuffled)
             for size in (int(s) for s in args.sizes.split(",")):
                 subset, steps = shuffled[:size], args.low_data_steps
-                row = {"setting": "low", "size": size, "seed": seed}
+                row = {"setting": "low", "size": size, "seed": seed, "steps": steps}
                 if "prefix" in methods:
                     record(
                         args.out, {**row, **run_prefix(args, subset, heldout, steps, "table-to-text:", seed)}
