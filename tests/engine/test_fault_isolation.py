@@ -316,6 +316,8 @@ def test_two_level_inverse_cdf_picks_what_one_cumulative_sum_picks(vocab):
     flat = torch.searchsorted(cumulative, uniform * cumulative[-1], right=True)
     assert torch.equal(picks, flat)
     assert bool((weights[0, picks] > 0).all())
+    broken = inverse_cdf(torch.full((1, vocab), float("nan")), torch.tensor([0.5]))
+    assert 0 <= int(broken) < vocab  # a failed (NaN) row still gets an index in range
 
 
 @contextlib.contextmanager
