@@ -290,8 +290,10 @@ class Engine:
             self.step_seconds = self.runner.forward_seconds = 0.0
 
     def _deliver_all(self, outputs: list[tuple[Request, RequestOutput]]) -> None:
-        """A step's outputs handed over with one wake-up per event loop, not one per request: each
-        call_soon_threadsafe writes to the loop's self-pipe and schedules a callback."""
+        """Outputs handed over with one wake-up per event loop, not one per request: each
+        call_soon_threadsafe writes to the loop's self-pipe and schedules a callback. The stream stays
+        registered until its consumer is done with it (stream() removes it), so a request that finishes
+        before anyone reads it still hands over every output."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for request, output in outputs:
             stream = self._streams.get(request.request_id)
@@ -302,11 +304,7 @@ class Engine:
                 loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, request: Request, output: RequestOutput) -> None:
-        # the stream stays registered until its consumer is done with it (stream() removes it), so a
-        # request that finishes before anyone reads it still hands over every output
-        stream = self._streams.get(request.request_id)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+        self._deliver_all([(request, output)])
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
