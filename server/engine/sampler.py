@@ -6,8 +6,8 @@ CDF (below). The backbone's forced tokens (generation_config.forced_bos_token_id
 are applied where HF applies them (the family spec says where).
 
 Cost: a row with top-k ranks only its k best tokens (`top_values`: topk over blocks, not a sort of the
-vocabulary: the sort was most of sampling's host time on CPU) and draws among them; top-p without top-k sorts the vocabulary;
-temperature alone ranks nothing. Each row's figures are computed the same way whatever else is in the batch
+vocabulary: the sort was most of sampling's host time on CPU) and draws among them; top-p without top-k sorts
+the vocabulary; temperature alone ranks nothing. Each row's figures are computed the same way whatever else is in the batch
 (sums run in rank order, so a deeper ranking for another row's larger k changes nothing).
 
 Drawing is by inverse CDF: one uniform per row and step, a hash (splitmix64) of the request's seed and the
@@ -48,11 +48,6 @@ _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111
 _SYSTEM_RANDOM = random.SystemRandom()
 
 
-def _signed(value: int) -> int:
-    """A 64-bit pattern as the int64 torch holds it."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
 def _mix64(z: int) -> int:
     """splitmix64's finaliser (64-bit, on Python ints)."""
     z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
@@ -74,22 +69,33 @@ def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
     Over a whole vocabulary the cumulative sum (sequential per row, the costliest step on CPU) runs in two
     levels: over blocks of _CDF_BLOCK weights' sums to find the block, then inside that block only."""
-    rows, m = weights.shape
+    m = weights.shape[-1]
     if m < 4 * _CDF_BLOCK:
         cumulative = weights.cumsum(dim=-1)
         return _search(cumulative, uniform[:, None] * cumulative[:, -1:])
-    span = m // _CDF_BLOCK * _CDF_BLOCK
-    sums = weights[:, :span].view(rows, -1, _CDF_BLOCK).sum(dim=-1)
-    if span < m:  # the last block is shorter
-        sums = torch.cat([sums, weights[:, span:].sum(dim=-1, keepdim=True)], dim=1)
-    cumulative = sums.cumsum(dim=-1)
+    cumulative = _block_reduce(weights, _CDF_BLOCK, torch.sum).cumsum(dim=-1)
     target = _below_total(cumulative, uniform[:, None] * cumulative[:, -1:])
     block = _search(cumulative, target)
-    columns = block * _CDF_BLOCK + torch.arange(_CDF_BLOCK, device=weights.device)
-    inside = weights.gather(1, columns.clamp(max=m - 1)).masked_fill_(columns >= m, 0.0)
     before = torch.where(block > 0, cumulative.gather(1, (block - 1).clamp_(min=0)), 0.0)
-    pick = _search(inside.cumsum(dim=-1), target - before)
+    pick = _search(_block_members(weights, block, _CDF_BLOCK, 0.0).cumsum(dim=-1), target - before)
     return (block * _CDF_BLOCK + pick).clamp_(max=m - 1)
+
+
+def _block_reduce(x: torch.Tensor, size: int, reduce) -> torch.Tensor:
+    """x [s, V] -> [s, ceil(V / size)]: `reduce` (torch.sum, torch.amax) over each block of `size` consecutive
+    columns, the last block shorter when V is not a multiple of it."""
+    rows, vocab = x.shape
+    span = vocab // size * size
+    out = reduce(x[:, :span].view(rows, -1, size), dim=-1)
+    if span < vocab:
+        out = torch.cat([out, reduce(x[:, span:], dim=-1, keepdim=True)], dim=1)
+    return out
+
+
+def _block_members(x: torch.Tensor, block: torch.Tensor, size: int, fill: float) -> torch.Tensor:
+    """x [s, V], block [s, 1] -> [s, size] the columns of each row's block (`fill` past the last column)."""
+    columns = block * size + torch.arange(size, device=x.device)
+    return x.gather(1, columns.clamp(max=x.shape[-1] - 1)).masked_fill_(columns >= x.shape[-1], fill)
 
 
 def _below_total(cumulative: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -168,17 +174,12 @@ def first_argmax(x: torch.Tensor) -> torch.Tensor:
     """x [s, V] -> [s] `x.argmax(dim=-1)` (the first of tied maxima), in two levels: the first block of
     _ARGMAX_BLOCK columns whose max is the row's max, then the first max inside it (argmax over the whole row is
     not vectorised on CPU: 1.3 vs 0.2 ms at 64 x 8,000). Rows with NaN get an index in range."""
-    rows, vocab = x.shape
-    span = vocab // _ARGMAX_BLOCK * _ARGMAX_BLOCK
-    if span < 4 * _ARGMAX_BLOCK:
+    vocab = x.shape[-1]
+    if vocab < 4 * _ARGMAX_BLOCK:
         return x.argmax(dim=-1)
-    maxima = x[:, :span].view(rows, -1, _ARGMAX_BLOCK).amax(dim=-1)
-    if span < vocab:  # the last block is shorter
-        maxima = torch.cat([maxima, x[:, span:].amax(dim=-1, keepdim=True)], dim=1)
-    block = maxima.argmax(dim=-1, keepdim=True)
-    columns = block * _ARGMAX_BLOCK + torch.arange(_ARGMAX_BLOCK, device=x.device)
-    inside = x.gather(1, columns.clamp(max=vocab - 1)).masked_fill_(columns >= vocab, NEG_INF)
-    return (block[:, 0] * _ARGMAX_BLOCK + inside.argmax(dim=-1)).clamp_(max=vocab - 1)
+    block = _block_reduce(x, _ARGMAX_BLOCK, torch.amax).argmax(dim=-1, keepdim=True)
+    inside = _block_members(x, block, _ARGMAX_BLOCK, NEG_INF).argmax(dim=-1)
+    return (block[:, 0] * _ARGMAX_BLOCK + inside).clamp_(max=vocab - 1)
 
 
 def ranked_filter(
