@@ -222,17 +222,17 @@ def test_sampled_tokens_follow_hf_s_distribution(params, vocab):
     )
 
 
-def test_seeded_draws_do_not_depend_on_the_batch_even_inside_ties():
+@pytest.mark.parametrize("vocab", [500, 8000])  # 8,000: top_values ranks by blocks, alone and in the batch
+def test_seeded_draws_do_not_depend_on_the_batch_even_inside_ties(vocab):
     """A seeded row draws the same token alone and beside rows that change the ranking depth (a larger top-k)
     or the path (no top-k), also when top-p cuts inside a group of exactly tied tokens and when its k-th best
     ties beyond its own ranking (the spill redo)."""
-    vocab = 500
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(5)) * 2
     logits[0, [3, 40, 41, 200, 333, 499]] = 7.0  # six exactly tied best tokens
     mine = [{"temperature": 1.0, "top_k": 2, "top_p": 0.4}, {"temperature": 0.7, "top_k": 4}]
     others = [
         {"temperature": 1.0, "top_k": 60},
-        {"temperature": 1.0, "top_k": 400},  # a k that sorts the vocabulary: its own group
+        {"temperature": 1.0, "top_k": 400},  # at vocab 500 a k that sorts the vocabulary: its own group
         {"temperature": 1.2},
         {"temperature": 0.9, "top_p": 0.9},
     ]
