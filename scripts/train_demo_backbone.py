@@ -77,12 +77,16 @@ TRAIN_SYLLABLES = ["ar", "bel", "cor", "dun", "el", "far", "gin", "hal", "ist", 
                    "pen", "ros", "sut", "tam", "ulf", "ven", "wil"]  # fmt: skip
 
 
-def invented_name(rng: random.Random) -> str:
+def invented_name(
+    rng: random.Random, word_counts: tuple[int, ...] = (1, 2, 2), the_share: float = 0.3
+) -> str:
+    """A name of invented words (2-3 syllables each), as many words as a draw from `word_counts`, "The ..."
+    with probability `the_share`."""
     words = [
         "".join(rng.sample(TRAIN_SYLLABLES, rng.choice([2, 3]))).capitalize()
-        for _ in range(rng.choice([1, 2, 2]))
+        for _ in range(rng.choice(word_counts))
     ]
-    return ("The " if rng.random() < 0.3 else "") + " ".join(words)
+    return ("The " if rng.random() < the_share else "") + " ".join(words)
 
 
 def corpus(

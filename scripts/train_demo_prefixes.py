@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.train_demo_backbone import TRAIN_SYLLABLES, invented_name  # noqa: E402
+from scripts.train_demo_backbone import invented_name  # noqa: E402
 from trainer.cli import main as prefix_train  # noqa: E402
 from trainer.data import Example, e2e_split, read_source_target  # noqa: E402
 
@@ -37,12 +37,8 @@ def write_jsonl(path: Path, examples: list[Example]) -> Path:
 def varied_name(rng: random.Random) -> str:
     """An invented venue name of one to three words, "The ..." half the time: real venue names have up to
     three words, and `name` and `near` both starting with "The" is the case where copying the wrong one is
-    easiest (invented_name, the backbone corpus's, has at most two words and "The" in 30 %)."""
-    words = [
-        "".join(rng.sample(TRAIN_SYLLABLES, rng.choice([2, 3]))).capitalize()
-        for _ in range(rng.choice([1, 2, 2, 3]))
-    ]
-    return ("The " if rng.random() < 0.5 else "") + " ".join(words)
+    easiest (invented_name's defaults, the backbone corpus's, give at most two words and "The" in 30 %)."""
+    return invented_name(rng, word_counts=(1, 2, 2, 3), the_share=0.5)
 
 
 NAME_STYLES = {"backbone": invented_name, "varied": varied_name}
