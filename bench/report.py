@@ -159,17 +159,17 @@ def sampling() -> list[str]:
         return []
     f = record["figures"]
     st, before = f["settings"], f["before"]
-    with_cpu = all("server_cpu_s" in this for this in f["this"].values())
-    header = "| | tokens/s | × greedy | host ms/step |" + (" server / client CPU s |" if with_cpu else "")
-    rule = "|---|---:|---:|---:|" + ("---:|" if with_cpu else "")
+    header = "| | tokens/s | × greedy | host ms/step | server / client CPU s |"
+    rule = "|---|---:|---:|---:|---:|"
     if before:
         header += f" before ({before['commit']}): tokens/s | × greedy | host ms/step |"
         rule += "---:|---:|---:|"
     rows = []
     for mode, this in f["this"].items():
-        row = f"| {mode} | {this['tokens_per_s']:.0f} | **{this['x_greedy']:.2f}×** | {this['host_ms']:.1f} |"
-        if with_cpu:
-            row += f" {this['server_cpu_s']:.2f} / {this['client_cpu_s']:.2f} |"
+        row = (
+            f"| {mode} | {this['tokens_per_s']:.0f} | **{this['x_greedy']:.2f}×** | {this['host_ms']:.1f} | "
+            f"{this['server_cpu_s']:.2f} / {this['client_cpu_s']:.2f} |"
+        )
         if before and mode in before["results"]:
             b = before["results"][mode]
             row += f" {b['tokens_per_s']:.0f} | {b['x_greedy']:.2f}× | {b['host_ms']:.1f} |"
@@ -181,11 +181,7 @@ def sampling() -> list[str]:
         f"{st['layers']}×{st['width']} (vocabulary {st['vocab']:,}) on {st['device']}, over HTTP; best of "
         f"{st['repeats']} round(s) per mode. Sampled: {sampled}, a seed each; top-p only: {top_p}, a seed each. "
         "Host time per step = engine step − forward (`prefixserve_engine_*`)"
-        + (
-            "; CPU seconds the server process and the benchmark's client spent in the round"
-            if with_cpu
-            else ""
-        )
+        + "; CPU seconds the server process and the benchmark's client spent in the round"
         + (", the same load run on the commit before, one after the other." if before else "."),
         "",
         header,

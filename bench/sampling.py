@@ -193,7 +193,7 @@ def main() -> None:
         for mode, f in by_mode.items():
             print(f"{mode:<18} {f['tokens_per_s']:>9.0f} {f['x_greedy']:>9.2f} {f['step_ms']:>8.2f} "
                   f"{f['forward_ms']:>11.2f} {f['host_ms']:>8.2f} {f['steps']:>6.0f} "
-                  f"{f.get('server_cpu_s', float('nan')):>13.2f} {f.get('client_cpu_s', float('nan')):>13.2f}")  # fmt: skip
+                  f"{f['server_cpu_s']:>13.2f} {f['client_cpu_s']:>13.2f}")  # fmt: skip
     if not args.no_record:
         settings = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "prefixes", "requests",
                                                   "new_tokens", "device", "repeats")}  # fmt: skip
