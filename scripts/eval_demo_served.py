@@ -29,9 +29,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(
-    0, str(ROOT / "tests")
-)  # serving.py: the test suite's launcher (python -m server, waits for /readyz)
+# serving.py: the test suite's launcher (python -m server, waits for /readyz)
+sys.path.insert(0, str(ROOT / "tests"))
 
 from serving import running_server  # noqa: E402
 
