@@ -102,6 +102,7 @@ def run_prefixserve(model_dir: Path, adapters: list[Path], jobs: list[Job], args
     from serving import running_server, upload_peft
 
     server_args = ["--max-num-seqs", str(len(jobs)), "--device", args.device, "--log-level", "warning"]
+    server_args += ["--dtype", "float32"]  # what PEFT and HF run in (and `auto` is bfloat16 on CUDA)
     env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
     with running_server(model_dir, str(workdir / "store"), workdir, args=server_args, env=env) as server:
         with httpx.Client(base_url=server.url, timeout=120) as client:
@@ -214,8 +215,6 @@ def main() -> None:
     }
     ps_results, peft_results = contenders["prefixserve"][2], contenders["peft"][2]
     mismatches = [i for i, (a, b) in enumerate(zip(ps_results, peft_results, strict=False)) if a != b]
-    if mismatches:
-        raise SystemExit(f"prefixserve's greedy tokens differ from PEFT's for requests {mismatches}")
 
     rates = {
         name: [tokens / seconds for seconds, tokens in zip(run[0], run[1], strict=True)]
@@ -237,7 +236,8 @@ def main() -> None:
         print(f"  {label:<38} {medians[name]:10.1f} tokens/s  (range {min(r):.1f}-{max(r):.1f})")
     print(f"  prefixserve / PEFT one-at-a-time      {medians['prefixserve'] / medians['peft']:10.2f}x")
     print(f"  prefixserve / no-prefix ceiling       {medians['prefixserve'] / medians['hf_batched']:10.2f}x")
-    print(f"  greedy outputs identical to PEFT:     {len(peft_results)}/{len(peft_results)}")
+    identical = len(peft_results) - len(mismatches)
+    print(f"  greedy outputs identical to PEFT:     {identical}/{len(peft_results)}")
     figures = {
         "model": {"layers": args.layers, "width": args.width, "heads": args.heads, "vocab": args.vocab},
         "device": args.device,
@@ -251,8 +251,10 @@ def main() -> None:
         "tokens_per_s": {name: spread(r) for name, r in rates.items()},
         "ratio_vs_peft": medians["prefixserve"] / medians["peft"],
         "ratio_vs_ceiling": medians["prefixserve"] / medians["hf_batched"],
-        "identical_to_peft": [len(peft_results), len(peft_results)],
+        "identical_to_peft": [identical, len(peft_results)],
     }
+    if mismatches:  # the figures are printed (to see what differs), not recorded
+        raise SystemExit(f"prefixserve's greedy tokens differ from PEFT's for requests {mismatches}")
     write_result(args.name, "bench.throughput", figures)
 
 

@@ -2,8 +2,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import peft_oracle
 import pytest
+import serving
 from tiny_models import build_bart, build_gpt2
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the PEFT parity tests run the backbone, PEFT's oracle and prefix-serve (default cpu)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    serving.DEVICE = peft_oracle.DEVICE = config.getoption("--device")
 
 
 @pytest.fixture(scope="session")

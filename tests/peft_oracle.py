@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+DEVICE = "cpu"  # where the oracle runs by default; `pytest --device cuda` sets it (conftest)
 MAX_NEW = 10
 LENGTHS = [3, 5, 8, 12]
 PROMPTS = [
@@ -44,7 +45,7 @@ def peft_generate(
     adapter: Path | None,
     prompts: list[str],
     max_new_tokens: int,
-    device: str = "cpu",
+    device: str | None = None,
     **generate_kwargs,
 ) -> list[list[int]]:
     """Greedy token ids per prompt (or what `generate_kwargs` ask for, e.g. num_beams), one request at a time,
@@ -53,6 +54,7 @@ def peft_generate(
     model = _auto(kind).from_pretrained(model_dir)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
+    device = device or DEVICE
     model.to(device).eval()
     eos = (
         model.generation_config.eos_token_id

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cpu"  # prefix-serve's --device; `pytest --device cuda` sets it (conftest)
 
 
 def free_port() -> int:
@@ -70,7 +71,7 @@ def start_server(
         "--port",
         str(port),
         "--device",
-        "cpu",
+        DEVICE,
         *(args or []),
     ]
     with open(log_path, "wb") as log:

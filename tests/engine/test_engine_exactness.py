@@ -6,6 +6,7 @@ import asyncio
 import random
 from pathlib import Path
 
+import peft_oracle
 import torch
 from peft_oracle import MAX_NEW, PROMPTS, assert_prefixes_matter
 
@@ -53,12 +54,14 @@ def run_engine(backbone, jobs, max_num_seqs: int = 6, stagger: bool = True):
 def test_mixed_batches_match_peft_token_for_token(peft_case):
     kind, model_dir, adapters, expected = peft_case
     assert_prefixes_matter(expected)
-    backbone = load_backbone(model_dir, "cpu", "float32")
+    device = peft_oracle.DEVICE  # `pytest --device cuda`: engine and oracle on the GPU, float32
+    backbone = load_backbone(model_dir, device, "float32")
     prefixes: dict[str | None, DevicePrefix | None] = {None: None}
     for prefix_id, path in adapters.items():
         imported = import_peft(
             (path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()
         )
+        imported.targets = {k: v.to(device) for k, v in imported.targets.items()}
         prefixes[prefix_id] = device_prefix(prefix_id, imported)
     # interleave prefixes so that each step carries several of them, with different lengths and no prefix
     jobs, keys = [], []
