@@ -72,6 +72,7 @@ def start_server(
         str(port),
         "--device",
         DEVICE,
+        *(["--dtype", "float32"] if DEVICE != "cpu" else []),  # exact in float32; `auto` is bfloat16 on CUDA
         *(args or []),
     ]
     with open(log_path, "wb") as log:
