@@ -29,15 +29,16 @@ run_step() {
     correctness)
         $py -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py &&
             $py -m pytest -q -p no:cacheprovider --device cuda tests/engine/test_engine_exactness.py \
+                tests/engine/test_cuda_graphs.py \
                 tests/integration/test_serve_exact.py ;;
     dtype) $py -m bench.dtype_drift --device cuda ;;
     profile) $py -m bench.profile_step --device cuda "${medium[@]}" --batch 64 ;;
     medium)
         $py -m bench.throughput --device cuda "${medium[@]}" --prefixes 64 --requests 128 --peft-requests 32 \
-            --repeats 2 --name gpu-medium && cp bench/results/gpu-medium.json "$out/" ;;
+            --repeats 3 --name gpu-medium && cp bench/results/gpu-medium.json "$out/" ;;
     small)
         $py -m bench.throughput --device cuda "${small[@]}" --prefixes 64 --requests 256 --peft-requests 32 \
-            --repeats 2 --name gpu-small && cp bench/results/gpu-small.json "$out/" ;;
+            --repeats 3 --name gpu-small && cp bench/results/gpu-small.json "$out/" ;;
     memory) $py -m bench.kv_fit --device cuda ;;
     *) echo "unknown step $1" >&2; return 2 ;;
     esac

@@ -7,8 +7,9 @@
 The backbone is built with random weights (bench.throughput.build_backbone); --batch requests, each with one
 of --prefixes random prefixes (4..32 virtual tokens), are prefilled and decoded a few steps untimed; then
 --steps engine steps (`Engine.step`: schedule, forward, sampler, bookkeeping) are timed with a device sync
-around them, and the same number again under torch.profiler. Reported per step, once with greedy rows and
-once with sampled ones (temperature 0.8, top-k 50, top-p 0.95, a seed each):
+around them, and the same number again under torch.profiler. Reported per step, with greedy rows launched
+eagerly (--cuda-graphs false), greedy rows and sampled ones (temperature 0.8, top-k 50, top-p 0.95, a seed
+each) with decode steps as CUDA graph replays (the default on CUDA; on CPU all three run eagerly):
 - wall ms (what a step costs), GPU busy ms (the union of kernel and copy intervals on the device), and the
   GPU's idle share: a step whose GPU is idle most of the time is launch/host-bound;
 - kernels run, kernel launches issued by the host, host-device waits (stream/device/event synchronize and
@@ -49,14 +50,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def engine_in_decode(backbone, batch: int, num_prefixes: int, sampled: bool, steps: int):
+def engine_in_decode(backbone, batch: int, num_prefixes: int, sampled: bool, steps: int, graphs: bool):
     """An engine whose `batch` requests are all prefilled and decoding (ignore_eos: none leaves early)."""
     from bench.beams import random_prefixes
     from server.engine.engine import Engine, EngineConfig
     from server.engine.request import Request, SamplingParams
 
     prefixes = random_prefixes(backbone, num_prefixes, backbone.device)
-    engine = Engine(backbone, EngineConfig(max_num_seqs=batch, max_model_len=1024))
+    engine = Engine(backbone, EngineConfig(max_num_seqs=batch, max_model_len=1024, cuda_graphs=graphs))
     prompt = engine.tokenize("name : Blue Spice | Type : coffee shop | area : city centre")
     for i in range(batch):
         extra = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "seed": i} if sampled else {}
@@ -150,9 +151,10 @@ def main() -> None:
         trace_dir = args.trace_dir or Path(tmp)
         trace_dir.mkdir(parents=True, exist_ok=True)
         rows = {}
-        for mode in ("greedy", "sampled"):
-            engine = engine_in_decode(backbone, args.batch, args.prefixes, mode == "sampled", args.steps)
-            rows[mode] = profile(engine, args.steps, trace_dir / f"trace-{mode}.json")
+        modes = {"greedy, eager": (False, False), "greedy": (False, True), "sampled": (True, True)}
+        for mode, (sampled, graphs) in modes.items():
+            engine = engine_in_decode(backbone, args.batch, args.prefixes, sampled, args.steps, graphs)
+            rows[mode] = profile(engine, args.steps, trace_dir / f"trace-{mode.replace(', ', '-')}.json")
             del engine
     print(
         f"\nGPT-2 {args.layers}x{args.width}, vocab {args.vocab}, {args.dtype} on {args.device}, "

@@ -109,11 +109,13 @@ def build_state(settings: Settings) -> SimpleNamespace:
         policy=settings.scheduling,
         kv_cache_bytes=_kv_budget(settings, backbone),
         max_step_seconds=settings.max_step_seconds,
+        cuda_graphs=settings.cuda_graphs,
     )
     state.engine = Engine(
         backbone, config, release_prefix=state.cache.release, on_forward=state.metrics.on_forward
     )
     log.info("%s", state.engine.runner.kv_plan.describe(settings.max_num_seqs))
+    log.info("decode steps: %s", state.engine.runner.decode_mode)
     watch = getattr(state.store, "watch", None)
     if watch is not None:
         watch(

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         description="KV cache budget in bytes; --max-num-seqs is capped to the sequences that fit. Default: 80% "
         "of the memory free after loading the model, less --cache-bytes",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="on CUDA, replay GPT-2 decode steps as CUDA graphs (captured per batch/length bucket on "
+        "first use); false = launch every kernel eagerly. BART and CPU always run eagerly",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds running generations may take to finish before exit"
     )

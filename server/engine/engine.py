@@ -47,6 +47,7 @@ class EngineConfig:
     policy: str = "fair"  # "fair" (VTC, see scheduler.py) or "fifo"
     max_step_seconds: float = 60.0  # a loop busy this long without finishing a step counts as stuck
     kv_cache_bytes: int | None = None  # KV budget: max_num_seqs is capped to what fits; None = no cap
+    cuda_graphs: bool = True  # GPT-2 decode steps as CUDA graphs on CUDA (cuda_graphs.py)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "max_prefix_tokens", "max_queue"):
@@ -91,6 +92,7 @@ class Engine:
             config.max_prefix_tokens,
             on_forward,
             config.kv_cache_bytes,
+            config.cuda_graphs,
         )
         if self.runner.kv_plan.num_seqs < config.max_num_seqs:  # the KV budget holds fewer sequences
             config = dataclasses.replace(config, max_num_seqs=self.runner.kv_plan.num_seqs)

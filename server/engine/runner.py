@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.beam import BeamChoice, BeamSearch, as_tensor
+from server.engine.cuda_graphs import LENGTH_STEP, DecodeGraphs
 from server.engine.kv_cache import KVCache, plan_kv_cache
 from server.engine.request import BeamResult, Request, ScheduledBatch
 from server.engine.sampler import Sampler, TokenLogprob
@@ -45,6 +46,7 @@ class ModelRunner:
         max_prefix_tokens: int,
         on_forward: Callable[[list[Request]], None] | None = None,
         kv_cache_bytes: int | None = None,
+        cuda_graphs: bool = True,
     ):
         self.backbone = backbone
         self.is_encoder_decoder = backbone.spec.is_encoder_decoder
@@ -61,6 +63,8 @@ class ModelRunner:
             backbone.device,
             backbone.dtype,
         )
+        graphed = cuda_graphs and backbone.device.type == "cuda" and not self.is_encoder_decoder
+        self.graphs = DecodeGraphs(backbone, self.cache, self.kv_plan.num_seqs) if graphed else None
         self.sampler = Sampler(backbone.rules, backbone.spec, backbone.device)
         self.beams = BeamSearch(backbone.rules, backbone.spec, backbone.device)
         self._beam_choices: dict[int, BeamChoice] = {}  # this step's, by id(request)
@@ -71,6 +75,20 @@ class ModelRunner:
         ] = {}  # this step's, for requests that asked (the engine takes them)
         self.on_forward = on_forward or (lambda requests: None)
         self.forward_seconds = 0.0  # time inside the backbone's forward calls (bench: host time per step)
+
+    @property
+    def decode_mode(self) -> str:
+        """What the start-up log says about decode steps."""
+        if self.graphs is not None:
+            return (
+                f"CUDA graphs, captured on first use per bucket of rows ({', '.join(map(str, self.graphs.buckets))})"
+                f" x keys (multiples of {LENGTH_STEP}); --cuda-graphs false for eager"
+            )
+        return "eager" + (
+            " (CUDA graphs are for GPT-2 on CUDA)"
+            if self.backbone.device.type != "cuda" or self.is_encoder_decoder
+            else " (--cuda-graphs false)"
+        )
 
     def execute(self, batch: ScheduledBatch) -> list[int | BeamResult | None]:
         """Free finished slots, then produce one token for each of batch.prefill + batch.decode (a BeamResult
@@ -178,6 +196,8 @@ class ModelRunner:
         if self.is_encoder_decoder:
             cross_length = max(s.cross_len for s in self.slots)
             logits = self.backbone.decode(self.cache, tokens, positions, length, cross[0], cross_length)
+        elif self.graphs is not None:
+            logits = self.graphs(tokens, positions, length)
         else:
             logits = self.backbone.decode(self.cache, tokens, positions, length)
         self.forward_seconds += time.perf_counter() - started
