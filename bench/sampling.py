@@ -225,7 +225,8 @@ def measure(server_root: Path, args: argparse.Namespace) -> dict[str, dict]:
         model_dir = build_backbone(root / "model", args.layers, args.width, args.heads, args.vocab)
         server_args = ["--max-num-seqs", str(args.requests), "--max-model-len", "1024"]
         if args.device != "cpu":
-            server_args += ["--device", args.device]  # after start_server's --device cpu: this one wins
+            # after start_server's --device cpu: these win (float32 as everywhere else; auto is bfloat16 there)
+            server_args += ["--device", args.device, "--dtype", "float32"]
         with serving.running_server(
             model_dir, str(root / "store"), root / "logs", args=server_args
         ) as server:
