@@ -197,6 +197,10 @@ def render() -> str:
     sections = [
         ("**Throughput**", throughput("throughput")),
         ("**Throughput, GPT-2-small shape**", throughput("throughput-gpt2-small")),
+        ("**On a GPU: GPT-2-medium shape, decode steps as CUDA graphs**", throughput("gpu-medium")),
+        ("**On a GPU: GPT-2-medium shape, eager (before CUDA graphs)**", throughput("gpu-medium-eager")),
+        ("**On a GPU: GPT-2-small shape, 256 concurrent requests, CUDA graphs**", throughput("gpu-small")),
+        ("**On a GPU: GPT-2-small shape, 256 concurrent requests, eager**", throughput("gpu-small-eager")),
         ("**Prefixes rotating through the device cache**", cache_rotation()),
         ("**Store**", store()),
         ("**Fair share between tenants**", fairness()),
