@@ -53,7 +53,9 @@ def repeat_accuracy(
     first = torch.randint(1, vocab_size, (count, length), generator=g)
     first[first == eos_id] = 1
     ids = torch.cat([torch.full((count, 1), eos_id), first, first], dim=1)
-    predicted = model(input_ids=ids).logits.argmax(-1)  # predicted[:, t] is the guess for ids[:, t + 1]
+    predicted = (
+        model(input_ids=ids.to(model.device)).logits.argmax(-1).cpu()
+    )  # predicted[:, t] is the guess for ids[:, t + 1]
     # second copy occupies ids[:, 1 + length : 1 + 2 * length]; skip its first token
     guesses = predicted[:, length + 1 : 2 * length]
     return (guesses == ids[:, length + 2 : 2 * length + 1]).float().mean().item()
@@ -69,16 +71,16 @@ def name_probes(model, tokenizer, names: list[str]) -> dict[str, float]:
         prompt = tokenizer(" " + text)["input_ids"]
         name_ids = tokenizer(" " + name)["input_ids"]
         # recall: after the cue, is the next token the name's first token?
-        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        logits = model(input_ids=torch.tensor([prompt], device=model.device)).logits[0, -1]
         recall_hits += int(logits.argmax().item() == name_ids[0])
         recall_prob += logits.softmax(-1)[name_ids[0]].item()
         recall_total += 1
         # rest: given the name's first token again, the remaining tokens (teacher forced)
-        ids = torch.tensor([prompt + name_ids])
-        predicted = model(input_ids=ids).logits[0].argmax(-1)
+        ids = torch.tensor([prompt + name_ids], device=model.device)
+        predicted = model(input_ids=ids).logits[0].argmax(-1).tolist()
         start = len(prompt)  # ids[start] = first name token; predicted[start + k - 1] guesses ids[start + k]
         for k in range(1, len(name_ids)):
-            rest_hits += int(predicted[start + k - 1].item() == name_ids[k])
+            rest_hits += int(predicted[start + k - 1] == name_ids[k])
             rest_total += 1
     return {"name_rest": rest_hits / max(rest_total, 1), "name_recall": recall_hits / recall_total,
             "name_recall_prob": recall_prob / recall_total}  # fmt: skip

@@ -69,7 +69,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rename-frac", type=float, default=0.5,
                    help="share of E2E documents whose venue name is replaced by an invented one")  # fmt: skip
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="residual/embedding/attention dropout while training (saved config: 0)")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=50, help="steps between copy probes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU: docs/demo.md)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="ship the weights with the lowest loss on the held-out blocks (checked at each probe), "
+                        "not the last ones: for runs long enough to overfit the small corpus")  # fmt: skip
     return p.parse_args()
 
 
@@ -170,7 +176,9 @@ def lr_at(args: argparse.Namespace, step: int, started: float) -> float:
 def heldout_loss(model: GPT2LMHeadModel, heldout: torch.Tensor) -> float:
     was_training = model.training
     model.eval()
-    loss = sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in heldout) / len(heldout)
+    device = next(model.parameters()).device
+    loss = sum(model(input_ids=b[None].to(device), labels=b[None].to(device)).loss.item() for b in heldout)
+    loss /= len(heldout)
     model.train(was_training)
     return loss
 
@@ -196,13 +204,16 @@ def main() -> None:
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=args.block, n_embd=args.n_embd, n_layer=args.n_layer,
         n_head=args.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
     )  # fmt: skip
     model = GPT2LMHeadModel(config)
     if args.init_from:
         model = GPT2LMHeadModel.from_pretrained(args.init_from, dtype=torch.float32)
     elif not args.no_plant:
         plant_induction(model, seed=args.seed)
+    model.to(args.device)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # training only; what is served is exact in float32
     forbidden = " ".join(docs)
     print(f"step 0 probes {run_probes(model, tokenizer, forbidden)} held-out loss {heldout_loss(model, heldout):.3f}",
           flush=True)  # fmt: skip
@@ -212,6 +223,7 @@ def main() -> None:
     )
     started = time.time()
     step, epoch = 0, 0
+    best: tuple[float, int, dict | None] = (math.inf, 0, None)
     while step < args.max_steps and time.time() - started < 60 * args.max_minutes:
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed + epoch))
         for start in range(0, len(order) - args.batch + 1, args.batch):
@@ -219,7 +231,7 @@ def main() -> None:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(args, step, started)
-            batch = blocks[order[start : start + args.batch]]
+            batch = blocks[order[start : start + args.batch]].to(args.device)
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -232,23 +244,34 @@ def main() -> None:
                 print(f"step {step} epoch {epoch} loss {loss.item():.3f} lr {group['lr']:.2e} "
                       f"{rate:.0f} tok/s {elapsed / 60:.1f} min", flush=True)  # fmt: skip
             if step % args.probe_every == 0:
+                probe_loss = heldout_loss(model, heldout if args.keep_best else heldout[:8])
                 print(f"step {step} probes {run_probes(model, tokenizer, forbidden)} "
-                      f"held-out loss {heldout_loss(model, heldout[:8]):.3f}", flush=True)  # fmt: skip
+                      f"held-out loss {probe_loss:.3f}", flush=True)  # fmt: skip
+                if args.keep_best and probe_loss < best[0]:
+                    best = (probe_loss, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
             if step % 100 == 0:
                 torch.save({"model": model.state_dict(), "step": step}, args.work / "checkpoint.pt")
         epoch += 1
     model.eval()
     torch.save({"model": model.state_dict(), "step": step}, args.work / "final.pt")
+    kept_step = step
+    if best[2] is not None and heldout_loss(model, heldout) > best[0]:
+        print(f"keeping the weights of step {best[1]} (held-out loss {best[0]:.3f})", flush=True)
+        model.load_state_dict(best[2])
+        kept_step = best[1]
     final_loss = heldout_loss(model, heldout)
     probes = run_probes(model, tokenizer, forbidden)
     print(f"done: {step} steps, {epoch} epochs, held-out loss {final_loss:.3f} "
           f"(perplexity {math.exp(final_loss):.1f}), probes {probes}, {(time.time() - started) / 60:.1f} min", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(model.config, name, 0.0)  # served and prefix-trained without dropout, as before
     model.half().save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     recipe = {
         **{k: str(v) for k, v in vars(args).items()},
         "steps": step,
+        "kept_step": kept_step,
         "heldout_loss": final_loss,
         "probes": probes,
     }

@@ -86,12 +86,13 @@ def main() -> None:
     p.add_argument("--name-style", choices=sorted(NAME_STYLES), default="backbone",
                    help="E2E: how renamed venues are invented (see varied_name)")  # fmt: skip
     p.add_argument("--prefix-length", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --work (e.g. with a larger --steps)")  # fmt: skip
     args = p.parse_args()
     common = ["--model", args.model, "--prefix-length", str(args.prefix_length), "--lr", args.lr, "--batch-size", "10",
               "--max-steps", str(args.steps), "--warmup-steps", "30", "--eval-max-sources", "50",
-              "--threads", "1", "--max-new-tokens", "80", "--quiet"]  # fmt: skip
+              "--threads", "1", "--max-new-tokens", "80", "--quiet", "--device", args.device]  # fmt: skip
     if args.init_text:
         common += ["--init-text", args.init_text]
     if args.resume:
