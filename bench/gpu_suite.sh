@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checklist (../shared/docs/gpu.md) on a CUDA machine, from the repository root, one step or several:
 #
-#   bench/gpu_suite.sh [correctness] [dtype] [profile] [medium] [small] [memory]     (no argument: all six)
+#   bench/gpu_suite.sh [correctness] [dtype] [profile] [medium] [small] [memory] [sampling]   (none: all seven)
 #
 #   correctness  pytest -m gpu, then the PEFT parity tests with --device cuda (engine and server, float32)
 #   dtype        bench.dtype_drift: bfloat16/float16 greedy tokens vs float32 on the demo backbone + prefixes
@@ -9,6 +9,7 @@
 #   medium       bench.throughput, GPT-2-medium shape, 64 prefixes, 128 requests (vs PEFT, vs HF batched)
 #   small        bench.throughput, GPT-2-small shape, 256 concurrent requests
 #   memory       bench.kv_fit: sequences of 1024 positions next to gpt2-large (float32) / gpt2-xl (bfloat16)
+#   sampling     bench.sampling: greedy / sampled / sampled+streamed / top-p only over HTTP, GPT-2 4x256 and small
 #
 # Each step's output goes to $OUT/<step>.log (OUT defaults to var/gpu) and the last lines to the terminal;
 # bench.throughput's records (bench/results/gpu-*.json) are copied there too. PYTHON picks the interpreter
@@ -19,7 +20,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/clients/python${PYTHONPATH:+:$PYTHONPATH}"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(correctness dtype profile medium small memory)
+[ ${#steps[@]} -eq 0 ] && steps=(correctness dtype profile medium small memory sampling)
 
 medium=(--layers 24 --width 1024 --heads 16 --vocab 50257)
 small=(--layers 12 --width 768 --heads 12 --vocab 50257)
@@ -40,6 +41,9 @@ run_step() {
         $py -m bench.throughput --device cuda "${small[@]}" --prefixes 64 --requests 256 --peft-requests 32 \
             --repeats 3 --name gpu-small && cp bench/results/gpu-small.json "$out/" ;;
     memory) $py -m bench.kv_fit --device cuda ;;
+    sampling)
+        $py -m bench.sampling --device cuda --repeats 2 --no-record &&
+            $py -m bench.sampling --device cuda "${small[@]}" --repeats 2 --no-record ;;
     *) echo "unknown step $1" >&2; return 2 ;;
     esac
 }
