@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft_oracle import MAX_NEW, PROMPTS, peft_generate
-from test_engine_exactness import device_prefix, random_native
+from test_engine_exactness import device_prefix, peft_device_prefixes, random_native
 from test_fault_isolation import count_host_syncs
 
-from prefix_store.format import import_peft
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.kv_cache import KVCache
@@ -62,15 +61,7 @@ def test_beam_search_matches_peft_generate_in_mixed_steps(peft_case):
     prefixes of several lengths), next to greedy, sampled and 3-beam requests, in one engine."""
     kind, model_dir, adapters, expected_greedy = peft_case
     backbone = load_backbone(model_dir, "cpu", "float32")
-    prefixes = {None: None} | {
-        prefix_id: device_prefix(
-            prefix_id,
-            import_peft(
-                (path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()
-            ),
-        )
-        for prefix_id, path in adapters.items()
-    }
+    prefixes = {None: None, **peft_device_prefixes(adapters)}
     paths = {None: None, **adapters}
     jobs, keys = [], []
     for p_index, prompt in enumerate(PROMPTS):

@@ -13,9 +13,8 @@ import asyncio
 
 import peft_oracle
 from peft_oracle import PROMPTS, assert_prefixes_matter
-from test_engine_exactness import device_prefix, run_mixed
+from test_engine_exactness import peft_device_prefixes, run_mixed
 
-from prefix_store.format import import_peft
 from server.engine.backbone import load_backbone
 from server.engine.cuda_graphs import LENGTH_STEP, DecodeGraphs, batch_buckets
 from server.engine.engine import Engine, EngineConfig
@@ -38,13 +37,7 @@ def test_padded_decode_is_exact_with_sequences_joining_and_leaving(peft_case) ->
         runner = Engine(backbone, EngineConfig(max_num_seqs=7, cuda_graphs=True)).runner
         assert runner.graphs is None and runner.decode_mode.startswith("eager")
         return
-    prefixes = {None: None}
-    for prefix_id, path in adapters.items():
-        imported = import_peft(
-            (path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()
-        )
-        imported.targets = {k: v.to(device) for k, v in imported.targets.items()}
-        prefixes[prefix_id] = device_prefix(prefix_id, imported)
+    prefixes = {None: None, **peft_device_prefixes(adapters, device)}
     engine = Engine(backbone, EngineConfig(max_num_seqs=7))
     graphs = DecodeGraphs(backbone, engine.runner.cache, 7, capture=device == "cuda")
     seen: list[tuple[int, int, int]] = []  # (rows, padded rows, keys) of each decode step

@@ -23,6 +23,18 @@ def device_prefix(prefix_id: str, prefix: Prefix) -> DevicePrefix:
     return DevicePrefix(meta=meta, targets=prefix.targets, num_bytes=prefix.num_bytes)
 
 
+def peft_device_prefixes(adapters: dict[str, Path], device: str = "cpu") -> dict[str, DevicePrefix]:
+    """peft_case's PEFT adapters imported as the engine holds them, their tensors on `device`."""
+    prefixes = {}
+    for prefix_id, path in adapters.items():
+        imported = import_peft(
+            (path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()
+        )
+        imported.targets = {k: v.to(device) for k, v in imported.targets.items()}
+        prefixes[prefix_id] = device_prefix(prefix_id, imported)
+    return prefixes
+
+
 async def run_mixed(
     engine: Engine, jobs: list[tuple[DevicePrefix | None, str, SamplingParams]], stagger: bool
 ):
@@ -56,13 +68,7 @@ def test_mixed_batches_match_peft_token_for_token(peft_case):
     assert_prefixes_matter(expected)
     device = peft_oracle.DEVICE  # `pytest --device cuda`: engine and oracle on the GPU, float32
     backbone = load_backbone(model_dir, device, "float32")
-    prefixes: dict[str | None, DevicePrefix | None] = {None: None}
-    for prefix_id, path in adapters.items():
-        imported = import_peft(
-            (path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()
-        )
-        imported.targets = {k: v.to(device) for k, v in imported.targets.items()}
-        prefixes[prefix_id] = device_prefix(prefix_id, imported)
+    prefixes: dict[str | None, DevicePrefix | None] = {None: None, **peft_device_prefixes(adapters, device)}
     # interleave prefixes so that each step carries several of them, with different lengths and no prefix
     jobs, keys = [], []
     for p_index in range(len(PROMPTS)):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft_oracle import MAX_NEW, PROMPTS
-from test_engine_exactness import device_prefix, run_engine
+from test_engine_exactness import device_prefix, peft_device_prefixes, run_engine
 
 from prefix_store.families import family
-from prefix_store.format import Prefix, import_peft
+from prefix_store.format import Prefix
 from server.engine.backbone import GenerationRules, load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.request import Request, SamplingParams, ScheduledBatch
@@ -35,15 +35,7 @@ def poisoned(backbone, value: float, num_tokens: int = 4) -> Prefix:
 def test_poisoned_rows_fail_alone_and_their_slots_are_clean_for_the_next(peft_case):
     kind, model_dir, adapters, expected = peft_case
     backbone = load_backbone(model_dir, "cpu", "float32")
-    good = {
-        prefix_id: device_prefix(
-            prefix_id,
-            import_peft(
-                (path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()
-            ),
-        )
-        for prefix_id, path in adapters.items()
-    }
+    good = peft_device_prefixes(adapters)
     bad = [device_prefix(f"evil/{v}", poisoned(backbone, v)) for v in (float("nan"), float("inf"))]
     greedy = SamplingParams(max_new_tokens=MAX_NEW)
     sampled = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.8, seed=3)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from peft_oracle import MAX_NEW, PROMPTS, assert_prefixes_matter, peft_generate
-from test_engine_exactness import device_prefix, run_engine
+from test_engine_exactness import peft_device_prefixes, run_engine
 
-from prefix_store.format import import_peft
 from server.engine.backbone import load_backbone
 from server.engine.request import SamplingParams
 
@@ -22,12 +21,9 @@ def test_mixed_batches_match_peft_on_cuda(peft_case):
     backbone = load_backbone(model_dir, "cuda", "float32")
     jobs, expected = [], []
     oracle = {None: peft_generate(model_dir, kind, None, PROMPTS, MAX_NEW, device="cuda")}
+    prefixes = peft_device_prefixes(adapters, "cuda")
     for prefix_id, path in adapters.items():
-        imported = import_peft(
-            (path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()
-        )
-        imported.targets = {k: v.cuda() for k, v in imported.targets.items()}
-        prefix = device_prefix(prefix_id, imported)
+        prefix = prefixes[prefix_id]
         want = oracle[prefix_id] = peft_generate(model_dir, kind, path, PROMPTS, MAX_NEW, device="cuda")
         for prompt, ids in zip(PROMPTS, want, strict=True):
             jobs.append((prefix, prompt, SamplingParams(max_new_tokens=MAX_NEW)))
