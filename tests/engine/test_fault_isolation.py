@@ -15,6 +15,7 @@ from test_engine_exactness import device_prefix, peft_device_prefixes, run_engin
 from prefix_store.families import family
 from prefix_store.format import Prefix
 from server.engine.backbone import GenerationRules, load_backbone
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.engine import Engine, EngineConfig
 from server.engine.request import Request, SamplingParams, ScheduledBatch
 from server.engine.runner import ModelRunner
@@ -32,7 +33,10 @@ def poisoned(backbone, value: float, num_tokens: int = 4) -> Prefix:
 
 
 @pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)  # BART shares the runner and sampler
-def test_poisoned_rows_fail_alone_and_their_slots_are_clean_for_the_next(peft_case):
+@pytest.mark.parametrize("padded", [False, True], ids=["eager", "graph-padded"])
+def test_poisoned_rows_fail_alone_and_their_slots_are_clean_for_the_next(peft_case, padded):
+    """With `padded`, decode steps run the shapes a CUDA graph replays (cuda_graphs.py, eagerly here): pad
+    rows in free slots next to poisoned ones."""
     kind, model_dir, adapters, expected = peft_case
     backbone = load_backbone(model_dir, "cpu", "float32")
     good = peft_device_prefixes(adapters)
@@ -47,6 +51,8 @@ def test_poisoned_rows_fail_alone_and_their_slots_are_clean_for_the_next(peft_ca
             jobs.append((prefix, prompt, greedy))
             keys.append((prefix_id, i))
     engine = Engine(backbone, EngineConfig(max_num_seqs=4))
+    if padded:
+        engine.runner.graphs = DecodeGraphs(backbone, engine.runner.cache, 4, capture=False)
     engine.start()
     try:
 
