@@ -83,7 +83,7 @@ def main() -> None:
                 f"\nGPT-2 {layers}x{width} ({name}), {dtype} on {args.device}; device memory in use: {used}"
             )
             for line in lines:
-                print("  " + line.split("KV cache", 1)[1].join(["KV cache", ""]))
+                print("  " + line[line.index("KV cache") :])
 
 
 if __name__ == "__main__":

@@ -254,12 +254,11 @@ def main() -> None:
         epoch += 1
     model.eval()
     torch.save({"model": model.state_dict(), "step": step}, args.work / "final.pt")
-    kept_step = step
-    if best[2] is not None and heldout_loss(model, heldout) > best[0]:
+    kept_step, final_loss = step, heldout_loss(model, heldout)
+    if best[2] is not None and final_loss > best[0]:  # best[0] is the same measure (all held-out blocks)
         print(f"keeping the weights of step {best[1]} (held-out loss {best[0]:.3f})", flush=True)
         model.load_state_dict(best[2])
-        kept_step = best[1]
-    final_loss = heldout_loss(model, heldout)
+        kept_step, final_loss = best[1], best[0]
     probes = run_probes(model, tokenizer, forbidden)
     print(f"done: {step} steps, {epoch} epochs, held-out loss {final_loss:.3f} "
           f"(perplexity {math.exp(final_loss):.1f}), probes {probes}, {(time.time() - started) / 60:.1f} min", flush=True)  # fmt: skip

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 import torch
@@ -58,7 +57,6 @@ class DecodeGraphs:
         self.logits = torch.zeros(max_rows, backbone.lm_head.out_features, dtype=torch.float32, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool: Any = None  # the graphs' shared memory pool, from the first capture on
-        self.capture_seconds = 0.0
 
     def bucket(self, num_rows: int, length: int) -> tuple[int, int]:
         rows = next(b for b in self.buckets if b >= num_rows)
@@ -86,7 +84,6 @@ class DecodeGraphs:
         self.logits[:rows].copy_(logits)
 
     def _capture(self, rows: int, keys: int) -> torch.cuda.CUDAGraph:
-        started = time.perf_counter()
         stream = torch.cuda.Stream(self.backbone.device)
         stream.wait_stream(torch.cuda.current_stream(self.backbone.device))
         with torch.cuda.stream(stream):
@@ -99,6 +96,5 @@ class DecodeGraphs:
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[(rows, keys)] = graph
-        self.capture_seconds += time.perf_counter() - started
         log.debug("captured a decode graph for %d rows x %d keys", rows, keys)
         return graph
