@@ -19,7 +19,7 @@ write their logits into one static buffer: a graph's intermediates die at the en
 pool holds about one step's activations, not one per graph. Inputs go into static buffers by a device copy
 from the step's host-built tensors; the logits are copied out so the next replay cannot overwrite them.
 
-Only decoder-only backbones (GPT-2) are graphed; BART's decode and every prefill run eagerly. `padded` runs
+Only decoder-only backbones (GPT-2) are graphed; BART's decode and every prefill run eagerly. `capture=False` runs
 the same padded shapes eagerly, without capturing (what the CPU tests check for exactness).
 """
 
