@@ -5,26 +5,86 @@ Runs in the async front (Engine.stream), not on the engine thread: the loop hand
 
 from __future__ import annotations
 
+import codecs
+import json
+import random
 from typing import Any
+
+_CHECK_SEQUENCES = 64  # random sequences byte_table checks against the tokenizer's own decode
+_CHECK_LENGTH = 24
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def byte_table(tokenizer: Any) -> list[bytes] | None:
+    """Each token id's bytes, when `tokenizer.decode(ids, skip_special_tokens=True)` is exactly the lossy UTF-8
+    decoding of the ids' bytes joined (a byte-level BPE: GPT-2's, BART's; special tokens are b""); else None.
+
+    Built from the tokenizer's own vocabulary, then checked against its decode on every single token and on
+    random sequences: anything that decodes otherwise (a clean-up step, another decoder) gets None, and
+    IncrementalText decodes windows with the tokenizer instead."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    spec = json.loads(backend.to_str())
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel" or spec["model"]["type"] != "BPE":
+        return None
+    byte_of = _byte_of_char()
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    table = []
+    for token_id in range(len(tokenizer)):
+        token = backend.id_to_token(token_id)
+        if token is None or token_id in special:
+            table.append(b"")
+        elif all(c in byte_of for c in token):
+            table.append(bytes(byte_of[c] for c in token))
+        else:  # the byte-level decoder passes a token with other characters through as its UTF-8
+            table.append(token.encode("utf-8"))
+    rng = random.Random(0)
+    checks = [[i] for i in range(len(table))]
+    checks += [[rng.randrange(len(table)) for _ in range(_CHECK_LENGTH)] for _ in range(_CHECK_SEQUENCES)]
+    decoded = tokenizer.batch_decode(checks, skip_special_tokens=True)
+    for ids, text in zip(checks, decoded, strict=True):
+        if b"".join(table[i] for i in ids).decode("utf-8", "replace") != text:
+            return None
+    return table
 
 
 class IncrementalText:
     """Turns a growing list of token ids into text deltas.
 
-    Each token is decoded in a short window (vLLM's incremental detokenizer): the tokens since the last
-    clean boundary, decoded with and without the new ones; the difference is the new text. A window that
-    ends in an incomplete UTF-8 sequence (decoded as U+FFFD) waits for the next token. So a token costs a
-    decode of a few tokens, never of the whole output.
+    With a `table` (byte_table: a byte-level tokenizer) each token appends its bytes to an incremental UTF-8
+    decoder, which hands out every complete character and holds an incomplete one until its last byte:
+    a dictionary lookup per token, no call into the tokenizer. Without one, each token is decoded in a short
+    window (vLLM's incremental detokenizer): the tokens since the last clean boundary, decoded with and without
+    the new ones; the difference is the new text, and a window that ends in an incomplete UTF-8 sequence
+    (decoded as U+FFFD) waits for the next token. Either way a token costs O(1), and the deltas add up to
+    `tokenizer.decode(all ids, skip_special_tokens=True)`.
 
     Stop strings are searched in the text not yet handed out only: a tail that could be the start of a
     stop string is held back, so a stop string can never begin in text already emitted. When a stop string
     appears, the text is cut before it.
     """
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), table: list[bytes] | None = None):
         self.tokenizer = tokenizer
         self.stop = stop
         self.token_ids: list[int] = []
+        self._table = table
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._prefix_offset = 0  # token_ids[prefix_offset:read_offset] decode to text already consumed
         self._read_offset = 0
         self._pending = ""  # decoded but held back (a possible stop-string start)
@@ -46,14 +106,22 @@ class IncrementalText:
         """Append a token; return the text that is now final."""
         if self.is_stopped:
             return ""
-        self.token_ids.append(token_id)
-        return self._release(self._pending + self._new_text(is_final=False), is_final=False)
+        if self._table is not None:
+            piece = self._table[token_id] if 0 <= token_id < len(self._table) else b""
+            new = self._utf8.decode(piece, False)
+        else:
+            self.token_ids.append(token_id)
+            new = self._new_text(is_final=False)
+        if not self.stop:
+            return new
+        return self._release(self._pending + new, is_final=False)
 
     def flush(self) -> str:
         """Everything not yet handed out (at the end of the request)."""
         if self.is_stopped:
             return ""
-        return self._release(self._pending + self._new_text(is_final=True), is_final=True)
+        new = self._utf8.decode(b"", True) if self._table is not None else self._new_text(is_final=True)
+        return self._release(self._pending + new, is_final=True)
 
     def _release(self, text: str, is_final: bool) -> str:
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.detokenizer import IncrementalText
+from server.engine.detokenizer import IncrementalText, byte_table
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
@@ -110,6 +110,7 @@ class Engine:
         # the front detokenizes (on the event loop) with its own copy: a HF fast tokenizer used by two threads
         # at once can fail with "Already borrowed" (prompts are tokenized in worker threads)
         self._detokenizer = copy.deepcopy(backbone.tokenizer)
+        self._token_bytes = byte_table(self._detokenizer)  # None: not byte-level, decoded in windows
         self.num_generated_tokens = 0
         self.num_steps = 0
         self.step_seconds = 0.0  # wall time of the steps counted in num_steps
@@ -365,7 +366,9 @@ class Engine:
             trace_id=trace_id,
         )
         stream = _Stream(
-            asyncio.get_running_loop(), asyncio.Queue(), IncrementalText(self._detokenizer, params.stop)
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+            IncrementalText(self._detokenizer, params.stop, self._token_bytes),
         )
         with self._lock:
             self.scheduler.add(request, weight)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from server.engine.detokenizer import IncrementalText
+import random
+
+import pytest
+
+from server.engine.detokenizer import IncrementalText, byte_table
 
 
 class CharTokenizer:
@@ -78,3 +82,60 @@ def test_stop_string_spanning_tokens_and_held_text(tiny_gpt2_dir):
     text = IncrementalText(tokenizer, stop=("Spice |", "zzz"))
     out = "".join(text.add(i) for i in ids)
     assert text.is_stopped and out == "name : Blue " and text.flush() == ""
+
+
+def _random_ids(tokenizer, rng, count: int) -> list[int]:
+    return [rng.randrange(len(tokenizer)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bart"])
+def test_byte_table_decodes_as_the_tokenizer_does(family, tiny_gpt2_dir, tiny_bart_dir):
+    """Byte-level BPE (both families): the table path equals the tokenizer's own decode and the window path,
+    token by token, on random ids (split and invalid UTF-8, special tokens) with and without stop strings."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir if family == "gpt2" else tiny_bart_dir)
+    table = byte_table(tokenizer)
+    assert table is not None and len(table) == len(tokenizer)
+    rng = random.Random(0)
+    for _ in range(150):
+        ids = _random_ids(tokenizer, rng, rng.randint(1, 40)) + [tokenizer.eos_token_id]
+        for stop in [(), ("e",), ("th", "zz")]:
+            fast, windows = IncrementalText(tokenizer, stop, table), IncrementalText(tokenizer, stop)
+            fast_deltas = [fast.add(i) for i in ids] + [fast.flush()]
+            window_deltas = [windows.add(i) for i in ids] + [windows.flush()]
+            assert "".join(fast_deltas) == "".join(window_deltas)
+            assert fast.is_stopped == windows.is_stopped
+            if not stop:
+                assert "".join(fast_deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_byte_table_holds_a_split_character_until_it_is_whole(tiny_gpt2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    table = byte_table(tokenizer)
+    ids = tokenizer("café 東京 🙂")["input_ids"]
+    text = IncrementalText(tokenizer, table=table)
+    deltas = [text.add(i) for i in ids] + [text.flush()]
+    assert "".join(deltas) == "café 東京 🙂" and all("\ufffd" not in d for d in deltas)
+    # an out-of-vocabulary id (a model whose embedding is larger than its tokenizer) decodes to nothing
+    assert IncrementalText(tokenizer, table=table).add(len(table) + 5) == ""
+
+
+def test_byte_table_refuses_a_tokenizer_that_decodes_otherwise(tiny_gpt2_dir):
+    """A tokenizer without a backend, one with clean-up, or one whose decode is not the byte join: None (the
+    window path decodes with the tokenizer itself)."""
+    from transformers import AutoTokenizer
+
+    assert byte_table(CharTokenizer()) is None
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    tokenizer.clean_up_tokenization_spaces = True
+    assert byte_table(tokenizer) is None
+
+    class Shouting(type(tokenizer)):  # type: ignore[misc]
+        def _decode(self, *args, **kwargs):
+            return super()._decode(*args, **kwargs).upper()
+
+    shouting = Shouting.from_pretrained(tiny_gpt2_dir)
+    assert byte_table(shouting) is None
