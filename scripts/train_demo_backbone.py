@@ -76,6 +76,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep-best", action="store_true",
                    help="ship the weights with the lowest loss on the held-out blocks (checked at each probe), "
                         "not the last ones: for runs long enough to overfit the small corpus")  # fmt: skip
+    p.add_argument("--min-name-rest", type=float, default=0.0,
+                   help="with --keep-best: only weights whose name_rest probe is at least this are candidates "
+                        "(a long run can trade the copy of unseen names for held-out loss)")  # fmt: skip
+    p.add_argument("--redraw-every-epoch", action="store_true",
+                   help="invent the renamed venues and the synthetic repeats afresh every epoch, so that "
+                        "copying them keeps paying instead of memorising them")  # fmt: skip
     return p.parse_args()
 
 
@@ -141,15 +147,32 @@ def train_tokenizer(docs: list[str], tables: list[str], vocab_size: int) -> GPT2
     return GPT2Tokenizer(vocab=bpe.get_vocab(), merges=merges)
 
 
-def pack(tokenizer: GPT2Tokenizer, docs: list[str], block: int, seed: int) -> torch.Tensor:
-    """Shuffle the documents, join them with EOS and cut the stream into [num_blocks, block] rows."""
+def shuffled_docs(tokenizer: GPT2Tokenizer, docs: list[str], seed: int) -> list[list[int]]:
+    """The documents' tokens, each ending in EOS, in a shuffled order that depends on `seed` and the number
+    of documents only (so re-drawn names leave every document where it was)."""
     docs = list(docs)
     random.Random(seed).shuffle(docs)
-    stream: list[int] = []
-    for doc in docs:
-        stream += tokenizer(" " + doc)["input_ids"] + [tokenizer.eos_token_id]
+    return [tokenizer(" " + doc)["input_ids"] + [tokenizer.eos_token_id] for doc in docs]
+
+
+def pack(
+    tokenizer: GPT2Tokenizer, docs: list[str], block: int, seed: int, skip_docs: int = 0
+) -> torch.Tensor:
+    """Shuffle the documents, join them with EOS, drop the first `skip_docs` and cut the stream into
+    [num_blocks, block] rows."""
+    stream = [t for doc in shuffled_docs(tokenizer, docs, seed)[skip_docs:] for t in doc]
     num_blocks = len(stream) // block
     return torch.tensor(stream[: num_blocks * block]).view(num_blocks, block)
+
+
+def docs_covering(tokenizer: GPT2Tokenizer, docs: list[str], tokens: int) -> int:
+    """How many documents, in pack's order, the first `tokens` tokens touch."""
+    total = 0
+    for count, doc in enumerate(shuffled_docs(tokenizer, docs, seed=0), start=1):
+        total += len(doc)
+        if total >= tokens:
+            return count
+    return len(docs)
 
 
 def synthetic_blocks(count: int, block: int, vocab_size: int, eos_id: int, seed: int) -> torch.Tensor:
@@ -183,6 +206,18 @@ def heldout_loss(model: GPT2LMHeadModel, heldout: torch.Tensor) -> float:
     return loss
 
 
+def redrawn_blocks(
+    args: argparse.Namespace, tokenizer: GPT2Tokenizer, epoch: int, heldout_docs: int
+) -> torch.Tensor:
+    """The training blocks of `epoch`, with venues renamed and repeats drawn from seed + epoch. The documents
+    keep their order; the `heldout_docs` first ones (those the held-out blocks touch) are left out."""
+    docs, _ = corpus(args.data, args.group_by_source, args.rename_frac, args.seed + epoch)
+    text = pack(tokenizer, docs, args.block, seed=0, skip_docs=heldout_docs)
+    count = int(args.synthetic_frac * len(text))
+    synthetic = synthetic_blocks(count, args.block, len(tokenizer), tokenizer.eos_token_id, args.seed + epoch)
+    return torch.cat([text, synthetic])
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -201,6 +236,7 @@ def main() -> None:
     print(f"{len(docs)} documents, {blocks.numel()} training tokens, {heldout.numel()} held-out, "
           f"{synthetic.numel()} synthetic", flush=True)  # fmt: skip
     blocks = torch.cat([blocks, synthetic])
+    heldout_docs = docs_covering(tokenizer, docs, heldout.numel()) if args.redraw_every_epoch else 0
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=args.block, n_embd=args.n_embd, n_layer=args.n_layer,
         n_head=args.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -225,6 +261,8 @@ def main() -> None:
     step, epoch = 0, 0
     best: tuple[float, int, dict | None] = (math.inf, 0, None)
     while step < args.max_steps and time.time() - started < 60 * args.max_minutes:
+        if epoch > 0 and args.redraw_every_epoch:
+            blocks = redrawn_blocks(args, tokenizer, epoch, heldout_docs)
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed + epoch))
         for start in range(0, len(order) - args.batch + 1, args.batch):
             if step >= args.max_steps or time.time() - started >= 60 * args.max_minutes:
@@ -245,9 +283,10 @@ def main() -> None:
                       f"{rate:.0f} tok/s {elapsed / 60:.1f} min", flush=True)  # fmt: skip
             if step % args.probe_every == 0:
                 probe_loss = heldout_loss(model, heldout if args.keep_best else heldout[:8])
-                print(f"step {step} probes {run_probes(model, tokenizer, forbidden)} "
+                probes = run_probes(model, tokenizer, forbidden)
+                print(f"step {step} probes {probes} "
                       f"held-out loss {probe_loss:.3f}", flush=True)  # fmt: skip
-                if args.keep_best and probe_loss < best[0]:
+                if args.keep_best and probe_loss < best[0] and probes["name_rest"] >= args.min_name_rest:
                     best = (probe_loss, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
             if step % 100 == 0:
                 torch.save({"model": model.state_dict(), "step": step}, args.work / "checkpoint.pt")
@@ -255,7 +294,8 @@ def main() -> None:
     model.eval()
     torch.save({"model": model.state_dict(), "step": step}, args.work / "final.pt")
     kept_step, final_loss = step, heldout_loss(model, heldout)
-    if best[2] is not None and final_loss > best[0]:  # best[0] is the same measure (all held-out blocks)
+    final_copies = run_probes(model, tokenizer, forbidden)["name_rest"] >= args.min_name_rest
+    if best[2] is not None and (final_loss > best[0] or not final_copies):  # best[0]: all held-out blocks
         print(f"keeping the weights of step {best[1]} (held-out loss {best[0]:.3f})", flush=True)
         model.load_state_dict(best[2])
         kept_step, final_loss = best[1], best[0]
