@@ -68,7 +68,7 @@ class IncrementalText:
 
     With a `table` (byte_table: a byte-level tokenizer) each token appends its bytes to an incremental UTF-8
     decoder, which hands out every complete character and holds an incomplete one until its last byte:
-    a dictionary lookup per token, no call into the tokenizer. Without one, each token is decoded in a short
+    a list lookup per token, no call into the tokenizer. Without one, each token is decoded in a short
     window (vLLM's incremental detokenizer): the tokens since the last clean boundary, decoded with and without
     the new ones; the difference is the new text, and a window that ends in an incomplete UTF-8 sequence
     (decoded as U+FFFD) waits for the next token. Either way a token costs O(1), and the deltas add up to
@@ -85,6 +85,9 @@ class IncrementalText:
         self.token_ids: list[int] = []
         self._table = table
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._undecided = (
+            ""  # table path: decoded text ending in U+FFFD, held until a whole character follows
+        )
         self._prefix_offset = 0  # token_ids[prefix_offset:read_offset] decode to text already consumed
         self._read_offset = 0
         self._pending = ""  # decoded but held back (a possible stop-string start)
@@ -108,7 +111,10 @@ class IncrementalText:
             return ""
         if self._table is not None:
             piece = self._table[token_id] if 0 <= token_id < len(self._table) else b""
-            new = self._utf8.decode(piece, False)
+            new = self._undecided + self._utf8.decode(piece, False)
+            # text ending in U+FFFD (bytes that are no character) waits, as in the window path: a stream
+            # splits its text exactly where that one does
+            self._undecided, new = (new, "") if new.endswith("\ufffd") else ("", new)
         else:
             self.token_ids.append(token_id)
             new = self._new_text(is_final=False)
@@ -120,7 +126,10 @@ class IncrementalText:
         """Everything not yet handed out (at the end of the request)."""
         if self.is_stopped:
             return ""
-        new = self._utf8.decode(b"", True) if self._table is not None else self._new_text(is_final=True)
+        if self._table is not None:
+            new, self._undecided = self._undecided + self._utf8.decode(b"", True), ""
+        else:
+            new = self._new_text(is_final=True)
         return self._release(self._pending + new, is_final=True)
 
     def _release(self, text: str, is_final: bool) -> str:

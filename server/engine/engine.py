@@ -393,6 +393,11 @@ class Engine:
                 self.abort(request.request_id)
             self._streams.pop(request.request_id, None)
 
+    def has_ready(self, request: Request) -> bool:
+        """Whether the request's next output is already waiting (stream() would hand it over at once)."""
+        stream = self._streams.get(request.request_id)
+        return stream is not None and not stream.queue.empty()
+
     def _with_text(self, request: Request, text: IncrementalText, output: RequestOutput) -> RequestOutput:
         """Fill in the output's text delta; a stop string finishes the request (its slot frees next step)."""
         delta = "" if output.token_id is None else text.add(output.token_id)

@@ -167,6 +167,7 @@ async def _chunks(
     n: int,
 ) -> AsyncIterator[str]:
     prompt_tokens = completion_tokens = 0
+    chunks = generation.SseChunks(state)  # chunks already waiting leave together
     try:
         for index, (gen, echo) in enumerate(zip(gens, echoes, strict=True)):
             legacy = LegacyLogprobs(texts) if texts is not None else None
@@ -177,21 +178,24 @@ async def _chunks(
                 completion_tokens += output.token_id is not None
                 if output.text or output.is_finished or logprobs is not None:
                     reason = output.finish_reason if output.is_finished else None
-                    yield generation.sse({**head, "choices": [_choice(output.text, index, logprobs, reason)]})
+                    chunks.add({**head, "choices": [_choice(output.text, index, logprobs, reason)]})
                 if output.is_finished and index % n == 0:
                     prompt_tokens += output.num_prompt_tokens
+                if (chunk := chunks.ready(gen)) is not None:
+                    yield chunk
         if include_usage:
             usage = {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             }
-            yield generation.sse({**head, "choices": [], "usage": usage})
+            chunks.add({**head, "choices": [], "usage": usage})
     except ServiceError as exc:
-        yield generation.sse({"error": {"code": exc.code, "message": exc.message}})
+        chunks.add({"error": {"code": exc.code, "message": exc.message}})
     finally:
         generation.abort_unfinished(state, gens)
-    yield generation.sse("[DONE]")
+    chunks.add("[DONE]")
+    yield chunks.take()
 
 
 def _choice(text: str, index: int, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:

@@ -125,9 +125,10 @@ async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request
 
 async def _events(state, gens: list[generation.Generation], with_index: bool) -> AsyncIterator[str]:
     """One event per token (with `index` when n > 1), completions one after another; a last event per
-    completion with finish_reason and usage."""
+    completion with finish_reason and usage. Events already waiting leave in one chunk (SseChunks)."""
     asks_logprobs = gens[0].request.params.logprobs is not None
     texts = token_texts(state) if asks_logprobs else None
+    chunks = generation.SseChunks(state)
     try:
         for index, gen in enumerate(gens):
             completion_tokens = 0
@@ -138,7 +139,7 @@ async def _events(state, gens: list[generation.Generation], with_index: bool) ->
                     event = {**where, "token_id": output.token_id, "text": output.text}
                     if texts is not None:
                         event["logprobs"] = generate_logprob(output, texts)
-                    yield generation.sse(event)
+                    chunks.add(event)
                 if output.is_finished:
                     usage = {
                         "prompt_tokens": output.num_prompt_tokens,
@@ -147,9 +148,12 @@ async def _events(state, gens: list[generation.Generation], with_index: bool) ->
                     # text held back until the end (e.g. before an EOS) rides on the last event
                     rest = output.text if output.token_id is None else ""
                     last = {**where, "id": gen.request.request_id, "prefix": gen.prefix_id, "text": rest}
-                    yield generation.sse({**last, "finish_reason": output.finish_reason, "usage": usage})
+                    chunks.add({**last, "finish_reason": output.finish_reason, "usage": usage})
+                if (chunk := chunks.ready(gen)) is not None:
+                    yield chunk
     except ServiceError as exc:
-        yield generation.sse({"error": {"code": exc.code, "message": exc.message}})
+        chunks.add({"error": {"code": exc.code, "message": exc.message}})
     finally:
         generation.abort_unfinished(state, gens)
-    yield generation.sse("[DONE]")
+    chunks.add("[DONE]")
+    yield chunks.take()

@@ -1,0 +1,86 @@
+"""Streamed responses: events whose successors already wait leave in one write; the events are unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.engine.engine import Engine
+from server.settings import Settings
+
+BODY = {"prompt": "hello world", "max_new_tokens": 12, "ignore_eos": True, "stream": True}
+
+
+class CountingSends:
+    """The app, counting the response body messages it sends (one ASGI send is one socket write)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.body_sends = 0
+
+    async def __call__(self, scope, receive, send):
+        async def counted(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                self.body_sends += 1
+            await send(message)
+
+        await self.app(scope, receive, counted if scope["type"] == "http" else send)
+
+
+def _events(text: str) -> list[str]:
+    return [line[len("data: ") :] for line in text.split("\n\n") if line]
+
+
+def _stream(tmp_path: Path, model: Path, path: str, body: dict, hold: bool, monkeypatch) -> tuple[list, int]:
+    if hold:  # the engine hands a request's outputs over only when it is done: the reader is behind
+        original = Engine._deliver_all
+        held: list = []
+
+        def deliver_when_done(self, outputs):
+            held.extend(outputs)
+            if any(output.is_finished for _, output in outputs):
+                original(self, list(held))
+                held.clear()
+
+        monkeypatch.setattr(Engine, "_deliver_all", deliver_when_done)
+    settings = Settings(model=str(model), store=str(tmp_path / "store"), device="cpu", dtype="float32")
+    counting = CountingSends(create_app(settings))
+    with TestClient(counting) as client:
+        if path == "/v1/completions":  # the bare backbone, by its name
+            body = {**body, "model": client.get("/v1/models").json()["data"][0]["id"]}
+        response = client.post(path, json=body)
+        assert response.status_code == 200, response.text
+        events = _events(response.text)
+    monkeypatch.undo()
+    return events, counting.body_sends
+
+
+def _comparable(events: list[str]) -> list:
+    """Events without what differs from request to request (ids, timestamps)."""
+    out = []
+    for event in events:
+        if event == "[DONE]":
+            out.append(event)
+            continue
+        data = json.loads(event)
+        for key in ("id", "created"):
+            data.pop(key, None)
+        out.append(data)
+    return out
+
+
+def test_events_waiting_together_leave_in_one_write(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch):
+    for path, body in (
+        ("/v1/generate", BODY),
+        ("/v1/completions", {"prompt": BODY["prompt"], "max_tokens": 12, "temperature": 0, "stream": True}),
+    ):
+        live, _ = _stream(tmp_path / "live", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch)
+        behind, sends = _stream(
+            tmp_path / "held", tiny_gpt2_dir, path, body, hold=True, monkeypatch=monkeypatch
+        )
+        assert _comparable(behind) == _comparable(live), path
+        assert len(live) >= (14 if path == "/v1/generate" else 3)  # generate: an event per token
+        assert sends <= 3, f"{path}: {sends} writes for {len(live)} events that all waited at once"
