@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.detokenizer import IncrementalText, byte_table
@@ -61,16 +61,16 @@ class EngineConfig:
             raise ValueError("kv_cache_bytes must be >= 0")
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for queue, output in items:
-        queue.put_nowait(output)
-
-
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput]
     text: IncrementalText
+    each_token: bool = True  # wake the consumer for every output (streamed), or once it is finished (whole)
+    held: list[RequestOutput] = field(
+        default_factory=list
+    )  # outputs of a whole response, not handed over yet
+    is_done: bool = False  # its last output is handed over: later ones (a step that ran on) are dropped
     is_consumed: bool = False  # stream() is reading it (and will unregister it when done)
 
 
@@ -297,14 +297,34 @@ class Engine:
         call_soon_threadsafe writes to the loop's self-pipe and schedules a callback. The stream stays
         registered until its consumer is done with it (stream() removes it), so a request that finishes
         before anyone reads it still hands over every output."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, _Stream, RequestOutput]]] = {}
         for request, output in outputs:
             stream = self._streams.get(request.request_id)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+                by_loop.setdefault(stream.loop, []).append((request, stream, output))
         for loop, items in by_loop.items():
             if not loop.is_closed():  # a consumer whose loop is gone reads nothing
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(self._hand_over, items)
+
+    def _hand_over(self, items: list[tuple[Request, _Stream, RequestOutput]]) -> None:
+        """On the consumers' event loop, once per step: each output gets its text (and a stop string finishes
+        its request), then goes to its stream's queue — at once for a streamed request, all together when
+        it is finished for a whole one (one task wake-up per request, not one per token)."""
+        for request, stream, output in items:
+            if stream.is_done:
+                continue
+            output = self._with_text(request, stream.text, output)
+            stream.is_done = output.is_finished
+            if output.token_id is not None and output.num_output_tokens == 1:
+                request.first_token_time = time.monotonic()  # a whole response's consumer sees it later
+            if stream.each_token:
+                stream.queue.put_nowait(output)
+                continue
+            stream.held.append(output)
+            if output.is_finished:
+                for held in stream.held:
+                    stream.queue.put_nowait(held)
+                stream.held.clear()
 
     def _deliver(self, request: Request, output: RequestOutput) -> None:
         self._deliver_all([(request, output)])
@@ -352,9 +372,11 @@ class Engine:
         request_id: str | None = None,
         weight: float = 1.0,
         trace_id: str | None = None,
+        each_token: bool = True,
     ) -> Request:
         """Queue a request (its prefix already pinned) for `tenant` with its fair-share `weight`.
-        Raises QueueFull (the queue is full and the tenant holds its share). Stream it with stream()."""
+        Raises QueueFull (the queue is full and the tenant holds its share). Read it with stream(): an
+        output per token as it comes, or (`each_token` False, for a whole response) all of them at the end."""
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=prompt_token_ids,
@@ -369,6 +391,7 @@ class Engine:
             asyncio.get_running_loop(),
             asyncio.Queue(),
             IncrementalText(self._detokenizer, params.stop, self._token_bytes),
+            each_token,
         )
         with self._lock:
             self.scheduler.add(request, weight)
@@ -384,7 +407,7 @@ class Engine:
         stream.is_consumed = True
         try:
             while True:
-                output = self._with_text(request, stream.text, await stream.queue.get())
+                output = await stream.queue.get()
                 yield output
                 if output.is_finished:
                     return
@@ -407,10 +430,11 @@ class Engine:
                 self._lock.notify_all()
         if text.is_stopped:
             # the engine may have finished it otherwise in the same step (length): the stop string wins
-            return dataclasses.replace(output, text=delta, is_finished=True, finish_reason="stop")
-        if output.is_finished:
+            output.is_finished, output.finish_reason = True, "stop"
+        elif output.is_finished:
             delta += text.flush()
-        return dataclasses.replace(output, text=delta)
+        output.text = delta  # each output is made for its one request: filled in place
+        return output
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its slot is freed at the next step and its stream ends with finish_reason abort."""

@@ -106,7 +106,7 @@ async def completions(body: CompletionBody, principal: CurrentPrincipal, http_re
     try:
         for prompt in prompts:
             for params in per_completion(_params(body), body.n):
-                gens.append(await generation.start(state, principal, prefix_id, prompt, params))
+                gens.append(await generation.start(state, principal, prefix_id, prompt, params, body.stream))
                 echoes.append(prompt if body.echo else "")
     except ServiceError:
         generation.abort_unfinished(state, gens)

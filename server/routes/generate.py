@@ -82,7 +82,11 @@ async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request
     gens: list[generation.Generation] = []
     try:
         for completion_params in per_completion(params, body.n):
-            gens.append(await generation.start(state, principal, body.prefix, body.prompt, completion_params))
+            gens.append(
+                await generation.start(
+                    state, principal, body.prefix, body.prompt, completion_params, body.stream
+                )
+            )
     except ServiceError:
         for gen in gens:
             state.engine.abort(gen.request.request_id)

@@ -82,3 +82,50 @@ def test_queue_limit_counts_only_requests_behind_busy_slots(tiny_gpt2_dir: Path)
             engine.add([1, 2], params)
 
     asyncio.run(main())
+
+
+def test_a_whole_response_is_handed_over_once_and_equals_the_stream(tiny_gpt2_dir: Path):
+    """each_token=False (a whole response): the same outputs — tokens, texts, finish — as a streamed read of
+    the same request, with a stop string too, and the consumer is woken once, when the request is done."""
+    engine = Engine(load_backbone(tiny_gpt2_dir, "cpu", "float32"), EngineConfig())
+    engine.start()
+    params = [
+        SamplingParams(max_new_tokens=24, ignore_eos=True),
+        SamplingParams(max_new_tokens=24, temperature=0.9, seed=5, ignore_eos=True),
+    ]
+
+    async def read(each_token: bool, p: SamplingParams) -> tuple[list[tuple], int]:
+        request = engine.add(engine.tokenize("hello world"), p, each_token=each_token)
+        stream, wakes, outputs = engine.stream(request), 0, []
+        while True:
+            waiting = engine.has_ready(request)
+            try:
+                output = await stream.__anext__()
+            except StopAsyncIteration:
+                break
+            wakes += not waiting  # the read had to wait for the engine
+            outputs.append((output.token_id, output.text, output.is_finished, output.finish_reason))
+        return outputs, wakes
+
+    async def main() -> int:
+        stops = 0
+        for p in params:
+            streamed, streamed_wakes = await read(True, p)
+            whole, whole_wakes = await read(False, p)
+            assert whole == streamed and len(whole) >= 24
+            assert whole_wakes == 1 and streamed_wakes > 10
+            text = "".join(t for _, t, _, _ in streamed)
+            stop = text[len(text) // 2 : len(text) // 2 + 3]
+            if stop.strip():
+                stopped = SamplingParams(**{**p.__dict__, "stop": (stop,)})
+                streamed, _ = await read(True, stopped)
+                whole, whole_wakes = await read(False, stopped)
+                assert whole == streamed and whole[-1][3] == "stop" and whole_wakes == 1
+                stops += 1
+        return stops
+
+    try:
+        assert asyncio.run(main()) >= 1  # a stop string was tried
+    finally:
+        engine.stop()
+    assert engine._streams == {}
