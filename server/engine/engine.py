@@ -115,6 +115,9 @@ class Engine:
         self.num_steps = 0
         self.step_seconds = 0.0  # wall time of the steps counted in num_steps
         self._streams: dict[str, _Stream] = {}
+        # outputs per event loop whose hand-over callback is scheduled but has not run (see _deliver_all)
+        self._handovers: dict[asyncio.AbstractEventLoop, list[tuple[Request, _Stream, RequestOutput]]] = {}
+        self._handover_lock = threading.Lock()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._is_stopping = False
@@ -303,13 +306,26 @@ class Engine:
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((request, stream, output))
         for loop, items in by_loop.items():
-            if not loop.is_closed():  # a consumer whose loop is gone reads nothing
-                loop.call_soon_threadsafe(self._hand_over, items)
+            if loop.is_closed():  # a consumer whose loop is gone reads nothing
+                with self._handover_lock:
+                    self._handovers.pop(loop, None)
+                continue
+            with self._handover_lock:
+                waiting = self._handovers.get(loop)
+                if waiting is not None:  # a hand-over is scheduled and has not run yet: it takes these too
+                    waiting.extend(items)
+                    continue
+                self._handovers[loop] = items
+            loop.call_soon_threadsafe(self._hand_over, loop)
 
-    def _hand_over(self, items: list[tuple[Request, _Stream, RequestOutput]]) -> None:
-        """On the consumers' event loop, once per step: each output gets its text (and a stop string finishes
-        its request), then goes to its stream's queue — at once for a streamed request, all together when
-        it is finished for a whole one (one task wake-up per request, not one per token)."""
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the consumers' event loop, once per step (or per few steps, when the loop fell behind: then
+        the engine thread skipped the wake-up, a write to the loop's self-pipe): each output gets its text
+        (and a stop string finishes its request), then goes to its stream's queue — at once for a streamed
+        request, all together when it is finished for a whole one (one task wake-up per request, not one
+        per token)."""
+        with self._handover_lock:
+            items = self._handovers.pop(loop, [])
         for request, stream, output in items:
             if stream.is_done:
                 continue

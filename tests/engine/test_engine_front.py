@@ -129,3 +129,31 @@ def test_a_whole_response_is_handed_over_once_and_equals_the_stream(tiny_gpt2_di
     finally:
         engine.stop()
     assert engine._streams == {}
+
+
+def test_steps_delivered_while_the_loop_is_behind_share_one_wake_up(tiny_gpt2_dir: Path, monkeypatch):
+    """Outputs of steps delivered before the event loop ran the previous hand-over join it: one wake-up (a
+    self-pipe write, which also costs the engine thread the GIL) for them all, and every output in order."""
+    engine = Engine(load_backbone(tiny_gpt2_dir, "cpu", "float32"), EngineConfig())
+    loop = asyncio.new_event_loop()
+    wakes = []
+    original = loop.call_soon_threadsafe
+    monkeypatch.setattr(loop, "call_soon_threadsafe", lambda *a: (wakes.append(a), original(*a))[1])
+
+    async def add() -> object:
+        return engine.add(engine.tokenize("hello"), SamplingParams(max_new_tokens=8, ignore_eos=True))
+
+    request = loop.run_until_complete(add())
+    ids = engine.tokenize(" the cat sat on the mat")[:5]
+    for i, token_id in enumerate(ids):  # five steps, the loop not running in between
+        request.output_token_ids.append(token_id)
+        if i == len(ids) - 1:
+            request.finish("length")
+        engine._deliver_all([(request, engine._output(request, token_id, ""))])
+    assert len(wakes) == 1
+
+    async def read() -> list[int]:
+        return [o.token_id async for o in engine.stream(request)]
+
+    assert loop.run_until_complete(read()) == ids
+    loop.close()
