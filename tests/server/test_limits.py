@@ -186,13 +186,16 @@ def test_client_gone_mid_stream_frees_its_slot(patient: ServerProcess, pclient: 
     _served_next(client)
 
 
-def test_client_gone_while_waiting_whole_response_frees_its_slot(patient: ServerProcess, pclient) -> None:
+@pytest.mark.parametrize("n", [1, 2])
+def test_client_gone_while_waiting_whole_response_frees_its_slot(patient: ServerProcess, pclient, n) -> None:
+    """A whole response (n completions, one after another in one slot) whose client leaves: every
+    completion is aborted, the one running and the one waiting."""
     client = pclient
     tokens_before = _generated(client)
     timeout = httpx.Timeout(30, read=0.5)
     with httpx.Client(base_url=patient.url, timeout=timeout) as impatient, pytest.raises(httpx.ReadTimeout):
-        impatient.post("/v1/generate", json=LONG)
-    assert wait_until(lambda: _running(client) == 0, timeout=CEILING)
+        impatient.post("/v1/generate", json={**LONG, "n": n})
+    assert wait_until(lambda: _engine_idle(client), timeout=CEILING)
     assert _generated(client) - tokens_before < LONG["max_new_tokens"]  # aborted, not run to its end
     _served_next(client)
 
