@@ -67,9 +67,8 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput]
     text: IncrementalText
     each_token: bool = True  # wake the consumer for every output (streamed), or once it is finished (whole)
-    held: list[RequestOutput] = field(
-        default_factory=list
-    )  # outputs of a whole response, not handed over yet
+    # outputs of a whole response not handed over yet
+    held: list[RequestOutput] = field(default_factory=list)
     is_done: bool = False  # its last output is handed over: later ones (a step that ran on) are dropped
     is_consumed: bool = False  # stream() is reading it (and will unregister it when done)
 
