@@ -10,23 +10,10 @@ import json
 import random
 from typing import Any
 
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 _CHECK_SEQUENCES = 64  # random sequences byte_table checks against the tokenizer's own decode
 _CHECK_LENGTH = 24
-
-
-def _byte_of_char() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
 
 
 def byte_table(tokenizer: Any) -> list[bytes] | None:
@@ -42,7 +29,7 @@ def byte_table(tokenizer: Any) -> list[bytes] | None:
     spec = json.loads(backend.to_str())
     if (spec.get("decoder") or {}).get("type") != "ByteLevel" or spec["model"]["type"] != "BPE":
         return None
-    byte_of = _byte_of_char()
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}  # GPT-2's byte-level alphabet
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     table = []
     for token_id in range(len(tokenizer)):
@@ -85,9 +72,8 @@ class IncrementalText:
         self.token_ids: list[int] = []
         self._table = table
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._undecided = (
-            ""  # table path: decoded text ending in U+FFFD, held until a whole character follows
-        )
+        # table path: decoded text ending in U+FFFD, held until a whole character follows
+        self._undecided = ""
         self._prefix_offset = 0  # token_ids[prefix_offset:read_offset] decode to text already consumed
         self._read_offset = 0
         self._pending = ""  # decoded but held back (a possible stop-string start)
