@@ -294,12 +294,13 @@ def main() -> None:
     model.eval()
     torch.save({"model": model.state_dict(), "step": step}, args.work / "final.pt")
     kept_step, final_loss = step, heldout_loss(model, heldout)
-    final_copies = run_probes(model, tokenizer, forbidden)["name_rest"] >= args.min_name_rest
+    probes = run_probes(model, tokenizer, forbidden)
+    final_copies = probes["name_rest"] >= args.min_name_rest
     if best[2] is not None and (final_loss > best[0] or not final_copies):  # best[0]: all held-out blocks
         print(f"keeping the weights of step {best[1]} (held-out loss {best[0]:.3f})", flush=True)
         model.load_state_dict(best[2])
         kept_step, final_loss = best[1], best[0]
-    probes = run_probes(model, tokenizer, forbidden)
+        probes = run_probes(model, tokenizer, forbidden)
     print(f"done: {step} steps, {epoch} epochs, held-out loss {final_loss:.3f} "
           f"(perplexity {math.exp(final_loss):.1f}), probes {probes}, {(time.time() - started) / 60:.1f} min", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
