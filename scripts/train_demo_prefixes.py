@@ -12,10 +12,13 @@ The split files are written to var/demo-prefixes/ and the exact prefix-train com
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
+import re
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +44,42 @@ def varied_name(rng: random.Random) -> str:
     return invented_name(rng, word_counts=(1, 2, 2, 3), the_share=0.5)
 
 
-NAME_STYLES = {"backbone": invented_name, "varied": varied_name}
+@functools.cache
+def name_words() -> tuple[str, ...]:
+    """Capitalised English words for venue names: the alphabetic words of 3-9 letters seen at least 5 times in
+    WikiText-2 (valid), minus every word of the held-out MRs' `name` and `near` values (they must stay unseen)."""
+    text = (DATA / "wikitext2" / "valid.txt").read_text(encoding="utf-8")
+    counts = Counter(w.lower() for w in re.findall(r"\b[A-Za-z]{3,9}\b", text))
+    unseen = {word for venue in heldout_venues() for word in re.findall(r"[a-z]+", venue)}
+    return tuple(sorted(w.capitalize() for w, n in counts.items() if n >= 5 and w not in unseen))
+
+
+def word_name(rng: random.Random) -> str:
+    """A venue name of one to three English words (name_words), a one-word name joined from two words a third
+    of the time ("Stonebridge"), "The ..." 40 % of the time: real venue names are made of words, which the
+    backbone tokenises unlike invented syllables, and a prefix trained only on invented names learns to copy
+    those (seen: held-out "Wildwood" written as "A coffee shop ..." on a backbone that copies invented names)."""
+    words = name_words()
+    parts = [rng.choice(words) for _ in range(rng.choice((1, 1, 2, 2, 3)))]
+    if len(parts) == 1 and rng.random() < 1 / 3:
+        parts = [parts[0] + rng.choice(words).lower()]
+    name = ("The " if rng.random() < 0.4 else "") + " ".join(parts)
+    return word_name(rng) if name.lower() in heldout_venues() else name
+
+
+@functools.cache
+def heldout_venues() -> frozenset[str]:
+    """The held-out MRs' `name` and `near` values, lower-cased."""
+    _, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
+    return frozenset(
+        value.lower()
+        for ex in heldout
+        for key, _, value in (part.partition(" : ") for part in ex.source.split(" | "))
+        if key in ("name", "near")
+    )
+
+
+NAME_STYLES = {"backbone": invented_name, "varied": varied_name, "words": word_name}
 
 
 def rename_venues(

@@ -1,0 +1,58 @@
+"""The venue names scripts/train_demo_prefixes.py invents for the E2E prefix's training pairs: real words, never
+a held-out venue (the held-out MRs' names must stay unseen in training)."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import scripts.train_demo_prefixes as demo  # noqa: E402
+
+WORDS = "harbour stone bridge wild wood river garden castle market crown oak lantern"
+
+
+@pytest.fixture
+def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny stand-in for ../shared/data: WikiText text, and 130 MRs of which the last 100 are held out."""
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "valid.txt").write_text((" = Title = \n " + WORDS + " Sorrento Wildwood\n") * 6)
+    (tmp_path / "e2e").mkdir()
+    lines = [f"name : Venue {i} | food : English||Venue {i} serves English food ." for i in range(30)]
+    lines += [f"name : Wildwood | food : Thai | price : {i}||Wildwood serves Thai food ." for i in range(99)]
+    lines += ["name : Oak | near : The Sorrento||Oak is near The Sorrento ."]
+    (tmp_path / "e2e" / "valid.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(demo, "DATA", tmp_path)
+    for cached in (demo.name_words, demo.heldout_venues):
+        cached.cache_clear()
+    yield tmp_path
+    for cached in (demo.name_words, demo.heldout_venues):
+        cached.cache_clear()
+
+
+def test_word_names_are_real_words_and_never_a_heldout_venue(data: Path) -> None:
+    assert demo.heldout_venues() == {"wildwood", "oak", "the sorrento"}
+    words = set(demo.name_words())
+    assert "Harbour" in words and "Stone" in words
+    assert not words & {"Wildwood", "Oak", "Sorrento", "The"}  # every word of a held-out venue is left out
+    rng = random.Random(0)
+    names = [demo.word_name(rng) for _ in range(2000)]
+    assert not {n.lower() for n in names} & demo.heldout_venues()
+    assert {len(n.removeprefix("The ").split()) for n in names} == {1, 2, 3}
+    assert any(n.startswith("The ") for n in names) and any(not n.startswith("The ") for n in names)
+    assert any(" " not in n and n not in words for n in names)  # joined from two words
+    assert names[:50] == [demo.word_name(r) for r in [random.Random(0)] for _ in range(50)]  # seeded
+
+
+def test_rename_venues_with_word_names_replaces_name_and_near(data: Path) -> None:
+    from trainer.data import Example
+
+    pairs = [Example("name : The Eagle | near : Burger King", "The Eagle is near Burger King .")]
+    (renamed,) = demo.rename_venues(pairs, fraction=1.0, style="words")
+    assert "The Eagle" not in renamed.source + renamed.target and "Burger King" not in renamed.target
+    name = renamed.source.split(" | ")[0].partition(" : ")[2]
+    assert renamed.target.startswith(name)
