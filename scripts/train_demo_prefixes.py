@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--only", choices=["e2e", "webnlg"])
     p.add_argument("--rename-frac", type=float, default=0.5,
                    help="E2E: share of training pairs whose venues get invented names (see rename_venues)")  # fmt: skip
-    p.add_argument("--name-style", choices=sorted(NAME_STYLES), default="backbone",
+    p.add_argument("--name-style", choices=sorted(NAME_STYLES), default="words",
                    help="E2E: how renamed venues are invented (see varied_name)")  # fmt: skip
     p.add_argument("--prefix-length", type=int, default=10)
     p.add_argument("--device", default="cpu", help="cpu or cuda")

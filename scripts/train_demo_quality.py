@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.train_demo_prefixes import rename_venues  # noqa: E402
+from scripts.train_demo_prefixes import NAME_STYLES, rename_venues  # noqa: E402
 from trainer.backbone import load_backbone  # noqa: E402
 from trainer.data import e2e_split, read_source_target  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", default="prefix,finetune", help="low data: which methods to run")
     p.add_argument("--rename-frac", type=float, default=0.5,
                    help="share of training pairs whose venues get invented names, as for the shipped demo/e2e")  # fmt: skip
+    p.add_argument("--name-style", choices=sorted(NAME_STYLES), default="words",
+                   help="how the renamed venues are invented, as for the shipped demo/e2e")  # fmt: skip
     p.add_argument("--report", action="store_true",
                    help="print the low-data table (mean ± spread over seeds) from --out and exit")  # fmt: skip
     p.add_argument("--only", choices=["full", "full-prefix", "full-finetune", "low"])
@@ -129,7 +131,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     train, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
-    train = rename_venues(train, args.rename_frac)
+    train = rename_venues(train, args.rename_frac, style=args.name_style)
     if args.only == "full-prefix":
         record(
             args.out, {"setting": "full", "size": len(train), **run_prefix(args, train, heldout, args.steps)}
