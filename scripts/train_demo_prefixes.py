@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--rename-frac", type=float, default=0.5,
                    help="E2E: share of training pairs whose venues get invented names (see rename_venues)")  # fmt: skip
     p.add_argument("--name-style", choices=sorted(NAME_STYLES), default="words",
-                   help="E2E: how renamed venues are invented (see varied_name)")  # fmt: skip
+                   help="E2E: how renamed venues are invented (see word_name, invented_name, varied_name)")  # fmt: skip
     p.add_argument("--prefix-length", type=int, default=10)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true",

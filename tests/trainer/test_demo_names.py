@@ -45,7 +45,8 @@ def test_word_names_are_real_words_and_never_a_heldout_venue(data: Path) -> None
     assert {len(n.removeprefix("The ").split()) for n in names} == {1, 2, 3}
     assert any(n.startswith("The ") for n in names) and any(not n.startswith("The ") for n in names)
     assert any(" " not in n and n not in words for n in names)  # joined from two words
-    assert names[:50] == [demo.word_name(r) for r in [random.Random(0)] for _ in range(50)]  # seeded
+    again = random.Random(0)
+    assert names[:50] == [demo.word_name(again) for _ in range(50)]  # seeded
 
 
 def test_rename_venues_with_word_names_replaces_name_and_near(data: Path) -> None:
