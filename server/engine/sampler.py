@@ -6,16 +6,18 @@ CDF (below). The backbone's forced tokens (generation_config.forced_bos_token_id
 are applied where HF applies them (the family spec says where).
 
 Cost: a row with top-k ranks only its k best tokens (`top_values`: topk over blocks, not a sort of the
-vocabulary: the sort was most of sampling's host time on CPU) and draws among them; top-p without top-k sorts
-the vocabulary; temperature alone ranks nothing. Each row's figures are computed the same way whatever else is in the batch
-(sums run in rank order, so a deeper ranking for another row's larger k changes nothing).
+vocabulary: the sort was most of sampling's host time on CPU) and draws among them; top-p without top-k finds
+its cut by a mass histogram on CPU (`nucleus_weights`, no sort) and sorts the vocabulary on CUDA; temperature alone
+ranks nothing. Each row's figures are computed the same way whatever else is in the batch (sums run in rank
+order, so a deeper ranking for another row's larger k changes nothing; histograms per row).
 
 Drawing is by inverse CDF: one uniform per row and step, a hash (splitmix64) of the request's seed and the
 step computed on the host, against the cumulative weights of what the row keeps (in rank order, ties by token
-id; in token-id order for temperature alone). No generator state: a seeded request gives the same tokens alone
-and in any batch (bit for bit on CPU, where cumulative sums run in order). In the rare step where a top-k row's
-k-th best score ties exactly with tokens beyond the ranking (HF keeps them all; bfloat16 logits tie often),
-that row is redone over the whole vocabulary after the step's wait: a second wait in that step only.
+id; in token-id order for temperature alone and for top-p without top-k on CPU). No generator state: a seeded
+request gives the same tokens alone and in any batch (bit for bit on CPU, where cumulative sums run in order).
+In the rare step where a top-k row's k-th best score ties exactly with tokens beyond the ranking (HF keeps them
+all; bfloat16 logits tie often), or a top-p row's cut falls among many exactly tied tokens, that row is redone
+over the sorted vocabulary after the step's wait: a second wait in that step only.
 
 Fault isolation: a row whose logits are not all finite (its prefix or prompt broke the arithmetic) gets
 no token and is reported as failed; the other rows are untouched (all arithmetic is per row). Sampling
@@ -28,6 +30,7 @@ top-k/top-p.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -220,6 +223,63 @@ def ranked_filter(
     return ranked.masked_fill_(drop, NEG_INF), order, spill
 
 
+_NUCLEUS_BINS = 8192  # nucleus_weights' histogram bins per row
+_NUCLEUS_SPAN = 32.0  # the bins cover at most scores in [-_NUCLEUS_SPAN, 0]; lower ones share the last
+_NUCLEUS_MEMBERS = 32  # tokens of the cut's bin ranked exactly; a cut deeper among them spills
+
+
+def nucleus_weights(
+    scores: torch.Tensor, top_p: torch.Tensor, every_row_cuts: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [s, V] (scaled_scores: <= 0, the best 0), top_p [s] -> (weights [s, V]: exp(scores) where top-p keeps
+    the token by HF's rule, ranked by score with ties in id order (the set ranked_filter keeps), else 0; spill [s]
+    bool: the cut falls below the _NUCLEUS_MEMBERS best tokens of a crowded bin (exact ties, mostly): redo the row
+    by a sort). `every_row_cuts`: no row has top_p >= 1 (those keep everything).
+
+    Without sorting the vocabulary (a full sort was most of a top-p step on CPU: 38 ms for 64 x 8,000, one
+    thread). A token is kept when the tokens ranked before it hold less than top_p of the mass, so the kept set
+    is the ranking down to one token, the last kept. A mass histogram by score (_NUCLEUS_BINS bins over the
+    row's range of scores, at most _NUCLEUS_SPAN) finds the bin holding it: every token in a better bin is kept,
+    every one in a worse bin dropped; the best tokens of that bin are ranked exactly (score, then id) with the
+    mass before them, which gives the last kept token. Sums run per row (bins in index order), so a row's result
+    does not depend on the batch. A NaN row stays in range."""
+    rows, vocab = scores.shape
+    bins, members = _NUCLEUS_BINS, min(_NUCLEUS_MEMBERS, vocab)
+    # (masks are applied by multiplying: torch.where and masked_fill with a scalar cost 4-6 times more on CPU)
+    weights = scores.exp()  # the best 1
+    lowest = scores.amin(dim=-1, keepdim=True).clamp_(min=-_NUCLEUS_SPAN, max=-1e-30)
+    scale = lowest.reciprocal_().mul_(bins - 1)  # < 0: the best in bin 0, the lowest in the last
+    # monotone in the score; NaN (a failed row) to an index in range
+    index = scores.mul(scale).clamp_(max=bins - 1).long().clamp_(min=0)
+    cumulative = torch.zeros(rows, bins, device=scores.device).scatter_add_(1, index, weights).cumsum_(dim=-1)
+    target = top_p[:, None] * cumulative[:, -1:]
+    # mass in the better bins (shifted sums: an empty bin adds exactly nothing, so the last bin with less than
+    # `target` ahead of it is not empty)
+    ahead = torch.cat([torch.zeros(rows, 1, device=scores.device), cumulative[:, :-1]], dim=1)
+    cut = torch.searchsorted(ahead, target).sub_(1).clamp_(0, bins - 1)  # bin 0 holds the best: always one
+    # the cut bin's best tokens ranked exactly: score, then id (the others' keys pushed below any score)
+    values, ids = top_values(scores - (index != cut) * 1e30, members)
+    ids, by_id = ids.sort(dim=-1)
+    values, by_score = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, by_score)
+    member = values > -1e29
+    mass = values.exp()  # 0 for the others
+    kept = ((mass.cumsum(dim=-1) - mass + ahead.gather(1, cut)) < target) & member
+    last = kept.sum(dim=-1, keepdim=True).sub_(1).clamp_(min=0)
+    last_value = values.gather(1, last)
+    # every token scoring at least the last kept one, but for its ties ranked after it (higher ids): all ranked
+    # here unless the ranking ends at that value (then the row spills)
+    weights = weights * (scores >= last_value)
+    tied_after = (values == last_value) & (torch.arange(members, device=scores.device) > last)
+    weights.scatter_(1, ids, weights.gather(1, ids).masked_fill_(tied_after, 0.0))
+    spill = member[:, -1] & (last_value[:, 0] <= values[:, -1]) & (members < vocab)
+    if not every_row_cuts:
+        everything = top_p >= 1.0
+        weights = torch.where(everything[:, None], scores.exp(), weights)
+        spill &= ~everything
+    return weights, spill
+
+
 def ranks_few(params: SamplingParams, vocab: int) -> bool:
     """Whether a top-k row's ranking (its k best + 1) is cheaper by topk than by sorting the vocabulary."""
     return (min(params.top_k, vocab) + 1) * 8 < vocab
@@ -231,8 +291,9 @@ class _Drawn:
 
     rows: list[int]
     tokens: torch.Tensor
-    spill: torch.Tensor | None = None  # [s] bool (top-k rows)
+    spill: torch.Tensor | None = None  # [s] bool: rows to redo with `redo`
     logprobs: list[torch.Tensor] | None = None  # [picked [s, 1], top ids [s, T], top logprobs [s, T]]
+    redo: Callable[[list[int]], _Drawn] | None = None  # rows (batch indices) -> their draws over a sort
 
 
 def ranked_logprobs(ranked, order, pick, num_top: int) -> list[torch.Tensor]:
@@ -304,7 +365,7 @@ class Sampler:
         """logits [n, vocab] float32, one row per request -> one id per row (None: the row failed).
 
         Host work is per row (reading its parameters); device work is batched; the only device->host
-        wait is the final `.tolist()` (a second one only in a step where a top-k row spills, see above).
+        wait is the final `.tolist()` (a second one only in a step where a row spills, see above).
         """
         forced = [self._forced(r) for r in requests]
         # NaN propagates through amax/amin (vectorised reductions, far cheaper than isfinite().all() on CPU)
@@ -329,10 +390,13 @@ class Sampler:
         if other_rows:
             groups.append(self._draw_whole(logits, requests, other_rows, num_top))
         values = self._gather(logits, is_finite, groups, num_top)
-        if any(row[2] and row[1] for row in values):
-            # exact ties with a k-th best beyond the ranking (only the topk group can spill): redo that group
-            # over the whole vocabulary
-            groups[0] = self._draw_top_k(logits, requests, top_k_rows, num_top, whole=True)
+        spilled = {i for i, row in enumerate(values) if row[2] and row[1]}
+        if spilled:
+            # rows a bounded ranking could not settle (top-k: ties with the k-th best beyond it; top-p: the cut
+            # among many tied tokens): redone over the sorted vocabulary, their draws replacing the first ones
+            groups += [
+                g.redo(rows) for g in groups if g.redo and (rows := sorted(spilled.intersection(g.rows)))
+            ]
             values = self._gather(logits, is_finite, groups, num_top)
         return self._unpack(values, requests, forced, num_top)
 
@@ -392,26 +456,44 @@ class Sampler:
         pick = inverse_cdf(ranked.exp(), self._uniforms(requests, rows))
         tokens = order.gather(1, pick)[:, 0]
         logprobs = None if num_top is None else ranked_logprobs(ranked, order, pick, num_top)
-        return _Drawn(rows, tokens, spill, logprobs)
 
-    def _draw_whole(self, logits, requests, rows: list[int], num_top) -> _Drawn:
-        """Rows without top-k: temperature (and top-p over the sorted vocabulary)."""
+        def redo(spilled: list[int]) -> _Drawn:
+            return self._draw_top_k(logits, requests, spilled, num_top, whole=True)
+
+        return _Drawn(rows, tokens, spill, logprobs, None if whole else redo)
+
+    def _draw_whole(self, logits, requests, rows: list[int], num_top, sort: bool = False) -> _Drawn:
+        """Rows without top-k: temperature, and top-p. On CPU top-p's kept set comes from nucleus_weights and the
+        draw runs in token-id order; on CUDA (where a sort is cheap, and scatter_add's float sums are not
+        deterministic) and for nucleus_weights' spilled rows (`sort`) over the sorted vocabulary, in rank order."""
         params, temperature = self._params(requests, rows)
         vocab = logits.shape[-1]
         selected = self._selected(logits, rows)
         uniform = self._uniforms(requests, rows)
-        if any(p.top_p < 1.0 for p in params):
-            top_p = self._as_tensor([p.top_p for p in params], torch.float32)
+        if not any(p.top_p < 1.0 for p in params):
+            scores = scaled_scores(selected, temperature)
+            tokens = inverse_cdf(scores.exp(), uniform)[:, 0]  # token-id order
+            logprobs = None if num_top is None else full_logprobs(scores, tokens, num_top)
+            return _Drawn(rows, tokens, None, logprobs)
+        top_p = self._as_tensor([p.top_p for p in params], torch.float32)
+        if sort or self.device.type != "cpu":
             zero_k = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
             ranked, order, _ = ranked_filter(selected, temperature, zero_k, top_p, vocab)
             pick = inverse_cdf(ranked.exp(), uniform)
             tokens = order.gather(1, pick)[:, 0]
             logprobs = None if num_top is None else ranked_logprobs(ranked, order, pick, num_top)
-        else:
-            scores = scaled_scores(selected, temperature)
-            tokens = inverse_cdf(scores.exp(), uniform)[:, 0]  # token-id order
-            logprobs = None if num_top is None else full_logprobs(scores, tokens, num_top)
-        return _Drawn(rows, tokens, None, logprobs)
+            return _Drawn(rows, tokens, None, logprobs)
+        scores = scaled_scores(selected, temperature)
+        weights, spill = nucleus_weights(scores, top_p, all(p.top_p < 1.0 for p in params))
+        tokens = inverse_cdf(weights, uniform)[:, 0]  # token-id order
+        logprobs = None
+        if num_top is not None:  # what can be drawn: the kept tokens whose weight is not 0 in float32
+            logprobs = full_logprobs(scores.masked_fill_(weights == 0, NEG_INF), tokens, num_top)
+
+        def redo(spilled: list[int]) -> _Drawn:
+            return self._draw_whole(logits, requests, spilled, num_top, sort=True)
+
+        return _Drawn(rows, tokens, spill, logprobs, redo)
 
     def _forced(self, request: Request) -> int | None:
         """The token the backbone's generation rules force at this step (HF's ForcedBOS/ForcedEOS), if any."""

@@ -163,6 +163,67 @@ def test_top_k_and_top_p_keep_what_hf_keeps(params, vocab):
             assert spill.tolist() == [k == 0 or bounded <= 7 for _, k, _ in params]
 
 
+@pytest.mark.parametrize("vocab", [12, 1000, 8013, 50257])
+def test_nucleus_weights_keep_what_hf_keeps(vocab):
+    """top-p without a sort (the CPU path) keeps HF's set (up to which of exactly tied tokens the cut takes, an
+    order HF leaves open) for peaked, flat, tied, huge-valued and -inf rows, top_p from 1e-6 to 0.999, and its
+    weights are exp(score) there; a row whose cut falls deep inside a crowd of exact ties says so (spill)."""
+    from server.engine.sampler import nucleus_weights, scaled_scores
+
+    g = torch.Generator().manual_seed(vocab)
+    rows = []
+    for scale in (0.05, 1.0, 4.0, 30.0, 1e4):
+        rows.append(torch.randn(vocab, generator=g) * scale)
+    rows.append(torch.randint(0, 5, (vocab,), generator=g).float())  # five values: a crowd at the cut
+    tied_top = torch.randn(vocab, generator=g)
+    tied_top[: min(vocab, 20)] = 6.0  # twenty tied best tokens
+    rows.append(tied_top)
+    rows.append(torch.full((vocab,), 3.0))  # every token tied
+    logits = torch.stack(rows)
+    n = logits.shape[0]
+    for top_p in (1e-6, 0.3, 0.9, 0.999):
+        for temperature in (1e-40, 1e-3, 0.7, 1.0, 2.5):
+            t = torch.full((n,), temperature)
+            scores = scaled_scores(logits, t)
+            weights, spill = nucleus_weights(scores.clone(), torch.full((n,), top_p))
+            crowded = {5, 7} | ({6} if vocab > 32 else set())  # rows with more ties than the exact ranking
+            assert set(spill.nonzero().flatten().tolist()) <= crowded, (top_p, temperature)
+            for row in range(n):
+                if spill[row]:
+                    continue
+                if temperature < 1e-30:  # the others' scores are -inf (HF's warper gives NaN here)
+                    assert bool(((weights[row] > 0) <= (logits[row] == logits[row].max())).all())
+                    assert float(weights[row].sum()) >= 1.0
+                    continue
+                hf = hf_filtered(logits[row : row + 1], temperature, 0, top_p)[0]
+                kept = weights[row] > 0
+                assert torch.equal(weights[row][kept], scores[row].exp()[kept])
+                # compare where exp does not underflow (there the weight is 0, and the token cannot be drawn)
+                drawable = scores[row] > -80
+                ours = logits[row][kept & drawable].sort().values
+                theirs = logits[row][torch.isfinite(hf) & drawable].sort().values
+                assert torch.equal(ours, theirs), (row, top_p, temperature)
+    nan_row = torch.zeros(2, vocab)
+    nan_row[0, 1] = float("nan")
+    weights, _ = nucleus_weights(nan_row, torch.tensor([0.5, 0.5]))  # a failed row: no error
+    assert weights.shape == (2, vocab)
+
+
+def test_a_top_p_cut_inside_a_crowd_of_ties_is_redone_with_one_more_wait_only():
+    vocab = 3000
+    logits = torch.randn(2, vocab)
+    logits[:, 100:300] = 9.0  # 200 tied best tokens: top-p 0.5 cuts inside them
+    requests = sampler_rows([{"temperature": 1.0, "top_p": 0.5}, {"temperature": 1.0, "top_p": 0.5}], [1, 2])
+    with count_host_syncs() as calls:
+        out = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits, requests)
+    assert calls == ["tolist", "tolist"]
+    assert all(100 <= t < 200 for t in out.token_ids)  # HF's cut: the lower half of the ties, by id
+    logits[:, 100:300] = 9.0 + torch.arange(200.0) * 1e-3  # no ties: one wait
+    with count_host_syncs() as calls:
+        Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(logits, requests)
+    assert calls == ["tolist"]
+
+
 @pytest.mark.parametrize("vocab", [64, 1000, 8000, 8013, 50257])
 @pytest.mark.parametrize("depth", [1, 2, 51, 300])
 def test_top_values_are_topk_values(vocab, depth):
@@ -227,7 +288,11 @@ def test_seeded_draws_do_not_depend_on_the_batch_even_inside_ties(vocab):
     ties beyond its own ranking (the spill redo)."""
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(5)) * 2
     logits[0, [3, 40, 41, 200, 333, 499]] = 7.0  # six exactly tied best tokens
-    mine = [{"temperature": 1.0, "top_k": 2, "top_p": 0.4}, {"temperature": 0.7, "top_k": 4}]
+    mine = [
+        {"temperature": 1.0, "top_k": 2, "top_p": 0.4},
+        {"temperature": 0.7, "top_k": 4},
+        {"temperature": 1.0, "top_p": 0.03},  # top-p without top-k: nucleus_weights, its cut inside the ties
+    ]
     others = [
         {"temperature": 1.0, "top_k": 60},
         {"temperature": 1.0, "top_k": 400},  # at vocab 500 a k that sorts the vocabulary: its own group
