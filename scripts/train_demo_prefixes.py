@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.train_demo_backbone import invented_name  # noqa: E402
 from trainer.cli import main as prefix_train  # noqa: E402
-from trainer.data import Example, e2e_split, read_source_target  # noqa: E402
+from trainer.data import Example, e2e_split, read_source_target, read_webnlg  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -104,6 +104,50 @@ def rename_venues(
     return out
 
 
+def entity_name(rng: random.Random) -> str:
+    """An invented WebNLG entity: one to three capitalised English words (name_words)."""
+    return " ".join(rng.choice(name_words()) for _ in range(rng.choice((1, 2, 2, 3))))
+
+
+def rename_entities(examples: list[Example], fraction: float, seed: int = 0) -> list[Example]:
+    """Replace, in a share of the WebNLG training pairs, every subject and object that the text spells exactly
+    as the triples do (and that has a letter in it: numbers and dates stay) by an invented entity (entity_name),
+    in the triples and in the text alike, longest first, whole words only.
+
+    Why: the backbone's corpus holds the WebNLG training texts, so a prefix trained on them can lower its loss by
+    recalling the memorised sentence (and does: "Elliot See was born in Dallas, Texas" for triples that say
+    nothing of Dallas); held-out triple sets are new combinations, which only reading the triples gets right.
+    With invented entities the memory does not help and copying from the triples pays, as for E2E's venues."""
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        if rng.random() >= fraction:
+            out.append(ex)
+            continue
+        entities = set()
+        for triple in ex.source.split(" | "):
+            parts = triple.split(" : ")
+            if len(parts) == 3:
+                entities.update(part.strip().strip('"').strip() for part in (parts[0], parts[2]))
+        found = sorted(
+            (e for e in entities if re.search(r"[A-Za-z]", e) and re.search(_whole(e), ex.target)),
+            key=len,
+            reverse=True,
+        )
+        source, target = ex.source, ex.target
+        for entity in found:
+            new = entity_name(rng)
+            source = re.sub(_whole(entity), lambda _m, new=new: new, source)
+            target = re.sub(_whole(entity), lambda _m, new=new: new, target)
+        out.append(Example(source, target))
+    return out
+
+
+def _whole(text: str) -> str:
+    """A regex for `text` as whole words (not inside a longer word)."""
+    return r"(?<!\w)" + re.escape(text) + r"(?!\w)"
+
+
 def run(args: list[str]) -> None:
     print("prefix-train " + " ".join(shlex.quote(a) for a in args), flush=True)
     prefix_train(args)
@@ -123,6 +167,8 @@ def main() -> None:
                    help="E2E: share of training pairs whose venues get invented names (see rename_venues)")  # fmt: skip
     p.add_argument("--name-style", choices=sorted(NAME_STYLES), default="words",
                    help="E2E: how renamed venues are invented (see word_name, invented_name, varied_name)")  # fmt: skip
+    p.add_argument("--entity-rename-frac", type=float, default=0.0,
+                   help="WebNLG: share of training pairs whose entities get invented names (see rename_entities)")  # fmt: skip
     p.add_argument("--prefix-length", type=int, default=10)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true",
@@ -143,7 +189,11 @@ def main() -> None:
              "--output", str(args.out / "e2e.safetensors"),
              "--checkpoint", str(args.work / "e2e.checkpoint.pt"), *common])  # fmt: skip
     if args.only in (None, "webnlg"):
-        run(["--train", str(DATA / "webnlg" / "train"), "--dev", str(DATA / "webnlg" / "dev"),
+        train = str(DATA / "webnlg" / "train")
+        if args.entity_rename_frac > 0:
+            renamed = rename_entities(read_webnlg(DATA / "webnlg" / "train"), args.entity_rename_frac)
+            train = str(write_jsonl(args.work / "webnlg-train.jsonl", renamed))
+        run(["--train", train, "--dev", str(DATA / "webnlg" / "dev"),
              "--output", str(args.out / "webnlg.safetensors"),
              "--checkpoint", str(args.work / "webnlg.checkpoint.pt"), *common])  # fmt: skip
 

@@ -57,3 +57,23 @@ def test_rename_venues_with_word_names_replaces_name_and_near(data: Path) -> Non
     assert "The Eagle" not in renamed.source + renamed.target and "Burger King" not in renamed.target
     name = renamed.source.split(" | ")[0].partition(" : ")[2]
     assert renamed.target.startswith(name)
+
+
+def test_rename_entities_replaces_what_the_text_spells_as_the_triples_do(data: Path) -> None:
+    from trainer.data import Example
+
+    pair = Example(
+        'Elliot See : birthPlace : Dallas | Elliot See : deathDate : "1966-02-28" | '
+        "Elliot See : nationality : United States | Dallas Cowboys : city : Dallas",
+        "Elliot See, born in Dallas (home of the Dallas Cowboys), died in 1966; he was a US national.",
+    )
+    (renamed,) = demo.rename_entities([pair], fraction=1.0)
+    for gone in ("Elliot See", "Dallas"):
+        assert gone not in renamed.source and gone not in renamed.target
+    assert '"1966-02-28"' in renamed.source  # no letter: kept
+    assert "United States" in renamed.source  # the text says "US": kept
+    triples = [t.split(" : ") for t in renamed.source.split(" | ")]
+    person, city, team = triples[0][0], triples[0][2], triples[3][0]
+    assert renamed.target.startswith(person + ", born in " + city + " (home of the " + team + ")")
+    assert len({person, city, team}) == 3  # one invented name per entity, the longest replaced first
+    assert demo.rename_entities([pair], fraction=0.0) == [pair]
