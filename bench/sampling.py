@@ -6,8 +6,8 @@
 
 Rounds of the same 64 concurrent requests (E2E prompts, 8 prefixes round-robin, EOS ignored so each
 generates exactly --new-tokens): greedy; sampled (temperature 0.8, top-k 50, top-p 0.95, a seed each);
-sampled and streamed (SSE); and top-p alone (temperature 1, top-p 0.9, no top-k: the sampler must rank the
-whole vocabulary). Prints tokens/s per round and its ratio to greedy, and the engine's time per step split
+sampled and streamed (SSE); and top-p alone (temperature 1, top-p 0.9, no top-k: the sampler must find the
+nucleus in the whole vocabulary; a histogram on CPU, a sort on CUDA). Prints tokens/s per round and its ratio to greedy, and the engine's time per step split
 into forward and host (step minus forward), read from /metrics (prefixserve_engine_*). With --before-root the
 same rounds also run against that checkout's server, one after the other, and both are printed side by side.
 Each round also reports the CPU seconds the server process and this client spent: on a small machine they

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -325,6 +326,37 @@ def sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+class SseTemplate:
+    """The per-token event of a stream, its JSON encoded once: `SseTemplate(data, *fields)` where `data` holds
+    the mark `SseTemplate.field(name)` for each varying field; `render(*values)` gives exactly
+    `sse(data with the values)`, encoding only the values (json.dumps of the whole object per token was about a
+    fifth of a stream's per-token work on the event loop)."""
+
+    _SALT = secrets.token_hex(
+        8
+    )  # marks no request can spell (a model name holding one would break the split)
+
+    @classmethod
+    def field(cls, name: str) -> str:
+        return f"\x00{name}:{cls._SALT}\x00"
+
+    def __init__(self, data: dict, *fields: str):
+        parts = [sse(data)]
+        for name in fields:
+            before, mark, after = parts.pop().partition(json.dumps(self.field(name)))
+            if not mark or json.dumps(self.field(name)) in after:
+                raise ValueError(f"{name!r} must appear once in the template")
+            parts += [before, after]
+        self._parts = parts
+
+    def render(self, *values: str | int) -> str:
+        out = [self._parts[0]]
+        for value, part in zip(values, self._parts[1:], strict=True):
+            # a str as json.dumps encodes it (its C fast path); an int as its digits
+            out += [json.dumps(value) if isinstance(value, str) else str(int(value)), part]
+        return "".join(out)
+
+
 class SseChunks:
     """Server-sent events of one response, sent as they come, except that events whose successors are
     already waiting go out together: when the event loop falls behind the engine (many streams, a busy
@@ -337,6 +369,10 @@ class SseChunks:
 
     def add(self, data: Any) -> None:
         self._events.append(sse(data))
+
+    def add_rendered(self, event: str) -> None:
+        """An event already in SSE form (SseTemplate.render)."""
+        self._events.append(event)
 
     def ready(self, gen: Generation) -> str | None:
         """The events gathered so far, unless `gen`'s next output is already waiting (then None: keep adding)."""

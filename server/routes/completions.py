@@ -171,14 +171,18 @@ async def _chunks(
     try:
         for index, (gen, echo) in enumerate(zip(gens, echoes, strict=True)):
             legacy = LegacyLogprobs(texts) if texts is not None else None
+            choice = _choice(generation.SseTemplate.field("text"), index, None, None)
+            text_chunk = generation.SseTemplate({**head, "choices": [choice]}, "text")
             if echo:
                 yield generation.sse({**head, "choices": [_choice(echo, index, None, None)]})
             async for output in generation.outputs(state, gen):
                 logprobs = legacy.add(output) if legacy is not None and output.token_id is not None else None
                 completion_tokens += output.token_id is not None
-                if output.text or output.is_finished or logprobs is not None:
+                if output.is_finished or logprobs is not None:
                     reason = output.finish_reason if output.is_finished else None
                     chunks.add({**head, "choices": [_choice(output.text, index, logprobs, reason)]})
+                elif output.text:
+                    chunks.add_rendered(text_chunk.render(output.text))
                 if output.is_finished and index % n == 0:
                     prompt_tokens += output.num_prompt_tokens
                 if (chunk := chunks.ready(gen)) is not None:

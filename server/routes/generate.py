@@ -133,17 +133,22 @@ async def _events(state, gens: list[generation.Generation], with_index: bool) ->
     asks_logprobs = gens[0].request.params.logprobs is not None
     texts = token_texts(state) if asks_logprobs else None
     chunks = generation.SseChunks(state)
+    mark = generation.SseTemplate.field
     try:
         for index, gen in enumerate(gens):
             completion_tokens = 0
             where = {"index": index} if with_index else {}
+            token_event = generation.SseTemplate(
+                {**where, "token_id": mark("id"), "text": mark("text")}, "id", "text"
+            )
             async for output in generation.outputs(state, gen):
                 if output.token_id is not None:
                     completion_tokens += 1
-                    event = {**where, "token_id": output.token_id, "text": output.text}
                     if texts is not None:
-                        event["logprobs"] = generate_logprob(output, texts)
-                    chunks.add(event)
+                        event = {**where, "token_id": output.token_id, "text": output.text}
+                        chunks.add({**event, "logprobs": generate_logprob(output, texts)})
+                    else:
+                        chunks.add_rendered(token_event.render(output.token_id, output.text))
                 if output.is_finished:
                     usage = {
                         "prompt_tokens": output.num_prompt_tokens,
