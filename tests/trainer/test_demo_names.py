@@ -77,3 +77,21 @@ def test_rename_entities_replaces_what_the_text_spells_as_the_triples_do(data: P
     assert renamed.target.startswith(person + ", born in " + city + " (home of the " + team + ")")
     assert len({person, city, team}) == 3  # one invented name per entity, the longest replaced first
     assert demo.rename_entities([pair], fraction=0.0) == [pair]
+
+
+def test_longest_references_keeps_each_sets_longest_or_longer_half() -> None:
+    from trainer.data import Example
+
+    pairs = [Example("a : r : b", "one two"), Example("a : r : b", "one two three"), Example("a : r : b", "x y z"),
+             Example("c : r : d", "short")]  # fmt: skip
+    longest = demo.longest_references(pairs, "longest")
+    assert [e.target for e in longest] == ["one two three", "x y z", "short"]  # ties kept; every set stays
+    longer = demo.longest_references(pairs, "longer")
+    assert [e.target for e in longer] == ["one two three", "x y z", "short"]
+    pairs.append(Example("a : r : b", "w"))
+    assert [e.target for e in demo.longest_references(pairs, "longer")] == [
+        "one two",
+        "one two three",
+        "x y z",
+        "short",
+    ]
