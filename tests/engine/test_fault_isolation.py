@@ -310,6 +310,29 @@ def test_seeded_draws_do_not_depend_on_the_batch_even_inside_ties(vocab):
             assert alone.token_ids[0] in (3, 40, 41, 200, 333, 499)
 
 
+def test_a_top_p_row_draws_the_same_beside_hostile_rows():
+    """nucleus_weights works per row: NaN, huge, all-tied and crowded rows (which spill and are redone by a sort)
+    in the same step leave a seeded top-p row's tokens as they are alone."""
+    vocab = 8000
+    g = torch.Generator().manual_seed(11)
+    mine = torch.randn(1, vocab, generator=g) * 2
+    hostile = torch.randn(5, vocab, generator=g)
+    hostile[0, 7] = float("nan")
+    hostile[1] *= 3e37  # huge but finite
+    hostile[2] = 1.0  # every token tied: its cut spills
+    hostile[3] = torch.randint(0, 3, (vocab,), generator=g).float()  # crowds of ties
+    hostile[4, :4000] = float("-inf")  # not all finite: failed, as any such row
+    own = {"temperature": 0.9, "top_p": 0.9}
+    others = [{"temperature": 1.0, "top_p": p} for p in (0.5, 0.999, 0.3, 0.7, 1e-6)]
+    for seed in range(10):
+        alone = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(mine, sampler_rows([own], [seed]))
+        batch = sampler_rows([*others, own], [1, 2, 3, 4, 5, seed])
+        together = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(torch.cat([hostile, mine]), batch)
+        assert together.token_ids[5] == alone.token_ids[0]
+        assert together.failed == [0, 4]
+        assert all(t is not None and 0 <= t < vocab for t in together.token_ids[1:4])
+
+
 def test_a_spilling_row_is_redone_with_one_more_wait_only():
     vocab = 500
     logits = torch.randn(2, vocab) * 2
