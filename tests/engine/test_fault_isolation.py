@@ -327,7 +327,9 @@ def test_a_top_p_row_draws_the_same_beside_hostile_rows():
     for seed in range(10):
         alone = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(mine, sampler_rows([own], [seed]))
         batch = sampler_rows([*others, own], [1, 2, 3, 4, 5, seed])
-        together = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(torch.cat([hostile, mine]), batch)
+        together = Sampler(RULES, family("gpt2"), torch.device("cpu")).sample(
+            torch.cat([hostile, mine]), batch
+        )
         assert together.token_ids[5] == alone.token_ids[0]
         assert together.failed == [0, 4]
         assert all(t is not None and 0 <= t < vocab for t in together.token_ids[1:4])
