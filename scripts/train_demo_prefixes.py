@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.train_demo_backbone import invented_name  # noqa: E402
 from trainer.cli import main as prefix_train  # noqa: E402
-from trainer.data import Example, e2e_split, read_source_target, read_webnlg  # noqa: E402
+from trainer.data import Example, e2e_split, group_references, read_source_target, read_webnlg  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -72,11 +72,13 @@ def heldout_venues() -> frozenset[str]:
     """The held-out MRs' `name` and `near` values, lower-cased."""
     _, heldout = e2e_split(read_source_target(DATA / "e2e" / "valid.txt"))
     return frozenset(
-        value.lower()
-        for ex in heldout
-        for key, _, value in (part.partition(" : ") for part in ex.source.split(" | "))
-        if key in ("name", "near")
+        value.lower() for ex in heldout for key, value in mr_fields(ex.source) if key in ("name", "near")
     )
+
+
+def mr_fields(source: str) -> list[tuple[str, str]]:
+    """An E2E meaning representation `key : value | ...` as (key, value) pairs."""
+    return [(key, value) for key, _, value in (part.partition(" : ") for part in source.split(" | "))]
 
 
 NAME_STYLES = {"backbone": invented_name, "varied": varied_name, "words": word_name}
@@ -95,8 +97,7 @@ def rename_venues(
     for ex in examples:
         source, target = ex.source, ex.target
         if rng.random() < fraction:
-            for part in ex.source.split(" | "):
-                key, _, value = part.partition(" : ")
+            for key, value in mr_fields(ex.source):
                 if key in ("name", "near") and value:
                     new = invent(rng)
                     source, target = source.replace(value, new), target.replace(value, new)
@@ -129,16 +130,12 @@ def rename_entities(examples: list[Example], fraction: float, seed: int = 0) -> 
             parts = triple.split(" : ")
             if len(parts) == 3:
                 entities.update(part.strip().strip('"').strip() for part in (parts[0], parts[2]))
-        found = sorted(
-            (e for e in entities if re.search(r"[A-Za-z]", e) and re.search(_whole(e), ex.target)),
-            key=len,
-            reverse=True,
-        )
+        patterns = [_whole(e) for e in sorted(entities, key=len, reverse=True) if re.search(r"[A-Za-z]", e)]
         source, target = ex.source, ex.target
-        for entity in found:
+        for pattern in (p for p in patterns if p.search(ex.target)):
             new = entity_name(rng)
-            source = re.sub(_whole(entity), lambda _m, new=new: new, source)
-            target = re.sub(_whole(entity), lambda _m, new=new: new, target)
+            source = pattern.sub(lambda _m, new=new: new, source)
+            target = pattern.sub(lambda _m, new=new: new, target)
         out.append(Example(source, target))
     return out
 
@@ -147,9 +144,10 @@ def longest_references(examples: list[Example], keep: str) -> list[Example]:
     """WebNLG: per triple set, only its longest lexicalisations (`keep="longest"`: the most words, ties kept) or
     those at least as long as the set's median (`"longer"`). Greedy outputs of the demo prefix are too short
     (BLEU's brevity penalty 0.79: three to five triples get a sentence about one or two of them)."""
-    lengths: dict[str, list[int]] = {}
-    for ex in examples:
-        lengths.setdefault(ex.source, []).append(len(ex.target.split()))
+    lengths = {
+        source: [len(r.split()) for r in refs]
+        for source, refs in zip(*group_references(examples), strict=True)
+    }
     if keep == "longest":
         bar = {source: max(n) for source, n in lengths.items()}
     else:
@@ -157,9 +155,9 @@ def longest_references(examples: list[Example], keep: str) -> list[Example]:
     return [ex for ex in examples if len(ex.target.split()) >= bar[ex.source]]
 
 
-def _whole(text: str) -> str:
-    """A regex for `text` as whole words (not inside a longer word)."""
-    return r"(?<!\w)" + re.escape(text) + r"(?!\w)"
+def _whole(text: str) -> re.Pattern[str]:
+    """`text` as whole words (not inside a longer word)."""
+    return re.compile(r"(?<!\w)" + re.escape(text) + r"(?!\w)")
 
 
 def run(args: list[str]) -> None:

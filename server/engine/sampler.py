@@ -246,12 +246,12 @@ def nucleus_weights(
     rows, vocab = scores.shape
     bins, members = _NUCLEUS_BINS, min(_NUCLEUS_MEMBERS, vocab)
     # (masks are applied by multiplying: torch.where and masked_fill with a scalar cost 4-6 times more on CPU)
-    weights = scores.exp()  # the best 1
+    exp = scores.exp()  # the best 1
     lowest = scores.amin(dim=-1, keepdim=True).clamp_(min=-_NUCLEUS_SPAN, max=-1e-30)
     scale = lowest.reciprocal_().mul_(bins - 1)  # < 0: the best in bin 0, the lowest in the last
     # monotone in the score; NaN (a failed row) to an index in range
     index = scores.mul(scale).clamp_(max=bins - 1).long().clamp_(min=0)
-    cumulative = torch.zeros(rows, bins, device=scores.device).scatter_add_(1, index, weights).cumsum_(dim=-1)
+    cumulative = torch.zeros(rows, bins, device=scores.device).scatter_add_(1, index, exp).cumsum_(dim=-1)
     target = top_p[:, None] * cumulative[:, -1:]
     # mass in the better bins (shifted sums: an empty bin adds exactly nothing, so the last bin with less than
     # `target` ahead of it is not empty)
@@ -269,13 +269,13 @@ def nucleus_weights(
     last_value = values.gather(1, last)
     # every token scoring at least the last kept one, but for its ties ranked after it (higher ids): all ranked
     # here unless the ranking ends at that value (then the row spills)
-    weights = weights * (scores >= last_value)
+    weights = exp * (scores >= last_value)
     tied_after = (values == last_value) & (torch.arange(members, device=scores.device) > last)
     weights.scatter_(1, ids, weights.gather(1, ids).masked_fill_(tied_after, 0.0))
     spill = member[:, -1] & (last_value[:, 0] <= values[:, -1]) & (members < vocab)
     if not every_row_cuts:
         everything = top_p >= 1.0
-        weights = torch.where(everything[:, None], scores.exp(), weights)
+        weights = torch.where(everything[:, None], exp, weights)
         spill &= ~everything
     return weights, spill
 
