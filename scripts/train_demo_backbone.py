@@ -244,7 +244,8 @@ def main() -> None:
     )  # fmt: skip
     model = GPT2LMHeadModel(config)
     if args.init_from:
-        model = GPT2LMHeadModel.from_pretrained(args.init_from, dtype=torch.float32)
+        dropout = {name: args.dropout for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        model = GPT2LMHeadModel.from_pretrained(args.init_from, dtype=torch.float32, **dropout)
     elif not args.no_plant:
         plant_induction(model, seed=args.seed)
     model.to(args.device)
