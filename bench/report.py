@@ -179,7 +179,13 @@ def sampling() -> list[str]:
     return [
         f"{st['requests']} concurrent requests × {st['new_tokens']} tokens over {st['prefixes']} prefixes, GPT-2 "
         f"{st['layers']}×{st['width']} (vocabulary {st['vocab']:,}) on {st['device']}, over HTTP; best of "
-        f"{st['repeats']} round(s) per mode. Sampled: {sampled}, a seed each; top-p only: {top_p}, a seed each. "
+        f"{st['repeats']} round(s) per mode"
+        + (
+            f", server `--stream-interval {st['stream_interval']}`"
+            if st.get("stream_interval", 1) != 1
+            else ""
+        )
+        + f". Sampled: {sampled}, a seed each; top-p only: {top_p}, a seed each. "
         "Host time per step = engine step − forward (`prefixserve_engine_*`)"
         + "; CPU seconds the server process and the benchmark's client spent in the round"
         + (", the same load run on the commit before, one after the other." if before else "."),

@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.sampling                  # GPT-2 4 layers x 256, 64 requests x 128 tokens, 8 prefixes
     .venv/bin/python -m bench.sampling --device cuda --layers 24 --width 1024 --heads 16
     .venv/bin/python -m bench.sampling --before-root /path/to/other/checkout   # and the same load on other code
+    .venv/bin/python -m bench.sampling --stream-interval 4   # the server groups a stream's events 4 tokens a write
 
 Rounds of the same 64 concurrent requests (E2E prompts, 8 prefixes round-robin, EOS ignored so each
 generates exactly --new-tokens): greedy; sampled (temperature 0.8, top-k 50, top-p 0.95, a seed each);
@@ -138,7 +139,7 @@ def run_rounds(url: str, model_dir: Path, args: argparse.Namespace, server_pid: 
         jobs = workload(args.requests, args.prefixes)
         asyncio.run(round_trip(url, bodies_for("greedy", jobs[:8], 8)))  # warm the prefix cache
         results = {}
-        for mode in MODES:
+        for mode in args.modes:
             best = None
             for _ in range(args.repeats):
                 before = engine_seconds(client)
@@ -175,13 +176,28 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per mode (the best is reported)")
     parser.add_argument("--before-root", type=Path, help="also run the same load on this checkout's server")
+    parser.add_argument(
+        "--modes",
+        type=lambda text: text.split(","),
+        default=list(MODES),
+        help=f"comma-separated rounds to run, greedy always among them (default: {','.join(MODES)})",
+    )
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="the server's --stream-interval (tokens per stream write)",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results/sampling.json")
     args = parser.parse_args()
+    if unknown := set(args.modes) - set(MODES):
+        parser.error(f"unknown mode(s) {sorted(unknown)}; choose among {', '.join(MODES)}")
+    args.modes = [mode for mode in MODES if mode in {"greedy", *args.modes}]
 
     roots = {"this": ROOT, **({"before": args.before_root} if args.before_root else {})}
     results = {name: measure(root, args) for name, root in roots.items()}
     print(f"{args.requests} requests x {args.new_tokens} tokens, {args.prefixes} prefixes, GPT-2 "
-          f"{args.layers}x{args.width} on {args.device}")  # fmt: skip
+          f"{args.layers}x{args.width} on {args.device}, --stream-interval {args.stream_interval}")  # fmt: skip
     for name, by_mode in results.items():
         for f in by_mode.values():
             f["x_greedy"] = f["tokens_per_s"] / by_mode["greedy"]["tokens_per_s"]
@@ -196,7 +212,7 @@ def main() -> None:
                   f"{f['server_cpu_s']:>13.2f} {f['client_cpu_s']:>13.2f}")  # fmt: skip
     if not args.no_record:
         settings = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "prefixes", "requests",
-                                                  "new_tokens", "device", "repeats")}  # fmt: skip
+                                                  "new_tokens", "device", "repeats", "stream_interval")}  # fmt: skip
         before = (
             {"root": str(args.before_root), "commit": commit_of(args.before_root)}
             if args.before_root
@@ -224,6 +240,8 @@ def measure(server_root: Path, args: argparse.Namespace) -> dict[str, dict]:
         root = Path(tmp)
         model_dir = build_backbone(root / "model", args.layers, args.width, args.heads, args.vocab)
         server_args = ["--max-num-seqs", str(args.requests), "--max-model-len", "1024"]
+        if args.stream_interval != 1:  # a checkout from before the flag rejects it
+            server_args += ["--stream-interval", str(args.stream_interval)]
         if args.device != "cpu":
             # after start_server's --device cpu: these win (float32 as everywhere else; auto is bfloat16 there)
             server_args += ["--device", args.device, "--dtype", "float32"]

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         gt=0,
         description="an engine step running longer than this makes /readyz report the loop stuck (503)",
     )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="a stream's token events per write: 1 sends each at once; N sends them N tokens at a time "
+        "(and at the end), fewer socket writes with many streams, up to N-1 steps later",
+    )
     log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line")
     max_body_bytes: int = Field(
         64 << 20, ge=1024, description="largest request body (uploads), in bytes; over it: 413"

@@ -185,7 +185,7 @@ async def _chunks(
                     chunks.add_rendered(text_chunk.render(output.text))
                 if output.is_finished and index % n == 0:
                     prompt_tokens += output.num_prompt_tokens
-                if (chunk := chunks.ready(gen)) is not None:
+                if (chunk := chunks.ready(gen, output)) is not None:
                     yield chunk
         if include_usage:
             usage = {

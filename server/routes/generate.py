@@ -158,7 +158,7 @@ async def _events(state, gens: list[generation.Generation], with_index: bool) ->
                     rest = output.text if output.token_id is None else ""
                     last = {**where, "id": gen.request.request_id, "prefix": gen.prefix_id, "text": rest}
                     chunks.add({**last, "finish_reason": output.finish_reason, "usage": usage})
-                if (chunk := chunks.ready(gen)) is not None:
+                if (chunk := chunks.ready(gen, output)) is not None:
                     yield chunk
     except ServiceError as exc:
         chunks.add({"error": {"code": exc.code, "message": exc.message}})

@@ -146,6 +146,56 @@ def test_streaming_matches_whole_response_with_prefixes_and_stops(peft_case, ser
     assert num_stops >= 10, f"only {num_stops} outputs had a usable stop string"
 
 
+def test_stream_interval_streams_equal_whole_and_peft(peft_case, tmp_path: Path) -> None:
+    """--stream-interval 3 groups a stream's events three tokens to a write: concurrent streams over several
+    prefixes still carry every token's event, equal to PEFT's output and to the whole response, stop strings
+    and OpenAI chunks included."""
+    kind, model_dir, adapters, expected = peft_case
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = ["--max-num-seqs", "8", "--stream-interval", "3"]
+    with (
+        running_server(model_dir, str(tmp_path / "store"), tmp_path, args=args) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
+        for prefix_id, path in adapters.items():
+            assert upload_peft(client, prefix_id, path).status_code == 201
+        jobs = [(prefix_id, i) for prefix_id in [None, *adapters] for i in range(len(PROMPTS))]
+
+        async def stream_all() -> list[list[int]]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as aclient:
+
+                async def one(prefix_id: str | None, i: int) -> list[int]:
+                    body = {
+                        "prefix": prefix_id,
+                        "prompt": PROMPTS[i],
+                        "max_new_tokens": MAX_NEW,
+                        "stream": True,
+                    }
+                    async with aclient.stream("POST", "/v1/generate", json=body) as response:
+                        lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+                    assert lines[-1] == "data: [DONE]", lines[-2:]
+                    events = [json.loads(line[6:]) for line in lines[:-1]]
+                    return [e["token_id"] for e in events if e.get("token_id") is not None]
+
+                return await asyncio.gather(*(one(*job) for job in jobs))
+
+        streamed = asyncio.run(stream_all())
+        for (prefix_id, i), token_ids in zip(jobs, streamed, strict=True):
+            assert token_ids == expected[prefix_id][i], (prefix_id, i)
+        prefix_id = next(iter(adapters))
+        body = {"prefix": prefix_id, "prompt": PROMPTS[0], "max_new_tokens": MAX_NEW}
+        whole = client.post("/v1/generate", json=body).json()
+        assert_stream_equals_whole(client, body, whole)
+        stop = pick_stop(tokenizer, whole["token_ids"])
+        if stop is not None:
+            stopped = client.post("/v1/generate", json={**body, "stop": [stop]}).json()
+            assert_stream_equals_whole(client, {**body, "stop": [stop]}, stopped)
+        completion = {"model": prefix_id, "prompt": PROMPTS[0], "max_tokens": MAX_NEW, "temperature": 0}
+        chunks = sse_events(client, "/v1/completions", completion)
+        assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+
 def token_deltas(tokenizer, token_ids: list[int]) -> list[str]:
     """The text each token adds, as a stream must send it (vLLM's rule): while the text ends in an incomplete
     UTF-8 sequence (decoded as U+FFFD), the token releases nothing and its text waits for a token that ends

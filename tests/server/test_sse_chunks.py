@@ -34,7 +34,9 @@ def _events(text: str) -> list[str]:
     return [line[len("data: ") :] for line in text.split("\n\n") if line]
 
 
-def _stream(tmp_path: Path, model: Path, path: str, body: dict, hold: bool, monkeypatch) -> tuple[list, int]:
+def _stream(
+    tmp_path: Path, model: Path, path: str, body: dict, hold: bool, monkeypatch, stream_interval: int = 1
+) -> tuple[list, int]:
     if hold:  # the engine hands a request's outputs over only when it is done: the reader is behind
         original = Engine._deliver_all
         held: list = []
@@ -46,7 +48,13 @@ def _stream(tmp_path: Path, model: Path, path: str, body: dict, hold: bool, monk
                 held.clear()
 
         monkeypatch.setattr(Engine, "_deliver_all", deliver_when_done)
-    settings = Settings(model=str(model), store=str(tmp_path / "store"), device="cpu", dtype="float32")
+    settings = Settings(
+        model=str(model),
+        store=str(tmp_path / "store"),
+        device="cpu",
+        dtype="float32",
+        stream_interval=stream_interval,
+    )
     counting = CountingSends(create_app(settings))
     with TestClient(counting) as client:
         if path == "/v1/completions":  # the bare backbone, by its name
@@ -84,3 +92,31 @@ def test_events_waiting_together_leave_in_one_write(tiny_gpt2_dir: Path, tmp_pat
         assert _comparable(behind) == _comparable(live), path
         assert len(live) >= (14 if path == "/v1/generate" else 3)  # generate: an event per token
         assert sends <= 3, f"{path}: {sends} writes for {len(live)} events that all waited at once"
+
+
+def test_stream_interval_sends_n_tokens_per_write(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch):
+    """--stream-interval 4: the same events, a write per 4 tokens (and the rest at the end), also when the
+    token count is not a multiple of it and when a completion's text is held back."""
+    cases = (
+        ("/v1/generate", BODY, 12),
+        ("/v1/generate", {**BODY, "max_new_tokens": 10, "n": 2}, 20),
+        (
+            "/v1/completions",
+            {"prompt": BODY["prompt"], "max_tokens": 10, "temperature": 0, "stream": True},
+            10,
+        ),
+    )
+    for path, body, tokens in cases:
+        live, live_sends = _stream(
+            tmp_path / "live", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch
+        )
+        grouped, sends = _stream(
+            tmp_path / "grouped", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch,
+            stream_interval=4,
+        )  # fmt: skip
+        assert _comparable(grouped) == _comparable(live), path
+        # each completion: ceil(tokens / 4) writes at most, then [DONE]
+        completions = body.get("n", 1)
+        assert sends <= completions * -(-tokens // completions // 4) + 1, (path, sends)
+        if path == "/v1/generate":  # an event per token: one write each when live
+            assert live_sends >= tokens // completions and sends < live_sends, (path, sends, live_sends)
