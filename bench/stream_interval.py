@@ -1,0 +1,95 @@
+"""What --stream-interval buys: two servers side by side, one sending each token's event at once (interval 1),
+one grouping a stream's events N to a write, the same rounds alternating between them.
+
+    .venv/bin/python -m bench.stream_interval                       # GPT-2 4x256, 64 requests x 128 tokens, N=4
+    .venv/bin/python -m bench.stream_interval --layers 1 --width 64 --heads 1 --requests 128 --new-tokens 256
+
+Each round is bench.sampling's load (64 concurrent requests, 8 prefixes round-robin, EOS ignored): greedy,
+sampled (temperature 0.8, top-k 50, top-p 0.95, a seed each), and the sampled load streamed. The servers run
+from this checkout with the same backbone (random weights, nothing downloaded); the rounds alternate between
+them --rounds times, so drifts of a shared machine fall on both. Prints per round and the median: tokens/s,
+streamed ÷ greedy and streamed ÷ sampled, and the CPU seconds each server process spent. A benchmark, not a
+test; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from bench.sampling import bodies_for, cpu_seconds, native_prefixes, round_trip
+from bench.throughput import add_backbone_args, build_backbone, workload
+
+MODES = ("greedy", "sampled", "sampled+streamed")
+
+
+def start(stack: contextlib.ExitStack, model_dir: Path, root: Path, args, interval: int):
+    server_args = ["--max-num-seqs", str(args.requests), "--max-model-len", "1024"]
+    server_args += ["--stream-interval", str(interval)]
+    import serving  # tests/serving.py, on the path bench.throughput sets
+
+    server = stack.enter_context(
+        serving.running_server(model_dir, str(root / "store"), root / "logs", args=server_args)
+    )
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for i, data in enumerate(native_prefixes(model_dir, args.prefixes)):
+            headers = {"Content-Type": "application/octet-stream"}
+            client.put(f"/v1/prefixes/bench/p{i}", content=data, headers=headers).raise_for_status()
+    jobs = workload(args.requests, args.prefixes)
+    asyncio.run(round_trip(server.url, bodies_for("greedy", jobs[:8], 8)))  # warm the prefix cache
+    return server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_backbone_args(parser)
+    parser.add_argument("--prefixes", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--interval", type=int, default=4, help="the grouping server's --stream-interval")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations (each runs every mode on both)")
+    args = parser.parse_args()
+
+    intervals = (1, args.interval)
+    jobs = workload(args.requests, args.prefixes)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        root = Path(tmp)
+        model_dir = build_backbone(root / "model", args.layers, args.width, args.heads, args.vocab)
+        servers = {n: start(stack, model_dir, root / f"interval-{n}", args, n) for n in intervals}
+        rates: dict[tuple[int, str], list[float]] = {}
+        cpu: dict[tuple[int, str], list[float]] = {}
+        for _ in range(args.rounds):
+            for n, server in servers.items():
+                for mode in MODES:
+                    before = cpu_seconds(server.process.pid)
+                    seconds, tokens = asyncio.run(
+                        round_trip(server.url, bodies_for(mode, jobs, args.new_tokens))
+                    )
+                    if tokens != args.requests * args.new_tokens:
+                        raise RuntimeError(f"{mode}: {tokens} tokens came back")
+                    rates.setdefault((n, mode), []).append(tokens / seconds)
+                    cpu.setdefault((n, mode), []).append(cpu_seconds(server.process.pid) - before)
+
+    print(f"{args.requests} requests x {args.new_tokens} tokens, {args.prefixes} prefixes, GPT-2 "
+          f"{args.layers}x{args.width} on cpu; {args.rounds} alternating rounds; medians (per round)")  # fmt: skip
+    for n in intervals:
+        for mode in MODES:
+            r = rates[(n, mode)]
+            print(f"--stream-interval {n:<3} {mode:<17} {statistics.median(r):7.0f} tokens/s  "
+                  f"server cpu {statistics.median(cpu[(n, mode)]):5.2f} s  ({', '.join(f'{x:.0f}' for x in r)})")  # fmt: skip
+        for over in ("greedy", "sampled"):
+            ratios = [s / o for s, o in zip(rates[(n, "sampled+streamed")], rates[(n, over)], strict=True)]
+            print(f"--stream-interval {n:<3} streamed / {over:<8} {statistics.median(ratios):.2f}  "
+                  f"({', '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
