@@ -360,16 +360,18 @@ class SseChunks:
     """Server-sent events of one response, sent as they come, except that events whose successors are
     already waiting go out together: when the event loop falls behind the engine (many streams, a busy
     host), a stream catches up in one write (one ASGI send, one socket write) instead of one per token.
-    While the loop keeps up, every event leaves alone and at once — or, with `--stream-interval N`, every N
-    tokens' events together (and whatever is left when the generation ends): each write is a socket send
-    and a pass down the ASGI chain, so with many streams fewer, larger writes leave the engine more of the
-    host, at the price of a token's event leaving up to N-1 steps after it was made."""
+    While the loop keeps up, every event leaves alone and at once — or, with `--stream-interval N`, the first
+    at once (the time to first token is not delayed), then every N tokens' events together (and whatever is
+    left when the generation ends): each write is a socket send and a pass down the ASGI chain, so with many
+    streams fewer, larger writes leave the engine more of the host, at the price of a token's event leaving up
+    to N-1 steps after it was made."""
 
     def __init__(self, state: Any):
         self.engine = state.engine
         self.interval = state.settings.stream_interval
         self._events: list[str] = []
         self._tokens = 0  # tokens among the gathered events
+        self._has_sent = False
 
     def add(self, data: Any) -> None:
         self._events.append(sse(data))
@@ -380,18 +382,19 @@ class SseChunks:
 
     def ready(self, gen: Generation, output: RequestOutput) -> str | None:
         """The events gathered so far, once `output` (just added) is handled; None to keep adding: `gen`'s next
-        output is already waiting, or fewer than --stream-interval tokens are gathered and it is not the last."""
+        output is already waiting, or fewer than --stream-interval tokens are gathered since the last write
+        (the response's first write excepted) and it is not the last."""
         self._tokens += output.token_id is not None
         if not self._events or self.engine.has_ready(gen.request):
             return None
-        if self._tokens < self.interval and not output.is_finished:
+        if self._has_sent and self._tokens < self.interval and not output.is_finished:
             return None
         return self.take()
 
     def take(self) -> str:
         chunk = "".join(self._events)
         self._events.clear()
-        self._tokens = 0
+        self._tokens, self._has_sent = 0, True
         return chunk
 
 

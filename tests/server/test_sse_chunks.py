@@ -20,11 +20,13 @@ class CountingSends:
     def __init__(self, app) -> None:
         self.app = app
         self.body_sends = 0
+        self.bodies: list[bytes] = []
 
     async def __call__(self, scope, receive, send):
         async def counted(message):
             if message["type"] == "http.response.body" and message.get("body"):
                 self.body_sends += 1
+                self.bodies.append(message["body"])
             await send(message)
 
         await self.app(scope, receive, counted if scope["type"] == "http" else send)
@@ -36,7 +38,7 @@ def _events(text: str) -> list[str]:
 
 def _stream(
     tmp_path: Path, model: Path, path: str, body: dict, hold: bool, monkeypatch, stream_interval: int = 1
-) -> tuple[list, int]:
+) -> tuple[list, int, list[bytes]]:
     if hold:  # the engine hands a request's outputs over only when it is done: the reader is behind
         original = Engine._deliver_all
         held: list = []
@@ -63,7 +65,7 @@ def _stream(
         assert response.status_code == 200, response.text
         events = _events(response.text)
     monkeypatch.undo()
-    return events, counting.body_sends
+    return events, counting.body_sends, counting.bodies
 
 
 def _comparable(events: list[str]) -> list:
@@ -85,8 +87,10 @@ def test_events_waiting_together_leave_in_one_write(tiny_gpt2_dir: Path, tmp_pat
         ("/v1/generate", BODY),
         ("/v1/completions", {"prompt": BODY["prompt"], "max_tokens": 12, "temperature": 0, "stream": True}),
     ):
-        live, _ = _stream(tmp_path / "live", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch)
-        behind, sends = _stream(
+        live, _, _ = _stream(
+            tmp_path / "live", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch
+        )
+        behind, sends, _ = _stream(
             tmp_path / "held", tiny_gpt2_dir, path, body, hold=True, monkeypatch=monkeypatch
         )
         assert _comparable(behind) == _comparable(live), path
@@ -107,16 +111,17 @@ def test_stream_interval_sends_n_tokens_per_write(tiny_gpt2_dir: Path, tmp_path:
         ),
     )
     for path, body, tokens in cases:
-        live, live_sends = _stream(
+        live, live_sends, _ = _stream(
             tmp_path / "live", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch
         )
-        grouped, sends = _stream(
+        grouped, sends, writes = _stream(
             tmp_path / "grouped", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch,
             stream_interval=4,
         )  # fmt: skip
         assert _comparable(grouped) == _comparable(live), path
-        # each completion: ceil(tokens / 4) writes at most, then [DONE]
+        # the first token's event at once, then each completion's in writes of 4 tokens, then [DONE]
         completions = body.get("n", 1)
-        assert sends <= completions * -(-tokens // completions // 4) + 1, (path, sends)
+        assert sends <= 1 + completions * -(-tokens // completions // 4) + 1, (path, sends)
         if path == "/v1/generate":  # an event per token: one write each when live
             assert live_sends >= tokens // completions and sends < live_sends, (path, sends, live_sends)
+            assert writes[0].count(b"data: ") == 1, writes[0]  # the first token's event is not held
