@@ -129,15 +129,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def prepare(url: str, model_dir: Path, num_prefixes: int) -> None:
+    """Upload the bench's prefixes (bench/p0...) to the server and warm its prefix cache."""
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i, data in enumerate(native_prefixes(model_dir, num_prefixes)):
+            headers = {"Content-Type": "application/octet-stream"}
+            client.put(f"/v1/prefixes/bench/p{i}", content=data, headers=headers).raise_for_status()
+    jobs = workload(num_prefixes, num_prefixes)
+    asyncio.run(round_trip(url, bodies_for("greedy", jobs, 8)))
+
+
+def add_load_args(parser: argparse.ArgumentParser) -> None:
+    """The backbone's flags and the load's: --prefixes, --requests, --new-tokens."""
+    add_backbone_args(parser)
+    parser.add_argument("--prefixes", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+
+
 def run_rounds(url: str, model_dir: Path, args: argparse.Namespace, server_pid: int) -> dict[str, dict]:
     """mode -> figures of the best of --repeats rounds (tokens/s, step/forward/host ms, steps, the server's
     and this client's CPU seconds)."""
+    prepare(url, model_dir, args.prefixes)
+    jobs = workload(args.requests, args.prefixes)
     with httpx.Client(base_url=url, timeout=60) as client:
-        for i, data in enumerate(native_prefixes(model_dir, args.prefixes)):
-            headers = {"Content-Type": "application/octet-stream"}
-            client.put(f"/v1/prefixes/bench/p{i}", content=data, headers=headers).raise_for_status()
-        jobs = workload(args.requests, args.prefixes)
-        asyncio.run(round_trip(url, bodies_for("greedy", jobs[:8], 8)))  # warm the prefix cache
         results = {}
         for mode in args.modes:
             best = None
@@ -169,10 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_backbone_args(parser)
-    parser.add_argument("--prefixes", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    add_load_args(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per mode (the best is reported)")
     parser.add_argument("--before-root", type=Path, help="also run the same load on this checkout's server")

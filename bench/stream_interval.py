@@ -21,10 +21,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import httpx
-
-from bench.sampling import bodies_for, cpu_seconds, native_prefixes, round_trip
-from bench.throughput import add_backbone_args, build_backbone, workload
+from bench.sampling import add_load_args, bodies_for, cpu_seconds, prepare, round_trip
+from bench.throughput import build_backbone, workload
 
 MODES = ("greedy", "sampled", "sampled+streamed")
 
@@ -37,12 +35,7 @@ def start(stack: contextlib.ExitStack, model_dir: Path, root: Path, args, interv
     server = stack.enter_context(
         serving.running_server(model_dir, str(root / "store"), root / "logs", args=server_args)
     )
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        for i, data in enumerate(native_prefixes(model_dir, args.prefixes)):
-            headers = {"Content-Type": "application/octet-stream"}
-            client.put(f"/v1/prefixes/bench/p{i}", content=data, headers=headers).raise_for_status()
-    jobs = workload(args.requests, args.prefixes)
-    asyncio.run(round_trip(server.url, bodies_for("greedy", jobs[:8], 8)))  # warm the prefix cache
+    prepare(server.url, model_dir, args.prefixes)
     return server
 
 
@@ -50,10 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_backbone_args(parser)
-    parser.add_argument("--prefixes", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    add_load_args(parser)
     parser.add_argument("--interval", type=int, default=4, help="the grouping server's --stream-interval")
     parser.add_argument("--rounds", type=int, default=5, help="alternations (each runs every mode on both)")
     args = parser.parse_args()
