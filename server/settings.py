@@ -77,8 +77,9 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=1024,
-        description="a stream's token events per write: 1 sends each at once; N sends them N tokens at a time "
-        "(and at the end), fewer socket writes with many streams, up to N-1 steps later",
+        description="a stream's token events per write: 1 sends each at once; N sends the first at once, then "
+        "N tokens' events a write (the rest at the end): fewer socket writes with many streams, events up to N-1 "
+        "steps later",
     )
     log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line")
     max_body_bytes: int = Field(
