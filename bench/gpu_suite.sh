@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checklist (../shared/docs/gpu.md) on a CUDA machine, from the repository root, one step or several:
 #
-#   bench/gpu_suite.sh [correctness] [dtype] [profile] [medium] [small] [memory] [sampling]   (none: all seven)
+#   bench/gpu_suite.sh [correctness] [dtype] [profile] [medium] [small] [memory] [sampling] [stream]
+#   (none: all eight)
 #
 #   correctness  pytest -m gpu, then the PEFT parity tests with --device cuda (engine and server, float32)
 #   dtype        bench.dtype_drift: bfloat16/float16 greedy tokens vs float32 on the demo backbone + prefixes
@@ -10,6 +11,7 @@
 #   small        bench.throughput, GPT-2-small shape, 256 concurrent requests
 #   memory       bench.kv_fit: sequences of 1024 positions next to gpt2-large (float32) / gpt2-xl (bfloat16)
 #   sampling     bench.sampling: greedy / sampled / sampled+streamed / top-p only over HTTP, GPT-2 4x256 and small
+#   stream       bench.stream_interval: servers at --stream-interval 1 and 4 side by side, GPT-2 4x256 and small
 #
 # Each step's output goes to $OUT/<step>.log (OUT defaults to var/gpu) and the last lines to the terminal;
 # bench.throughput's records (bench/results/gpu-*.json) are copied there too. PYTHON picks the interpreter
@@ -20,7 +22,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/clients/python${PYTHONPATH:+:$PYTHONPATH}"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(correctness dtype profile medium small memory sampling)
+[ ${#steps[@]} -eq 0 ] && steps=(correctness dtype profile medium small memory sampling stream)
 
 medium=(--layers 24 --width 1024 --heads 16 --vocab 50257)
 small=(--layers 12 --width 768 --heads 12 --vocab 50257)
@@ -44,6 +46,9 @@ run_step() {
     sampling)
         $py -m bench.sampling --device cuda --repeats 2 --no-record &&
             $py -m bench.sampling --device cuda "${small[@]}" --repeats 2 --no-record ;;
+    stream)
+        $py -m bench.stream_interval --device cuda --rounds 3 &&
+            $py -m bench.stream_interval --device cuda "${small[@]}" --rounds 3 ;;
     *) echo "unknown step $1" >&2; return 2 ;;
     esac
 }

@@ -3,6 +3,7 @@ one grouping a stream's events N to a write, the same rounds alternating between
 
     .venv/bin/python -m bench.stream_interval                       # GPT-2 4x256, 64 requests x 128 tokens, N=4
     .venv/bin/python -m bench.stream_interval --layers 1 --width 64 --heads 1 --requests 128 --new-tokens 256
+    python -m bench.stream_interval --device cuda                  # on a GPU (servers in float32)
 
 Each round is bench.sampling's load (64 concurrent requests, 8 prefixes round-robin, EOS ignored): greedy,
 sampled (temperature 0.8, top-k 50, top-p 0.95, a seed each), and the sampled load streamed. The servers run
@@ -30,6 +31,8 @@ MODES = ("greedy", "sampled", "sampled+streamed")
 def start(stack: contextlib.ExitStack, model_dir: Path, root: Path, args, interval: int):
     server_args = ["--max-num-seqs", str(args.requests), "--max-model-len", "1024"]
     server_args += ["--stream-interval", str(interval)]
+    if args.device != "cpu":  # after start_server's --device cpu: these win (float32, as bench.sampling)
+        server_args += ["--device", args.device, "--dtype", "float32"]
     import serving  # tests/serving.py, on the path bench.throughput sets
 
     server = stack.enter_context(
@@ -44,6 +47,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_load_args(parser)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--interval", type=int, default=4, help="the grouping server's --stream-interval")
     parser.add_argument("--rounds", type=int, default=5, help="alternations (each runs every mode on both)")
     args = parser.parse_args()
@@ -69,7 +73,7 @@ def main() -> None:
                     cpu.setdefault((n, mode), []).append(cpu_seconds(server.process.pid) - before)
 
     print(f"{args.requests} requests x {args.new_tokens} tokens, {args.prefixes} prefixes, GPT-2 "
-          f"{args.layers}x{args.width} on cpu; {args.rounds} alternating rounds; medians (per round)")  # fmt: skip
+          f"{args.layers}x{args.width} on {args.device}; {args.rounds} alternating rounds; medians (per round)")  # fmt: skip
     for n in intervals:
         for mode in MODES:
             r = rates[(n, mode)]
