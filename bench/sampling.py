@@ -140,11 +140,23 @@ def prepare(url: str, model_dir: Path, num_prefixes: int) -> None:
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> None:
-    """The backbone's flags and the load's: --prefixes, --requests, --new-tokens."""
+    """The backbone's flags and the load's: --prefixes, --requests, --new-tokens, --device."""
     add_backbone_args(parser)
     parser.add_argument("--prefixes", type=int, default=8)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+
+
+def server_args(args: argparse.Namespace, stream_interval: int) -> list[str]:
+    """prefix-serve flags for the load: a slot per request, and the device and stream interval asked for."""
+    out = ["--max-num-seqs", str(args.requests), "--max-model-len", "1024"]
+    if stream_interval != 1:  # a checkout from before the flag rejects it
+        out += ["--stream-interval", str(stream_interval)]
+    if args.device != "cpu":
+        # after start_server's --device cpu: these win (float32 as everywhere else; auto is bfloat16 there)
+        out += ["--device", args.device, "--dtype", "float32"]
+    return out
 
 
 def run_rounds(url: str, model_dir: Path, args: argparse.Namespace, server_pid: int) -> dict[str, dict]:
@@ -185,7 +197,6 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_load_args(parser)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per mode (the best is reported)")
     parser.add_argument("--before-root", type=Path, help="also run the same load on this checkout's server")
     parser.add_argument(
@@ -251,14 +262,8 @@ def measure(server_root: Path, args: argparse.Namespace) -> dict[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = build_backbone(root / "model", args.layers, args.width, args.heads, args.vocab)
-        server_args = ["--max-num-seqs", str(args.requests), "--max-model-len", "1024"]
-        if args.stream_interval != 1:  # a checkout from before the flag rejects it
-            server_args += ["--stream-interval", str(args.stream_interval)]
-        if args.device != "cpu":
-            # after start_server's --device cpu: these win (float32 as everywhere else; auto is bfloat16 there)
-            server_args += ["--device", args.device, "--dtype", "float32"]
         with serving.running_server(
-            model_dir, str(root / "store"), root / "logs", args=server_args
+            model_dir, str(root / "store"), root / "logs", args=server_args(args, args.stream_interval)
         ) as server:
             return run_rounds(server.url, model_dir, args, server.process.pid)
 

@@ -22,21 +22,19 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.sampling import add_load_args, bodies_for, cpu_seconds, prepare, round_trip
+from bench.sampling import add_load_args, bodies_for, cpu_seconds, prepare, round_trip, server_args
 from bench.throughput import build_backbone, workload
 
 MODES = ("greedy", "sampled", "sampled+streamed")
 
 
 def start(stack: contextlib.ExitStack, model_dir: Path, root: Path, args, interval: int):
-    server_args = ["--max-num-seqs", str(args.requests), "--max-model-len", "1024"]
-    server_args += ["--stream-interval", str(interval)]
-    if args.device != "cpu":  # after start_server's --device cpu: these win (float32, as bench.sampling)
-        server_args += ["--device", args.device, "--dtype", "float32"]
     import serving  # tests/serving.py, on the path bench.throughput sets
 
     server = stack.enter_context(
-        serving.running_server(model_dir, str(root / "store"), root / "logs", args=server_args)
+        serving.running_server(
+            model_dir, str(root / "store"), root / "logs", args=server_args(args, interval)
+        )
     )
     prepare(server.url, model_dir, args.prefixes)
     return server
@@ -47,7 +45,6 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_load_args(parser)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--interval", type=int, default=4, help="the grouping server's --stream-interval")
     parser.add_argument("--rounds", type=int, default=5, help="alternations (each runs every mode on both)")
     args = parser.parse_args()
