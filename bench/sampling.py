@@ -129,6 +129,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def page_faults(pid: int) -> int:
+    """Minor page faults of a process so far (Linux /proc): pages the kernel mapped (and zeroed) on first touch."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[7])
+
+
 def prepare(url: str, model_dir: Path, num_prefixes: int) -> None:
     """Upload the bench's prefixes (bench/p0...) to the server and warm its prefix cache."""
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -171,11 +176,13 @@ def run_rounds(url: str, model_dir: Path, args: argparse.Namespace, server_pid: 
             for _ in range(args.repeats):
                 before = engine_seconds(client)
                 cpu_before = cpu_seconds(server_pid), time.process_time()
+                faults_before = page_faults(server_pid)
                 seconds, tokens = asyncio.run(round_trip(url, bodies_for(mode, jobs, args.new_tokens)))
                 server_cpu, client_cpu = (
                     cpu_seconds(server_pid) - cpu_before[0],
                     time.process_time() - cpu_before[1],
                 )
+                faults = page_faults(server_pid) - faults_before
                 if tokens != args.requests * args.new_tokens:
                     raise RuntimeError(
                         f"{mode}: {tokens} tokens came back, not {args.requests * args.new_tokens}"
@@ -185,7 +192,8 @@ def run_rounds(url: str, model_dir: Path, args: argparse.Namespace, server_pid: 
                 )
                 figures = {"tokens_per_s": tokens / seconds, "step_ms": step_s / steps * 1e3,
                            "forward_ms": forward_s / steps * 1e3, "host_ms": (step_s - forward_s) / steps * 1e3,
-                           "steps": steps, "server_cpu_s": server_cpu, "client_cpu_s": client_cpu}  # fmt: skip
+                           "steps": steps, "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
+                           "faults_per_step": faults / steps}  # fmt: skip
                 if best is None or figures["tokens_per_s"] > best["tokens_per_s"]:
                     best = figures
             results[mode] = best
@@ -227,12 +235,12 @@ def main() -> None:
         print(f"server from {roots[name]}")
         print(
             f"{'mode':<18} {'tokens/s':>9} {'x greedy':>9} {'step ms':>8} {'forward ms':>11} {'host ms':>8} "
-            f"{'steps':>6} {'server cpu s':>13} {'client cpu s':>13}"
+            f"{'steps':>6} {'server cpu s':>13} {'client cpu s':>13} {'faults/step':>12}"
         )
         for mode, f in by_mode.items():
             print(f"{mode:<18} {f['tokens_per_s']:>9.0f} {f['x_greedy']:>9.2f} {f['step_ms']:>8.2f} "
                   f"{f['forward_ms']:>11.2f} {f['host_ms']:>8.2f} {f['steps']:>6.0f} "
-                  f"{f['server_cpu_s']:>13.2f} {f['client_cpu_s']:>13.2f}")  # fmt: skip
+                  f"{f['server_cpu_s']:>13.2f} {f['client_cpu_s']:>13.2f} {f['faults_per_step']:>12.0f}")  # fmt: skip
     if not args.no_record:
         settings = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "prefixes", "requests",
                                                   "new_tokens", "device", "repeats", "stream_interval")}  # fmt: skip

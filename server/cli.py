@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Any
 
+from server.host_memory import retain_freed_memory
 from server.settings import Settings
 
 SECRET_FIELDS = {"admin_key"}  # env only: a key on the command line shows in `ps`
@@ -46,6 +49,8 @@ def serve(settings: Settings) -> None:
     from server.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    if settings.retain_host_memory:  # before the model loads: its tensors take the same allocator
+        logging.getLogger("prefixserve").info("%s", retain_freed_memory(os.environ))
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), log_config=None

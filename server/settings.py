@@ -65,6 +65,13 @@ class Settings(BaseSettings):
         description="on CUDA, replay GPT-2 decode steps as CUDA graphs (captured per batch/length bucket on "
         "first use); false = launch every kernel eagerly. BART and CPU always run eagerly",
     )
+    retain_host_memory: bool = Field(
+        True,
+        description="keep freed host memory in the C allocator for the next step (glibc: mmap threshold 32 MiB, "
+        "trim threshold 1 GiB) instead of page-faulting fresh pages for each step's tensors; resident memory "
+        "stays near its high-water mark. Not applied when the C library is not glibc or MALLOC_* / "
+        "GLIBC_TUNABLES set malloc in the environment",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds running generations may take to finish before exit"
     )

@@ -93,7 +93,10 @@ def test_sigterm_drains_running_refuses_new_and_exits_0_by_the_deadline(slow_mod
 
 def test_request_id_is_returned_and_on_every_log_line_about_the_request(tiny_gpt2_dir: Path, tmp_path: Path):
     with running_server(
-        tiny_gpt2_dir, str(tmp_path / "store"), tmp_path / "logs", args=["--log-format", "json"]
+        tiny_gpt2_dir,
+        str(tmp_path / "store"),
+        tmp_path / "logs",
+        args=["--log-format", "json", "--retain-host-memory", "false"],
     ) as s:
         given = httpx.post(
             f"{s.url}/v1/generate",
@@ -120,6 +123,8 @@ def test_request_id_is_returned_and_on_every_log_line_about_the_request(tiny_gpt
         assert any(e["logger"] == "uvicorn.access" for e in about), (request_id, about)
     # every access-log line is about a request, so every one carries its id
     assert all("request_id" in e for e in entries if e["logger"] == "uvicorn.access")
+    # --retain-host-memory false: glibc's malloc left alone, so no start-up line about it
+    assert not any(e["message"].startswith("host memory:") for e in entries)
 
 
 def test_kv_budget_caps_the_sequences_and_says_so(tiny_gpt2_dir: Path, tmp_path: Path):
@@ -141,6 +146,7 @@ def test_kv_budget_caps_the_sequences_and_says_so(tiny_gpt2_dir: Path, tmp_path:
         assert [threads_out[i] for i in range(len(prompts))] == alone
         log = s.log()
     assert "holds 3 sequences x 128 positions" in log and "--max-num-seqs 8 capped to 3" in log, log
+    assert "host memory: freed blocks kept for reuse" in log, log  # --retain-host-memory's default
 
 
 def test_a_budget_below_one_sequence_refuses_to_start(tiny_gpt2_dir: Path, tmp_path: Path):
