@@ -159,20 +159,25 @@ def sampling() -> list[str]:
         return []
     f = record["figures"]
     st, before = f["settings"], f["before"]
-    header = "| | tokens/s | × greedy | host ms/step | server / client CPU s |"
-    rule = "|---|---:|---:|---:|---:|"
+    faults = "faults_per_step" in next(iter(f["this"].values()))  # recorded since 2026-11-25
+    header = "| | tokens/s | × greedy | host ms/step | server / client CPU s |" + (
+        " page faults/step |" if faults else ""
+    )
+    rule = "|---|---:|---:|---:|---:|" + ("---:|" if faults else "")
     if before:
         header += f" before ({before['commit']}): tokens/s | × greedy | host ms/step |"
-        rule += "---:|---:|---:|"
+        header += " page faults/step |" if faults else ""
+        rule += "---:|---:|---:|" + ("---:|" if faults else "")
     rows = []
     for mode, this in f["this"].items():
         row = (
             f"| {mode} | {this['tokens_per_s']:.0f} | **{this['x_greedy']:.2f}×** | {this['host_ms']:.1f} | "
             f"{this['server_cpu_s']:.2f} / {this['client_cpu_s']:.2f} |"
-        )
+        ) + (f" {this['faults_per_step']:,.0f} |" if faults else "")
         if before and mode in before["results"]:
             b = before["results"][mode]
             row += f" {b['tokens_per_s']:.0f} | {b['x_greedy']:.2f}× | {b['host_ms']:.1f} |"
+            row += f" {b['faults_per_step']:,.0f} |" if faults else ""
         rows.append(row)
     sampled = ", ".join(f"{k} {v}" for k, v in f["sampled"].items())
     top_p = ", ".join(f"{k} {v}" for k, v in f["top_p_only"].items())
@@ -188,6 +193,11 @@ def sampling() -> list[str]:
         + f". Sampled: {sampled}, a seed each; top-p only: {top_p}, a seed each. "
         "Host time per step = engine step − forward (`prefixserve_engine_*`)"
         + "; CPU seconds the server process and the benchmark's client spent in the round"
+        + (
+            "; the server's minor page faults per step (pages mapped and zeroed on first touch)"
+            if faults
+            else ""
+        )
         + (", the same load run on the commit before, one after the other." if before else "."),
         "",
         header,

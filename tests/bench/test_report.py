@@ -21,3 +21,19 @@ def test_every_result_file_says_when_where_and_how() -> None:
         assert record["date"] and record["command"].startswith(".venv/bin/python -m bench.")
         assert record["machine"]["cpu_count"] and record["machine"]["torch"]
         assert record["figures"]
+
+
+def test_sampling_table_shows_page_faults_when_recorded(monkeypatch) -> None:
+    from bench import report
+
+    record = json.loads((RESULTS / "sampling.json").read_text())
+    for results in (record["figures"]["this"], record["figures"]["before"]["results"]):
+        for i, figures in enumerate(results.values()):
+            figures["faults_per_step"] = 1234.0 * i
+    monkeypatch.setattr(report, "load", lambda name: record)
+    lines = report.sampling()
+    header = next(line for line in lines if line.startswith("| | tokens/s"))
+    assert header.count("page faults/step") == 2
+    top_p = next(line for line in lines if line.startswith("| top-p only"))
+    assert top_p.count("| 3,702 |") == 2 and top_p.count("|") == header.count("|")
+    assert "minor page faults per step" in lines[0]
