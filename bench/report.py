@@ -185,6 +185,7 @@ def sampling() -> list[str]:
         f"{st['requests']} concurrent requests × {st['new_tokens']} tokens over {st['prefixes']} prefixes, GPT-2 "
         f"{st['layers']}×{st['width']} (vocabulary {st['vocab']:,}) on {st['device']}, over HTTP; best of "
         f"{st['repeats']} round(s) per mode"
+        + (", modes interleaved" if st.get("interleaved") else "")
         + (
             f", server `--stream-interval {st['stream_interval']}`"
             if st.get("stream_interval", 1) != 1
@@ -198,7 +199,15 @@ def sampling() -> list[str]:
             if faults
             else ""
         )
-        + (", the same load run on the commit before, one after the other." if before else "."),
+        + (
+            (
+                ", the same rounds on the commit before, both servers up at once and the rounds interleaved."
+                if st.get("interleaved")
+                else ", the same load run on the commit before, one after the other."
+            )
+            if before
+            else "."
+        ),
         "",
         header,
         rule,

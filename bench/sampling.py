@@ -10,7 +10,9 @@ generates exactly --new-tokens): greedy; sampled (temperature 0.8, top-k 50, top
 sampled and streamed (SSE); and top-p alone (temperature 1, top-p 0.9, no top-k: the sampler must find the
 nucleus in the whole vocabulary; a histogram on CPU, a sort on CUDA). Prints tokens/s per round and its ratio to greedy, and the engine's time per step split
 into forward and host (step minus forward), read from /metrics (prefixserve_engine_*). With --before-root the
-same rounds also run against that checkout's server, one after the other, and both are printed side by side.
+same rounds also run against that checkout's server, both servers up at once and the rounds interleaved (each
+repeat runs every mode on one server, then on the other), and both are printed side by side; with one server
+the modes interleave the same way. The best of --repeats rounds is reported per mode.
 Each round also reports the CPU seconds the server process and this client spent: on a small machine they
 share cores, so a costly client slows the server it measures (streams are read by a lean HTTP/1.1 reader).
 The backbone is built here with random weights (bench.throughput's recipe); nothing is downloaded. Writes
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -164,40 +167,57 @@ def server_args(args: argparse.Namespace, stream_interval: int) -> list[str]:
     return out
 
 
-def run_rounds(url: str, model_dir: Path, args: argparse.Namespace, server_pid: int) -> dict[str, dict]:
-    """mode -> figures of the best of --repeats rounds (tokens/s, step/forward/host ms, steps, the server's
-    and this client's CPU seconds)."""
-    prepare(url, model_dir, args.prefixes)
+def one_round(client: httpx.Client, url: str, mode: str, jobs, args: argparse.Namespace, pid: int) -> dict:
+    """One round of `mode` against the server at `url` (process `pid`): tokens/s, step/forward/host ms, steps,
+    the server's and this client's CPU seconds, the server's minor page faults per step."""
+    before = engine_seconds(client)
+    cpu_before = cpu_seconds(pid), time.process_time()
+    faults_before = page_faults(pid)
+    seconds, tokens = asyncio.run(round_trip(url, bodies_for(mode, jobs, args.new_tokens)))
+    server_cpu, client_cpu = cpu_seconds(pid) - cpu_before[0], time.process_time() - cpu_before[1]
+    faults = page_faults(pid) - faults_before
+    if tokens != args.requests * args.new_tokens:
+        raise RuntimeError(f"{mode}: {tokens} tokens came back, not {args.requests * args.new_tokens}")
+    steps, step_s, forward_s = (a - b for a, b in zip(engine_seconds(client), before, strict=True))
+    return {"tokens_per_s": tokens / seconds, "step_ms": step_s / steps * 1e3,
+            "forward_ms": forward_s / steps * 1e3, "host_ms": (step_s - forward_s) / steps * 1e3,
+            "steps": steps, "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
+            "faults_per_step": faults / steps}  # fmt: skip
+
+
+def run_rounds(roots: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, dict]]:
+    """name -> mode -> figures of the best of --repeats rounds. Every checkout's server runs at once (idle while
+    another is measured) and the rounds interleave: each repeat runs every mode on every server in turn, so a
+    drift of a shared machine falls on all of them alike rather than on whichever mode ran last."""
+    import serving
+
     jobs = workload(args.requests, args.prefixes)
-    with httpx.Client(base_url=url, timeout=60) as client:
-        results = {}
-        for mode in args.modes:
-            best = None
-            for _ in range(args.repeats):
-                before = engine_seconds(client)
-                cpu_before = cpu_seconds(server_pid), time.process_time()
-                faults_before = page_faults(server_pid)
-                seconds, tokens = asyncio.run(round_trip(url, bodies_for(mode, jobs, args.new_tokens)))
-                server_cpu, client_cpu = (
-                    cpu_seconds(server_pid) - cpu_before[0],
-                    time.process_time() - cpu_before[1],
+    best: dict[str, dict[str, dict]] = {name: {} for name in roots}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        model_dir = build_backbone(Path(tmp) / "model", args.layers, args.width, args.heads, args.vocab)
+        servers = {}
+        for name, root in roots.items():
+            serving.ROOT = root  # the server process runs from this checkout
+            servers[name] = stack.enter_context(
+                serving.running_server(
+                    model_dir,
+                    str(Path(tmp) / name / "store"),
+                    Path(tmp) / name / "logs",
+                    args=server_args(args, args.stream_interval),
                 )
-                faults = page_faults(server_pid) - faults_before
-                if tokens != args.requests * args.new_tokens:
-                    raise RuntimeError(
-                        f"{mode}: {tokens} tokens came back, not {args.requests * args.new_tokens}"
-                    )
-                steps, step_s, forward_s = (
-                    a - b for a, b in zip(engine_seconds(client), before, strict=True)
-                )
-                figures = {"tokens_per_s": tokens / seconds, "step_ms": step_s / steps * 1e3,
-                           "forward_ms": forward_s / steps * 1e3, "host_ms": (step_s - forward_s) / steps * 1e3,
-                           "steps": steps, "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
-                           "faults_per_step": faults / steps}  # fmt: skip
-                if best is None or figures["tokens_per_s"] > best["tokens_per_s"]:
-                    best = figures
-            results[mode] = best
-    return results
+            )
+            prepare(servers[name].url, model_dir, args.prefixes)
+        for _ in range(args.repeats):
+            for name, server in servers.items():
+                with httpx.Client(base_url=server.url, timeout=60) as client:
+                    for mode in args.modes:
+                        figures = one_round(client, server.url, mode, jobs, args, server.process.pid)
+                        if (
+                            mode not in best[name]
+                            or figures["tokens_per_s"] > best[name][mode]["tokens_per_s"]
+                        ):
+                            best[name][mode] = figures
+    return best
 
 
 def main() -> None:
@@ -226,7 +246,7 @@ def main() -> None:
     args.modes = [mode for mode in MODES if mode in {"greedy", *args.modes}]
 
     roots = {"this": ROOT, **({"before": args.before_root} if args.before_root else {})}
-    results = {name: measure(root, args) for name, root in roots.items()}
+    results = run_rounds(roots, args)
     print(f"{args.requests} requests x {args.new_tokens} tokens, {args.prefixes} prefixes, GPT-2 "
           f"{args.layers}x{args.width} on {args.device}, --stream-interval {args.stream_interval}")  # fmt: skip
     for name, by_mode in results.items():
@@ -244,6 +264,7 @@ def main() -> None:
     if not args.no_record:
         settings = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "prefixes", "requests",
                                                   "new_tokens", "device", "repeats", "stream_interval")}  # fmt: skip
+        settings["interleaved"] = True  # rounds interleaved across modes and servers (since 2026-11-25)
         before = (
             {"root": str(args.before_root), "commit": commit_of(args.before_root)}
             if args.before_root
@@ -261,19 +282,6 @@ def commit_of(root: Path) -> str:
         ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     )
     return out.stdout.strip()
-
-
-def measure(server_root: Path, args: argparse.Namespace) -> dict[str, dict]:
-    import serving
-
-    serving.ROOT = server_root  # the server process runs from this checkout
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        model_dir = build_backbone(root / "model", args.layers, args.width, args.heads, args.vocab)
-        with serving.running_server(
-            model_dir, str(root / "store"), root / "logs", args=server_args(args, args.stream_interval)
-        ) as server:
-            return run_rounds(server.url, model_dir, args, server.process.pid)
 
 
 if __name__ == "__main__":

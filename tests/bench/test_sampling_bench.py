@@ -1,0 +1,45 @@
+"""bench/sampling.py runs end to end on a tiny load: two real servers up at once (this checkout twice, as
+--before-root), every mode's rounds interleaved across them, each round bringing back every token, and the
+report printing both servers' rows with the page-fault column. The bench's prompts and tokenizer data live
+outside the repository; here the prompts are a few lines of their shape and the backbone is the tests' tiny
+GPT-2 (servers, uploads and rounds are real)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+PROMPTS = ["name[Blue Spice] | eatType[pub]", "name[Aromi] | food[Chinese] | area[city centre]"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sampling_bench_interleaves_two_servers_on_a_tiny_load(
+    tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from bench import sampling
+
+    monkeypatch.setattr(sampling, "build_backbone", lambda *args: tiny_gpt2_dir)
+    monkeypatch.setattr(
+        sampling, "workload", lambda n, p: [(i % p, PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+    )
+    rounds: list[tuple[str, str]] = []
+    one_round = sampling.one_round
+    monkeypatch.setattr(
+        sampling,
+        "one_round",
+        lambda client, url, mode, *rest: rounds.append((url, mode)) or one_round(client, url, mode, *rest),
+    )
+    argv = ["bench.sampling", "--prefixes", "2", "--requests", "4", "--new-tokens", "5", "--repeats", "2",
+            "--before-root", str(ROOT), "--no-record"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    sampling.main()  # raises when a round brings back fewer tokens than asked
+    urls = list(dict.fromkeys(url for url, _ in rounds))
+    modes = list(sampling.MODES)
+    assert len(urls) == 2  # both servers up at once, each measured in turn, every mode, each repeat
+    assert rounds == [(url, mode) for _ in range(2) for url in urls for mode in modes]
+    out = capsys.readouterr().out
+    assert "faults/step" in out and out.count("server from") == 2
+    for mode in modes:
+        assert sum(line.startswith(mode + " ") for line in out.splitlines()) == 2, out
