@@ -201,7 +201,7 @@ def sampling() -> list[str]:
         )
         + (
             (
-                ", the same rounds on the commit before, both servers up at once and the rounds interleaved."
+                "; before: the same rounds on the commit before, both servers up at once and the rounds interleaved."
                 if st.get("interleaved")
                 else ", the same load run on the commit before, one after the other."
             )
