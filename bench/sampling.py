@@ -193,7 +193,9 @@ def run_rounds(roots: dict[str, Path], args: argparse.Namespace) -> dict[str, di
 
     jobs = workload(args.requests, args.prefixes)
     best: dict[str, dict[str, dict]] = {name: {} for name in roots}
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+    stack = contextlib.ExitStack()
+    stack.callback(setattr, serving, "ROOT", serving.ROOT)  # each start below points it at its checkout
+    with tempfile.TemporaryDirectory() as tmp, stack:  # servers stop before their directory goes
         model_dir = build_backbone(Path(tmp) / "model", args.layers, args.width, args.heads, args.vocab)
         servers = {}
         for name, root in roots.items():

@@ -36,19 +36,26 @@ def environment_sets_malloc(environ: Mapping[str, str]) -> bool:
     return any(k.startswith("MALLOC_") for k in environ) or "glibc.malloc." in tunables
 
 
-def retain_freed_memory(environ: Mapping[str, str]) -> str:
-    """Fix glibc's mmap and trim thresholds for this process (see the module docstring); returns a line for
-    the start-up log saying what was done."""
-    if environment_sets_malloc(environ):
-        return "host memory: malloc left to the environment's MALLOC_* / GLIBC_TUNABLES settings"
+def set_thresholds() -> str | None:
+    """mallopt both thresholds (MMAP_THRESHOLD, TRIM_THRESHOLD) for this process; None when done, else why not."""
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
-        return "host memory: not glibc, malloc left as it is"
+        return "not glibc"
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     if not (
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     ):
-        return "host memory: glibc refused the malloc thresholds, malloc left as it is"
+        return "glibc refused the thresholds"
+    return None
+
+
+def retain_freed_memory(environ: Mapping[str, str]) -> str:
+    """set_thresholds() unless the environment tunes malloc itself (see the module docstring); returns a line
+    for the start-up log saying what was done."""
+    if environment_sets_malloc(environ):
+        return "host memory: malloc left to the environment's MALLOC_* / GLIBC_TUNABLES settings"
+    if (failed := set_thresholds()) is not None:
+        return f"host memory: {failed}, malloc left as it is"
     return (
         f"host memory: freed blocks kept for reuse (glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, "
         f"trim threshold {TRIM_THRESHOLD >> 30} GiB; --retain-host-memory false for glibc's defaults)"

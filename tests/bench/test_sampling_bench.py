@@ -1,8 +1,8 @@
-"""bench/sampling.py runs end to end on a tiny load: two real servers up at once (this checkout twice, as
---before-root), every mode's rounds interleaved across them, each round bringing back every token, and the
-report printing both servers' rows with the page-fault column. The bench's prompts and tokenizer data live
-outside the repository; here the prompts are a few lines of their shape and the backbone is the tests' tiny
-GPT-2 (servers, uploads and rounds are real)."""
+"""bench/sampling.py runs end to end on a tiny load: two real servers up at once (this checkout twice, the
+second under another name as --before-root), every mode's rounds interleaved across them, each round bringing
+back every token, and the report printing both servers' rows with the page-fault column. The bench's prompts
+and tokenizer data live outside the repository; here the prompts are a few lines of their shape and the
+backbone is the tests' tiny GPT-2 (servers, uploads and rounds are real)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sampling_bench_interleaves_two_servers_on_a_tiny_load(
-    tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     from bench import sampling
 
@@ -31,10 +31,16 @@ def test_sampling_bench_interleaves_two_servers_on_a_tiny_load(
         "one_round",
         lambda client, url, mode, *rest: rounds.append((url, mode)) or one_round(client, url, mode, *rest),
     )
+    before = tmp_path / "before"  # this checkout under another name, as a worktree of another commit would be
+    before.symlink_to(ROOT)
     argv = ["bench.sampling", "--prefixes", "2", "--requests", "4", "--new-tokens", "5", "--repeats", "2",
-            "--before-root", str(ROOT), "--no-record"]  # fmt: skip
+            "--before-root", str(before), "--no-record"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
+    import serving
+
+    root_before = serving.ROOT
     sampling.main()  # raises when a round brings back fewer tokens than asked
+    assert root_before == serving.ROOT  # set to each server's checkout as it starts, then put back
     urls = list(dict.fromkeys(url for url, _ in rounds))
     modes = list(sampling.MODES)
     assert len(urls) == 2  # both servers up at once, each measured in turn, every mode, each repeat
