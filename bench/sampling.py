@@ -185,30 +185,39 @@ def one_round(client: httpx.Client, url: str, mode: str, jobs, args: argparse.Na
             "faults_per_step": faults / steps}  # fmt: skip
 
 
+def start_server(
+    stack: contextlib.ExitStack, model_dir: Path, workdir: Path, args: argparse.Namespace, stream_interval: int,
+    checkout: Path = ROOT,
+):  # fmt: skip
+    """A prefix-serve for the load from `checkout`, stopped with `stack`, with the bench's prefixes uploaded and
+    warm (its store and logs under `workdir`)."""
+    import serving  # tests/serving.py, on the path set above
+
+    server = stack.enter_context(
+        serving.running_server(
+            model_dir,
+            str(workdir / "store"),
+            workdir / "logs",
+            args=server_args(args, stream_interval),
+            checkout=checkout,
+        )
+    )
+    prepare(server.url, model_dir, args.prefixes)
+    return server
+
+
 def run_rounds(roots: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     """name -> mode -> figures of the best of --repeats rounds. Every checkout's server runs at once (idle while
     another is measured) and the rounds interleave: each repeat runs every mode on every server in turn, so a
     drift of a shared machine falls on all of them alike rather than on whichever mode ran last."""
-    import serving
-
     jobs = workload(args.requests, args.prefixes)
     best: dict[str, dict[str, dict]] = {name: {} for name in roots}
-    stack = contextlib.ExitStack()
-    stack.callback(setattr, serving, "ROOT", serving.ROOT)  # each start below points it at its checkout
-    with tempfile.TemporaryDirectory() as tmp, stack:  # servers stop before their directory goes
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = build_backbone(Path(tmp) / "model", args.layers, args.width, args.heads, args.vocab)
-        servers = {}
-        for name, root in roots.items():
-            serving.ROOT = root  # the server process runs from this checkout
-            servers[name] = stack.enter_context(
-                serving.running_server(
-                    model_dir,
-                    str(Path(tmp) / name / "store"),
-                    Path(tmp) / name / "logs",
-                    args=server_args(args, args.stream_interval),
-                )
-            )
-            prepare(servers[name].url, model_dir, args.prefixes)
+        servers = {
+            name: start_server(stack, model_dir, Path(tmp) / name, args, args.stream_interval, root)
+            for name, root in roots.items()
+        }
         for _ in range(args.repeats):
             for name, server in servers.items():
                 with httpx.Client(base_url=server.url, timeout=60) as client:

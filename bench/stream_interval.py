@@ -22,22 +22,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.sampling import add_load_args, bodies_for, cpu_seconds, prepare, round_trip, server_args
+from bench.sampling import add_load_args, bodies_for, cpu_seconds, round_trip, start_server
 from bench.throughput import build_backbone, workload
 
 MODES = ("greedy", "sampled", "sampled+streamed")
-
-
-def start(stack: contextlib.ExitStack, model_dir: Path, root: Path, args, interval: int):
-    import serving  # tests/serving.py, on the path bench.throughput sets
-
-    server = stack.enter_context(
-        serving.running_server(
-            model_dir, str(root / "store"), root / "logs", args=server_args(args, interval)
-        )
-    )
-    prepare(server.url, model_dir, args.prefixes)
-    return server
 
 
 def main() -> None:
@@ -54,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         model_dir = build_backbone(root / "model", args.layers, args.width, args.heads, args.vocab)
-        servers = {n: start(stack, model_dir, root / f"interval-{n}", args, n) for n in intervals}
+        servers = {n: start_server(stack, model_dir, root / f"interval-{n}", args, n) for n in intervals}
         rates: dict[tuple[int, str], list[float]] = {}
         cpu: dict[tuple[int, str], list[float]] = {}
         for _ in range(args.rounds):

@@ -52,8 +52,10 @@ def start_server(
     args: list[str] | None = None,
     port: int | None = None,
     ready_timeout: float = 300.0,  # a ceiling: on a loaded 2-core box, importing torch alone can take a minute
+    checkout: Path = ROOT,
 ) -> ServerProcess:
-    """Launch `python -m server` and wait until /readyz answers 200."""
+    """Launch `python -m server` from `checkout` (this repository unless another is given, e.g. a worktree of an
+    older commit for a benchmark) and wait until /readyz answers 200."""
     port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"prefix-serve-{port}.log"
@@ -76,7 +78,7 @@ def start_server(
         *(args or []),
     ]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=checkout, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(f"http://127.0.0.1:{port}", port, process, log_path)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
