@@ -11,19 +11,16 @@ from pathlib import Path
 
 import pytest
 
-PROMPTS = ["name[Blue Spice] | eatType[pub]", "name[Aromi] | food[Chinese] | area[city centre]"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sampling_bench_interleaves_two_servers_on_a_tiny_load(
-    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tiny_gpt2_dir: Path, tiny_workload, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     from bench import sampling
 
     monkeypatch.setattr(sampling, "build_backbone", lambda *args: tiny_gpt2_dir)
-    monkeypatch.setattr(
-        sampling, "workload", lambda n, p: [(i % p, PROMPTS[i % len(PROMPTS)]) for i in range(n)]
-    )
+    monkeypatch.setattr(sampling, "workload", tiny_workload)
     rounds: list[tuple[str, str]] = []
     one_round = sampling.one_round
     monkeypatch.setattr(

@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
-PROMPTS = ["name[Blue Spice] | eatType[pub]", "name[Aromi] | food[Chinese] | area[city centre]"]
-
-
-def tiny_workload(num_requests: int, num_prefixes: int) -> list[tuple[int, str]]:
-    return [(i % num_prefixes, PROMPTS[i % len(PROMPTS)]) for i in range(num_requests)]
-
 
 def test_stream_interval_bench_runs_on_a_tiny_load(
-    tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tiny_gpt2_dir: Path, tiny_workload, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     from bench import sampling, stream_interval
 
