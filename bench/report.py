@@ -159,25 +159,35 @@ def sampling() -> list[str]:
         return []
     f = record["figures"]
     st, before = f["settings"], f["before"]
-    faults = "faults_per_step" in next(iter(f["this"].values()))  # recorded since 2026-11-25
-    header = "| | tokens/s | × greedy | host ms/step | server / client CPU s |" + (
-        " page faults/step |" if faults else ""
-    )
-    rule = "|---|---:|---:|---:|---:|" + ("---:|" if faults else "")
+    first = next(iter(f["this"].values()))
+    faults = "faults_per_step" in first  # recorded since 2026-11-25
+    wait = "wait_ms" in first  # recorded since 2026-11-25 (the engine thread's step time off the CPU)
+
+    def extra(figures: dict) -> str:
+        cells = ""
+        if wait:
+            value = figures.get("wait_ms")
+            cells += " – |" if value is None else f" {value:.1f} |"
+        if faults:
+            cells += f" {figures['faults_per_step']:,.0f} |"
+        return cells
+
+    extra_header = (" engine wait ms/step |" if wait else "") + (" page faults/step |" if faults else "")
+    extra_rule = "---:|" * (wait + faults)
+    header = "| | tokens/s | × greedy | host ms/step | server / client CPU s |" + extra_header
+    rule = "|---|---:|---:|---:|---:|" + extra_rule
     if before:
-        header += f" before ({before['commit']}): tokens/s | × greedy | host ms/step |"
-        header += " page faults/step |" if faults else ""
-        rule += "---:|---:|---:|" + ("---:|" if faults else "")
+        header += f" before ({before['commit']}): tokens/s | × greedy | host ms/step |" + extra_header
+        rule += "---:|---:|---:|" + extra_rule
     rows = []
     for mode, this in f["this"].items():
         row = (
             f"| {mode} | {this['tokens_per_s']:.0f} | **{this['x_greedy']:.2f}×** | {this['host_ms']:.1f} | "
             f"{this['server_cpu_s']:.2f} / {this['client_cpu_s']:.2f} |"
-        ) + (f" {this['faults_per_step']:,.0f} |" if faults else "")
+        ) + extra(this)
         if before and mode in before["results"]:
             b = before["results"][mode]
-            row += f" {b['tokens_per_s']:.0f} | {b['x_greedy']:.2f}× | {b['host_ms']:.1f} |"
-            row += f" {b['faults_per_step']:,.0f} |" if faults else ""
+            row += f" {b['tokens_per_s']:.0f} | {b['x_greedy']:.2f}× | {b['host_ms']:.1f} |" + extra(b)
         rows.append(row)
     sampled = ", ".join(f"{k} {v}" for k, v in f["sampled"].items())
     top_p = ", ".join(f"{k} {v}" for k, v in f["top_p_only"].items())
@@ -194,6 +204,12 @@ def sampling() -> list[str]:
         + f". Sampled: {sampled}, a seed each; top-p only: {top_p}, a seed each. "
         "Host time per step = engine step − forward (`prefixserve_engine_*`)"
         + "; CPU seconds the server process and the benchmark's client spent in the round"
+        + (
+            "; engine wait: the part of a step its thread spent off the CPU (step time − the thread's CPU time:"
+            " on CPU, waiting for the GIL while the HTTP front runs Python; – where the server does not report it)"
+            if wait
+            else ""
+        )
         + (
             "; the server's minor page faults per step (pages mapped and zeroed on first touch)"
             if faults

@@ -9,7 +9,9 @@ Rounds of the same 64 concurrent requests (E2E prompts, 8 prefixes round-robin, 
 generates exactly --new-tokens): greedy; sampled (temperature 0.8, top-k 50, top-p 0.95, a seed each);
 sampled and streamed (SSE); and top-p alone (temperature 1, top-p 0.9, no top-k: the sampler must find the
 nucleus in the whole vocabulary; a histogram on CPU, a sort on CUDA). Prints tokens/s per round and its ratio to greedy, and the engine's time per step split
-into forward and host (step minus forward), read from /metrics (prefixserve_engine_*). With --before-root the
+into forward and host (step minus forward), and "wait": the part of the step the engine's thread spent off the
+CPU (step minus the thread's CPU time; on CPU that is waiting for the GIL while the HTTP front runs Python, so it
+measures what streaming costs the engine), read from /metrics (prefixserve_engine_*). With --before-root the
 same rounds also run against that checkout's server, both servers up at once and the rounds interleaved (each
 repeat runs every mode on one server, then on the other), and both are printed side by side; with one server
 the modes interleave the same way. The best of --repeats rounds is reported per mode.
@@ -25,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -59,8 +62,9 @@ def native_prefixes(model_dir: Path, num_prefixes: int) -> list[bytes]:
     return out
 
 
-def engine_seconds(client: httpx.Client) -> tuple[float, float, float]:
-    """(steps, step seconds, forward seconds) so far."""
+def engine_seconds(client: httpx.Client) -> tuple[float, float, float, float]:
+    """(steps, step seconds, forward seconds, the engine thread's CPU seconds in steps) so far; NaN where the
+    server does not report one (a checkout from before the metric)."""
     text = client.get("/metrics").text
 
     def value(name: str) -> float:
@@ -71,6 +75,7 @@ def engine_seconds(client: httpx.Client) -> tuple[float, float, float]:
         value("prefixserve_engine_steps"),
         value("prefixserve_engine_step_seconds"),
         value("prefixserve_engine_forward_seconds"),
+        value("prefixserve_engine_step_cpu_seconds"),
     )
 
 
@@ -168,7 +173,8 @@ def server_args(args: argparse.Namespace, stream_interval: int) -> list[str]:
 
 
 def one_round(client: httpx.Client, url: str, mode: str, jobs, args: argparse.Namespace, pid: int) -> dict:
-    """One round of `mode` against the server at `url` (process `pid`): tokens/s, step/forward/host ms, steps,
+    """One round of `mode` against the server at `url` (process `pid`): tokens/s, step/forward/host ms, the
+    step time the engine's thread spent off the CPU (wait ms: on CPU, mostly waiting for the GIL), steps,
     the server's and this client's CPU seconds, the server's minor page faults per step."""
     before = engine_seconds(client)
     cpu_before = cpu_seconds(pid), time.process_time()
@@ -178,9 +184,10 @@ def one_round(client: httpx.Client, url: str, mode: str, jobs, args: argparse.Na
     faults = page_faults(pid) - faults_before
     if tokens != args.requests * args.new_tokens:
         raise RuntimeError(f"{mode}: {tokens} tokens came back, not {args.requests * args.new_tokens}")
-    steps, step_s, forward_s = (a - b for a, b in zip(engine_seconds(client), before, strict=True))
+    steps, step_s, forward_s, cpu_s = (a - b for a, b in zip(engine_seconds(client), before, strict=True))
     return {"tokens_per_s": tokens / seconds, "step_ms": step_s / steps * 1e3,
             "forward_ms": forward_s / steps * 1e3, "host_ms": (step_s - forward_s) / steps * 1e3,
+            "wait_ms": None if math.isnan(cpu_s) else (step_s - cpu_s) / steps * 1e3,
             "steps": steps, "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
             "faults_per_step": faults / steps}  # fmt: skip
 
@@ -266,11 +273,12 @@ def main() -> None:
         print(f"server from {roots[name]}")
         print(
             f"{'mode':<18} {'tokens/s':>9} {'x greedy':>9} {'step ms':>8} {'forward ms':>11} {'host ms':>8} "
+            f"{'wait ms':>8} "
             f"{'steps':>6} {'server cpu s':>13} {'client cpu s':>13} {'faults/step':>12}"
         )
         for mode, f in by_mode.items():
             print(f"{mode:<18} {f['tokens_per_s']:>9.0f} {f['x_greedy']:>9.2f} {f['step_ms']:>8.2f} "
-                  f"{f['forward_ms']:>11.2f} {f['host_ms']:>8.2f} {f['steps']:>6.0f} "
+                  f"{f['forward_ms']:>11.2f} {f['host_ms']:>8.2f} {_ms(f['wait_ms']):>8} {f['steps']:>6.0f} "
                   f"{f['server_cpu_s']:>13.2f} {f['client_cpu_s']:>13.2f} {f['faults_per_step']:>12.0f}")  # fmt: skip
     if not args.no_record:
         settings = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "prefixes", "requests",
@@ -284,6 +292,10 @@ def main() -> None:
         figures = {"settings": settings, "sampled": SAMPLED, "top_p_only": TOP_P_ONLY, "this": results["this"],
                    "commit": commit_of(ROOT), "before": before and {**before, "results": results["before"]}}  # fmt: skip
         write_result("sampling", "bench.sampling", figures)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def commit_of(root: Path) -> str:

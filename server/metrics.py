@@ -48,6 +48,12 @@ class _LiveCollector(Collector):
                 value=engine.step_seconds,
             )
             yield CounterMetricFamily(
+                "prefixserve_engine_step_cpu_seconds",
+                "CPU time of the engine's thread in those steps (step - cpu = time a step waited off the CPU: "
+                "for the GIL while the front runs Python, for the device, or for a core)",
+                value=engine.step_cpu_seconds,
+            )
+            yield CounterMetricFamily(
                 "prefixserve_engine_forward_seconds",
                 "time inside the model's forward calls of those steps (host time per step = step - forward; "
                 "on CUDA the forward is timed without a sync, so it counts launches)",

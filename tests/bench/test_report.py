@@ -37,3 +37,21 @@ def test_sampling_table_shows_page_faults_when_recorded(monkeypatch) -> None:
     top_p = next(line for line in lines if line.startswith("| top-p only"))
     assert top_p.count("| 3,702 |") == 2 and top_p.count("|") == header.count("|")
     assert "minor page faults per step" in lines[0]
+
+
+def test_sampling_table_shows_engine_wait_and_a_dash_where_the_before_server_lacks_it(monkeypatch) -> None:
+    from bench import report
+
+    record = json.loads((RESULTS / "sampling.json").read_text())
+    for figures in record["figures"]["this"].values():
+        figures["wait_ms"] = 1.5
+    for figures in record["figures"]["before"]["results"].values():
+        figures["wait_ms"] = None  # a checkout from before prefixserve_engine_step_cpu_seconds
+    monkeypatch.setattr(report, "load", lambda name: record)
+    lines = report.sampling()
+    header = next(line for line in lines if line.startswith("| | tokens/s"))
+    assert header.count("engine wait ms/step") == 2
+    for line in lines:
+        if line.startswith("| greedy") or line.startswith("| sampled"):
+            assert "| 1.5 |" in line and "| – |" in line and line.count("|") == header.count("|")
+    assert "off the CPU" in lines[0]

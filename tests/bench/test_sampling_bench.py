@@ -1,6 +1,6 @@
 """bench/sampling.py runs end to end on a tiny load: two real servers up at once (this checkout twice, the
 second under another name as --before-root), every mode's rounds interleaved across them, each round bringing
-back every token, and the report printing both servers' rows with the page-fault column. The bench's prompts
+back every token, and the report printing both servers' rows with the engine-wait and page-fault columns. The bench's prompts
 and tokenizer data live outside the repository; here the prompts are a few lines of their shape and the
 backbone is the tests' tiny GPT-2 (servers, uploads and rounds are real)."""
 
@@ -43,6 +43,9 @@ def test_sampling_bench_interleaves_two_servers_on_a_tiny_load(
     assert len(urls) == 2  # both servers up at once, each measured in turn, every mode, each repeat
     assert rounds == [(url, mode) for _ in range(2) for url in urls for mode in modes]
     out = capsys.readouterr().out
-    assert "faults/step" in out and out.count("server from") == 2
+    assert "faults/step" in out and "wait ms" in out and out.count("server from") == 2
     for mode in modes:
-        assert sum(line.startswith(mode + " ") for line in out.splitlines()) == 2, out
+        rows = [line for line in out.splitlines() if line.startswith(mode + " ")]
+        assert len(rows) == 2, out
+        for row in rows:  # tokens/s, x greedy, step, forward, host, wait ms: the engine's step time off the CPU
+            assert float(row[len(mode) :].split()[5]) >= 0, row
