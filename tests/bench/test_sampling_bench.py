@@ -37,7 +37,8 @@ def test_sampling_bench_interleaves_two_servers_on_a_tiny_load(
 
     root_before = serving.ROOT
     sampling.main()  # raises when a round brings back fewer tokens than asked
-    assert root_before == serving.ROOT  # set to each server's checkout as it starts, then put back
+    # each checkout runs through start_server's `checkout`; the bench never moves the tests' ROOT (a guard)
+    assert root_before == serving.ROOT
     urls = list(dict.fromkeys(url for url, _ in rounds))
     modes = list(sampling.MODES)
     assert len(urls) == 2  # both servers up at once, each measured in turn, every mode, each repeat
@@ -47,5 +48,7 @@ def test_sampling_bench_interleaves_two_servers_on_a_tiny_load(
     for mode in modes:
         rows = [line for line in out.splitlines() if line.startswith(mode + " ")]
         assert len(rows) == 2, out
-        for row in rows:  # tokens/s, x greedy, step, forward, host, wait ms: the engine's step time off the CPU
+        for (
+            row
+        ) in rows:  # tokens/s, x greedy, step, forward, host, wait ms: the engine's step time off the CPU
             assert float(row[len(mode) :].split()[5]) >= 0, row

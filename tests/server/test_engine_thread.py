@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,23 @@ def test_metrics_split_step_time_into_the_engine_threads_cpu_and_its_waits(clien
     assert steps >= 6  # the warm-up's steps are not counted
     # one thread's CPU time within a span of wall time cannot exceed it (1 ms for clock granularity)
     assert 0 < cpu <= step + 1e-3
+
+
+def test_step_time_the_engine_thread_spends_off_the_cpu_is_not_counted_as_its_cpu(client: TestClient) -> None:
+    # a forward that sleeps (as a step does while it waits for the GIL or a device): wall time, not CPU time
+    runner = client.app.state.engine.runner
+    execute = runner.execute
+
+    def sleepy_execute(batch):
+        time.sleep(0.05)
+        return execute(batch)
+
+    runner.execute = sleepy_execute
+    body = {"prompt": "hello", "max_new_tokens": 3, "ignore_eos": True}
+    assert client.post("/v1/generate", json=body).status_code == 200
+    text = client.get("/metrics").text
+    steps = _metric(text, "prefixserve_engine_steps")
+    waited = _metric(text, "prefixserve_engine_step_seconds") - _metric(
+        text, "prefixserve_engine_step_cpu_seconds"
+    )
+    assert steps >= 3 and waited >= 0.9 * 0.05 * steps, (steps, waited)
