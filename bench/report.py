@@ -162,6 +162,15 @@ def sampling() -> list[str]:
     first = next(iter(f["this"].values()))
     faults = "faults_per_step" in first  # recorded since 2026-11-25
     wait = "wait_ms" in first  # recorded since 2026-11-25 (the engine thread's step time off the CPU)
+    paired = (
+        "x_greedy_paired" in first
+    )  # recorded since 2026-11-25 (each repeat's rate over its greedy round's)
+
+    def paired_cell(figures: dict, bold: str = "") -> str:
+        if not paired:
+            return ""
+        p = figures["x_greedy_paired"]
+        return f" {bold}{p['median']:.2f}×{bold} ({p['min']:.2f}–{p['max']:.2f}) |"
 
     def extra(figures: dict) -> str:
         cells = ""
@@ -174,20 +183,27 @@ def sampling() -> list[str]:
 
     extra_header = (" engine wait ms/step |" if wait else "") + (" page faults/step |" if faults else "")
     extra_rule = "---:|" * (wait + faults)
-    header = "| | tokens/s | × greedy | host ms/step | server / client CPU s |" + extra_header
-    rule = "|---|---:|---:|---:|---:|" + extra_rule
+    paired_header = " × greedy, paired: median (range) |" if paired else ""
+    header = (
+        "| | tokens/s | × greedy |" + paired_header + " host ms/step | server / client CPU s |" + extra_header
+    )
+    rule = "|---|---:|---:|" + "---:|" * paired + "---:|---:|" + extra_rule
     if before:
-        header += f" before ({before['commit']}): tokens/s | × greedy | host ms/step |" + extra_header
-        rule += "---:|---:|---:|" + extra_rule
+        header += f" before ({before['commit']}): tokens/s | × greedy |" + paired_header + " host ms/step |"
+        header += extra_header
+        rule += "---:|---:|" + "---:|" * paired + "---:|" + extra_rule
     rows = []
+    x_bold = "" if paired else "**"  # the figure to read: the paired median where recorded
     for mode, this in f["this"].items():
         row = (
-            f"| {mode} | {this['tokens_per_s']:.0f} | **{this['x_greedy']:.2f}×** | {this['host_ms']:.1f} | "
-            f"{this['server_cpu_s']:.2f} / {this['client_cpu_s']:.2f} |"
+            f"| {mode} | {this['tokens_per_s']:.0f} | {x_bold}{this['x_greedy']:.2f}×{x_bold} |"
+            f"{paired_cell(this, '**')} "
+            f"{this['host_ms']:.1f} | {this['server_cpu_s']:.2f} / {this['client_cpu_s']:.2f} |"
         ) + extra(this)
         if before and mode in before["results"]:
             b = before["results"][mode]
-            row += f" {b['tokens_per_s']:.0f} | {b['x_greedy']:.2f}× | {b['host_ms']:.1f} |" + extra(b)
+            row += f" {b['tokens_per_s']:.0f} | {b['x_greedy']:.2f}× |{paired_cell(b)} {b['host_ms']:.1f} |"
+            row += extra(b)
         rows.append(row)
     sampled = ", ".join(f"{k} {v}" for k, v in f["sampled"].items())
     top_p = ", ".join(f"{k} {v}" for k, v in f["top_p_only"].items())
@@ -195,6 +211,12 @@ def sampling() -> list[str]:
         f"{st['requests']} concurrent requests × {st['new_tokens']} tokens over {st['prefixes']} prefixes, GPT-2 "
         f"{st['layers']}×{st['width']} (vocabulary {st['vocab']:,}) on {st['device']}, over HTTP; best of "
         f"{st['repeats']} round(s) per mode"
+        + (
+            " (tokens/s and × greedy; the paired ratio: each repeat's rate over the greedy round's of the same"
+            " repeat on the same server, median and range over the repeats)"
+            if paired
+            else ""
+        )
         + (", modes interleaved" if st.get("interleaved") else "")
         + (
             f", server `--stream-interval {st['stream_interval']}`"

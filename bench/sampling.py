@@ -14,7 +14,10 @@ CPU (step minus the thread's CPU time; on CPU that is waiting for the GIL while 
 measures what streaming costs the engine), read from /metrics (prefixserve_engine_*). With --before-root the
 same rounds also run against that checkout's server, both servers up at once and the rounds interleaved (each
 repeat runs every mode on one server, then on the other), and both are printed side by side; with one server
-the modes interleave the same way. The best of --repeats rounds is reported per mode.
+the modes interleave the same way. The best of --repeats rounds is reported per mode, and the paired ratio:
+each repeat's rate of the mode over that repeat's greedy rate on the same server (rounds seconds apart), median
+and range over the repeats. On a machine whose speed drifts (this one's moved by half within an hour), the
+paired median is the figure to read: a best-of ratio divides two rounds that may lie minutes apart.
 Each round also reports the CPU seconds the server process and this client spent: on a small machine they
 share cores, so a costly client slows the server it measures (streams are read by a lean HTTP/1.1 reader).
 The backbone is built here with random weights (bench.throughput's recipe); nothing is downloaded. Writes
@@ -38,7 +41,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.record import write_result
+from bench.record import spread, write_result
 from bench.throughput import ROOT, add_backbone_args, build_backbone, workload
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -214,11 +217,14 @@ def start_server(
 
 
 def run_rounds(roots: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, dict]]:
-    """name -> mode -> figures of the best of --repeats rounds. Every checkout's server runs at once (idle while
-    another is measured) and the rounds interleave: each repeat runs every mode on every server in turn, so a
-    drift of a shared machine falls on all of them alike rather than on whichever mode ran last."""
+    """name -> mode -> figures of the best of --repeats rounds, and "x_greedy_paired": the mode's rate over the
+    greedy round's of the same repeat on the same server (run a few seconds apart), per repeat, with their
+    median. Every checkout's server runs at once (idle while another is measured) and the rounds interleave:
+    each repeat runs every mode on every server in turn, so a drift of a shared machine falls on all of them
+    alike rather than on whichever mode ran last."""
     jobs = workload(args.requests, args.prefixes)
     best: dict[str, dict[str, dict]] = {name: {} for name in roots}
+    rates: dict[str, dict[str, list[float]]] = {name: {mode: [] for mode in args.modes} for name in roots}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = build_backbone(Path(tmp) / "model", args.layers, args.width, args.heads, args.vocab)
         servers = {
@@ -230,11 +236,17 @@ def run_rounds(roots: dict[str, Path], args: argparse.Namespace) -> dict[str, di
                 with httpx.Client(base_url=server.url, timeout=60) as client:
                     for mode in args.modes:
                         figures = one_round(client, server.url, mode, jobs, args, server.process.pid)
+                        rates[name][mode].append(figures["tokens_per_s"])
                         if (
                             mode not in best[name]
                             or figures["tokens_per_s"] > best[name][mode]["tokens_per_s"]
                         ):
                             best[name][mode] = figures
+    for name, by_mode in best.items():
+        greedy = rates[name]["greedy"]
+        for mode, figures in by_mode.items():
+            paired = [rate / g for rate, g in zip(rates[name][mode], greedy, strict=True)]
+            figures["x_greedy_paired"] = spread(paired)
     return best
 
 
@@ -272,12 +284,12 @@ def main() -> None:
             f["x_greedy"] = f["tokens_per_s"] / by_mode["greedy"]["tokens_per_s"]
         print(f"server from {roots[name]}")
         print(
-            f"{'mode':<18} {'tokens/s':>9} {'x greedy':>9} {'step ms':>8} {'forward ms':>11} {'host ms':>8} "
-            f"{'wait ms':>8} "
+            f"{'mode':<18} {'tokens/s':>9} {'x greedy':>9} {'paired x greedy':>20} {'step ms':>8} "
+            f"{'forward ms':>11} {'host ms':>8} {'wait ms':>8} "
             f"{'steps':>6} {'server cpu s':>13} {'client cpu s':>13} {'faults/step':>12}"
         )
         for mode, f in by_mode.items():
-            print(f"{mode:<18} {f['tokens_per_s']:>9.0f} {f['x_greedy']:>9.2f} {f['step_ms']:>8.2f} "
+            print(f"{mode:<18} {f['tokens_per_s']:>9.0f} {f['x_greedy']:>9.2f} {_paired(f):>20} {f['step_ms']:>8.2f} "
                   f"{f['forward_ms']:>11.2f} {f['host_ms']:>8.2f} {_ms(f['wait_ms']):>8} {f['steps']:>6.0f} "
                   f"{f['server_cpu_s']:>13.2f} {f['client_cpu_s']:>13.2f} {f['faults_per_step']:>12.0f}")  # fmt: skip
     if not args.no_record:
@@ -292,6 +304,12 @@ def main() -> None:
         figures = {"settings": settings, "sampled": SAMPLED, "top_p_only": TOP_P_ONLY, "this": results["this"],
                    "commit": commit_of(ROOT), "before": before and {**before, "results": results["before"]}}  # fmt: skip
         write_result("sampling", "bench.sampling", figures)
+
+
+def _paired(figures: dict) -> str:
+    """The paired ratio to greedy: median (min-max) over the repeats."""
+    paired = figures["x_greedy_paired"]
+    return f"{paired['median']:.2f} ({paired['min']:.2f}-{paired['max']:.2f})"
 
 
 def _ms(value: float | None) -> str:

@@ -55,3 +55,36 @@ def test_sampling_table_shows_engine_wait_and_a_dash_where_the_before_server_lac
         if line.startswith("| greedy") or line.startswith("| sampled"):
             assert "| 1.5 |" in line and "| – |" in line and line.count("|") == header.count("|")
     assert "off the CPU" in lines[0]
+
+
+def test_sampling_table_shows_the_paired_ratio_when_recorded(monkeypatch) -> None:
+    from bench import report
+
+    record = json.loads((RESULTS / "sampling.json").read_text())
+    for results in (record["figures"]["this"], record["figures"]["before"]["results"]):
+        for figures in results.values():
+            figures["x_greedy_paired"] = {
+                "median": 0.93,
+                "min": 0.81,
+                "max": 1.02,
+                "samples": [0.81, 0.93, 1.02],
+            }
+    monkeypatch.setattr(report, "load", lambda name: record)
+    lines = report.sampling()
+    header = next(line for line in lines if line.startswith("| | tokens/s"))
+    rule = lines[lines.index(header) + 1]
+    assert header.count("paired: median (range)") == 2 and rule.count("|") == header.count("|")
+    for line in lines:
+        if line.startswith("| greedy") or line.startswith("| sampled"):
+            # this server's paired median in bold (the figure to read), the before server's plain
+            assert "| **0.93×** (0.81–1.02) |" in line and "| 0.93× (0.81–1.02) |" in line, line
+            assert line.count("|") == header.count("|")
+    assert "paired ratio" in lines[0]
+    # a record from before the paired ratio: no such column, the best-of ratio in bold
+    for results in (record["figures"]["this"], record["figures"]["before"]["results"]):
+        for figures in results.values():
+            del figures["x_greedy_paired"]
+    lines = report.sampling()
+    assert not any("paired" in line for line in lines)
+    greedy = next(line for line in lines if line.startswith("| greedy"))
+    assert "| **1.00×** |" in greedy

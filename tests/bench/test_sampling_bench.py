@@ -48,7 +48,11 @@ def test_sampling_bench_interleaves_two_servers_on_a_tiny_load(
     for mode in modes:
         rows = [line for line in out.splitlines() if line.startswith(mode + " ")]
         assert len(rows) == 2, out
-        for (
-            row
-        ) in rows:  # tokens/s, x greedy, step, forward, host, wait ms: the engine's step time off the CPU
-            assert float(row[len(mode) :].split()[5]) >= 0, row
+        # tokens/s, x greedy, paired median, (range), step, forward, host, wait ms (the engine off the CPU)
+        for row in rows:
+            assert float(row[len(mode) :].split()[7]) >= 0, row
+            # the paired ratio: median (min-max) of each repeat's rate over its greedy round's; greedy's is 1
+            paired = row[len(mode) :].split()[2:4]
+            assert float(paired[0]) > 0 and paired[1].startswith("(") and paired[1].endswith(")"), row
+            if mode == "greedy":
+                assert paired == ["1.00", "(1.00-1.00)"], row
