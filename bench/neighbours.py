@@ -62,7 +62,7 @@ def decode_step(model_dir: Path, rows: int, length: int):
     backbone = load_backbone(str(model_dir), "cpu", "float32")
     cache = KVCache(backbone.shape, rows, max(length, 1024), 0, backbone.device, backbone.dtype)
     g = torch.Generator().manual_seed(0)
-    cache.self_kv.copy_(torch.randn(cache.self_kv.shape, generator=g))
+    cache.self_kv.normal_(generator=g)
     vocab = backbone.lm_head.out_features
     tokens = torch.randint(0, vocab, (rows,), generator=g)
     positions = torch.full((rows,), length - 1)
@@ -114,15 +114,16 @@ def run(args: argparse.Namespace) -> dict:
                     rounds[kind].append(beside(kind, step, args.steps))
             attention_ms, attention_gbs = attention_rate(backbone, cache, args.rows, args.length, args.steps)
         copy_gbs = copy_rate(args.steps)
-    alone = statistics.median(rounds["alone"])
-    forward = {kind: {**spread(ms), "x_alone": statistics.median(ms) / alone} for kind, ms in rounds.items()}
+    forward = {kind: spread(ms) for kind, ms in rounds.items()}
+    for figures in forward.values():
+        figures["x_alone"] = figures["median"] / forward["alone"]["median"]
     return {
         "forward_ms": forward,
         "attention": {
             "ms_per_layer": attention_ms,
             "read_gb_per_s": attention_gbs,
             "layers_ms": attention_ms * args.layers,
-        },  # fmt: skip
+        },
         "copy_gb_per_s": copy_gbs,
     }
 

@@ -162,9 +162,8 @@ def sampling() -> list[str]:
     first = next(iter(f["this"].values()))
     faults = "faults_per_step" in first  # recorded since 2026-11-25
     wait = "wait_ms" in first  # recorded since 2026-11-25 (the engine thread's step time off the CPU)
-    paired = (
-        "x_greedy_paired" in first
-    )  # recorded since 2026-11-25 (each repeat's rate over its greedy round's)
+    # recorded since 2026-11-25: each repeat's rate over its own greedy round's
+    paired = "x_greedy_paired" in first
 
     def paired_cell(figures: dict, bold: str = "") -> str:
         if not paired:

@@ -26,18 +26,8 @@ def test_neighbours_bench_times_the_step_beside_each_neighbour(
         return process
 
     monkeypatch.setattr(neighbours.subprocess, "Popen", recorded)
-    argv = [
-        "bench.neighbours",
-        "--rows",
-        "4",
-        "--length",
-        "16",
-        "--steps",
-        "3",
-        "--repeats",
-        "2",
-        "--no-record",
-    ]
+    argv = ["bench.neighbours", "--rows", "4", "--length", "16", "--steps", "3", "--repeats", "2"]
+    argv.append("--no-record")
     monkeypatch.setattr(sys, "argv", argv)
     neighbours.main()
 
