@@ -135,14 +135,25 @@ def bodies_for(mode: str, jobs: list[tuple[int, str]], new_tokens: int) -> list[
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
+    """User + system CPU seconds of a process and its live children (--runner-process) so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in children(pid))
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(child) for child in (task / "children").read_text().split()]
+    return out
 
 
 def page_faults(pid: int) -> int:
-    """Minor page faults of a process so far (Linux /proc): pages the kernel mapped (and zeroed) on first touch."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[7])
+    """Minor page faults of a process and its live children so far (Linux /proc): pages the kernel mapped (and
+    zeroed) on first touch."""
+    own = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[7])
+    return own + sum(page_faults(child) for child in children(pid))
 
 
 def prepare(url: str, model_dir: Path, num_prefixes: int) -> None:
@@ -164,9 +175,11 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
-def server_args(args: argparse.Namespace, stream_interval: int) -> list[str]:
+def server_args(args: argparse.Namespace, stream_interval: int, runner_process: bool = False) -> list[str]:
     """prefix-serve flags for the load: a slot per request, and the device and stream interval asked for."""
     out = ["--max-num-seqs", str(args.requests), "--max-model-len", "1024"]
+    if runner_process:
+        out += ["--runner-process", "true"]
     if stream_interval != 1:  # a checkout from before the flag rejects it
         out += ["--stream-interval", str(stream_interval)]
     if args.device != "cpu":
@@ -197,7 +210,7 @@ def one_round(client: httpx.Client, url: str, mode: str, jobs, args: argparse.Na
 
 def start_server(
     stack: contextlib.ExitStack, model_dir: Path, workdir: Path, args: argparse.Namespace, stream_interval: int,
-    checkout: Path = ROOT,
+    checkout: Path = ROOT, runner_process: bool = False,
 ):  # fmt: skip
     """A prefix-serve for the load from `checkout`, stopped with `stack`, with the bench's prefixes uploaded and
     warm (its store and logs under `workdir`)."""
@@ -208,7 +221,7 @@ def start_server(
             model_dir,
             str(workdir / "store"),
             workdir / "logs",
-            args=server_args(args, stream_interval),
+            args=server_args(args, stream_interval, runner_process),
             checkout=checkout,
         )
     )
@@ -228,7 +241,15 @@ def run_rounds(roots: dict[str, Path], args: argparse.Namespace) -> dict[str, di
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = build_backbone(Path(tmp) / "model", args.layers, args.width, args.heads, args.vocab)
         servers = {
-            name: start_server(stack, model_dir, Path(tmp) / name, args, args.stream_interval, root)
+            name: start_server(
+                stack,
+                model_dir,
+                Path(tmp) / name,
+                args,
+                args.stream_interval,
+                root,
+                args.runner_process and name == "this",
+            )
             for name, root in roots.items()
         }
         for _ in range(args.repeats):
@@ -269,6 +290,12 @@ def main() -> None:
         default=1,
         help="the server's --stream-interval (tokens per stream write)",
     )
+    parser.add_argument(
+        "--runner-process",
+        action="store_true",
+        help="this checkout's server runs its forward passes in a child process (--runner-process true); with "
+        "--before-root . the same checkout in one process runs beside it",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results/sampling.json")
     args = parser.parse_args()
     if unknown := set(args.modes) - set(MODES):
@@ -282,7 +309,8 @@ def main() -> None:
     for name, by_mode in results.items():
         for f in by_mode.values():
             f["x_greedy"] = f["tokens_per_s"] / by_mode["greedy"]["tokens_per_s"]
-        print(f"server from {roots[name]}")
+        in_child = args.runner_process and name == "this"
+        print(f"server from {roots[name]}" + (" (--runner-process)" if in_child else ""))
         print(
             f"{'mode':<18} {'tokens/s':>9} {'x greedy':>9} {'paired x greedy':>20} {'step ms':>8} "
             f"{'forward ms':>11} {'host ms':>8} {'wait ms':>8} "
@@ -294,7 +322,8 @@ def main() -> None:
                   f"{f['server_cpu_s']:>13.2f} {f['client_cpu_s']:>13.2f} {f['faults_per_step']:>12.0f}")  # fmt: skip
     if not args.no_record:
         settings = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "prefixes", "requests",
-                                                  "new_tokens", "device", "repeats", "stream_interval")}  # fmt: skip
+                                                  "new_tokens", "device", "repeats", "stream_interval",
+                                                  "runner_process")}  # fmt: skip
         settings["interleaved"] = True  # rounds interleaved across modes and servers (since 2026-11-25)
         before = (
             {"root": str(args.before_root), "commit": commit_of(args.before_root)}

@@ -96,10 +96,17 @@ def build_state(settings: Settings) -> SimpleNamespace:
     )
     state.metrics = Metrics(state)
     state.known_keys = KnownKeys(settings.key_grace_seconds)
-    backbone = load_backbone(settings.model, settings.device, settings.dtype)
+    # --runner-process: the forward passes run in a child that loads the weights; this process needs the
+    # backbone's shape, tokenizer and rules only
+    backbone = load_backbone(
+        settings.model, settings.device, settings.dtype, weights=not settings.runner_process
+    )
     state.store = open_store(settings.store)
     state.quotas = Quotas(state.store)
     state.cache = PrefixCache(state.store, lambda p: _to_device(p, backbone), settings.cache_bytes)
+    runner = _runner_process(settings, state.metrics.on_forward) if settings.runner_process else None
+    if runner is not None:
+        backbone.rules = runner.rules  # the generation rules of the loaded model (the same files)
     config = EngineConfig(
         max_num_seqs=settings.max_num_seqs,
         max_prefill_tokens=settings.max_prefill_tokens,
@@ -107,12 +114,16 @@ def build_state(settings: Settings) -> SimpleNamespace:
         max_prefix_tokens=settings.max_prefix_tokens,
         max_queue=settings.max_queue,
         policy=settings.scheduling,
-        kv_cache_bytes=_kv_budget(settings, backbone),
+        kv_cache_bytes=runner.kv_plan.budget_bytes if runner is not None else _kv_budget(settings, backbone),
         max_step_seconds=settings.max_step_seconds,
         cuda_graphs=settings.cuda_graphs,
     )
     state.engine = Engine(
-        backbone, config, release_prefix=state.cache.release, on_forward=state.metrics.on_forward
+        backbone,
+        config,
+        release_prefix=state.cache.release,
+        on_forward=state.metrics.on_forward,
+        runner=runner,
     )
     log.info("%s", state.engine.runner.kv_plan.describe(settings.max_num_seqs))
     log.info("decode steps: %s", state.engine.runner.decode_mode)
@@ -126,8 +137,9 @@ def build_state(settings: Settings) -> SimpleNamespace:
     return state
 
 
-def _kv_budget(settings: Settings, backbone: Any) -> int:
-    """--kv-cache-bytes, or the documented share of the memory left now that the model is loaded."""
+def _kv_budget(settings: Any, backbone: Any) -> int:
+    """--kv-cache-bytes, or the documented share of the memory left now that the model is loaded (less
+    --cache-bytes). With --runner-process the runner's process calls this once it has loaded the model."""
     if settings.kv_cache_bytes is not None:
         return settings.kv_cache_bytes
     available = available_memory(backbone.device)
@@ -144,10 +156,34 @@ def _kv_budget(settings: Settings, backbone: Any) -> int:
     return budget
 
 
+def _runner_process(settings: Settings, on_forward: Any) -> Any:
+    from server.engine.worker import RunnerProcess, RunnerSpec
+
+    spec = RunnerSpec(
+        model=settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_num_seqs=settings.max_num_seqs,
+        max_model_len=settings.max_model_len,
+        max_prefix_tokens=settings.max_prefix_tokens,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        prefix_cache_bytes=settings.cache_bytes,
+        cuda_graphs=settings.cuda_graphs,
+        retain_host_memory=settings.retain_host_memory,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
+    )
+    runner = RunnerProcess(spec, on_forward=on_forward)
+    log.info("forward passes run in process %d (--runner-process)", runner.pid)
+    return runner
+
+
 def _to_device(prefix: Any, backbone: Any) -> dict:
     # runs in a worker thread (PrefixCache.acquire is called through asyncio.to_thread): pinned, non_blocking,
     # on a side stream on CUDA, so the engine's forward is not queued behind the copy
-    return {k: upload(v, backbone.device, backbone.dtype) for k, v in prefix.targets.items()}
+    # --runner-process: the weights are not here (meta); the host copy crosses to the runner's process once
+    device = torch.device("cpu") if backbone.model.device.type == "meta" else backbone.device
+    return {k: upload(v, device, backbone.dtype) for k, v in prefix.targets.items()}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

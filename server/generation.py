@@ -19,7 +19,7 @@ from prefix_store.cache import DevicePrefix, PrefixNotFound
 from prefix_store.format import apply_template
 from prefix_store.store import InvalidId, StoreUnavailable, split_id
 from server.auth import Principal
-from server.engine.engine import PromptTooLong, QueueFull
+from server.engine.engine import EngineUnavailable, PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.errors import ServiceError
 from server.logs import request_id_var
@@ -188,6 +188,9 @@ async def _queue(
     except QueueFull as exc:
         _release(state, prefix)
         raise _refuse(state, tenant, exc.code, str(exc), 1) from exc
+    except EngineUnavailable as exc:  # /readyz says 503 too: a balancer takes this replica out
+        _release(state, prefix)
+        raise ServiceError(503, "engine_unavailable", str(exc), {"Retry-After": "1"}) from exc
     except BaseException:
         _release(state, prefix)
         raise

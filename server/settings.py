@@ -65,6 +65,13 @@ class Settings(BaseSettings):
         description="on CUDA, replay GPT-2 decode steps as CUDA graphs (captured per batch/length bucket on "
         "first use); false = launch every kernel eagerly. BART and CPU always run eagerly",
     )
+    runner_process: bool = Field(
+        False,
+        description="run the forward passes and the sampler in a child process (spawned; it loads the weights, "
+        "this process keeps the tokenizer and the HTTP front), so the front's Python never holds the GIL they "
+        "need: streaming to many clients no longer slows the steps. Costs the child's start-up (importing "
+        "torch, loading the model) and one message each way per step",
+    )
     retain_host_memory: bool = Field(
         True,
         description="keep freed host memory in the C allocator for the next step (glibc: mmap threshold 32 MiB, "

@@ -94,9 +94,12 @@ def warn_unapplied_generation_settings(generation_config: Any, name: str) -> Non
         )
 
 
-def load_backbone(path: str | Path, device: str = "auto", dtype: str = "auto") -> Any:
-    """Load a local HF directory as a frozen backbone; anything but GPT-2 / BART is refused."""
-    from transformers import AutoConfig, AutoTokenizer
+def load_backbone(path: str | Path, device: str = "auto", dtype: str = "auto", weights: bool = True) -> Any:
+    """Load a local HF directory as a frozen backbone; anything but GPT-2 / BART is refused. `weights` False:
+    the modules without their weights (on PyTorch's meta device; `device` still names where the runner
+    serves), for a front whose forward passes run in another process (worker.py): shape, tokenizer and
+    generation rules only, no memory for the weights."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     # a server logs lines (text or JSON), not progress bars; transformers' messages go through the root logger
@@ -114,9 +117,23 @@ def load_backbone(path: str | Path, device: str = "auto", dtype: str = "auto") -
     spec = family(config.model_type)  # BackboneError naming the supported families otherwise
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    model: Any = load_class(spec.hf_model_class).from_pretrained(path, dtype=torch_dtype)
-    model = model.to(torch_device).eval().requires_grad_(False)
+    model_class = load_class(spec.hf_model_class)
+    if weights:
+        model: Any = model_class.from_pretrained(path, dtype=torch_dtype)
+        model = model.to(torch_device).eval().requires_grad_(False)
+        generation_config = model.generation_config
+    else:
+        with torch.device("meta"):
+            model = model_class._from_config(config, dtype=torch_dtype).eval().requires_grad_(False)
+        try:  # what from_pretrained reads: the directory's generation_config.json, else the model config's
+            generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            generation_config = GenerationConfig.from_model_config(config)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    rules = generation_rules(model.generation_config, tokenizer)
-    warn_unapplied_generation_settings(model.generation_config, path.name)
-    return load_class(spec.server_backbone)(model, tokenizer, rules, name=path.name)
+    rules = generation_rules(generation_config, tokenizer)
+    if weights:  # the process that loads the weights says it (once)
+        warn_unapplied_generation_settings(generation_config, path.name)
+    backbone = load_class(spec.server_backbone)(model, tokenizer, rules, name=path.name)
+    if not weights:
+        backbone.device = torch_device  # where the runner's process serves, not the meta device
+    return backbone

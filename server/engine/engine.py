@@ -25,7 +25,7 @@ from server.engine.request import Request, RequestOutput, SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 
-__all__ = ["Engine", "EngineConfig", "PromptTooLong", "QueueFull"]
+__all__ = ["Engine", "EngineConfig", "EngineUnavailable", "PromptTooLong", "QueueFull"]
 
 # what a request whose own numbers broke is told (it alone fails; see Sampler)
 NUMERICAL_ERROR = (
@@ -52,6 +52,10 @@ def name_os_thread(name: str) -> None:
 
 class PromptTooLong(ValueError):
     pass
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine loop is gone (/readyz says why): a new request would wait forever."""
 
 
 @dataclass(frozen=True)
@@ -97,11 +101,12 @@ class Engine:
         config: EngineConfig,
         release_prefix: Callable[[Any], None] = lambda prefix: None,
         on_forward: Callable[[list[Request]], None] | None = None,
+        runner: Any = None,
     ):
         self.backbone = backbone
         self.config = config
         self.is_encoder_decoder = backbone.spec.is_encoder_decoder
-        self.runner = ModelRunner(
+        self.runner = runner or ModelRunner(
             backbone,
             config.max_num_seqs,
             config.max_model_len,
@@ -132,6 +137,7 @@ class Engine:
         self.step_seconds = 0.0  # wall time of the steps counted in num_steps
         # the stepping thread's CPU time in them: step - cpu = time a step waited (for the GIL, a device, a core)
         self.step_cpu_seconds = 0.0
+        self._runner_cpu_total = 0.0
         self._streams: dict[str, _Stream] = {}
         # outputs per event loop whose hand-over callback is scheduled but has not run (see _deliver_all)
         self._handovers: dict[asyncio.AbstractEventLoop, list[tuple[Request, _Stream, RequestOutput]]] = {}
@@ -202,8 +208,14 @@ class Engine:
                 outputs.append(self._after_token(request, num_before))
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
-        self.step_cpu_seconds += time.thread_time() - cpu_started
+        self.step_cpu_seconds += time.thread_time() - cpu_started + self._runner_cpu_seconds()
         return outputs
+
+    def _runner_cpu_seconds(self) -> float:
+        """The CPU time the runner's own process spent since the last call (0 for a runner in this thread)."""
+        total = getattr(self.runner, "cpu_seconds", 0.0)
+        spent, self._runner_cpu_total = total - self._runner_cpu_total, total
+        return spent
 
     def _beam_outputs(self, request: Request) -> list[tuple[Request, RequestOutput]]:
         """A beam search's tokens are known only when it is done: then one output per token, the last one
@@ -288,6 +300,11 @@ class Engine:
             return f"engine loop died: {self.loop_error}"
         if self._thread is None or not self._thread.is_alive():
             return "engine loop is not running"
+        runner_error = getattr(self.runner, "health", lambda: None)()
+        if (
+            runner_error is not None
+        ):  # --runner-process: the child is gone (the loop notices at its next step)
+            return runner_error
         busy_since = self._busy_since
         if busy_since is not None and time.monotonic() - busy_since > self.config.max_step_seconds:
             return f"engine loop stuck: no step finished for over {self.config.max_step_seconds:g} s"
@@ -383,6 +400,9 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # -- the async front ------------------------------------------------------------------------------
     @property
@@ -411,7 +431,8 @@ class Engine:
         each_token: bool = True,
     ) -> Request:
         """Queue a request (its prefix already pinned) for `tenant` with its fair-share `weight`.
-        Raises QueueFull (the queue is full and the tenant holds its share). Read it with stream(): an
+        Raises QueueFull (the queue is full and the tenant holds its share), EngineUnavailable (the loop
+        died). Read it with stream(): an
         output per token as it comes, or (`each_token` False, for a whole response) all of them at the end."""
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
@@ -429,7 +450,9 @@ class Engine:
             IncrementalText(self._detokenizer, params.stop, self._token_bytes),
             each_token,
         )
-        with self._lock:
+        with self._lock:  # the loop sets loop_error before it fails what the scheduler holds (_fail_all)
+            if self.loop_error is not None:
+                raise EngineUnavailable(f"engine loop died ({self.loop_error}); this replica cannot generate")
             self.scheduler.add(request, weight)
             self._streams[request.request_id] = stream
             self._lock.notify_all()

@@ -1,0 +1,340 @@
+"""`--runner-process`: the forward passes and the sampler in a child process, out of the HTTP front's GIL.
+
+In one process the front (rendering and writing every stream's events, parsing requests) and the engine's
+forward share one GIL: each torch op releases it and must win it back, so a busy front stretches every step
+(on CPU the engine's thread waited 2-3 ms a step for it with 64 streams; README "Where streaming's cost
+goes"). `RunnerProcess` has the interface the engine uses of a `ModelRunner` (execute, logprobs,
+forward_seconds, kv_plan, ...) and runs the real one in a spawned child that loads the backbone itself. The
+engine thread (scheduling, stop rules, hand-over) stays in the front; per step it sends one message — which
+requests leave, which join (prompt, sampling parameters, prefix), which decode — and waits off the GIL for
+one back: each row's token (or BeamResult, or None for a row that failed alone), the logprobs asked for, the
+forward's time and the child's CPU time. vLLM V1 splits the same way (its EngineCore process).
+
+The child mirrors only what the runner reads of a request: id, prompt, parameters, the tokens it sampled
+(penalties) and its prefix's tensors. A prefix's tensors cross once per prefix object of the front's cache
+(the front keeps them on the host; the child copies them to its device and keeps them); when the front's
+object is gone (evicted or invalidated, no request left using it) the child drops its copy with the next
+message. The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C reaches the whole process group): the
+front decides when it stops, after its drain. The child dying (killed, out of memory) ends the engine loop:
+/readyz turns 503 and waiting requests fail, as for a loop that died in one process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from server.engine.request import Request, ScheduledBatch
+
+log = logging.getLogger("prefixserve.engine")
+
+Wire = tuple[bytes, str, tuple[int, ...]]  # a tensor on the pipe: its bytes, dtype name, shape (_to_wire)
+
+RUNNER_PROCESS_NAME = "prefixserve-run"  # the child's name in the OS (ps, top): 15 bytes at most
+
+
+class RunnerDied(BaseException):  # noqa: N818 - a BaseException on purpose: Engine.step fails a batch on an
+    # Exception and goes on; this must end the engine loop instead (Engine._run)
+    """The runner's process is gone: no step can run."""
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What the child needs to build the ModelRunner the engine would have built: the backbone's directory,
+    device and dtype, the runner's settings, the KV budget (None: the default share of what the child finds
+    free after loading the model, less `prefix_cache_bytes`), and how to log."""
+
+    model: str
+    device: str
+    dtype: str
+    max_num_seqs: int
+    max_model_len: int
+    max_prefix_tokens: int
+    kv_cache_bytes: int | None
+    prefix_cache_bytes: int
+    cuda_graphs: bool
+    retain_host_memory: bool
+    log_level: str = "info"
+    log_format: str = "text"
+
+
+# -- the front's side ---------------------------------------------------------------------------------------
+class RunnerProcess:
+    """A ModelRunner in a spawned child process. Start-up waits until the child has loaded the backbone and
+    planned its KV cache, and raises what it raised (KVBudgetError, BackboneError) if it could not."""
+
+    def __init__(self, spec: RunnerSpec, on_forward=None, start_timeout: float = 900.0):
+        context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        self._conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_serve, args=(child, spec), name=RUNNER_PROCESS_NAME, daemon=True
+        )
+        self.process.start()
+        child.close()
+        self._lock = threading.Lock()  # one request-reply on the pipe at a time
+        if not self._conn.poll(start_timeout):
+            self.close()
+            raise RuntimeError(f"the runner process did not start within {start_timeout:g} s")
+        reply = self._recv()
+        if reply[0] == "error":
+            self.close()
+            raise reply[1]
+        _, self.kv_plan, self.decode_mode, self.max_model_len, self.kv_num_bytes, self.rules = reply
+        self.on_forward = on_forward or (lambda requests: None)
+        self.logprobs: dict[str, Any] = {}
+        self.forward_seconds = 0.0
+        self.cpu_seconds = 0.0  # the child's CPU time in steps (Engine counts it in the step's CPU time)
+        self._keys = itertools.count()
+        self._forgotten: list[int] = []  # prefix copies the child may drop (their front objects are gone)
+        self._forgotten_lock = threading.Lock()
+        self._held: set[str] = (
+            set()
+        )  # ids of the requests the child holds (slots, sampler state) until they leave
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def health(self) -> str | None:
+        """None while the child runs; else what happened to it."""
+        if self.process.is_alive():
+            return None
+        return f"the runner process is gone (exit code {self.process.exitcode})"
+
+    @property
+    def cache(self) -> Any:
+        """What the start-up line reads of the KV cache (it lives in the child)."""
+        return SimpleNamespace(num_bytes=self.kv_num_bytes)
+
+    def execute(self, batch: ScheduledBatch) -> list:
+        """ModelRunner.execute, in the child. Raises the step's exception as the child raised it (the engine
+        fails the step's requests), or RunnerDied if the child is gone."""
+        leaving = [r.request_id for r in batch.finished if r.request_id in self._held]
+        self._held.difference_update(leaving)
+        self._held.update(r.request_id for r in batch.prefill)
+        joining = [
+            (r.request_id, r.prompt_token_ids, r.params, self._prefix(r.prefix)) for r in batch.prefill
+        ]
+        with self._forgotten_lock:
+            forgotten, self._forgotten = self._forgotten, []
+        self.logprobs = {}
+        if not batch.sequences and not leaving and not forgotten:
+            return []
+        # what ModelRunner reports before its forward calls: the running rows, then the joining ones
+        if batch.decode:
+            self.on_forward(batch.decode)
+        if batch.prefill:
+            self.on_forward(batch.prefill)
+        reply = self._call(("step", leaving, joining, [r.request_id for r in batch.decode], forgotten))
+        if reply[0] == "error":
+            raise reply[1]
+        _, tokens, self.logprobs, forward_seconds, cpu_seconds = reply
+        self.forward_seconds += forward_seconds
+        self.cpu_seconds += cpu_seconds
+        return tokens
+
+    def held_prefixes(self) -> int:
+        """How many prefixes' tensors the child holds (sends what the front has dropped first)."""
+        with self._forgotten_lock:
+            forgotten, self._forgotten = self._forgotten, []
+        return self._call(("held", forgotten))[1]
+
+    def _prefix(self, prefix: Any) -> tuple[int, dict[str, Wire] | None] | None:
+        """(key, the tensors the first time this prefix object goes to the child, else None); None: no prefix."""
+        if prefix is None:
+            return None
+        key = getattr(prefix, "_runner_key", None)
+        if key is not None:
+            return key, None
+        key = next(self._keys)
+        prefix._runner_key = key
+        weakref.finalize(prefix, self._forget, key)
+        return key, {name: _to_wire(tensor) for name, tensor in prefix.targets.items()}
+
+    def _forget(self, key: int) -> None:  # from whichever thread drops the front's last reference
+        with self._forgotten_lock:
+            self._forgotten.append(key)
+
+    def _call(self, message: Any) -> Any:
+        with self._lock:
+            try:
+                self._conn.send(message)
+            except (OSError, EOFError, ValueError) as exc:
+                raise self._died() from exc
+            return self._recv()
+
+    def _recv(self) -> Any:
+        try:
+            return self._conn.recv()
+        except (OSError, EOFError) as exc:
+            raise self._died() from exc
+
+    def _died(self) -> RunnerDied:
+        self.process.join(1)
+        return RunnerDied(self.health() or "the runner process stopped answering")
+
+    def close(self) -> None:
+        """Stop the child (it finishes the message it is on) and wait for it; kill it after 10 s."""
+        if self.process.is_alive():
+            try:
+                with self._lock:
+                    self._conn.send(("stop",))
+            except (OSError, EOFError, ValueError):
+                pass
+            self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self._conn.close()
+
+
+# -- the child's side ---------------------------------------------------------------------------------------
+def _serve(conn: Any, spec: RunnerSpec) -> None:
+    """The child's main: load, plan, say ready, then answer messages until "stop" or the front is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from server.engine.engine import name_os_thread
+    from server.logs import configure_logging
+
+    name_os_thread(RUNNER_PROCESS_NAME)
+    configure_logging(spec.log_level, spec.log_format)
+    if spec.retain_host_memory:
+        from server.host_memory import retain_freed_memory
+
+        log.info("runner process: %s", retain_freed_memory(os.environ))
+    try:
+        runner, backbone = _build(spec)
+    except Exception as exc:  # the front raises it: the server does not start, and says why
+        conn.send(("error", _picklable(exc)))
+        return
+    conn.send(
+        (
+            "ready",
+            runner.kv_plan,
+            runner.decode_mode,
+            runner.max_model_len,
+            runner.cache.num_bytes,
+            backbone.rules,
+        )
+    )
+    _Child(runner, backbone).run(conn)
+
+
+def _build(spec: RunnerSpec) -> tuple[Any, Any]:
+    from server.app import _kv_budget
+    from server.engine.backbone import load_backbone
+    from server.engine.runner import ModelRunner
+
+    torch.set_grad_enabled(False)
+    backbone = load_backbone(spec.model, spec.device, spec.dtype)
+    budget = _kv_budget(
+        SimpleNamespace(kv_cache_bytes=spec.kv_cache_bytes, cache_bytes=spec.prefix_cache_bytes), backbone
+    )
+    runner = ModelRunner(
+        backbone,
+        spec.max_num_seqs,
+        spec.max_model_len,
+        spec.max_prefix_tokens,
+        None,
+        budget,
+        spec.cuda_graphs,
+    )
+    log.info("runner process %d: %s on %s/%s", os.getpid(), backbone.name, backbone.device, backbone.dtype)
+    return runner, backbone
+
+
+class _Child:
+    def __init__(self, runner: Any, backbone: Any):
+        self.runner = runner
+        self.backbone = backbone
+        self.requests: dict[str, Request] = {}  # the mirrors of the requests the runner holds
+        self.prefixes: dict[int, SimpleNamespace] = {}  # key -> an object with the device `targets`
+
+    def run(self, conn: Any) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the front is gone
+                return
+            if message[0] == "stop":
+                return
+            if message[0] == "held":
+                self._forget(message[1])
+                conn.send(("held", len(self.prefixes)))
+                continue
+            reply = self.step(*message[1:])
+            conn.send(("error", _picklable(reply[1])) if reply[0] == "error" else reply)
+
+    def _forget(self, keys: list[int]) -> None:
+        for key in keys:
+            self.prefixes.pop(key, None)
+
+    def step(self, leaving: list[str], joining: list, decode: list[str], forgotten: list[int]) -> tuple:
+        from server.engine.transfer import upload
+
+        started = time.thread_time()
+        forward_before = self.runner.forward_seconds
+        self._forget(forgotten)
+        finished = [self.requests.pop(i) for i in leaving if i in self.requests]
+        prefill = []
+        try:
+            for request_id, prompt, params, prefix in joining:
+                if prefix is not None:
+                    key, tensors = prefix
+                    if tensors is not None:
+                        device, dtype = self.backbone.device, self.backbone.dtype
+                        targets = {name: upload(_from_wire(t), device, dtype) for name, t in tensors.items()}
+                        self.prefixes[key] = SimpleNamespace(targets=targets)
+                    prefix = self.prefixes[key]
+                request = Request(request_id, prompt, params, prefix)
+                self.requests[request_id] = request
+                prefill.append(request)
+            batch = ScheduledBatch(
+                prefill=prefill, decode=[self.requests[i] for i in decode], finished=finished
+            )
+            tokens = self.runner.execute(batch)
+        except Exception as exc:  # as in one process: the step's requests fail; they leave at the next step
+            log.exception("runner step failed")
+            return ("error", exc)
+        for request, token in zip(batch.sequences, tokens, strict=True):
+            if isinstance(token, int):  # the penalties read the tokens a request sampled
+                request.output_token_ids.append(token)
+        return (
+            "ok",
+            tokens,
+            dict(self.runner.logprobs),
+            self.runner.forward_seconds - forward_before,
+            time.thread_time() - started,
+        )
+
+
+def _to_wire(tensor: torch.Tensor) -> Wire:
+    """A tensor as plain bytes for the pipe (no shared-memory handles, every dtype bfloat16 included)."""
+    host = tensor.detach().cpu().contiguous()
+    return host.view(torch.uint8).numpy().tobytes(), str(host.dtype).removeprefix("torch."), tuple(host.shape)
+
+
+def _from_wire(wire: Wire) -> torch.Tensor:
+    data, dtype, shape = wire
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape)
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """`exc` if it crosses the pipe intact, else a RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
