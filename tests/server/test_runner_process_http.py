@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,22 +111,24 @@ def test_runner_process_serves_the_same_tokens_and_a_hostile_tenant_changes_none
 def test_a_killed_runner_process_makes_readyz_503_and_new_requests_a_json_503(
     tiny_gpt2_dir: Path, tmp_path: Path
 ):
-    with running_server(tiny_gpt2_dir, str(tmp_path / "store"), tmp_path / "logs", args=RUNNER_PROCESS) as s:
-        with httpx.Client(base_url=s.url, timeout=60) as client:
-            assert client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
-            os.kill(child_of(s.process.pid), signal.SIGKILL)
-            for _ in range(100):
-                ready = client.get("/readyz")
-                if ready.status_code == 503:
-                    break
-                asyncio.run(asyncio.sleep(0.1))
-            assert ready.status_code == 503 and "runner process is gone" in ready.json()["reason"]
-            first = client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2})
-            assert first.status_code in (500, 503) and "error" in first.json()  # the step that finds it gone
-            refused = client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2})
-            body = assert_error(refused, 503, "engine_unavailable")
-            assert "engine loop died" in body["error"]["message"] and refused.headers["retry-after"]
-            assert client.get("/healthz").status_code == 200  # the process is up, and says what is wrong
+    with (
+        running_server(tiny_gpt2_dir, str(tmp_path / "store"), tmp_path / "logs", args=RUNNER_PROCESS) as s,
+        httpx.Client(base_url=s.url, timeout=60) as client,
+    ):
+        assert client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+        os.kill(child_of(s.process.pid), signal.SIGKILL)
+        for _ in range(100):
+            ready = client.get("/readyz")
+            if ready.status_code == 503:
+                break
+            time.sleep(0.1)
+        assert ready.status_code == 503 and "runner process is gone" in ready.json()["reason"]
+        first = client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2})
+        assert first.status_code in (500, 503) and "error" in first.json()  # the step that finds it gone
+        refused = client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2})
+        body = assert_error(refused, 503, "engine_unavailable")
+        assert "engine loop died" in body["error"]["message"] and refused.headers["retry-after"]
+        assert client.get("/healthz").status_code == 200  # the process is up, and says what is wrong
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +146,15 @@ def test_ctrl_c_on_the_child_is_ignored_and_sigterm_drains_then_stops_both(
         child = child_of(server.process.pid)
         os.kill(child, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
         body = {"prompt": "hello", "max_new_tokens": 300, "ignore_eos": True, "stream": True}
-        with httpx.Client(base_url=server.url, timeout=120) as client:
-            with client.stream("POST", "/v1/generate", json=body) as response:
-                lines = response.iter_lines()
-                first = next(line for line in lines if line.startswith("data: {"))
-                assert "token_id" in first
-                server.process.send_signal(signal.SIGTERM)  # drain: the running generation finishes whole
-                events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        with (
+            httpx.Client(base_url=server.url, timeout=120) as client,
+            client.stream("POST", "/v1/generate", json=body) as response,
+        ):
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: {"))
+            assert "token_id" in first
+            server.process.send_signal(signal.SIGTERM)  # drain: the running generation finishes whole
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
         assert events[-1]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 300
         assert server.process.wait(timeout=60) == 0, server.log()
         assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
