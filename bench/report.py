@@ -188,7 +188,8 @@ def sampling() -> list[str]:
     )
     rule = "|---|---:|---:|" + "---:|" * paired + "---:|---:|" + extra_rule
     if before:
-        header += f" before ({before['commit']}): tokens/s | × greedy |" + paired_header + " host ms/step |"
+        label = "in one process" if st.get("runner_process") else "before"
+        header += f" {label} ({before['commit']}): tokens/s | × greedy |" + paired_header + " host ms/step |"
         header += extra_header
         rule += "---:|---:|" + "---:|" * paired + "---:|" + extra_rule
     rows = []
@@ -218,6 +219,12 @@ def sampling() -> list[str]:
         )
         + (", modes interleaved" if st.get("interleaved") else "")
         + (
+            "; the first server runs its forward passes and sampler in a child process (`--runner-process true`),"
+            " the second is the same checkout in one process"
+            if st.get("runner_process")
+            else ""
+        )
+        + (
             f", server `--stream-interval {st['stream_interval']}`"
             if st.get("stream_interval", 1) != 1
             else ""
@@ -226,8 +233,9 @@ def sampling() -> list[str]:
         "Host time per step = engine step − forward (`prefixserve_engine_*`)"
         + "; CPU seconds the server process and the benchmark's client spent in the round"
         + (
-            "; engine wait: the part of a step its thread spent off the CPU (step time − the thread's CPU time:"
-            " on CPU, waiting for the GIL while the HTTP front runs Python; – where the server does not report it)"
+            "; engine wait: the part of a step its thread spent off the CPU (step time − the thread's CPU time,"
+            " and the runner process's with `--runner-process`: on CPU, waiting for the GIL while the HTTP front"
+            " runs Python; – where the server does not report it)"
             if wait
             else ""
         )
@@ -238,7 +246,11 @@ def sampling() -> list[str]:
         )
         + (
             (
-                "; before: the same rounds on the commit before, both servers up at once and the rounds interleaved."
+                "; in one process: the same rounds on the same commit without `--runner-process`, both servers up"
+                " at once and the rounds interleaved."
+                if st.get("runner_process")
+                else "; before: the same rounds on the commit before, both servers up at once and the rounds"
+                " interleaved."
                 if st.get("interleaved")
                 else ", the same load run on the commit before, one after the other."
             )

@@ -88,3 +88,19 @@ def test_sampling_table_shows_the_paired_ratio_when_recorded(monkeypatch) -> Non
     assert not any("paired" in line for line in lines)
     greedy = next(line for line in lines if line.startswith("| greedy"))
     assert "| **1.00×** |" in greedy
+
+
+def test_sampling_table_names_the_runner_process_columns(monkeypatch) -> None:
+    from bench import report
+
+    record = json.loads((RESULTS / "sampling.json").read_text())
+    record["figures"]["settings"]["runner_process"] = True
+    monkeypatch.setattr(report, "load", lambda name: record)
+    lines = report.sampling()
+    header = next(line for line in lines if line.startswith("| | tokens/s"))
+    assert "in one process (" in header and "before (" not in header
+    assert "`--runner-process true`" in lines[0]
+    record["figures"]["settings"]["runner_process"] = False  # a record of two checkouts, each in one process
+    lines = report.sampling()
+    header = next(line for line in lines if line.startswith("| | tokens/s"))
+    assert "before (" in header and "`--runner-process true`" not in lines[0]
