@@ -300,10 +300,9 @@ class Engine:
             return f"engine loop died: {self.loop_error}"
         if self._thread is None or not self._thread.is_alive():
             return "engine loop is not running"
+        # --runner-process: the child may be gone while the loop idles (it notices at its next step)
         runner_error = getattr(self.runner, "health", lambda: None)()
-        if (
-            runner_error is not None
-        ):  # --runner-process: the child is gone (the loop notices at its next step)
+        if runner_error is not None:
             return runner_error
         busy_since = self._busy_since
         if busy_since is not None and time.monotonic() - busy_since > self.config.max_step_seconds:
@@ -432,8 +431,8 @@ class Engine:
     ) -> Request:
         """Queue a request (its prefix already pinned) for `tenant` with its fair-share `weight`.
         Raises QueueFull (the queue is full and the tenant holds its share), EngineUnavailable (the loop
-        died). Read it with stream(): an
-        output per token as it comes, or (`each_token` False, for a whole response) all of them at the end."""
+        died). Read it with stream(): an output per token as it comes, or (`each_token` False, for a whole
+        response) all of them at the end."""
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=prompt_token_ids,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import signal
@@ -91,7 +92,8 @@ class RunnerProcess:
         if reply[0] == "error":
             self.close()
             raise reply[1]
-        _, self.kv_plan, self.decode_mode, self.max_model_len, self.kv_num_bytes, self.rules = reply
+        _, self.kv_plan, self.decode_mode, self.max_model_len, self.kv_num_bytes, self.rules, one_pass = reply
+        self._one_pass = one_pass  # BART: one forward call a step (encode, then decode everyone)
         self.on_forward = on_forward or (lambda requests: None)
         self.logprobs: dict[str, Any] = {}
         self.forward_seconds = 0.0
@@ -99,17 +101,17 @@ class RunnerProcess:
         self._keys = itertools.count()
         self._forgotten: list[int] = []  # prefix copies the child may drop (their front objects are gone)
         self._forgotten_lock = threading.Lock()
-        self._held: set[str] = (
-            set()
-        )  # ids of the requests the child holds (slots, sampler state) until they leave
+        # ids of the requests the child holds (slots, sampler state) until they leave
+        self._held: set[str] = set()
 
     @property
     def pid(self) -> int | None:
         return self.process.pid
 
     def health(self) -> str | None:
-        """None while the child runs; else what happened to it."""
-        if self.process.is_alive():
+        """None while the child runs; else what happened to it. Reads the process's sentinel (readable once it
+        exited) rather than reaping it: only close() waits for the child, so two threads never race to."""
+        if not multiprocessing.connection.wait([self.process.sentinel], 0):
             return None
         return f"the runner process is gone (exit code {self.process.exitcode})"
 
@@ -132,11 +134,16 @@ class RunnerProcess:
         self.logprobs = {}
         if not batch.sequences and not leaving and not forgotten:
             return []
-        # what ModelRunner reports before its forward calls: the running rows, then the joining ones
-        if batch.decode:
-            self.on_forward(batch.decode)
-        if batch.prefill:
-            self.on_forward(batch.prefill)
+        # what ModelRunner reports before its forward calls: GPT-2 decodes the running rows, then prefills the
+        # joining ones; BART decodes everyone, the joining rows included, in one call
+        if self._one_pass:
+            if batch.sequences:
+                self.on_forward(batch.decode + batch.prefill)
+        else:
+            if batch.decode:
+                self.on_forward(batch.decode)
+            if batch.prefill:
+                self.on_forward(batch.prefill)
         reply = self._call(("step", leaving, joining, [r.request_id for r in batch.decode], forgotten))
         if reply[0] == "error":
             raise reply[1]
@@ -171,28 +178,37 @@ class RunnerProcess:
         with self._lock:
             try:
                 self._conn.send(message)
-            except (OSError, EOFError, ValueError) as exc:
-                raise self._died() from exc
+            except Exception as exc:
+                raise self._gone(exc) from exc
             return self._recv()
 
     def _recv(self) -> Any:
         try:
             return self._conn.recv()
-        except (OSError, EOFError) as exc:
-            raise self._died() from exc
+        except Exception as exc:
+            raise self._gone(exc) from exc
+
+    def _gone(self, exc: Exception) -> BaseException:
+        """RunnerDied for a pipe that broke or a child that is gone (killed, or closed under a waiting step:
+        then the error is whatever the closed pipe raised); anything else as it is."""
+        if isinstance(exc, OSError | EOFError) or not self.process.is_alive():
+            return self._died()
+        return exc
 
     def _died(self) -> RunnerDied:
-        self.process.join(1)
+        multiprocessing.connection.wait([self.process.sentinel], 1)  # a killed child's exit, not a reap
         return RunnerDied(self.health() or "the runner process stopped answering")
 
     def close(self) -> None:
-        """Stop the child (it finishes the message it is on) and wait for it; kill it after 10 s."""
-        if self.process.is_alive():
+        """Stop the child (it finishes the message it is on) and wait for it; kill it after 10 s. Does not wait
+        on a step that never returns (a stuck child): then the child is killed."""
+        if self.process.is_alive() and self._lock.acquire(timeout=5):
             try:
-                with self._lock:
-                    self._conn.send(("stop",))
+                self._conn.send(("stop",))
             except (OSError, EOFError, ValueError):
                 pass
+            finally:
+                self._lock.release()
             self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
@@ -227,6 +243,7 @@ def _serve(conn: Any, spec: RunnerSpec) -> None:
             runner.max_model_len,
             runner.cache.num_bytes,
             backbone.rules,
+            runner.is_encoder_decoder,
         )
     )
     _Child(runner, backbone).run(conn)

@@ -8,6 +8,7 @@ import asyncio
 import gc
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -38,12 +39,13 @@ def spec(model_dir: Path, max_num_seqs: int = 6, **overrides) -> RunnerSpec:
     return RunnerSpec(**{**settings, **overrides})
 
 
-def process_engine(model_dir: Path, max_num_seqs: int = 6) -> Engine:
+def process_engine(model_dir: Path, max_num_seqs: int = 6, **config) -> Engine:
     """The engine as `prefix-serve --runner-process true` builds it: a weightless backbone in this process."""
     backbone = load_backbone(model_dir, "cpu", "float32", weights=False)
+    assert backbone.model.device.type == "meta"  # no weights in this process
     runner = RunnerProcess(spec(model_dir, max_num_seqs))
     backbone.rules = runner.rules
-    return Engine(backbone, EngineConfig(max_num_seqs=max_num_seqs), runner=runner)
+    return Engine(backbone, EngineConfig(max_num_seqs=max_num_seqs, **config), runner=runner)
 
 
 async def collect(engine: Engine, jobs) -> list[list[tuple[int, float | None]]]:
@@ -159,6 +161,36 @@ def test_an_idle_engine_reports_a_killed_child_before_any_step(tiny_gpt2_dir: Pa
         os.kill(engine.runner.pid, signal.SIGKILL)
         engine.runner.process.join(10)
         assert "runner process is gone (exit code -9)" in (engine.health() or "")
+    finally:
+        engine.stop()
+
+
+def test_a_stopped_child_is_reported_stuck_and_closing_does_not_wait_for_it(tiny_gpt2_dir: Path):
+    engine = process_engine(tiny_gpt2_dir, max_step_seconds=0.5)
+    engine.start()
+    ends: list[str] = []
+
+    def wait_for_tokens() -> None:  # a request whose step hangs in the stopped child, then fails
+        async def outputs():
+            request = engine.add(engine.tokenize("hello"), SamplingParams(max_new_tokens=2))
+            return [o async for o in engine.stream(request)]
+
+        ends.append(asyncio.run(asyncio.wait_for(outputs(), 60))[-1].error or "")
+
+    waiting = threading.Thread(target=wait_for_tokens)
+    try:
+        os.kill(engine.runner.pid, signal.SIGSTOP)  # a step that never returns
+        waiting.start()
+        deadline = time.monotonic() + 20
+        while "stuck" not in (engine.health() or "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "engine loop stuck" in (engine.health() or "")
+        started = time.monotonic()
+        engine.runner.close()  # the engine thread holds the pipe, waiting: close kills the child
+        assert time.monotonic() - started < 15 and not engine.runner.process.is_alive()
+        waiting.join(30)
+        assert not waiting.is_alive() and "RunnerDied" in (engine.loop_error or "")
+        assert ends and "RunnerDied: the runner process" in ends[0]
     finally:
         engine.stop()
 
