@@ -18,7 +18,7 @@ from prefix_store.store import open_store
 from server.auth import KnownKeys
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
-from server.engine.kv_cache import DEFAULT_KV_SHARE, available_memory, default_kv_budget
+from server.engine.kv_cache import available_memory, kv_budget
 from server.engine.transfer import upload
 from server.errors import BodyTooLarge, install_error_handlers
 from server.logs import RequestIdMiddleware
@@ -137,23 +137,9 @@ def build_state(settings: Settings) -> SimpleNamespace:
     return state
 
 
-def _kv_budget(settings: Any, backbone: Any) -> int:
-    """--kv-cache-bytes, or the documented share of the memory left now that the model is loaded (less
-    --cache-bytes). With --runner-process the runner's process calls this once it has loaded the model."""
-    if settings.kv_cache_bytes is not None:
-        return settings.kv_cache_bytes
-    available = available_memory(backbone.device)
-    budget = default_kv_budget(available, settings.cache_bytes)
-    log.info(
-        "KV cache budget %.1f MiB: %d%% of the %.1f MiB free on %s after loading the model, less the %.1f MiB "
-        "prefix cache (--cache-bytes); set --kv-cache-bytes to choose",
-        budget / 2**20,
-        round(DEFAULT_KV_SHARE * 100),
-        available / 2**20,
-        backbone.device,
-        settings.cache_bytes / 2**20,
-    )
-    return budget
+def _kv_budget(settings: Settings, backbone: Any) -> int:
+    """--kv-cache-bytes, or the documented share of the memory left now that the model is loaded (logged)."""
+    return kv_budget(settings.kv_cache_bytes, settings.cache_bytes, backbone.device, available_memory)
 
 
 def _runner_process(settings: Settings, on_forward: Any) -> Any:

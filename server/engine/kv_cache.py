@@ -8,6 +8,7 @@ budget that cannot hold one is refused rather than discovered by an out-of-memor
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,3 +134,28 @@ def available_memory(device: torch.device) -> int:
 def default_kv_budget(available_bytes: int, reserved_bytes: int) -> int:
     """DEFAULT_KV_SHARE of what is left after the model (already loaded) and `reserved_bytes` (prefix cache)."""
     return max(0, int((available_bytes - reserved_bytes) * DEFAULT_KV_SHARE))
+
+
+def kv_budget(
+    kv_cache_bytes: int | None,
+    prefix_cache_bytes: int,
+    device: torch.device,
+    available: Callable[[torch.device], int] = available_memory,
+) -> int:
+    """`kv_cache_bytes` (--kv-cache-bytes) when given; else DEFAULT_KV_SHARE of the memory `available` on the
+    device now that the model is loaded, less the prefix cache's budget, with a line saying so. Called by the
+    process that loaded the weights (the server, or its runner process with --runner-process)."""
+    if kv_cache_bytes is not None:
+        return kv_cache_bytes
+    free = available(device)
+    budget = default_kv_budget(free, prefix_cache_bytes)
+    log.info(
+        "KV cache budget %.1f MiB: %d%% of the %.1f MiB free on %s after loading the model, less the %.1f MiB "
+        "prefix cache (--cache-bytes); set --kv-cache-bytes to choose",
+        budget / 2**20,
+        round(DEFAULT_KV_SHARE * 100),
+        free / 2**20,
+        device,
+        prefix_cache_bytes / 2**20,
+    )
+    return budget

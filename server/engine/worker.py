@@ -43,6 +43,8 @@ log = logging.getLogger("prefixserve.engine")
 
 Wire = tuple[bytes, str, tuple[int, ...]]  # a tensor on the pipe: its bytes, dtype name, shape (_to_wire)
 
+_RUNNERS = itertools.count()
+
 RUNNER_PROCESS_NAME = "prefixserve-run"  # the child's name in the OS (ps, top): 15 bytes at most
 
 
@@ -98,6 +100,7 @@ class RunnerProcess:
         self.logprobs: dict[str, Any] = {}
         self.forward_seconds = 0.0
         self.cpu_seconds = 0.0  # the child's CPU time in steps (Engine counts it in the step's CPU time)
+        self._token = next(_RUNNERS)  # tells this runner's keys on a prefix object from another runner's
         self._keys = itertools.count()
         self._forgotten: list[int] = []  # prefix copies the child may drop (their front objects are gone)
         self._forgotten_lock = threading.Lock()
@@ -162,11 +165,11 @@ class RunnerProcess:
         """(key, the tensors the first time this prefix object goes to the child, else None); None: no prefix."""
         if prefix is None:
             return None
-        key = getattr(prefix, "_runner_key", None)
+        keys = prefix.__dict__.setdefault("_runner_keys", {})  # runner -> the key its child knows it by
+        key = keys.get(self._token)
         if key is not None:
             return key, None
-        key = next(self._keys)
-        prefix._runner_key = key
+        key = keys[self._token] = next(self._keys)
         weakref.finalize(prefix, self._forget, key)
         return key, {name: _to_wire(tensor) for name, tensor in prefix.targets.items()}
 
@@ -191,7 +194,7 @@ class RunnerProcess:
     def _gone(self, exc: Exception) -> BaseException:
         """RunnerDied for a pipe that broke or a child that is gone (killed, or closed under a waiting step:
         then the error is whatever the closed pipe raised); anything else as it is."""
-        if isinstance(exc, OSError | EOFError) or not self.process.is_alive():
+        if isinstance(exc, OSError | EOFError) or self.health() is not None:
             return self._died()
         return exc
 
@@ -250,15 +253,13 @@ def _serve(conn: Any, spec: RunnerSpec) -> None:
 
 
 def _build(spec: RunnerSpec) -> tuple[Any, Any]:
-    from server.app import _kv_budget
     from server.engine.backbone import load_backbone
+    from server.engine.kv_cache import kv_budget
     from server.engine.runner import ModelRunner
 
     torch.set_grad_enabled(False)
     backbone = load_backbone(spec.model, spec.device, spec.dtype)
-    budget = _kv_budget(
-        SimpleNamespace(kv_cache_bytes=spec.kv_cache_bytes, cache_bytes=spec.prefix_cache_bytes), backbone
-    )
+    budget = kv_budget(spec.kv_cache_bytes, spec.prefix_cache_bytes, backbone.device)
     runner = ModelRunner(
         backbone,
         spec.max_num_seqs,

@@ -72,6 +72,8 @@ def test_runner_process_serves_the_same_tokens_and_a_hostile_tenant_changes_none
     with running_server(tiny_gpt2_dir, str(tmp_path / "store"), tmp_path / "logs", args=RUNNER_PROCESS) as s:
         child = child_of(s.process.pid)
         assert f"forward passes run in process {child}" in s.log()
+        # the KV budget is planned where the weights are: the child measures the memory left after loading them
+        assert "KV cache budget" in s.log() and "KV cache: budget" in s.log()
         with httpx.Client(base_url=s.url, timeout=120) as client:
             assert put_native(client, "good/p", good).status_code == 201
             assert put_native(client, "evil/p", evil).status_code == 201
