@@ -99,8 +99,6 @@ def test_runner_process_gives_peft_tokens_and_the_in_process_samples(peft_case):
 
 def test_the_child_drops_a_prefix_copy_when_the_front_drops_the_prefix(peft_case):
     kind, model_dir, adapters, _ = peft_case
-    if kind != "gpt2":
-        pytest.skip("the prefix bookkeeping is the same for both families")
     engine = process_engine(model_dir)
     engine.start()
     try:
