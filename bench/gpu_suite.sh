@@ -4,13 +4,15 @@
 #   bench/gpu_suite.sh [correctness] [dtype] [profile] [medium] [small] [memory] [sampling] [stream]
 #   (none: all eight)
 #
-#   correctness  pytest -m gpu, then the PEFT parity tests with --device cuda (engine and server, float32)
+#   correctness  pytest -m gpu, then the PEFT parity tests with --device cuda (engine, runner process, server;
+#                float32)
 #   dtype        bench.dtype_drift: bfloat16/float16 greedy tokens vs float32 on the demo backbone + prefixes
 #   profile      bench.profile_step: torch.profiler over decode steps, GPT-2-medium shape, batch 64
 #   medium       bench.throughput, GPT-2-medium shape, 64 prefixes, 128 requests (vs PEFT, vs HF batched)
 #   small        bench.throughput, GPT-2-small shape, 256 concurrent requests
 #   memory       bench.kv_fit: sequences of 1024 positions next to gpt2-large (float32) / gpt2-xl (bfloat16)
-#   sampling     bench.sampling: greedy / sampled / sampled+streamed / top-p only over HTTP, GPT-2 4x256 and small
+#   sampling     bench.sampling: greedy / sampled / sampled+streamed / top-p only over HTTP, GPT-2 4x256 and small;
+#                then the same with --runner-process beside one process
 #   stream       bench.stream_interval: servers at --stream-interval 1 and 4 side by side, GPT-2 4x256 and small
 #
 # Each step's output goes to $OUT/<step>.log (OUT defaults to var/gpu) and the last lines to the terminal;
@@ -32,7 +34,7 @@ run_step() {
     correctness)
         $py -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py &&
             $py -m pytest -q -p no:cacheprovider --device cuda tests/engine/test_engine_exactness.py \
-                tests/engine/test_cuda_graphs.py \
+                tests/engine/test_cuda_graphs.py tests/engine/test_runner_process.py \
                 tests/integration/test_serve_exact.py ;;
     dtype) $py -m bench.dtype_drift --device cuda ;;
     profile) $py -m bench.profile_step --device cuda "${medium[@]}" --batch 64 ;;
@@ -45,7 +47,10 @@ run_step() {
     memory) $py -m bench.kv_fit --device cuda ;;
     sampling)
         $py -m bench.sampling --device cuda --repeats 2 --no-record &&
-            $py -m bench.sampling --device cuda "${small[@]}" --repeats 2 --no-record ;;
+            $py -m bench.sampling --device cuda "${small[@]}" --repeats 2 --no-record &&
+            $py -m bench.sampling --device cuda --repeats 2 --runner-process --before-root . --no-record &&
+            $py -m bench.sampling --device cuda "${small[@]}" --repeats 2 --runner-process --before-root . \
+                --no-record ;;
     stream)
         $py -m bench.stream_interval --device cuda --rounds 3 &&
             $py -m bench.stream_interval --device cuda "${small[@]}" --rounds 3 ;;

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import peft_oracle
 import pytest
 from peft_oracle import MAX_NEW, PROMPTS
 from test_engine_exactness import peft_device_prefixes, run_mixed
@@ -26,7 +27,7 @@ from server.engine.worker import RunnerProcess, RunnerSpec
 def spec(model_dir: Path, max_num_seqs: int = 6, **overrides) -> RunnerSpec:
     settings = dict(
         model=str(model_dir),
-        device="cpu",
+        device=peft_oracle.DEVICE,  # `pytest --device cuda`: the child serves on the GPU
         dtype="float32",
         max_num_seqs=max_num_seqs,
         max_model_len=1024,
@@ -41,7 +42,7 @@ def spec(model_dir: Path, max_num_seqs: int = 6, **overrides) -> RunnerSpec:
 
 def process_engine(model_dir: Path, max_num_seqs: int = 6, **config) -> Engine:
     """The engine as `prefix-serve --runner-process true` builds it: a weightless backbone in this process."""
-    backbone = load_backbone(model_dir, "cpu", "float32", weights=False)
+    backbone = load_backbone(model_dir, peft_oracle.DEVICE, "float32", weights=False)
     assert backbone.model.device.type == "meta"  # no weights in this process
     runner = RunnerProcess(spec(model_dir, max_num_seqs))
     backbone.rules = runner.rules
@@ -60,7 +61,7 @@ async def collect(engine: Engine, jobs) -> list[list[tuple[int, float | None]]]:
 
 def test_runner_process_gives_peft_tokens_and_the_in_process_samples(peft_case):
     kind, model_dir, adapters, expected = peft_case
-    prefixes = peft_device_prefixes(adapters)
+    prefixes = peft_device_prefixes(adapters, peft_oracle.DEVICE)
     greedy_jobs, keys = [], []
     for i, prompt in enumerate(PROMPTS):
         for prefix_id in [None, *prefixes]:
@@ -74,7 +75,7 @@ def test_runner_process_gives_peft_tokens_and_the_in_process_samples(peft_case):
         (one, PROMPTS[1], SamplingParams(max_new_tokens=8, num_beams=3)),
         (None, PROMPTS[0], SamplingParams(max_new_tokens=10, logprobs=3)),
     ]
-    in_process = Engine(load_backbone(model_dir, "cpu", "float32"), EngineConfig(max_num_seqs=6))
+    in_process = Engine(load_backbone(model_dir, peft_oracle.DEVICE, "float32"), EngineConfig(max_num_seqs=6))
     engine = process_engine(model_dir)
     try:
         engine.start()
