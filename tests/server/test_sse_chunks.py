@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -37,8 +38,26 @@ def _events(text: str) -> list[str]:
 
 
 def _stream(
-    tmp_path: Path, model: Path, path: str, body: dict, hold: bool, monkeypatch, stream_interval: int = 1
+    tmp_path: Path,
+    model: Path,
+    path: str,
+    body: dict,
+    hold: bool,
+    monkeypatch,
+    stream_interval: int = 1,
+    paced: bool = False,
 ) -> tuple[list, int, list[bytes]]:
+    """`paced`: each engine step is followed by 20 ms off the GIL, so the reader always keeps up (a tiny model's
+    steps take ~1 ms: a reader that falls behind once gathers two events in one write, by design)."""
+    if paced:
+        step = Engine.step
+
+        def paced_step(self):
+            outputs = step(self)
+            time.sleep(0.02)
+            return outputs
+
+        monkeypatch.setattr(Engine, "step", paced_step)
     if hold:  # the engine hands a request's outputs over only when it is done: the reader is behind
         original = Engine._deliver_all
         held: list = []
@@ -112,11 +131,11 @@ def test_stream_interval_sends_n_tokens_per_write(tiny_gpt2_dir: Path, tmp_path:
     )
     for path, body, tokens in cases:
         live, live_sends, _ = _stream(
-            tmp_path / "live", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch
+            tmp_path / "live", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch, paced=True
         )
         grouped, sends, writes = _stream(
             tmp_path / "grouped", tiny_gpt2_dir, path, body, hold=False, monkeypatch=monkeypatch,
-            stream_interval=4,
+            stream_interval=4, paced=True,
         )  # fmt: skip
         assert _comparable(grouped) == _comparable(live), path
         # the first token's event at once, then each completion's in writes of 4 tokens, then [DONE]
