@@ -103,7 +103,11 @@ def build_state(settings: Settings) -> SimpleNamespace:
     )
     state.store = open_store(settings.store)
     state.quotas = Quotas(state.store)
-    state.cache = PrefixCache(state.store, lambda p: _to_device(p, backbone), settings.cache_bytes)
+    # --runner-process: the weights are not here; prefixes stay on the host and cross to the runner's process
+    prefix_device = torch.device("cpu") if settings.runner_process else backbone.device
+    state.cache = PrefixCache(
+        state.store, lambda p: _to_device(p, prefix_device, backbone.dtype), settings.cache_bytes
+    )
     runner = _runner_process(settings, state.metrics.on_forward) if settings.runner_process else None
     if runner is not None:
         backbone.rules = runner.rules  # the generation rules of the loaded model (the same files)
@@ -164,12 +168,10 @@ def _runner_process(settings: Settings, on_forward: Any) -> Any:
     return runner
 
 
-def _to_device(prefix: Any, backbone: Any) -> dict:
+def _to_device(prefix: Any, device: torch.device, dtype: torch.dtype) -> dict:
     # runs in a worker thread (PrefixCache.acquire is called through asyncio.to_thread): pinned, non_blocking,
     # on a side stream on CUDA, so the engine's forward is not queued behind the copy
-    # --runner-process: the weights are not here (meta); the host copy crosses to the runner's process once
-    device = torch.device("cpu") if backbone.model.device.type == "meta" else backbone.device
-    return {k: upload(v, device, backbone.dtype) for k, v in prefix.targets.items()}
+    return {k: upload(v, device, dtype) for k, v in prefix.targets.items()}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

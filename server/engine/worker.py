@@ -292,8 +292,7 @@ class _Child:
                 self._forget(message[1])
                 conn.send(("held", len(self.prefixes)))
                 continue
-            reply = self.step(*message[1:])
-            conn.send(("error", _picklable(reply[1])) if reply[0] == "error" else reply)
+            conn.send(self.step(*message[1:]))
 
     def _forget(self, keys: list[int]) -> None:
         for key in keys:
@@ -325,7 +324,7 @@ class _Child:
             tokens = self.runner.execute(batch)
         except Exception as exc:  # as in one process: the step's requests fail; they leave at the next step
             log.exception("runner step failed")
-            return ("error", exc)
+            return ("error", _picklable(exc))
         for request, token in zip(batch.sequences, tokens, strict=True):
             if isinstance(token, int):  # the penalties read the tokens a request sampled
                 request.output_token_ids.append(token)
