@@ -29,6 +29,7 @@ top-k/top-p.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,6 @@ from server.engine.request import Request, SamplingParams
 MIN_TEMPERATURE = 1e-30
 
 NEG_INF = float("-inf")
-_BLOCK = 16  # columns per block in top_values
 _CDF_BLOCK = 64  # weights per block in inverse_cdf's first level
 _ARGMAX_BLOCK = 64  # columns per block in first_argmax
 _MASK64 = (1 << 64) - 1
@@ -61,7 +61,16 @@ def _mix64(z: int) -> int:
 def step_uniform(seed: int, step: int) -> float:
     """A request's uniform in (0, 1) for generated token `step`: splitmix64 of (seed, step), 23 bits (exact in
     float32, never 0 or 1)."""
-    z = _mix64((_mix64((seed + _GOLDEN) & _MASK64) + (step + 1) * _GOLDEN) & _MASK64)
+    return _keyed_uniform(seed_key(seed), step)
+
+
+def seed_key(seed: int) -> int:
+    """The half of step_uniform that depends on the seed alone (kept per request)."""
+    return _mix64((seed + _GOLDEN) & _MASK64)
+
+
+def _keyed_uniform(key: int, step: int) -> float:
+    z = _mix64((key + (step + 1) * _GOLDEN) & _MASK64)
     return ((z >> 41) + 0.5) / 2**23
 
 
@@ -140,6 +149,7 @@ class _RowState:
     """What the sampler keeps per request across steps (on the device)."""
 
     seed: int = 0
+    key: int = 0  # seed_key(seed)
     seen: torch.Tensor | None = (
         None  # [V] bool: the tokens HF's repetition penalty looks at before generation
     )
@@ -152,25 +162,40 @@ def scaled_scores(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tens
     return (logits - best).div_(temperature.clamp(min=MIN_TEMPERATURE)[:, None])
 
 
-def top_values(x: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [s, V] -> (the `depth` largest values of each row, descending; their ids): `x.topk(depth)`'s values
-    exactly (ties in any order), cheaper when depth << V. The columns are cut into blocks of _BLOCK; every one of
-    a row's `depth` best values lies in one of the `depth` blocks with the largest maxima (a value outside them
-    is at most the smallest of those maxima, so `depth` values are at least as large), so topk runs over the
-    blocks' maxima, then over those blocks' members (and the few columns past the last whole block) only."""
+def top_values(x: torch.Tensor, depth: int, ranked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [s, V] -> (the `depth` largest values of each row, descending (in no order when not `ranked`); their ids):
+    `x.topk(depth)`'s values exactly (ties in any order), cheaper when depth << V. The columns are cut into blocks;
+    every one of a row's `depth` best values lies in one of the `depth` blocks with the largest maxima (a value
+    outside them is at most the smallest of those maxima, so `depth` values are at least as large), so topk runs
+    over the blocks' maxima, then over those blocks' members (and the few columns past the last whole block) only.
+
+    topk's cost on CPU is its elements (a branchy selection), so blocks of ~sqrt(V / depth) columns balance the
+    two stages (V / block maxima, depth * block members): the least work, and each stage wide enough for ATen to
+    split the rows across threads."""
     rows, vocab = x.shape
-    num_blocks = vocab // _BLOCK
-    if num_blocks < 4 * depth:
-        return x.topk(depth, dim=-1)
-    span = num_blocks * _BLOCK
+    block = round(math.sqrt(vocab / depth))
+    num_blocks = vocab // max(block, 1)
+    if block < 2 or num_blocks < 4 * depth:
+        return x.topk(depth, dim=-1, sorted=ranked)
+    span = num_blocks * block
     # block j holds columns j, j + num_blocks, ...: the max over a middle dimension vectorises
-    maxima = x[:, :span].view(rows, _BLOCK, num_blocks).amax(dim=1)
+    maxima = x[:, :span].view(rows, block, num_blocks).amax(dim=1)
     blocks = maxima.topk(depth, dim=-1, sorted=False).indices
     members = (blocks[:, :, None] + torch.arange(0, span, num_blocks, device=x.device)).view(rows, -1)
     tail = torch.arange(span, vocab, device=x.device).expand(rows, -1)
     ids = torch.cat([members, tail], dim=1)
-    values, where = x.gather(1, ids).topk(depth, dim=-1)
+    values, where = x.gather(1, ids).topk(depth, dim=-1, sorted=ranked)
     return values, ids.gather(1, where)
+
+
+def by_score_then_id(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """values [s, m] float32, ids [s, m] (0 <= id < 2**32) -> the permutation [s, m] that ranks each row by value,
+    descending, ties by id, ascending (what a stable sort of the vocabulary gives): one sort of int64 keys, the
+    value's bits made monotone (the sign flips the order of the rest) over the inverted id. -0.0 ranks as 0.0."""
+    bits = (values + 0.0).view(torch.int32)
+    monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = monotone.long().mul_(1 << 32).add_((1 << 32) - 1 - ids)
+    return key.argsort(dim=-1, descending=True)
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
@@ -203,13 +228,14 @@ def ranked_filter(
         scores = scaled_scores(logits, temperature)
         ranked, order = scores.sort(dim=-1, descending=True, stable=True)  # ties in id order
     else:
-        best, order = top_values(logits, depth)
-        ranked = (best - best[:, :1]).div_(temperature.clamp(min=MIN_TEMPERATURE)[:, None])
+        best, order = top_values(logits, depth, ranked=False)
+        ranked = (best - best.amax(dim=-1, keepdim=True)).div_(
+            temperature.clamp(min=MIN_TEMPERATURE)[:, None]
+        )
         # the same order a stable sort gives (ties in id order): top-p's cut inside a tie group, and so a
         # seeded draw, must not depend on how deep the ranking went (scaling can also make new ties)
-        order, by_id = order.sort(dim=-1)
-        ranked, by_score = ranked.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
-        order = order.gather(1, by_score)
+        rank = by_score_then_id(ranked, order)
+        ranked, order = ranked.gather(1, rank), order.gather(1, rank)
     m = ranked.shape[-1]
     kth = ranked.gather(1, (top_k.clamp(min=1, max=m) - 1)[:, None])
     kth = torch.where(top_k[:, None] > 0, kth, NEG_INF)
@@ -258,10 +284,9 @@ def nucleus_weights(
     ahead = torch.cat([torch.zeros(rows, 1, device=scores.device), cumulative[:, :-1]], dim=1)
     cut = torch.searchsorted(ahead, target).sub_(1).clamp_(0, bins - 1)  # bin 0 holds the best: always one
     # the cut bin's best tokens ranked exactly: score, then id (the others' keys pushed below any score)
-    values, ids = top_values(scores - (index != cut) * 1e30, members)
-    ids, by_id = ids.sort(dim=-1)
-    values, by_score = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
-    ids = ids.gather(1, by_score)
+    values, ids = top_values(scores - (index != cut) * 1e30, members, ranked=False)
+    rank = by_score_then_id(values, ids)
+    values, ids = values.gather(1, rank), ids.gather(1, rank)
     member = values > -1e29
     mass = values.exp()  # 0 for the others
     kept = ((mass.cumsum(dim=-1) - mass + ahead.gather(1, cut)) < target) & member
@@ -340,7 +365,8 @@ class Sampler:
         state = self._rows.get(request.request_id)
         if state is None:
             seed = request.params.seed
-            state = _RowState(seed=seed if seed is not None else _SYSTEM_RANDOM.getrandbits(63))
+            seed = seed if seed is not None else _SYSTEM_RANDOM.getrandbits(63)
+            state = _RowState(seed=seed, key=seed_key(seed))
             self._rows[request.request_id] = state
         return state
 
@@ -436,7 +462,7 @@ class Sampler:
     def _uniforms(self, requests: list[Request], rows: list[int]) -> torch.Tensor:
         """[s] this step's uniform of each row (host arithmetic, one small copy)."""
         values = [
-            step_uniform(self._state(requests[i]).seed, len(requests[i].output_token_ids)) for i in rows
+            _keyed_uniform(self._state(requests[i]).key, len(requests[i].output_token_ids)) for i in rows
         ]
         return self._as_tensor(values, torch.float32)
 

@@ -247,6 +247,39 @@ def test_top_values_are_topk_values(vocab, depth):
     assert int(ids.min()) >= 0 and int(ids.max()) < vocab
 
 
+@pytest.mark.parametrize("vocab", [1000, 8000, 50257])
+def test_unranked_top_values_are_the_same_set(vocab):
+    """ranked=False gives the same values (in any order), and ids that hold them."""
+    from server.engine.sampler import top_values
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=g).bfloat16().float()  # many exact ties
+    values, ids = top_values(logits, 51, ranked=False)
+    assert torch.equal(values.sort(dim=-1, descending=True).values, logits.topk(51, dim=-1).values)
+    assert torch.equal(logits.gather(1, ids), values)
+
+
+def test_by_score_then_id_is_a_stable_descending_sort_by_id():
+    """The one-sort ranking is what sorting by id, then stably by value (descending) gives: ties (-0.0 and 0.0
+    among them), negatives, infinities and a NaN-free row of all-equal values included."""
+    from server.engine.sampler import by_score_then_id
+
+    g = torch.Generator().manual_seed(7)
+    values = torch.randint(-3, 4, (6, 40), generator=g).float() / 2
+    values[1] = torch.randn(40, generator=g) * 1e30
+    values[2, ::3] = float("-inf")
+    values[2, 1::5] = float("inf")
+    values[3] = 0.0
+    values[3, ::2] = -0.0
+    values[4] = torch.randn(40, generator=g) * 1e-40  # subnormals
+    values[5] = -1.0
+    ids = torch.stack([torch.randperm(50_000, generator=g)[:40] for _ in range(6)])
+    ids[0, :5] = torch.tensor([0, 49_999, 2**32 - 1, 17, 2**31])
+    by_id = ids.argsort(dim=-1)
+    expected = by_id.gather(1, values.gather(1, by_id).sort(dim=-1, descending=True, stable=True).indices)
+    assert torch.equal(ids.gather(1, by_score_then_id(values, ids)), ids.gather(1, expected))
+
+
 def sampler_rows(params: list[dict], seeds) -> list[Request]:
     return [
         Request(f"r{i}", [1, 2], SamplingParams(max_new_tokens=8, seed=seed, **p))
