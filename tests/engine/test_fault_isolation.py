@@ -186,6 +186,7 @@ def test_nucleus_weights_keep_what_hf_keeps(vocab):
             t = torch.full((n,), temperature)
             scores = scaled_scores(logits, t)
             weights, spill = nucleus_weights(scores.clone(), torch.full((n,), top_p))
+            assert not bool(weights.isnan().any()), (top_p, temperature)  # -inf scores included
             crowded = {5, 7} | ({6} if vocab > 32 else set())  # rows with more ties than the exact ranking
             assert set(spill.nonzero().flatten().tolist()) <= crowded, (top_p, temperature)
             for row in range(n):
