@@ -21,7 +21,7 @@ paired median is the figure to read: a best-of ratio divides two rounds that may
 Each round also reports the CPU seconds the server process and this client spent: on a small machine they
 share cores, so a costly client slows the server it measures (streams are read by a lean HTTP/1.1 reader).
 The backbone is built here with random weights (bench.throughput's recipe); nothing is downloaded. Writes
-bench/results/sampling.json (rendered into the README by bench.report).
+bench/results/sampling.json (rendered into bench/README.md by bench.report).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ async def streamed(url: httpx.URL, body: dict) -> int:
     """One streamed generation over a plain HTTP/1.1 connection: every event is received as the server sends
     it; the body is split into events once at the end. A lean reader on purpose: httpx's per-chunk parsing
     (aiter_lines) cost the client ~5x more CPU than the server's own streaming work, and the client shares
-    this machine's cores with the server (figures in the README)."""
+    this machine's cores with the server (figures in bench/README.md)."""
     reader, writer = await asyncio.open_connection(url.host, url.port)
     payload = json.dumps(body).encode()
     writer.write(

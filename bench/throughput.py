@@ -9,8 +9,8 @@ as PEFT multipart. One rule for all three: greedy, up to --new-tokens tokens, a 
 ignores or suppresses it), and throughput counts the tokens each contender actually returned. Each contender
 is warmed up the same way (the first --warmup requests, untimed, in its own mode) and timed --repeats times;
 the figures are the median and the range. prefixserve's greedy tokens must equal PEFT's for every request PEFT
-ran, or the benchmark fails. Figures go to bench/results/<--name>.json (python -m bench.report puts them in
-the README).
+ran, or the benchmark fails. Figures go to bench/results/<--name>.json (python -m bench.report renders them
+into bench/README.md).
 """
 
 from __future__ import annotations
