@@ -160,9 +160,9 @@ def sampling() -> list[str]:
     f = record["figures"]
     st, before = f["settings"], f["before"]
     first = next(iter(f["this"].values()))
-    faults = "faults_per_step" in first  # recorded since 2026-11-25
-    wait = "wait_ms" in first  # recorded since 2026-11-25 (the engine thread's step time off the CPU)
-    # recorded since 2026-11-25: each repeat's rate over its own greedy round's
+    faults = "faults_per_step" in first  # older records lack it
+    wait = "wait_ms" in first  # the engine thread's step time off the CPU; older records lack it
+    # older records lack it: each repeat's rate over its own greedy round's
     paired = "x_greedy_paired" in first
 
     def paired_cell(figures: dict, bold: str = "") -> str:

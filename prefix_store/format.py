@@ -1,21 +1,11 @@
-"""The native prefix file, PEFT import, and validation against a backbone.
+"""The native prefix file, PEFT import, and validation against a backbone (the spec: docs/formats.md).
 
-Native file (safetensors, format version 1)
--------------------------------------------
-One tensor per target, each shaped ``[num_layers, 2, num_heads, P, head_dim]`` (index 1: 0 = key,
-1 = value), all with the same ``P`` and dtype:
-
-- ``decoder``: GPT-2 self-attention in every layer, or BART decoder self-attention;
-- ``encoder``: BART encoder self-attention;
-- ``cross``:   BART decoder cross-attention (keys/values the decoder attends to beside the encoder's).
-
-``__metadata__`` (all strings): ``format`` = ``prefixserve``, ``format_version`` = ``1``, ``model_type``
-(``gpt2`` | ``bart``), ``num_layers``, ``num_heads``, ``head_dim``, ``num_virtual_tokens``, ``targets``
-(comma-separated), and optionally ``prompt_template`` (a string containing ``{source}``) and any other
-``x-*`` keys a producer wants to keep.
-
-Positions: real tokens of GPT-2 and of the BART decoder start at position P (as PEFT does); the BART
-encoder is not shifted. Prefix positions are never masked.
+A native file is safetensors, format version 1: one tensor per target (``decoder``, ``encoder``, ``cross``),
+each ``[num_layers, 2, num_heads, P, head_dim]`` (index 1: 0 = key, 1 = value), all with the same ``P`` and
+dtype, and string ``__metadata__`` describing the backbone it fits plus an optional ``prompt_template``.
+Real tokens of GPT-2 and of the BART decoder start at position P (as PEFT does); the BART encoder is not
+shifted; prefix positions are never masked. The trainer saves through this module and the server loads
+through it, so the two cannot disagree.
 """
 
 from __future__ import annotations

@@ -27,8 +27,7 @@ from trainer.train import TrainConfig, train_prefix
 log = logging.getLogger("prefix-train")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # --lr auto: a CPU run affords a few hundred optimizer steps, which need a much higher rate than the paper's
-# 8e-5 (GPT-2 Medium, 5 epochs of E2E, ~20k steps on a GPU); 5e-3 was calibrated on the demo backbone
-# (docs/quality.md; 3e-2 diverges). On CUDA the paper's value.
+# (tuned for thousands of GPU steps); the CPU value was calibrated on the demo backbone (docs/demo.md).
 AUTO_LR = {"cpu": 5e-3, "cuda": 8e-5}
 
 
