@@ -87,6 +87,7 @@ def test_make_serve_runs_the_demo_server() -> None:
     assert make_serve_target().endswith("-m server.demo")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (DEMO_MODEL / "config.json").is_file(), reason="the demo backbone is not in this checkout"
 )
