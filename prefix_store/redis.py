@@ -287,6 +287,11 @@ class RedisStore:
             page.append(meta)
         return page, encode_cursor(ids[-1]) if has_more else None
 
+    @_unavailable
+    def count(self) -> int:
+        """How many prefixes the store holds (the size of the id index), counted without paging."""
+        return int(self.client.zcard(f"{self.namespace}:index:all"))
+
     # -- keys -----------------------------------------------------------------------------------
     @_unavailable
     def put_key(self, record: KeyRecord) -> None:

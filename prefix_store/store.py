@@ -64,7 +64,11 @@ class PrefixStore(Protocol):
         cursor: str | None = None,
         include_public: bool = False,
     ) -> tuple[list[PrefixMeta], str | None]:
-        """Prefixes ordered by id; `tenant` filters (plus public ones if include_public); next cursor or None."""
+        """Prefixes ordered by id (the whole id as one string); `tenant` filters (plus public ones if
+        include_public); next cursor or None. A walk returns every prefix once, at every page size."""
+
+    def count(self) -> int:
+        """How many prefixes the store holds, counted without paging (the copy tool checks its walk by it)."""
 
     def put_key(self, record: KeyRecord) -> None: ...
 
