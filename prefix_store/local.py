@@ -28,6 +28,7 @@ from prefix_store.records import (
     InvalidId,
     KeyRecord,
     PrefixMeta,
+    PublicPrefixError,
     check_id_part,
     decode_cursor,
     encode_cursor,
@@ -67,13 +68,19 @@ class LocalStore:
         tenant, name = split_id(prefix_id)
         return self.prefix_dir / tenant / f"{name}.json"
 
-    def put(self, meta: PrefixMeta, data: bytes) -> bool:
+    def put(
+        self, meta: PrefixMeta, data: bytes, *, replace_public: bool = True, keep_visibility: bool = False
+    ) -> bool:
         meta_path = self._meta_path(meta.id)
         meta_path.parent.mkdir(exist_ok=True)
-        with self._lock:
+        with self._lock:  # the visibility check and the write in one step: a publish cannot slip between
             old = self._read_meta(meta_path)
             if old is not None:
+                if old.public and not replace_public:
+                    raise PublicPrefixError(meta.id)
                 meta.created_at = old.created_at
+                if keep_visibility:
+                    meta.public = old.public
             data_name = f"{meta.name}.{meta.sha256[:16]}-{secrets.token_hex(4)}.safetensors"
             write_atomic(meta_path.parent / data_name, data)
             record = meta.to_dict()
@@ -100,12 +107,14 @@ class LocalStore:
                 return None
             return meta, (meta_path.parent / meta.extra["data_file"]).read_bytes()
 
-    def delete(self, prefix_id: str) -> bool:
+    def delete(self, prefix_id: str, *, delete_public: bool = True) -> bool:
         meta_path = self._meta_path(prefix_id)
         with self._lock:
             meta = self._read_meta(meta_path)
             if meta is None:
                 return False
+            if meta.public and not delete_public:
+                raise PublicPrefixError(prefix_id)
             meta_path.unlink()
             (meta_path.parent / meta.extra["data_file"]).unlink(missing_ok=True)
         return True
