@@ -44,6 +44,7 @@ from prefix_store.records import (
     InvalidId,
     KeyRecord,
     PrefixMeta,
+    PublicPrefixError,
     StoreUnavailable,
     check_id_part,
     decode_cursor,
@@ -57,26 +58,38 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # KEYS: prefix hash, index:all, index:tenant:<t>, index:public
-# ARGV: id, meta JSON, data, created_at, "1" if public, channel
-# Returns {1, created_at} when created, {0, created_at of the first version} when replaced.
+# ARGV: id, meta JSON if private, meta JSON if public, data, created_at, visibility ("1", "0", or "keep": the
+# stored one on replace), channel, "1" if a stored public prefix may be replaced (the admin) else "0"
+# Returns {1, created_at, public} when created, {0, created_at of the first version, public} when replaced,
+# {-1} when refused: the stored prefix is public and ARGV[8] is "0". Check and write are one atomic step.
 PUT_SCRIPT = """
+local was_public = redis.call('ZSCORE', KEYS[4], ARGV[1])
+if was_public and ARGV[8] ~= '1' then return {-1} end
+local public = ARGV[6]
+if public == 'keep' then
+  if was_public then public = '1' else public = '0' end
+end
+local meta = ARGV[2]
+if public == '1' then meta = ARGV[3] end
 local old_created = redis.call('HGET', KEYS[1], 'created_at')
-local created = old_created or ARGV[4]
-redis.call('HSET', KEYS[1], 'meta', ARGV[2], 'data', ARGV[3], 'created_at', created)
+local created = old_created or ARGV[5]
+redis.call('HSET', KEYS[1], 'meta', meta, 'data', ARGV[4], 'created_at', created)
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
-if ARGV[5] == '1' then
+if public == '1' then
   redis.call('ZADD', KEYS[4], 0, ARGV[1])
 else
   redis.call('ZREM', KEYS[4], ARGV[1])
 end
-redis.call('PUBLISH', ARGV[6], ARGV[1])
-if old_created then return {0, old_created} end
-return {1, created}
+redis.call('PUBLISH', ARGV[7], ARGV[1])
+if old_created then return {0, old_created, public} end
+return {1, created, public}
 """
 
-# KEYS: prefix hash, index:all, index:tenant:<t>, index:public; ARGV: id, channel
+# KEYS: prefix hash, index:all, index:tenant:<t>, index:public
+# ARGV: id, channel, "1" if a public prefix may be deleted (the admin) else "0"; returns -1 when refused
 DELETE_SCRIPT = """
+if ARGV[3] ~= '1' and redis.call('ZSCORE', KEYS[4], ARGV[1]) then return -1 end
 local existed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -197,21 +210,34 @@ class RedisStore:
 
     # -- prefixes -------------------------------------------------------------------------------
     @_unavailable
-    def put(self, meta: PrefixMeta, data: bytes) -> bool:
-        """Store or replace atomically; on replace keeps the first version's created_at (set on `meta`)."""
+    def put(
+        self, meta: PrefixMeta, data: bytes, *, replace_public: bool = True, keep_visibility: bool = False
+    ) -> bool:
+        """Store or replace atomically; on replace keeps the first version's created_at (set on `meta`).
+
+        The visibility check (replace_public, keep_visibility; see PrefixStore.put) runs in the same script
+        as the write, so it holds across every replica sharing this Redis."""
         tenant, _ = split_id(meta.id)
-        created, created_at = self._put(
+        private_json = json.dumps({**meta.to_dict(), "public": False})
+        public_json = json.dumps({**meta.to_dict(), "public": True})
+        reply = self._put(
             keys=[self._prefix_key(meta.id), *self._index_keys(tenant)],
             args=[
                 meta.id,
-                json.dumps(meta.to_dict()),
+                private_json,
+                public_json,
                 data,
                 repr(meta.created_at),
-                int(meta.public),
+                "keep" if keep_visibility else int(meta.public),
                 self.channel,
+                int(replace_public),
             ],
         )
+        if int(reply[0]) < 0:
+            raise PublicPrefixError(meta.id)
+        created, created_at, public = reply
         meta.created_at = float(created_at)
+        meta.public = _text(public) == "1"
         return bool(created)
 
     @staticmethod
@@ -242,10 +268,13 @@ class RedisStore:
         return meta, data
 
     @_unavailable
-    def delete(self, prefix_id: str) -> bool:
+    def delete(self, prefix_id: str, *, delete_public: bool = True) -> bool:
         tenant, _ = split_id(prefix_id)
         keys = [self._prefix_key(prefix_id), *self._index_keys(tenant)]
-        return bool(self._delete(keys=keys, args=[prefix_id, self.channel]))
+        existed = int(self._delete(keys=keys, args=[prefix_id, self.channel, int(delete_public)]))
+        if existed < 0:
+            raise PublicPrefixError(prefix_id)
+        return bool(existed)
 
     def _range(self, index: str, after: str, count: int) -> list[str]:
         low = f"({after}" if after else "-"
@@ -286,6 +315,11 @@ class RedisStore:
                 continue
             page.append(meta)
         return page, encode_cursor(ids[-1]) if has_more else None
+
+    @_unavailable
+    def count(self) -> int:
+        """How many prefixes the store holds (the size of the id index), counted without paging."""
+        return int(self.client.zcard(f"{self.namespace}:index:all"))
 
     # -- keys -----------------------------------------------------------------------------------
     @_unavailable

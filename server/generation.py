@@ -18,7 +18,7 @@ from pydantic import Field
 from prefix_store.cache import DevicePrefix, PrefixNotFound
 from prefix_store.format import apply_template
 from prefix_store.store import InvalidId, StoreUnavailable, split_id
-from server.auth import Principal
+from server.auth import ADMIN_IDENTITY, Principal
 from server.engine.engine import EngineUnavailable, PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.errors import ServiceError
@@ -124,7 +124,7 @@ async def _start(
     params: SamplingParams,
     streamed: bool,
 ) -> Generation:
-    tenant = principal.tenant or "admin"
+    tenant = principal.identity
     settings, is_counted = await _admit(state, principal, tenant)
     try:
         gen = await _queue(state, principal, tenant, settings, prefix_id, prompt, params, streamed)
@@ -218,7 +218,7 @@ def _release(state: Any, prefix: DevicePrefix | None) -> None:
 async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
     """The request's outputs; counts tokens and latency; aborts on timeout or when the consumer goes away."""
     metrics = state.metrics
-    tenant = gen.request.tenant or "admin"
+    tenant = gen.request.tenant or ADMIN_IDENTITY
     deadline = gen.started + state.settings.request_timeout
     stream = gen.stream
     timed_out = False
