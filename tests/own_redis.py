@@ -61,5 +61,6 @@ class OwnRedis:
         os.kill(self.process.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
+        """SIGCONT (nothing when it is not running)."""
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGCONT)
