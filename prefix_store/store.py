@@ -96,11 +96,12 @@ class PrefixStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str) -> PrefixStore:
-    """Pick a backend from the store URL: a path or file://DIR -> LocalStore; redis://... -> RedisStore."""
+def open_store(url: str, timeout: float | None = None, grace_seconds: float | None = None) -> PrefixStore:
+    """Pick a backend from the URL: a path or file://DIR -> LocalStore; redis://... -> RedisStore, with its
+    call `timeout` (seconds; None: its default) and change-feed `grace_seconds` (see RedisStore)."""
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from prefix_store.redis import RedisStore  # imports the redis client: only when asked for
+        from prefix_store.redis import DEFAULT_TIMEOUT, RedisStore  # the redis client: only when asked for
 
-        return RedisStore(url)
+        return RedisStore(url, timeout=timeout or DEFAULT_TIMEOUT, grace_seconds=grace_seconds)
     path = url[len("file://") :] if url.startswith("file://") else url
     return LocalStore(path)

@@ -101,7 +101,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
     backbone = load_backbone(
         settings.model, settings.device, settings.dtype, weights=not settings.runner_process
     )
-    state.store = open_store(settings.store)
+    state.store = open_store(settings.store, settings.store_timeout, grace_seconds=settings.key_grace_seconds)
     state.quotas = Quotas(state.store)
     # --runner-process: the weights are not here; prefixes stay on the host and cross to the runner's process
     prefix_device = torch.device("cpu") if settings.runner_process else backbone.device

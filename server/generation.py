@@ -60,8 +60,13 @@ async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> De
         raise ServiceError(400, "invalid_prefix_id", str(exc)) from exc
     try:
         if not principal.is_admin and tenant != principal.tenant:
-            # another tenant's id: only a public prefix may be used. Checked before touching the device
-            # cache, so a foreign private prefix is never loaded (no cache churn, no hit/miss hint).
+            # another tenant's id: only a public prefix may be used. A resident public one is served as is,
+            # like one's own (the change feed keeps it current; no store round trip, so it is served while
+            # the store is unreachable too). Otherwise the store says before the device cache is touched, so
+            # a foreign private prefix is never loaded (no cache churn, no hit/miss hint).
+            resident = state.cache.acquire_resident(prefix_id, lambda meta: meta.public)
+            if resident is not None:
+                return resident
             meta = await asyncio.to_thread(state.store.get_meta, prefix_id)
             if meta is None or not meta.public:
                 raise not_found(prefix_id)
