@@ -102,15 +102,19 @@ CHAT_TEMPLATE = (
 CHAT_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_chat_tokenizer(path: Path):
+def build_chat_tokenizer(path: Path, lines: list[str] | None = None, vocab_size: int = 400):
     """A byte-level BPE tokenizer the way Llama-family checkpoints ship one: BOS added before every text, EOS
-    `</s>`, and a chat template (tokenizer.chat_template), saved in `path`."""
+    `</s>`, and a chat template (tokenizer.chat_template), saved in `path`; trained on `lines` (LINES)."""
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        LINES * 4, vocab_size=400, min_frequency=1, special_tokens=CHAT_SPECIALS, show_progress=False
+        lines or LINES * 4,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=CHAT_SPECIALS,
+        show_progress=False,
     )
     backend = bpe._tokenizer
     bos = backend.token_to_id("<s>")

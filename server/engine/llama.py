@@ -45,8 +45,9 @@ class LlamaBackbone:
         self.device = self.lm_head.weight.device
         self.dtype = self.lm_head.weight.dtype
         self.groups = self.shape.num_heads // self.shape.kv_heads  # query heads per key/value head
-        rotary = self.decoder.rotary_emb
-        self._rotary = lambda x, positions: inspect.unwrap(type(rotary).forward)(rotary, x, positions)
+        self.rotary = self.decoder.rotary_emb
+        # undecorated: HF's dynamic-frequency hook acts only past the positions served, and waits on the device
+        self._rotary_forward = inspect.unwrap(type(self.rotary).forward)
         # the modeling module's own rotation (Qwen2 and Mistral carry copies of Llama's)
         self._rotate = sys.modules[type(model).__module__].apply_rotary_pos_emb
         if self.max_positions < config.max_position_embeddings:  # families/llama.py says why
@@ -88,6 +89,10 @@ class LlamaBackbone:
         out = out.reshape(n, heads, num_q, head_dim).transpose(1, 2).reshape(n, num_q, heads * head_dim)
         h = attn.o_proj(out) + h
         return h + block.mlp(block.post_attention_layernorm(h))
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's (cos, sin) [n, T, head_dim] for position ids [n, T], in h's dtype."""
+        return self._rotary_forward(self.rotary, h, positions)
 
     def _grouped(self, mask: torch.Tensor) -> torch.Tensor:
         """[n, 1, T, K] -> [n, 1, groups*T, K]: the same visibility for every query head of a group."""
@@ -134,7 +139,7 @@ class LlamaBackbone:
         # [n, 1, Tq, K]: key j visible to the query at position p iff j <= p
         mask = (torch.arange(length, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
         h = self.decoder.embed_tokens(ids)
-        rope = self._rotary(h, positions)
+        rope = self._rope(h, positions)
         write = (rows_t, cols_t, queries_t)
         grouped = self._grouped(mask)
         for index in range(len(self.blocks)):
@@ -153,7 +158,7 @@ class LlamaBackbone:
         write = (rows, positions, rows)  # query i of the [B, 1] batch is flat index i
         mask = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         h = self.decoder.embed_tokens(tokens)[:, None]  # [B, 1, D]
-        rope = self._rotary(h, positions[:, None])
+        rope = self._rope(h, positions[:, None])
         grouped = self._grouped(mask)
         for index in range(len(self.blocks)):
             h = self._layer(h, index, cache, write, slice(0, num_rows), length, rope, grouped)

@@ -10,6 +10,7 @@ import pytest
 import test_beam_search
 import test_cuda_graphs
 import test_fault_isolation
+import test_runner_process
 import torch
 from peft_oracle import LENGTHS, MAX_NEW, PROMPTS, assert_prefixes_matter, make_peft_adapter, peft_generate
 from test_engine_exactness import device_prefix, run_engine
@@ -43,6 +44,11 @@ def llama_case(request, tmp_path_factory: pytest.TempPathFactory):
     for prefix_id, path in adapters.items():
         expected[prefix_id] = peft_generate(model_dir, kind, path, PROMPTS, MAX_NEW)
     return kind, model_dir, adapters, expected
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 def imported(kind: str, path: Path) -> Prefix:
@@ -97,6 +103,30 @@ def test_poisoned_rows_fail_alone(llama_case, padded):
     test_fault_isolation.test_poisoned_rows_fail_alone_and_their_slots_are_clean_for_the_next(
         llama_case, padded
     )
+
+
+def test_runner_process_gives_peft_tokens_samples_logprobs_and_beams(llama_case):
+    if llama_case[0] != "mistral":
+        pytest.skip("the runner process is family-agnostic: one family of this shape suffices")
+    test_runner_process.test_runner_process_gives_peft_tokens_and_the_in_process_samples(llama_case)
+
+
+def test_one_host_sync_per_decode_step(tiny_llama_dir: Path):
+    """No device -> host wait in this family's forward (what a CUDA graph capture needs too)."""
+    test_fault_isolation.test_one_host_sync_per_decode_step_whatever_the_mix(tiny_llama_dir)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_any_batch(tiny_llama_dir: Path):
+    test_fault_isolation.test_seeded_sampling_is_the_same_alone_and_in_any_batch(tiny_llama_dir)
+
+
+def test_the_tokenizer_carries_a_chat_template_and_adds_bos(tiny_llama_dir: Path):
+    """For /v1/chat/completions on this family: the served tokenizer renders chats with its own template."""
+    tokenizer = load_backbone(tiny_llama_dir, "cpu", "float32").tokenizer
+    chat = [{"role": "user", "content": "the quick brown fox"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nthe quick brown fox<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id
 
 
 ROPES = {
