@@ -12,9 +12,9 @@ One tensor per target, each shaped ``[num_layers, 2, num_heads, P, head_dim]`` (
 - ``cross``:   BART decoder cross-attention (keys/values the decoder attends to beside the encoder's).
 
 ``__metadata__`` (all strings): ``format`` = ``prefixserve``, ``format_version`` = ``1``, ``model_type``
-(``gpt2`` | ``bart`` | ``llama`` | ``qwen2`` | ``mistral``), ``num_layers``, ``num_heads``, ``head_dim``, ``num_virtual_tokens``, ``targets``
-(comma-separated), and optionally ``prompt_template`` (a string containing ``{source}``) and any other
-``x-*`` keys a producer wants to keep.
+(``gpt2`` | ``bart`` | ``llama`` | ``qwen2`` | ``mistral``), ``num_layers``, ``num_heads``, ``head_dim``,
+``num_virtual_tokens``, ``targets`` (comma-separated), and optionally ``prompt_template`` (a string
+containing ``{source}``) and any other ``x-*`` keys a producer wants to keep.
 
 Positions: real tokens of the decoder-only families and of the BART decoder start at position P (as PEFT
 does); the BART encoder is not shifted. Prefix positions are never masked; rotary families store the
@@ -218,9 +218,9 @@ def import_peft(config_json: bytes, weights: bytes, causal_model_type: str = "gp
     PEFT saves `prompt_embeddings` `[P, 2*L*D]`. Causal LM: view `[P, 2L, H, D/H]`, layer l takes
     key = slot 2l, value = slot 2l+1; for grouped-query attention PEFT writes H = the key/value heads and
     D = H * head_dim, so the same view holds. The adapter does not name its architecture:
-    `causal_model_type` (the serving backbone's, when decoder-only) labels a CAUSAL_LM adapter. Seq2seq: PEFT concatenates the 2L slots with themselves before
-    splitting, so decoder layer l takes key = slot (4l) mod 2L and value = slot (4l+1) mod 2L, and only
-    the decoder self-attention gets a prefix.
+    `causal_model_type` (the serving backbone's, when decoder-only) labels a CAUSAL_LM adapter.
+    Seq2seq: PEFT concatenates the 2L slots with themselves before splitting, so decoder layer l takes
+    key = slot (4l) mod 2L and value = slot (4l+1) mod 2L, and only the decoder self-attention gets a prefix.
     """
     try:
         config = json.loads(config_json)

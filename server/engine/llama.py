@@ -46,14 +46,15 @@ class LlamaBackbone:
         self.dtype = self.lm_head.weight.dtype
         self.groups = self.shape.num_heads // self.shape.kv_heads  # query heads per key/value head
         self.rotary = self.decoder.rotary_emb
-        # undecorated: HF's dynamic-frequency hook acts only past the positions served, and waits on the device
+        # undecorated: HF's dynamic-frequency hook acts only past the positions served, and waits on the
+        # device
         self._rotary_forward = inspect.unwrap(type(self.rotary).forward)
         # the modeling module's own rotation (Qwen2 and Mistral carry copies of Llama's)
         self._rotate = sys.modules[type(model).__module__].apply_rotary_pos_emb
         if self.max_positions < config.max_position_embeddings:  # families/llama.py says why
             log.info(
                 "%s: serving prefix + prompt + new tokens up to %d of its %d positions (sliding window or "
-                "longrope: past that, HF's attention or rotary frequencies change and the output would differ)",
+                "longrope: past that, HF's attention or rotary frequencies change, and so would the output)",
                 name,
                 self.max_positions,
                 config.max_position_embeddings,
@@ -63,8 +64,8 @@ class LlamaBackbone:
         self, h: torch.Tensor, index: int, cache: KVCache, write: tuple, read: slice, length: int, rope, mask
     ):
         """One decoder layer. h [n, T, D]; writes the rotated K and the V of the queries at flat indices
-        `queries` [N] (into [n*T]) at cache (rows, cols) [N], then attends over slots `read`, entries [0, length).
-        rope: (cos, sin) [n, T, d]; mask [n, 1, groups*T, K]."""
+        `queries` [N] (into [n*T]) at cache (rows, cols) [N], then attends over slots `read`, entries
+        [0, length). rope: (cos, sin) [n, T, d]; mask [n, 1, groups*T, K]."""
         rows, cols, queries = write
         block = self.blocks[index]
         attn = block.self_attn
