@@ -1,5 +1,5 @@
-"""`prefix-train` (also `python -m trainer`): train a prefix on a frozen GPT-2 / BART, evaluate BLEU, export a
-native prefix file, optionally upload it to a running prefix-serve.
+"""`prefix-train` (also `python -m trainer`): train a prefix on a frozen GPT-2, BART or Llama-family model,
+evaluate BLEU, export a native prefix file, optionally upload it to a running prefix-serve.
 
     prefix-train --model models/demo-gpt2 --train ../shared/data/e2e/valid.txt --output e2e.safetensors \\
         --dev held-out.jsonl --upload http://127.0.0.1:8000/demo/e2e
@@ -51,7 +51,10 @@ class CliError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prefix-train", description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument(
-        "--model", required=True, type=Path, help="local HF directory: GPT-2 or BART family (required)"
+        "--model",
+        required=True,
+        type=Path,
+        help="local HF directory: GPT-2, BART or Llama family (Llama, Qwen2, Mistral) (required)",
     )
     p.add_argument(
         "--train",

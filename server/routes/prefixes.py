@@ -84,7 +84,12 @@ async def _parse_upload(request: Request, state: Any) -> tuple[Any, str]:
                     f"multipart upload needs parts adapter_model and adapter_config; {key} is missing",
                 )
             parts[key] = await part.read() if hasattr(part, "read") else str(part).encode()
-        prefix = await asyncio.to_thread(import_peft, parts["adapter_config"], parts["adapter_model"])
+        prefix = await asyncio.to_thread(
+            import_peft,
+            parts["adapter_config"],
+            parts["adapter_model"],
+            state.engine.backbone.shape.model_type,
+        )
         source = "peft"
     elif content_type in ("application/octet-stream", ""):
         prefix, source = await asyncio.to_thread(load_prefix, await request.body()), "native"
