@@ -336,3 +336,28 @@ def test_tokenize_and_detokenize_round_trip(admin, tiny_gpt2_dir: Path) -> None:
     _refusal(admin, "/detokenize", {"tokens": [10**9]}, 422, "tokens[0]")
     _refusal(admin, "/tokenize", {"prompt": 5}, 422, "prompt")
     assert admin.post("/tokenize", json={"model": "other/missing", "prompt": "x"}).status_code == 404
+
+
+def test_a_chat_template_renders_the_whole_conversation(tiny_gpt2_dir: Path) -> None:
+    """A backbone whose tokenizer has a chat template: system messages and earlier turns are honoured, and its
+    rendering is the prompt (a prefix's prompt template is not applied on top)."""
+    from transformers import AutoTokenizer
+
+    from server.routes.chat import ChatBody, _prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": [{"type": "text", "text": "bye"}]},
+    ]
+    body = ChatBody.model_validate({"model": PREFIX, "messages": messages})
+    prompt = _prompt(body, tokenizer, PREFIX, is_prefix=True)
+    assert callable(prompt)
+    expected = "system: be brief\nuser: hi\nassistant: hello\nuser: bye\nassistant:"
+    assert prompt(TEMPLATE) == prompt(None) == expected
