@@ -57,20 +57,22 @@ class ChatBody(DecodingOptions, VllmSampling):
     max_tokens: int | None = Field(
         None, strict=True, ge=1, le=100_000, description="OpenAI's older name; max_completion_tokens wins"
     )
-    temperature: float | None = Field(1.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
-    top_p: float | None = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    temperature: float | None = Field(
+        1.0, strict=True, ge=0, le=100, allow_inf_nan=False, description="0 = greedy"
+    )
+    top_p: float | None = Field(1.0, strict=True, gt=0, le=1, allow_inf_nan=False)
     stop: generation.StopString | generation.StopList | None = None
     seed: int | None = Field(None, strict=True, ge=0, le=2**63 - 1)
-    stream: bool = Field(False, strict=True)
+    stream: bool | None = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     logprobs: bool | None = Field(False, strict=True, description="each token's log-probability")  # type: ignore[assignment]
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=MAX_LOGPROBS)
-    user: str | None = Field(None, max_length=256, description="logged with the request")
+    user: str | None = Field(None, strict=True, max_length=256, description="logged with the request")
     add_generation_prompt: bool = Field(True, strict=True, description="vLLM's, for a chat template")
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be absent, null or {}")
     tools: list[Any] | None = Field(None, description="not supported: must be absent or null")
     tool_choice: Any = Field(None, description='not supported: absent, null or "none"')
-    parallel_tool_calls: bool | None = Field(None, description="not supported: absent or null")
+    parallel_tool_calls: bool | None = Field(None, strict=True, description="not supported: absent or null")
     functions: list[Any] | None = Field(None, description="not supported: must be absent or null")
     function_call: Any = Field(None, description='not supported: absent, null or "none"')
     response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
@@ -118,7 +120,7 @@ async def chat_completions(body: ChatBody, principal: CurrentPrincipal, http_req
         for one in per_completion(params, body.n):
             gens.append(
                 await generation.start(
-                    state, principal, prefix_id, prompt, one, body.stream, fill_context=limit is None
+                    state, principal, prefix_id, prompt, one, bool(body.stream), fill_context=limit is None
                 )
             )
     except ServiceError:
