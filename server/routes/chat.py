@@ -78,8 +78,16 @@ class ChatBody(DecodingOptions, VllmSampling):
     response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
 
     @model_validator(mode="after")
-    def _refuse_unsupported(self) -> ChatBody:
-        refused = [
+    def _check_pairs(self) -> ChatBody:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
+        return self
+
+    def unsupported(self) -> list[str]:
+        """The fields sent that plain text generation cannot honour."""
+        return [
             name
             for name, is_set in (
                 ("tools", bool(self.tools)),
@@ -92,13 +100,6 @@ class ChatBody(DecodingOptions, VllmSampling):
             )
             if is_set
         ]
-        if refused:
-            raise ValueError(f"{', '.join(refused)}: not supported (plain text generation only); send none")
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options needs stream: true")
-        return self
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -109,6 +110,12 @@ async def chat_completions(body: ChatBody, principal: CurrentPrincipal, http_req
     """OpenAI's chat completions: n choices of one conversation."""
     state = http_request.app.state
     engine = state.engine
+    if refused := body.unsupported():
+        raise ServiceError(
+            400,
+            "unsupported_field",
+            f"{', '.join(refused)}: not supported (plain text generation only); send none",
+        )
     prefix_id = _prefix_id(body.model, engine.backbone.name)
     prompt = _prompt(body, engine.backbone.tokenizer, body.model, prefix_id is not None)
     limit = body.max_completion_tokens or body.max_tokens

@@ -281,10 +281,10 @@ COMPLETION = {"model": PREFIX, "prompt": SOURCE, "max_tokens": 4}
         (
             "/v1/chat/completions",
             {"tools": [{"type": "function", "function": {"name": "f"}}]},
-            422,
+            400,
             ["tools"],
         ),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, 422, ["response_format"]),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, 400, ["response_format"]),
         ("/v1/chat/completions", {"top_logprobs": 2}, 422, ["top_logprobs", "logprobs"]),
         ("/v1/chat/completions", {"model": BARE}, 400, ["prompt_template", "/v1/completions"]),
         ("/v1/chat/completions", {"stream": "true"}, 422, ["stream"]),
