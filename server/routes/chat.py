@@ -148,20 +148,19 @@ async def chat_completions(body: ChatBody, principal: CurrentPrincipal, http_req
         results = await asyncio.gather(*(generation.run_to_end(state, g, http_request) for g in gens))
     finally:  # one choice failed (timeout, disconnect): the others must not hold their slots
         generation.abort_unfinished(state, gens)
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": result.text},
-            "logprobs": None
-            if texts is None
-            else {"content": [_logprob(o, texts) for o in result.token_outputs]},
-            "finish_reason": result.last.finish_reason,
-        }
-        for i, result in enumerate(results)
-    ]
     prompt_tokens = results[0].last.num_prompt_tokens  # the n choices share the prompt
     usage = openai_fields.usage(prompt_tokens, sum(len(r.token_ids) for r in results))
-    return {**head, "choices": choices, "usage": usage}
+    return {**head, "choices": [_choice(i, r, texts) for i, r in enumerate(results)], "usage": usage}
+
+
+def _choice(index: int, result: generation.Collected, texts: TokenTexts | None) -> dict[str, Any]:
+    logprobs = None if texts is None else {"content": [_logprob(o, texts) for o in result.token_outputs]}
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": result.text},
+        "logprobs": logprobs,
+        "finish_reason": result.last.finish_reason,
+    }
 
 
 def _bad(message: str) -> ServiceError:
