@@ -224,8 +224,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line gets the id
     install_error_handlers(app)
 
-    from server.routes import admin, completions, generate, ops, prefixes, tenants
+    from server.routes import admin, chat, completions, generate, ops, prefixes, tenants, tokens
 
-    for module in (generate, completions, prefixes, tenants, ops, admin):
+    for module in (generate, completions, chat, tokens, prefixes, tenants, ops, admin):
         app.include_router(module.router)
     return app

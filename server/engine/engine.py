@@ -446,7 +446,13 @@ class Engine:
         stream = _Stream(
             asyncio.get_running_loop(),
             asyncio.Queue(),
-            IncrementalText(self._detokenizer, params.stop, self._token_bytes),
+            IncrementalText(
+                self._detokenizer,
+                params.stop,
+                self._token_bytes,
+                params.include_stop_str_in_output,
+                params.min_tokens,
+            ),
             each_token,
         )
         with self._lock:  # the loop sets loop_error before it fails what the scheduler holds (_fail_all)

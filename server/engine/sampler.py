@@ -405,6 +405,9 @@ class Sampler:
         penalised = [i for i, r in enumerate(requests) if r.params.has_penalties]
         if penalised:
             logits = self._penalise(logits, requests, penalised)
+        held = [i for i, r in enumerate(requests) if len(r.output_token_ids) < r.params.min_tokens]
+        if held:
+            logits = self._hold_stops(logits, requests, held)
         num_top = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
         sampled = [i for i, r in enumerate(requests) if not r.params.is_greedy and forced[i] is None]
         vocab = logits.shape[-1]
@@ -572,6 +575,20 @@ class Sampler:
             self._as_tensor([p.frequency_penalty for p in params], torch.float32),
         )
         return logits.index_copy(0, index, penalised)
+
+    def _hold_stops(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
+        """vLLM's min_tokens (HF's min_new_tokens): a row short of its minimum cannot end, so its EOS (unless it
+        ignores EOS) and its stop token ids are masked."""
+        vocab = logits.shape[-1]
+        cells = []
+        for i in rows:
+            params = requests[i].params
+            eos = () if params.ignore_eos else tuple(self.rules.eos_token_ids)
+            cells += [(i, t) for t in sorted({*eos, *params.stop_token_ids}) if t < vocab]
+        if not cells:
+            return logits
+        row_index, column_index = (self._as_tensor(list(c)) for c in zip(*cells, strict=True))
+        return logits.index_put((row_index, column_index), logits.new_tensor(NEG_INF))
 
     def _as_tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """A host list as a device tensor: a host->device copy, never a wait."""

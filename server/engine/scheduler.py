@@ -254,7 +254,9 @@ class Scheduler:
                 request.finish("stop")
                 continue
             request.output_token_ids.append(token_id)
-            if len(request.output_token_ids) >= request.params.max_new_tokens:
+            if token_id in request.params.stop_token_ids:
+                request.finish("stop")
+            elif len(request.output_token_ids) >= request.params.max_new_tokens:
                 request.finish("length")
 
     def _update_beams(self, request: Request, result: BeamResult) -> None:
