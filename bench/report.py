@@ -41,6 +41,16 @@ def rate(figure: dict[str, Any]) -> str:
     return f"{figure['median']:.1f} ({figure['min']:.1f}–{figure['max']:.1f})"
 
 
+def shape(model: dict[str, Any]) -> str:
+    """The backbone's shape in words; records from before the Llama family name none and are GPT-2."""
+    if model.get("family", "gpt2") == "gpt2":
+        return f"GPT-2 shape {model['layers']} layers × {model['width']} wide"
+    return (
+        f"Llama shape {model['layers']} layers × {model['width']} wide, {model['heads']} query heads over "
+        f"{model['kv_heads']} key/value heads"
+    )
+
+
 def throughput(name: str) -> list[str]:
     record = load(name)
     if record is None:
@@ -52,7 +62,7 @@ def throughput(name: str) -> list[str]:
         "" if f["peft_requests"] == f["requests"] else f" (PEFT timed on the first {f['peft_requests']})"
     )
     lines = [
-        f"GPT-2 shape {model['layers']} layers × {model['width']} wide, vocab {model['vocab']:,}, {f['device']}, "
+        f"{shape(model)}, vocab {model['vocab']:,}, {f['device']}, "
         f"{f['threads']} torch thread{'' if f['threads'] == 1 else 's'}: {f['requests']} requests over {f['prefixes']} PEFT adapters "
         f"(P {f['prefix_lengths'][0]}–{f['prefix_lengths'][1]}){peft_note}, up to {f['max_new_tokens']} new "
         f"tokens each, ending at EOS; tokens/s = tokens returned / wall time, median (range) of "
@@ -271,6 +281,11 @@ def render() -> str:
     sections = [
         ("**Throughput**", throughput("throughput")),
         ("**Throughput, GPT-2-small shape**", throughput("throughput-gpt2-small")),
+        ("**Throughput, Llama shape (grouped-query attention)**", throughput("throughput-llama")),
+        (
+            "**Throughput, GPT-2 shape beside the Llama run (same host, same load)**",
+            throughput("throughput-gpt2-beside-llama"),
+        ),
         ("**On a GPU: GPT-2-medium shape, decode steps as CUDA graphs**", throughput("gpu-medium")),
         ("**On a GPU: GPT-2-medium shape, eager (before CUDA graphs)**", throughput("gpu-medium-eager")),
         ("**On a GPU: GPT-2-small shape, 256 concurrent requests, CUDA graphs**", throughput("gpu-small")),

@@ -13,7 +13,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", extra="ignore")
 
     model: str = Field(
-        "models/demo-gpt2", description="HF directory: a GPT-2-family causal LM or a BART seq2seq model"
+        "models/demo-gpt2",
+        description="local HF directory (save_pretrained): a GPT-2, Llama, Qwen2 or Mistral causal LM, "
+        "or a BART seq2seq model",
     )
     store: str = Field("var/prefixes", description="directory, file://DIR, or redis://host:port/db")
     store_timeout: float = Field(
@@ -69,7 +71,7 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(
         True,
-        description="on CUDA, replay GPT-2 decode steps as CUDA graphs (captured per batch/length bucket on "
+        description="on CUDA, replay decode steps (GPT-2, Llama, Qwen2, Mistral) as CUDA graphs (captured per batch/length bucket on "
         "first use); false = launch every kernel eagerly. BART and CPU always run eagerly",
     )
     runner_process: bool = Field(
