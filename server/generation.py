@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -16,8 +15,7 @@ from fastapi import Request as HttpRequest
 from pydantic import Field
 
 from prefix_store.cache import DevicePrefix, PrefixNotFound
-from prefix_store.format import apply_template
-from prefix_store.store import InvalidId, StoreUnavailable, split_id
+from prefix_store.store import InvalidId, PrefixMeta, StoreUnavailable, split_id
 from server.auth import Principal
 from server.engine.engine import EngineUnavailable, PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
@@ -26,8 +24,6 @@ from server.logs import request_id_var
 from server.quotas import QuotaExceeded, TenantSettings
 
 log = logging.getLogger("prefixserve.generation")
-
-_TOKENIZE_LOCK = threading.Lock()
 
 MAX_STOP_STRINGS = 16
 StopString = Annotated[str, Field(max_length=1000, description="generation stops before this text")]
@@ -53,18 +49,37 @@ def _store_unavailable(exc: StoreUnavailable) -> ServiceError:
     return ServiceError(503, "store_unavailable", f"the prefix store is unreachable ({exc}); retry shortly")
 
 
+# A stored record's metadata as the store keeps it: parsed when another tenant's id is missing (_public_meta)
+_STAND_IN = json.dumps(
+    PrefixMeta(
+        id="tenant/name", tenant="tenant", name="name", num_virtual_tokens=1, bytes=1, dtype="float32",
+        sha256="0" * 64, source="native", targets=["decoder"], public=False, created_at=0.0, updated_at=0.0,
+        model_type="gpt2", prompt_template=" {source} <|endoftext|>", extra={"data_file": "name.safetensors"},
+    ).to_dict()
+)  # fmt: skip
+
+
+def public_meta(store: Any, prefix_id: str) -> PrefixMeta | None:
+    """Another tenant's prefix, when it is public. A missing id parses a stand-in record, the work a private
+    one costs, so the time of the 404 does not tell whether another tenant has a prefix by that name."""
+    meta = store.get_meta(prefix_id)
+    if meta is None:
+        PrefixMeta.from_dict(json.loads(_STAND_IN))
+        return None
+    return meta if meta.public else None
+
+
 async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> DevicePrefix:
     try:
         tenant, _ = split_id(prefix_id)
     except InvalidId as exc:
         raise ServiceError(400, "invalid_prefix_id", str(exc)) from exc
     try:
-        if not principal.is_admin and tenant != principal.tenant:
-            # another tenant's id: only a public prefix may be used. Checked before touching the device
-            # cache, so a foreign private prefix is never loaded (no cache churn, no hit/miss hint).
-            meta = await asyncio.to_thread(state.store.get_meta, prefix_id)
-            if meta is None or not meta.public:
-                raise not_found(prefix_id)
+        # another tenant's id: only a public prefix may be used. Checked before touching the device cache, so
+        # a foreign private prefix is never loaded (no cache churn, no hit/miss hint).
+        is_foreign = not principal.is_admin and tenant != principal.tenant
+        if is_foreign and await asyncio.to_thread(public_meta, state.store, prefix_id) is None:
+            raise not_found(prefix_id)
         prefix = await asyncio.to_thread(state.cache.acquire, prefix_id)
     except PrefixNotFound:
         raise not_found(prefix_id) from None
@@ -86,13 +101,18 @@ async def _admit(state: Any, principal: Principal, tenant: str) -> tuple[TenantS
     (refused with 429 quota_exceeded if it goes over them). The admin has no quotas."""
     if principal.is_admin:
         return TenantSettings(), False
-    settings = await asyncio.to_thread(state.quotas.settings, tenant)
-    if settings.requests_per_minute is None and settings.tokens_per_minute is None:
-        return settings, False
     try:
-        return settings, await asyncio.to_thread(state.quotas.admit, tenant, settings)
+        return await asyncio.to_thread(_settings_and_admit, state.quotas, tenant)
     except QuotaExceeded as exc:
         raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
+
+
+def _settings_and_admit(quotas: Any, tenant: str) -> tuple[TenantSettings, bool]:
+    # one trip off the event loop for both store reads: a refused request costs one thread hand-over
+    settings = quotas.settings(tenant)
+    if settings.requests_per_minute is None and settings.tokens_per_minute is None:
+        return settings, False
+    return settings, quotas.admit(tenant, settings)
 
 
 async def start(
@@ -102,16 +122,22 @@ async def start(
     prompt: str,
     params: SamplingParams,
     streamed: bool = True,
+    special_tokens: bool = False,
 ) -> Generation:
     """Validate and queue a generation; `streamed` False: its outputs are read only once it is finished (a
-    whole response), so they are handed over together. Raises ServiceError (404, 422, 429, 503)."""
+    whole response), so they are handed over together; `special_tokens`: special tokens spelled in the prompt
+    are those tokens (else plain text). Raises ServiceError (404, 422, 429, 503)."""
     if getattr(state, "draining", False):
         raise ServiceError(
             503, "draining", "this replica is shutting down; retry on another one", {"Retry-After": "1"}
         )
+    try:  # refused by its length alone, before anything is read or counted
+        state.prompts.check_length(None, prompt)
+    except PromptTooLong as exc:
+        raise ServiceError(422, "prompt_too_long", str(exc)) from exc
     state.num_starting = getattr(state, "num_starting", 0) + 1  # the drain waits for these too
     try:
-        return await _start(state, principal, prefix_id, prompt, params, streamed)
+        return await _start(state, principal, prefix_id, prompt, params, streamed, special_tokens)
     finally:
         state.num_starting -= 1
 
@@ -123,11 +149,14 @@ async def _start(
     prompt: str,
     params: SamplingParams,
     streamed: bool,
+    special_tokens: bool,
 ) -> Generation:
     tenant = principal.tenant or "admin"
     settings, is_counted = await _admit(state, principal, tenant)
     try:
-        gen = await _queue(state, principal, tenant, settings, prefix_id, prompt, params, streamed)
+        gen = await _queue(
+            state, principal, tenant, settings, prefix_id, prompt, params, streamed, special_tokens
+        )
     except BaseException:
         if is_counted:  # refused after all: the request does not count against the quota
             _in_background(state.quotas.count, tenant, -1, 0)
@@ -146,6 +175,7 @@ async def _queue(
     prompt: str,
     params: SamplingParams,
     streamed: bool,
+    special_tokens: bool,
 ) -> Generation:
     engine = state.engine
     if params.num_beams > engine.config.max_num_seqs:
@@ -155,19 +185,16 @@ async def _queue(
             f"num_beams {params.num_beams} is over this server's {engine.config.max_num_seqs} sequences per "
             "step (--max-num-seqs): a beam group runs as num_beams sequences",
         )
+    _check_room(state, tenant, settings)  # a refusal costs no prefix load and no tokenizing
     prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
     try:
-        if prefix is not None:
-            prompt = apply_template(prefix.meta.prompt_template, prompt)
-        token_ids = await asyncio.to_thread(tokenize, engine, prompt)
+        template = None if prefix is None else prefix.meta.prompt_template
+        token_ids = await state.prompts.encode(template, prompt, special_tokens)
         engine.check_fits(
             len(token_ids), 0 if prefix is None else prefix.num_virtual_tokens, params.max_new_tokens
         )
         # no await from this check to add(): concurrent requests of one tenant cannot both slip under it
-        if settings.max_concurrent is not None:
-            load = engine.tenant_load().get(tenant)
-            num_active = 0 if load is None else load.num_running + load.num_waiting
-            state.quotas.check_concurrent(tenant, settings, num_active)
+        _check_concurrent(state, tenant, settings)
         request = engine.add(
             token_ids,
             params,
@@ -198,16 +225,27 @@ async def _queue(
     return Generation(request, prefix_id, stream, counts_usage=not principal.is_admin)
 
 
+def _check_room(state: Any, tenant: str, settings: TenantSettings) -> None:
+    """Refuse now (429) what engine.add would refuse: the tenant's max_concurrent, or a full queue."""
+    try:
+        _check_concurrent(state, tenant, settings)
+        state.engine.check_room(tenant, settings.weight)
+    except QuotaExceeded as exc:
+        raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
+    except QueueFull as exc:
+        raise _refuse(state, tenant, exc.code, str(exc), 1) from exc
+
+
+def _check_concurrent(state: Any, tenant: str, settings: TenantSettings) -> None:
+    if settings.max_concurrent is not None:
+        load = state.engine.tenant_load().get(tenant)
+        num_active = 0 if load is None else load.num_running + load.num_waiting
+        state.quotas.check_concurrent(tenant, settings, num_active)
+
+
 def _in_background(fn: Any, *args: Any) -> None:
     """Usage counting (a Redis round trip) off the request's path; nothing waits for it."""
     asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
-def tokenize(engine: Any, prompt: str) -> list[int]:
-    """Off the event loop (a long prompt takes a while), one at a time: a HF fast tokenizer shared by
-    threads can fail with "Already borrowed" when calls overlap."""
-    with _TOKENIZE_LOCK:
-        return engine.tokenize(prompt)
 
 
 def _release(state: Any, prefix: DevicePrefix | None) -> None:

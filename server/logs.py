@@ -10,7 +10,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-# The id of the HTTP request being handled; set by RequestIdMiddleware for the request's task, so every
+# The id of the HTTP request being handled; set by FrontMiddleware (server/front.py) for the request's task, so every
 # line logged while handling it (handlers, the access log, errors) carries it. The engine thread logs it
 # through `extra={"request_id": ...}` (Request.trace_id).
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -24,33 +24,6 @@ def sanitise_request_id(value: str | None) -> str:
     if value is not None and _SAFE_ID.fullmatch(value):
         return value
     return uuid.uuid4().hex
-
-
-class RequestIdMiddleware:
-    """Pure ASGI: take X-Request-Id (sanitised) or generate one, keep it for the request's logs, return it."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope.get("headers") or []).get(b"x-request-id")
-        request_id = sanitise_request_id(given.decode("latin-1") if given is not None else None)
-        scope.setdefault("state", {})["request_id"] = request_id
-        token = request_id_var.set(request_id)
-
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
 
 
 class _RequestIdFilter(logging.Filter):

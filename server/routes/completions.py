@@ -33,7 +33,7 @@ router = APIRouter(tags=["openai"])
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = Field(False, description="a last chunk with usage and no choices")
 
@@ -41,11 +41,11 @@ class StreamOptions(BaseModel):
 class CompletionBody(DecodingOptions):
     """OpenAI's legacy completions fields: each honoured or refused by name; unknown fields are a 422."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(..., max_length=200, description="a prefix id <tenant>/<name>, or the backbone's name")
     prompt: str | list[str] = Field(..., description="a string or up to 32 strings")
-    max_tokens: int = Field(16, ge=1, le=100_000)
+    max_tokens: int | None = Field(16, ge=1, le=100_000, description="null = 16, OpenAI's default")
     temperature: float = Field(
         1.0, ge=0, le=100, allow_inf_nan=False, description="OpenAI's default is 1 (sampling); 0 = greedy"
     )
@@ -79,7 +79,7 @@ class CompletionBody(DecodingOptions):
 def _params(body: CompletionBody) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return generation.sampling_params(
-        max_new_tokens=body.max_tokens,
+        max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
@@ -222,25 +222,53 @@ def _prefix_id(model: str, backbone_name: str) -> str | None:
     return model
 
 
+def _backbone_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "prefixserve"}
+
+
+def _prefix_card(meta: Any, backbone_name: str) -> dict[str, Any]:
+    return {
+        "id": meta.id,
+        "object": "model",
+        "created": int(meta.created_at),
+        "owned_by": meta.tenant,
+        "parent": backbone_name,
+    }
+
+
 @router.get("/v1/models")
 async def models(request: Request, principal: CurrentPrincipal) -> dict[str, Any]:
     """The backbone and the prefixes this key can generate with (first 1000)."""
     state = request.app.state
-    data = [{"id": state.engine.backbone.name, "object": "model", "created": 0, "owned_by": "prefixserve"}]
+    data = [_backbone_card(state.engine.backbone.name)]
     try:
         page, _ = await asyncio.to_thread(
             state.store.list, principal.tenant, 1000, None, not principal.is_admin
         )
     except StoreUnavailable as exc:
         raise ServiceError(503, "store_unavailable", f"the prefix store is unreachable ({exc})") from exc
-    data += [
-        {
-            "id": m.id,
-            "object": "model",
-            "created": int(m.created_at),
-            "owned_by": m.tenant,
-            "parent": data[0]["id"],
-        }
-        for m in page
-    ]
+    data += [_prefix_card(m, data[0]["id"]) for m in page]
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model:path}")
+async def model(model: str, request: Request, principal: CurrentPrincipal) -> dict[str, Any]:
+    """One model (OpenAI's models.retrieve): the backbone, or a prefix this key can generate with."""
+    backbone = request.app.state.engine.backbone.name
+    prefix_id = _prefix_id(model, backbone)
+    if prefix_id is None:
+        return _backbone_card(backbone)
+    store = request.app.state.store
+    tenant, _ = split_id(prefix_id)
+    try:
+        if principal.is_admin or tenant == principal.tenant:
+            meta = await asyncio.to_thread(store.get_meta, prefix_id)
+        else:
+            meta = await asyncio.to_thread(generation.public_meta, store, prefix_id)
+    except StoreUnavailable as exc:
+        raise ServiceError(503, "store_unavailable", f"the prefix store is unreachable ({exc})") from exc
+    if meta is None:
+        raise ServiceError(
+            404, "model_not_found", f"no model {model!r} that this key can use (GET /v1/models lists them)"
+        )
+    return _prefix_card(meta, backbone)

@@ -19,7 +19,7 @@ router = APIRouter(tags=["generation"])
 
 
 class GenerateBody(DecodingOptions):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prefix: str | None = Field(None, description="prefix id <tenant>/<name>; null for the bare backbone")
     prompt: str = Field(..., max_length=1_000_000)
@@ -37,6 +37,11 @@ class GenerateBody(DecodingOptions):
     stop: generation.StopList = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
+    special_tokens: bool = Field(
+        False,
+        description="text in the prompt that spells a special token (e.g. <|endoftext|>) is that token; by "
+        "default it is plain text (the prefix's template keeps its own special tokens either way)",
+    )
 
 
 class Usage(BaseModel):
@@ -84,7 +89,13 @@ async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request
         for completion_params in per_completion(params, body.n):
             gens.append(
                 await generation.start(
-                    state, principal, body.prefix, body.prompt, completion_params, body.stream
+                    state,
+                    principal,
+                    body.prefix,
+                    body.prompt,
+                    completion_params,
+                    body.stream,
+                    body.special_tokens,
                 )
             )
     except ServiceError:
