@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import ORJSONResponse
 
 from prefix_store.cache import PrefixCache
 from prefix_store.store import open_store
@@ -21,7 +20,7 @@ from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.kv_cache import available_memory, kv_budget
 from server.engine.transfer import upload
-from server.errors import install_error_handlers
+from server.errors import FastJSONResponse, install_error_handlers
 from server.front import FrontMiddleware
 from server.metrics import Metrics
 from server.prompts import Prompts
@@ -164,7 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         redirect_slashes=False,
-        default_response_class=ORJSONResponse,
+        default_response_class=FastJSONResponse,
     )
     app.state.settings = settings
     app.state.engine = None

@@ -120,9 +120,18 @@ async def get_principal(request: Request) -> Principal:
     header = request.headers.get("authorization")
     admin_key = state.settings.admin_key
     known = getattr(state, "known_keys", None)
-    if admin_key is not None and header is not None and header[7:].strip().startswith(KEY_PREFIX):
+    if needs_store(header, admin_key):
         return await asyncio.to_thread(authenticate, header, admin_key, state.store, known)
     return authenticate(header, admin_key, state.store, known)
+
+
+def needs_store(authorization: str | None, admin_key: str | None) -> bool:
+    """Whether authenticate() will look the key up in the store (a tenant key, auth on)."""
+    return (
+        admin_key is not None
+        and authorization is not None
+        and authorization[7:].strip().startswith(KEY_PREFIX)
+    )
 
 
 async def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, ORJSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -24,10 +25,19 @@ class ServiceError(Exception):
         self.headers = headers
 
 
+class FastJSONResponse(JSONResponse):
+    """JSON rendered by orjson (several times faster than the json module; NaN and infinities become null)."""
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content)
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return ORJSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    return FastJSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
 
 
 def _describe(errors: list) -> str:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import json
 import logging
+import os
 import secrets
+import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Request as HttpRequest
@@ -16,11 +21,11 @@ from pydantic import Field
 
 from prefix_store.cache import DevicePrefix, PrefixNotFound
 from prefix_store.store import InvalidId, PrefixMeta, StoreUnavailable, split_id
-from server.auth import Principal
+from server.auth import Principal, authenticate, needs_store
 from server.engine.engine import EngineUnavailable, PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.errors import ServiceError
-from server.logs import request_id_var
+from server.logs import new_request_id, request_id_var
 from server.quotas import QuotaExceeded, TenantSettings
 
 log = logging.getLogger("prefixserve.generation")
@@ -28,6 +33,33 @@ log = logging.getLogger("prefixserve.generation")
 MAX_STOP_STRINGS = 16
 StopString = Annotated[str, Field(max_length=1000, description="generation stops before this text")]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who calls, and a tenant's settings read with its key (None for the admin)."""
+
+    principal: Principal
+    settings: TenantSettings | None
+
+
+async def identify(request: HttpRequest) -> Caller:
+    """The caller and its tenant's settings, in one trip off the event loop for both store reads (none when
+    the store is not needed: auth off, the admin key, a refused header)."""
+    state = request.app.state
+    header = request.headers.get("authorization")
+    admin_key = state.settings.admin_key
+    if header is None or not needs_store(header, admin_key):
+        return Caller(authenticate(header, admin_key, state.store), None)
+    return await asyncio.to_thread(_identify, state, header)
+
+
+def _identify(state: Any, header: str) -> Caller:
+    principal = authenticate(
+        header, state.settings.admin_key, state.store, getattr(state, "known_keys", None)
+    )
+    settings = None if principal.tenant is None else state.quotas.settings(principal.tenant)
+    return Caller(principal, settings)
 
 
 @dataclass
@@ -60,13 +92,23 @@ _STAND_IN = json.dumps(
 
 
 def public_meta(store: Any, prefix_id: str) -> PrefixMeta | None:
-    """Another tenant's prefix, when it is public. A missing id parses a stand-in record, the work a private
-    one costs, so the time of the 404 does not tell whether another tenant has a prefix by that name."""
+    """Another tenant's prefix, when it is public. A missing id reads and parses a stand-in record from a file,
+    the work a private one costs, so the time of the 404 does not tell whether another tenant has a prefix
+    by that name."""
     meta = store.get_meta(prefix_id)
     if meta is None:
-        PrefixMeta.from_dict(json.loads(_STAND_IN))
+        PrefixMeta.from_dict(json.loads(_stand_in_path().read_bytes()))
         return None
     return meta if meta.public else None
+
+
+@functools.cache
+def _stand_in_path() -> Path:
+    fd, name = tempfile.mkstemp(prefix="prefixserve-stand-in-", suffix=".json")
+    os.write(fd, _STAND_IN.encode())
+    os.close(fd)
+    atexit.register(os.unlink, name)
+    return Path(name)
 
 
 async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> DevicePrefix:
@@ -96,21 +138,29 @@ def _refuse(state: Any, tenant: str, code: str, message: str, retry_after: int) 
     return ServiceError(429, code, message, {"Retry-After": str(retry_after)})
 
 
-async def _admit(state: Any, principal: Principal, tenant: str) -> tuple[TenantSettings, bool]:
+async def _admit(
+    state: Any, principal: Principal, tenant: str, settings: TenantSettings | None
+) -> tuple[TenantSettings, bool]:
     """The tenant's weight and quotas, and whether this request was counted against its per-minute quotas
     (refused with 429 quota_exceeded if it goes over them). The admin has no quotas."""
     if principal.is_admin:
         return TenantSettings(), False
+    if settings is not None and not settings.has_rate_quotas:
+        return settings, False
     try:
-        return await asyncio.to_thread(_settings_and_admit, state.quotas, tenant)
+        if settings is not None and state.quotas.counts_here:  # nothing to wait for: no thread
+            return settings, state.quotas.admit(tenant, settings)
+        return await asyncio.to_thread(_settings_and_admit, state.quotas, tenant, settings)
     except QuotaExceeded as exc:
         raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
 
 
-def _settings_and_admit(quotas: Any, tenant: str) -> tuple[TenantSettings, bool]:
+def _settings_and_admit(
+    quotas: Any, tenant: str, settings: TenantSettings | None
+) -> tuple[TenantSettings, bool]:
     # one trip off the event loop for both store reads: a refused request costs one thread hand-over
-    settings = quotas.settings(tenant)
-    if settings.requests_per_minute is None and settings.tokens_per_minute is None:
+    settings = settings or quotas.settings(tenant)
+    if not settings.has_rate_quotas:
         return settings, False
     return settings, quotas.admit(tenant, settings)
 
@@ -123,10 +173,12 @@ async def start(
     params: SamplingParams,
     streamed: bool = True,
     special_tokens: bool = False,
+    settings: TenantSettings | None = None,
 ) -> Generation:
     """Validate and queue a generation; `streamed` False: its outputs are read only once it is finished (a
     whole response), so they are handed over together; `special_tokens`: special tokens spelled in the prompt
-    are those tokens (else plain text). Raises ServiceError (404, 422, 429, 503)."""
+    are those tokens (else plain text); `settings`: the tenant's, when already read (identify). Raises
+    ServiceError (404, 422, 429, 503)."""
     if getattr(state, "draining", False):
         raise ServiceError(
             503, "draining", "this replica is shutting down; retry on another one", {"Retry-After": "1"}
@@ -137,7 +189,7 @@ async def start(
         raise ServiceError(422, "prompt_too_long", str(exc)) from exc
     state.num_starting = getattr(state, "num_starting", 0) + 1  # the drain waits for these too
     try:
-        return await _start(state, principal, prefix_id, prompt, params, streamed, special_tokens)
+        return await _start(state, principal, prefix_id, prompt, params, streamed, special_tokens, settings)
     finally:
         state.num_starting -= 1
 
@@ -150,9 +202,10 @@ async def _start(
     params: SamplingParams,
     streamed: bool,
     special_tokens: bool,
+    known_settings: TenantSettings | None,
 ) -> Generation:
     tenant = principal.tenant or "admin"
-    settings, is_counted = await _admit(state, principal, tenant)
+    settings, is_counted = await _admit(state, principal, tenant, known_settings)
     try:
         gen = await _queue(
             state, principal, tenant, settings, prefix_id, prompt, params, streamed, special_tokens
@@ -202,6 +255,7 @@ async def _queue(
             prefix_id,
             tenant,
             weight=settings.weight,
+            request_id=new_request_id(),
             trace_id=request_id_var.get(),
             each_token=streamed,
         )

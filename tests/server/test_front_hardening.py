@@ -293,3 +293,21 @@ def test_a_slow_body_is_cut_off_with_408(server: ServerProcess, admin: httpx.Cli
     assert error["code"] == "body_timeout"
     assert b"connection: close" in answer.lower()
     assert admin.get("/v1/prefixes/alpha/slow").status_code == 404  # nothing stored
+
+
+# -- another tenant's existing vs missing prefix (item 9) ------------------------------------------------------
+def test_a_missing_foreign_prefix_costs_what_a_private_one_does(tmp_path: Path, monkeypatch) -> None:
+    from server import generation
+
+    store = LocalStore(tmp_path)
+    data = native_prefix()
+    store.put(make_meta("beta/secret", load_prefix(data), data, "native", False), data)
+    reads: list[str] = []
+    real_get_meta = store.get_meta
+    monkeypatch.setattr(store, "get_meta", lambda pid: reads.append(pid) or real_get_meta(pid))
+    real_stand_in = generation._stand_in_path
+    monkeypatch.setattr(generation, "_stand_in_path", lambda: reads.append("stand-in") or real_stand_in())
+    assert generation.public_meta(store, "beta/secret") is None
+    assert reads == ["beta/secret"]  # found: one record read and parsed
+    assert generation.public_meta(store, "beta/missing") is None
+    assert reads[1:] == ["beta/missing", "stand-in"]  # missing: the stand-in record read and parsed instead
