@@ -117,9 +117,8 @@ class FrontMiddleware:
         if not methods:
             await _send_json(send, 404, {"error": {"code": "not_found", "message": "Not Found"}})
             return
-        headers = [(b"allow", ", ".join(methods).encode()), (b"content-length", b"0")]
-        await send({"type": "http.response.start", "status": 204, "headers": headers})
-        await send({"type": "http.response.body", "body": b""})
+        # 200 with the list as JSON too: every answer of this API is JSON
+        await _send_json(send, 200, {"allow": methods}, [(b"allow", ", ".join(methods).encode())])
 
     async def _cut_off(self, exc: Exception, send: Any) -> None:
         if isinstance(exc, ClientDisconnect):
@@ -160,9 +159,12 @@ def allowed_methods(scope: dict) -> list[str]:
     return sorted(methods | {"OPTIONS"}) if methods else []
 
 
-async def _send_json(send: Any, status: int, data: dict, close: bool = False) -> None:
+async def _send_json(
+    send: Any, status: int, data: dict, extra: list[tuple[bytes, bytes]] | None = None, close: bool = False
+) -> None:
     body = orjson.dumps(data)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += extra or []
     if close:  # the rest of a slow body is not waited for: the connection ends with this answer
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -81,7 +81,7 @@ def _store_unavailable(exc: StoreUnavailable) -> ServiceError:
     return ServiceError(503, "store_unavailable", f"the prefix store is unreachable ({exc}); retry shortly")
 
 
-# A stored record's metadata as the store keeps it: parsed when another tenant's id is missing (_public_meta)
+# A stored record's metadata as the store keeps it: read and parsed when another tenant's id is missing (public_meta)
 _STAND_IN = json.dumps(
     PrefixMeta(
         id="tenant/name", tenant="tenant", name="name", num_virtual_tokens=1, bytes=1, dtype="float32",
