@@ -330,9 +330,11 @@ def validate(
             f"the prefix has {num_tokens} virtual tokens; this server accepts 1 to {max_virtual_tokens} "
             "(PREFIXSERVE_MAX_PREFIX_TOKENS)",
         )
-    if prefix.prompt_template is not None and "{source}" not in prefix.prompt_template:
+    # once: a template that repeats the client's text multiplies what every request makes the server tokenize
+    if prefix.prompt_template is not None and (count := prefix.prompt_template.count("{source}")) != 1:
         raise PrefixFormatError(
-            "bad_prompt_template", "prompt_template must contain the placeholder {source}"
+            "bad_prompt_template",
+            f"prompt_template must contain the placeholder {{source}} exactly once (it has {count})",
         )
 
 

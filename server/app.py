@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from prefix_store.cache import PrefixCache
 from prefix_store.store import open_store
@@ -20,73 +20,14 @@ from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.kv_cache import available_memory, kv_budget
 from server.engine.transfer import upload
-from server.errors import BodyTooLarge, install_error_handlers
-from server.logs import RequestIdMiddleware
+from server.errors import FastJSONResponse, install_error_handlers
+from server.front import FrontMiddleware
 from server.metrics import Metrics
+from server.prompts import Prompts
 from server.quotas import Quotas
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("prefixserve")
-
-
-class LimitsMiddleware:
-    """Pure ASGI: refuse bodies over max_body_bytes (413), count requests by route and status, tag the replica."""
-
-    def __init__(self, app: Any, max_body_bytes: int, replica: str):
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.replica = replica.encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = {"code": 500, "started": False}
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        received = 0
-
-        async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyTooLarge
-            return message
-
-        async def tagged_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"], status["started"] = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-prefixserve-replica", self.replica)]
-            await send(message)
-
-        try:
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                raise BodyTooLarge
-            await self.app(scope, limited_receive, tagged_send)
-        except BodyTooLarge:
-            if status["started"]:
-                raise
-            await self._too_large(tagged_send)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
-            if metrics is not None:
-                metrics.requests.labels(endpoint, str(status["code"])).inc()
-
-    async def _too_large(self, send: Any) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "body_too_large",
-                    "message": f"the request body is over {self.max_body_bytes} bytes (PREFIXSERVE_MAX_BODY_BYTES)",
-                }
-            }
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
 
 def build_state(settings: Settings) -> SimpleNamespace:
@@ -129,6 +70,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
         on_forward=state.metrics.on_forward,
         runner=runner,
     )
+    state.prompts = Prompts(backbone.tokenizer, backbone.rules.bos_token_id, state.engine.max_model_len)
     log.info("%s", state.engine.runner.kv_plan.describe(settings.max_num_seqs))
     log.info("decode steps: %s", state.engine.runner.decode_mode)
     watch = getattr(state.store, "watch", None)
@@ -213,15 +155,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             state.engine.stop()
+            state.prompts.close()
             state.store.close()
 
-    app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
+    app = FastAPI(
+        title="prefixserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        default_response_class=FastJSONResponse,
+    )
     app.state.settings = settings
     app.state.engine = None
     app.state.draining = False
     replica = settings.replica_name or f"{socket.gethostname()}:{settings.port}"
-    app.add_middleware(LimitsMiddleware, max_body_bytes=settings.max_body_bytes, replica=replica)
-    app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line gets the id
+    app.add_middleware(
+        FrontMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
+        replica=replica,
+    )
+    if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
+        app.add_middleware(  # outermost: a browser's preflight is answered before anything else
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "X-Prefixserve-Replica", "Retry-After"],
+            max_age=600,
+        )
     install_error_handlers(app)
 
     from server.routes import admin, chat, completions, generate, ops, prefixes, tenants, tokens

@@ -7,6 +7,7 @@ PREFIXSERVE_ADMIN_KEY; when it is unset, auth is off and every caller is admin.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -122,17 +123,28 @@ def authenticate(
     raise _unauthorized("the key is not valid (revoked, mistyped, or for another deployment)")
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
+    """Who is calling. Only a tenant key needs the store (a thread, off the event loop); auth off, the admin
+    key and a malformed header are answered here, without one."""
     state = request.app.state
-    return authenticate(
-        request.headers.get("authorization"),
-        state.settings.admin_key,
-        state.store,
-        getattr(state, "known_keys", None),
+    header = request.headers.get("authorization")
+    admin_key = state.settings.admin_key
+    known = getattr(state, "known_keys", None)
+    if needs_store(header, admin_key):
+        return await asyncio.to_thread(authenticate, header, admin_key, state.store, known)
+    return authenticate(header, admin_key, state.store, known)
+
+
+def needs_store(authorization: str | None, admin_key: str | None) -> bool:
+    """Whether authenticate() will look the key up in the store (a tenant key, auth on)."""
+    return (
+        admin_key is not None
+        and authorization is not None
+        and authorization[7:].strip().startswith(KEY_PREFIX)
     )
 
 
-def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if not principal.is_admin:
         raise ServiceError(403, "forbidden", "this endpoint needs the admin key")
     return principal

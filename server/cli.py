@@ -52,10 +52,32 @@ def serve(settings: Settings) -> None:
     if settings.retain_host_memory:  # before the model loads: its tensors take the same allocator
         logging.getLogger("prefixserve").info("%s", retain_freed_memory(os.environ))
     app = create_app(settings)
+    logging.getLogger("prefixserve").info("%s", _http_stack())
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), log_config=None
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+        # uvloop and httptools (uvicorn[standard]) when importable: the per-request cost of the HTTP stack
+        # is mostly theirs, and asyncio's loop with the pure-Python h11 parser costs several times more
+        loop="auto",
+        http="auto",
     )
     DrainingServer(config, app, settings.drain_timeout).run()
+
+
+def _http_stack() -> str:
+    """Which event loop and HTTP parser uvicorn picks ("auto"), for the start-up log."""
+    import importlib.util
+
+    found = [name for name in ("uvloop", "httptools") if importlib.util.find_spec(name) is not None]
+    if len(found) == 2:
+        return "HTTP: uvloop event loop, httptools parser"
+    return (
+        f"HTTP: {' and '.join(found) or 'neither uvloop nor httptools'} installed; "
+        "pip install 'uvicorn[standard]' for the faster event loop and parser"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import json
 import logging
+import os
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Request as HttpRequest
 from pydantic import Field
 
 from prefix_store.cache import DevicePrefix, PrefixNotFound
-from prefix_store.format import apply_template
-from prefix_store.store import InvalidId, StoreUnavailable, split_id
-from server.auth import ADMIN_IDENTITY, Principal
+from prefix_store.store import InvalidId, PrefixMeta, StoreUnavailable, split_id
+from server.auth import ADMIN_IDENTITY, Principal, authenticate, needs_store
 from server.engine.engine import EngineUnavailable, PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.errors import ServiceError
-from server.logs import request_id_var
+from server.logs import new_request_id, request_id_var
 from server.quotas import QuotaExceeded, TenantSettings
 
 log = logging.getLogger("prefixserve.generation")
-
-_TOKENIZE_LOCK = threading.Lock()
 
 MAX_STOP_STRINGS = 16
 StopString = Annotated[str, Field(max_length=1000, description="generation stops before this text")]
@@ -35,6 +37,33 @@ StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 # a prompt: the source that the prefix's prompt template takes, or a function of that template (None without
 # one) giving the whole prompt (a chat conversation); it raises ServiceError when it cannot make one
 Prompt = str | Callable[[str | None], str]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who calls, and a tenant's settings read with its key (None for the admin)."""
+
+    principal: Principal
+    settings: TenantSettings | None
+
+
+async def identify(request: HttpRequest) -> Caller:
+    """The caller and its tenant's settings, in one trip off the event loop for both store reads (none when
+    the store is not needed: auth off, the admin key, a refused header)."""
+    state = request.app.state
+    header = request.headers.get("authorization")
+    admin_key = state.settings.admin_key
+    if header is None or not needs_store(header, admin_key):
+        return Caller(authenticate(header, admin_key, state.store), None)
+    return await asyncio.to_thread(_identify, state, header)
+
+
+def _identify(state: Any, header: str) -> Caller:
+    principal = authenticate(
+        header, state.settings.admin_key, state.store, getattr(state, "known_keys", None)
+    )
+    settings = None if principal.tenant is None else state.quotas.settings(principal.tenant)
+    return Caller(principal, settings)
 
 
 @dataclass
@@ -56,6 +85,36 @@ def _store_unavailable(exc: StoreUnavailable) -> ServiceError:
     return ServiceError(503, "store_unavailable", f"the prefix store is unreachable ({exc}); retry shortly")
 
 
+# A stored record's metadata as the store keeps it: read and parsed when another tenant's id is missing (public_meta)
+_STAND_IN = json.dumps(
+    PrefixMeta(
+        id="tenant/name", tenant="tenant", name="name", num_virtual_tokens=1, bytes=1, dtype="float32",
+        sha256="0" * 64, source="native", targets=["decoder"], public=False, created_at=0.0, updated_at=0.0,
+        model_type="gpt2", prompt_template=" {source} <|endoftext|>", extra={"data_file": "name.safetensors"},
+    ).to_dict()
+)  # fmt: skip
+
+
+def public_meta(store: Any, prefix_id: str) -> PrefixMeta | None:
+    """Another tenant's prefix, when it is public. A missing id reads and parses a stand-in record from a file,
+    the work a private one costs, so the time of the 404 does not tell whether another tenant has a prefix
+    by that name."""
+    meta = store.get_meta(prefix_id)
+    if meta is None:
+        PrefixMeta.from_dict(json.loads(_stand_in_path().read_bytes()))
+        return None
+    return meta if meta.public else None
+
+
+@functools.cache
+def _stand_in_path() -> Path:
+    fd, name = tempfile.mkstemp(prefix="prefixserve-stand-in-", suffix=".json")
+    os.write(fd, _STAND_IN.encode())
+    os.close(fd)
+    atexit.register(os.unlink, name)
+    return Path(name)
+
+
 async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> DevicePrefix:
     try:
         tenant, _ = split_id(prefix_id)
@@ -70,8 +129,7 @@ async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> De
             resident = state.cache.acquire_resident(prefix_id, lambda meta: meta.public)
             if resident is not None:
                 return resident
-            meta = await asyncio.to_thread(state.store.get_meta, prefix_id)
-            if meta is None or not meta.public:
+            if await asyncio.to_thread(public_meta, state.store, prefix_id) is None:
                 raise not_found(prefix_id)
         prefix = await asyncio.to_thread(state.cache.acquire, prefix_id)
     except PrefixNotFound:
@@ -89,18 +147,31 @@ def _refuse(state: Any, tenant: str, code: str, message: str, retry_after: int) 
     return ServiceError(429, code, message, {"Retry-After": str(retry_after)})
 
 
-async def _admit(state: Any, principal: Principal, tenant: str) -> tuple[TenantSettings, bool]:
+async def _admit(
+    state: Any, principal: Principal, tenant: str, settings: TenantSettings | None
+) -> tuple[TenantSettings, bool]:
     """The tenant's weight and quotas, and whether this request was counted against its per-minute quotas
     (refused with 429 quota_exceeded if it goes over them). The admin has no quotas."""
     if principal.is_admin:
         return TenantSettings(), False
-    settings = await asyncio.to_thread(state.quotas.settings, tenant)
-    if settings.requests_per_minute is None and settings.tokens_per_minute is None:
+    if settings is not None and not settings.has_rate_quotas:
         return settings, False
     try:
-        return settings, await asyncio.to_thread(state.quotas.admit, tenant, settings)
+        if settings is not None and state.quotas.counts_here:  # nothing to wait for: no thread
+            return settings, state.quotas.admit(tenant, settings)
+        return await asyncio.to_thread(_settings_and_admit, state.quotas, tenant, settings)
     except QuotaExceeded as exc:
         raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
+
+
+def _settings_and_admit(
+    quotas: Any, tenant: str, settings: TenantSettings | None
+) -> tuple[TenantSettings, bool]:
+    # one trip off the event loop for both store reads: a refused request costs one thread hand-over
+    settings = settings or quotas.settings(tenant)
+    if not settings.has_rate_quotas:
+        return settings, False
+    return settings, quotas.admit(tenant, settings)
 
 
 async def start(
@@ -111,17 +182,28 @@ async def start(
     params: SamplingParams,
     streamed: bool = True,
     fill_context: bool = False,
+    special_tokens: bool = False,
+    settings: TenantSettings | None = None,
 ) -> Generation:
     """Validate and queue a generation; `streamed` False: its outputs are read only once it is finished (a
     whole response), so they are handed over together; `fill_context`: params.max_new_tokens is a ceiling,
-    lowered to the positions the prompt leaves. Raises ServiceError (400, 404, 422, 429, 503)."""
+    lowered to the positions the prompt leaves; `special_tokens`: special tokens spelled in the prompt are
+    those tokens (else plain text); `settings`: the tenant's, when already read (identify). Raises
+    ServiceError (400, 404, 422, 429, 503)."""
     if getattr(state, "draining", False):
         raise ServiceError(
             503, "draining", "this replica is shutting down; retry on another one", {"Retry-After": "1"}
         )
+    try:  # refused by its length alone, before anything is read or counted
+        if isinstance(prompt, str):
+            state.prompts.check_length(None, prompt)
+    except PromptTooLong as exc:
+        raise ServiceError(422, "prompt_too_long", str(exc)) from exc
     state.num_starting = getattr(state, "num_starting", 0) + 1  # the drain waits for these too
     try:
-        return await _start(state, principal, prefix_id, prompt, params, streamed, fill_context)
+        return await _start(
+            state, principal, prefix_id, prompt, params, streamed, fill_context, special_tokens, settings
+        )
     finally:
         state.num_starting -= 1
 
@@ -134,12 +216,23 @@ async def _start(
     params: SamplingParams,
     streamed: bool,
     fill_context: bool,
+    special_tokens: bool,
+    known_settings: TenantSettings | None,
 ) -> Generation:
     tenant = principal.identity
-    settings, is_counted = await _admit(state, principal, tenant)
+    settings, is_counted = await _admit(state, principal, tenant, known_settings)
     try:
         gen = await _queue(
-            state, principal, tenant, settings, prefix_id, prompt, params, streamed, fill_context
+            state,
+            principal,
+            tenant,
+            settings,
+            prefix_id,
+            prompt,
+            params,
+            streamed,
+            fill_context,
+            special_tokens,
         )
     except BaseException:
         if is_counted:  # refused after all: the request does not count against the quota
@@ -160,6 +253,7 @@ async def _queue(
     params: SamplingParams,
     streamed: bool,
     fill_context: bool,
+    special_tokens: bool,
 ) -> Generation:
     engine = state.engine
     if params.num_beams > engine.config.max_num_seqs:
@@ -169,11 +263,14 @@ async def _queue(
             f"num_beams {params.num_beams} is over this server's {engine.config.max_num_seqs} sequences per "
             "step (--max-num-seqs): a beam group runs as num_beams sequences",
         )
+    _check_room(state, tenant, settings)  # a refusal costs no prefix load and no tokenizing
     prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
     try:
         template = None if prefix is None else prefix.meta.prompt_template
-        text = apply_template(template, prompt) if isinstance(prompt, str) else prompt(template)
-        token_ids = await asyncio.to_thread(tokenize, engine, text)
+        if isinstance(prompt, str):
+            token_ids = await state.prompts.encode(template, prompt, special_tokens)
+        else:  # a whole conversation rendered by its chat template: its own special tokens stay special
+            token_ids = await state.prompts.encode(None, prompt(template), True)
         num_prefix_tokens = 0 if prefix is None else prefix.num_virtual_tokens
         if fill_context:
             room = _room(engine, len(token_ids), num_prefix_tokens)
@@ -181,10 +278,7 @@ async def _queue(
             params = replace(params, max_new_tokens=new_tokens)
         engine.check_fits(len(token_ids), num_prefix_tokens, params.max_new_tokens)
         # no await from this check to add(): concurrent requests of one tenant cannot both slip under it
-        if settings.max_concurrent is not None:
-            load = engine.tenant_load().get(tenant)
-            num_active = 0 if load is None else load.num_running + load.num_waiting
-            state.quotas.check_concurrent(tenant, settings, num_active)
+        _check_concurrent(state, tenant, settings)
         request = engine.add(
             token_ids,
             params,
@@ -192,6 +286,7 @@ async def _queue(
             prefix_id,
             tenant,
             weight=settings.weight,
+            request_id=new_request_id(),
             trace_id=request_id_var.get(),
             each_token=streamed,
         )
@@ -221,19 +316,41 @@ def _room(engine: Any, num_prompt_tokens: int, num_prefix_tokens: int) -> int:
     return engine.max_model_len - used
 
 
+def _check_room(state: Any, tenant: str, settings: TenantSettings) -> None:
+    """Refuse now (429) what engine.add would refuse: the tenant's max_concurrent, or a full queue."""
+    try:
+        _check_concurrent(state, tenant, settings)
+        state.engine.check_room(tenant, settings.weight)
+    except QuotaExceeded as exc:
+        raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
+    except QueueFull as exc:
+        raise _refuse(state, tenant, exc.code, str(exc), 1) from exc
+
+
+def _check_concurrent(state: Any, tenant: str, settings: TenantSettings) -> None:
+    if settings.max_concurrent is not None:
+        load = state.engine.tenant_load().get(tenant)
+        num_active = 0 if load is None else load.num_running + load.num_waiting
+        state.quotas.check_concurrent(tenant, settings, num_active)
+
+
 def _in_background(fn: Any, *args: Any) -> None:
     """Usage counting (a Redis round trip) off the request's path; nothing waits for it."""
     asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
+_TOKENIZE_LOCK = threading.Lock()
+
+
 def tokenizer_lock() -> threading.Lock:
-    """Held for any call into the backbone's shared tokenizer from a worker thread (see tokenize)."""
+    """Held for any call into the backbone's shared tokenizer from a worker thread (see tokenize); requests'
+    prompts are tokenized by state.prompts on tokenizer copies of their own."""
     return _TOKENIZE_LOCK
 
 
 def tokenize(engine: Any, prompt: str) -> list[int]:
-    """Off the event loop (a long prompt takes a while), one at a time: a HF fast tokenizer shared by
-    threads can fail with "Already borrowed" when calls overlap."""
+    """Off the event loop, one at a time: a HF fast tokenizer shared by threads can fail with "Already
+    borrowed" when calls overlap."""
     with _TOKENIZE_LOCK:
         return engine.tokenize(prompt)
 

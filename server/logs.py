@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -10,7 +11,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-# The id of the HTTP request being handled; set by RequestIdMiddleware for the request's task, so every
+# The id of the HTTP request being handled; set by FrontMiddleware (server/front.py) for the request's task, so every
 # line logged while handling it (handlers, the access log, errors) carries it. The engine thread logs it
 # through `extra={"request_id": ...}` (Request.trace_id).
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -23,34 +24,17 @@ def sanitise_request_id(value: str | None) -> str:
     a fresh one: a header value never breaks a log line or a response header."""
     if value is not None and _SAFE_ID.fullmatch(value):
         return value
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
-class RequestIdMiddleware:
-    """Pure ASGI: take X-Request-Id (sanitised) or generate one, keep it for the request's logs, return it."""
+_ID_PREFIX = uuid.uuid4().hex[:16]  # this process's; the counter makes each id unique within it
+_ID_COUNTER = itertools.count()
 
-    def __init__(self, app: Any):
-        self.app = app
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope.get("headers") or []).get(b"x-request-id")
-        request_id = sanitise_request_id(given.decode("latin-1") if given is not None else None)
-        scope.setdefault("state", {})["request_id"] = request_id
-        token = request_id_var.set(request_id)
-
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
+def new_request_id() -> str:
+    """A fresh id, 32 hex digits like a uuid4's: unique across processes by the random prefix, without a
+    getrandom call per request (a system call that lets other threads take the GIL)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 class _RequestIdFilter(logging.Filter):

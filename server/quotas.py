@@ -44,6 +44,11 @@ class TenantSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def has_rate_quotas(self) -> bool:
+        """Whether requests are counted against a per-minute quota (requests or tokens)."""
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -89,6 +94,11 @@ class Quotas:
         self.counts = store if hasattr(store, "add_usage") else LocalCounts()
         self.clock = clock
         self._known: dict[str, TenantSettings] = {}
+
+    @property
+    def counts_here(self) -> bool:
+        """Usage is counted in this process (no store round trip): admit() can run on the event loop."""
+        return isinstance(self.counts, LocalCounts)
 
     def settings_strict(self, tenant: str) -> TenantSettings:
         """The tenant's settings from the store (StoreUnavailable when it cannot be reached)."""

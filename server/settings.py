@@ -108,6 +108,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 << 20, ge=1024, description="largest request body (uploads), in bytes; over it: 413"
     )
+    body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a request's whole body may take to arrive, counted from its headers; a slower "
+        "body is answered 408 body_timeout and its connection closed (a 64 MiB upload needs about 1.1 MB/s)",
+    )
+    cors_origins: str = Field(
+        "",
+        description="browser origins allowed to call the API (CORS), comma-separated, e.g. "
+        "https://app.example.com; * allows any origin; empty (the default) sends no CORS headers",
+    )
     request_timeout: float = Field(
         300.0, gt=0, description="seconds a generation may take before it is aborted (504)"
     )

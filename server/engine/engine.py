@@ -417,6 +417,12 @@ class Engine:
         with self._lock:
             return self.scheduler.tenant_load()
 
+    def check_room(self, tenant: str | None, weight: float = 1.0) -> None:
+        """Raise QueueFull if a request of `tenant` would be refused now: lets the front refuse before it
+        tokenizes and loads a prefix (add() checks again)."""
+        with self._lock:
+            self.scheduler._check_room(tenant or "", weight)
+
     def add(
         self,
         prompt_token_ids: list[int],

@@ -38,11 +38,11 @@ class CompletionBody(DecodingOptions, VllmSampling):
     """OpenAI's legacy completions fields and vLLM's extensions: each honoured or refused by name; unknown
     fields are a 422."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(..., max_length=200, description="a prefix id <tenant>/<name>, or the backbone's name")
     prompt: str | list[str] = Field(..., description="a string or up to 32 strings")
-    max_tokens: int = Field(16, ge=1, le=100_000)
+    max_tokens: int | None = Field(16, ge=1, le=100_000, description="null = 16, OpenAI's default")
     temperature: float = Field(
         1.0, ge=0, le=100, allow_inf_nan=False, description="OpenAI's default is 1 (sampling); 0 = greedy"
     )
@@ -73,7 +73,8 @@ class CompletionBody(DecodingOptions, VllmSampling):
 
 
 def _params(body: CompletionBody) -> SamplingParams:
-    return openai_fields.sampling_params(body, body.max_tokens, body.logprobs)
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens  # null: OpenAI's default
+    return openai_fields.sampling_params(body, max_tokens, body.logprobs)
 
 
 @router.post("/v1/completions")
@@ -217,19 +218,49 @@ async def models(request: Request, principal: CurrentPrincipal) -> dict[str, Any
     """The backbone and the prefixes this key can generate with (first 1000)."""
     state = request.app.state
     engine = state.engine
-    backbone = engine.backbone.name
-    data = [_model_entry(backbone, 0, "prefixserve", backbone, None, engine.max_model_len)]
+    data = [_backbone_entry(engine)]
     try:
         page, _ = await asyncio.to_thread(
             state.store.list, principal.tenant, 1000, None, not principal.is_admin
         )
     except StoreUnavailable as exc:
         raise ServiceError(503, "store_unavailable", f"the prefix store is unreachable ({exc})") from exc
-    data += [
-        _model_entry(m.id, int(m.created_at), m.tenant, m.id, backbone, _room(engine, m.num_virtual_tokens))
-        for m in page
-    ]
+    data += [_prefix_entry(engine, m) for m in page]
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model:path}")
+async def model(model: str, request: Request, principal: CurrentPrincipal) -> dict[str, Any]:
+    """One model (OpenAI's models.retrieve): the backbone, or a prefix this key can generate with."""
+    engine = request.app.state.engine
+    prefix_id = _prefix_id(model, engine.backbone.name)
+    if prefix_id is None:
+        return _backbone_entry(engine)
+    store = request.app.state.store
+    tenant, _ = split_id(prefix_id)
+    try:
+        if principal.is_admin or tenant == principal.tenant:
+            meta = await asyncio.to_thread(store.get_meta, prefix_id)
+        else:
+            meta = await asyncio.to_thread(generation.public_meta, store, prefix_id)
+    except StoreUnavailable as exc:
+        raise ServiceError(503, "store_unavailable", f"the prefix store is unreachable ({exc})") from exc
+    if meta is None:
+        raise ServiceError(
+            404, "model_not_found", f"no model {model!r} that this key can use (GET /v1/models lists them)"
+        )
+    return _prefix_entry(engine, meta)
+
+
+def _backbone_entry(engine: Any) -> dict[str, Any]:
+    name = engine.backbone.name
+    return _model_entry(name, 0, "prefixserve", name, None, engine.max_model_len)
+
+
+def _prefix_entry(engine: Any, meta: Any) -> dict[str, Any]:
+    backbone = engine.backbone.name
+    room = _room(engine, meta.num_virtual_tokens)
+    return _model_entry(meta.id, int(meta.created_at), meta.tenant, meta.id, backbone, room)
 
 
 def _room(engine: Any, num_virtual_tokens: int) -> int:

@@ -6,7 +6,7 @@ import dataclasses
 import threading
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.engine.request import RequestOutput, SamplingParams
 from server.errors import ServiceError
@@ -16,7 +16,10 @@ MAX_LOGPROBS = 20
 
 
 class DecodingOptions(BaseModel):
-    """Fields shared by /v1/generate and /v1/completions."""
+    """Fields shared by /v1/generate and /v1/completions. Strict: a value of the wrong JSON type is a 422
+    naming the field (`true` is not 1, `"yes"` is not true), though an integer is a fine float."""
+
+    model_config = ConfigDict(strict=True)
 
     n: int = Field(
         1, ge=1, le=MAX_N, description="completions per prompt; with a seed, completion i uses seed + i"

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from server import generation
-from server.auth import CurrentPrincipal
-from server.errors import ServiceError
+from server.errors import FastJSONResponse, ServiceError
 from server.routes.decoding import DecodingOptions, generate_logprob, per_completion, token_texts
 
 router = APIRouter(tags=["generation"])
 
+# the key checked and the tenant's settings read in one trip off the event loop
+CurrentCaller = Annotated[generation.Caller, Depends(generation.identify)]
+
 
 class GenerateBody(DecodingOptions):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prefix: str | None = Field(None, description="prefix id <tenant>/<name>; null for the bare backbone")
     prompt: str = Field(..., max_length=1_000_000)
@@ -37,6 +39,11 @@ class GenerateBody(DecodingOptions):
     stop: generation.StopList = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
+    special_tokens: bool = Field(
+        False,
+        description="text in the prompt that spells a special token (e.g. <|endoftext|>) is that token; by "
+        "default it is plain text (the prefix's template keeps its own special tokens either way)",
+    )
 
 
 class Usage(BaseModel):
@@ -66,9 +73,10 @@ class GenerateResponse(BaseModel):
 
 
 @router.post("/v1/generate", response_model=GenerateResponse)
-async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request: Request):
+async def generate(body: GenerateBody, caller: CurrentCaller, http_request: Request):
     """Generate from a prefix (or the bare backbone). Greedy output equals PEFT's generate for that adapter."""
     state = http_request.app.state
+    principal = caller.principal
     params = generation.sampling_params(
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
@@ -84,7 +92,14 @@ async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request
         for completion_params in per_completion(params, body.n):
             gens.append(
                 await generation.start(
-                    state, principal, body.prefix, body.prompt, completion_params, body.stream
+                    state,
+                    principal,
+                    body.prefix,
+                    body.prompt,
+                    completion_params,
+                    body.stream,
+                    special_tokens=body.special_tokens,
+                    settings=caller.settings,
                 )
             )
     except ServiceError:
@@ -124,7 +139,7 @@ async def generate(body: GenerateBody, principal: CurrentPrincipal, http_request
     )
     # `prefix` stays (null for the bare backbone); logprobs and choices appear only when asked for
     absent = {name for name in ("logprobs", "choices") if getattr(response, name) is None}
-    return JSONResponse(response.model_dump(exclude=absent, exclude_none=False))
+    return FastJSONResponse(response.model_dump(exclude=absent, exclude_none=False))
 
 
 async def _events(state, gens: list[generation.Generation], with_index: bool) -> AsyncIterator[str]:

@@ -10,14 +10,12 @@ from fastapi.responses import JSONResponse
 
 from prefix_store.format import (
     PrefixFormatError,
-    apply_template,
     import_peft,
     load_prefix,
     save_prefix,
     validate,
 )
 from prefix_store.store import InvalidId, PublicPrefixError, StoreUnavailable, check_id_part, make_meta
-from server import generation
 from server.auth import CurrentPrincipal, Principal
 from server.engine.engine import PromptTooLong
 from server.errors import ServiceError
@@ -47,18 +45,14 @@ async def _store_call(fn, *args: Any, **kwargs: Any) -> Any:
         ) from exc
 
 
-async def _check_room(engine: Any, prefix: Any) -> None:
+async def _check_room(engine: Any, prompts: Any, prefix: Any) -> None:
     """Refuse a prefix (or prompt template) that leaves no room for a one-character source and one new
     token on this backbone: every request with it would be refused."""
-    token_ids = await asyncio.to_thread(
-        generation.tokenize, engine, apply_template(prefix.prompt_template, "x")
-    )
     try:
+        token_ids = await prompts.encode(prefix.prompt_template, "x")
         engine.check_fits(len(token_ids), prefix.num_virtual_tokens, 1)
     except PromptTooLong:
-        template = (
-            "" if prefix.prompt_template is None else f" and its prompt template ({len(token_ids)} tokens)"
-        )
+        template = "" if prefix.prompt_template is None else " and its prompt template"
         raise PrefixFormatError(
             "no_room_for_prompt",
             f"this prefix ({prefix.num_virtual_tokens} virtual tokens){template} leaves no room for a prompt "
@@ -103,7 +97,7 @@ async def _parse_upload(request: Request, state: Any) -> tuple[Any, str]:
     await asyncio.to_thread(
         validate, prefix, state.engine.backbone.shape, settings.max_prefix_tokens, settings.max_prefix_value
     )
-    await _check_room(state.engine, prefix)
+    await _check_room(state.engine, state.prompts, prefix)
     return prefix, source
 
 
