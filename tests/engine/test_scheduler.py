@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.step import StepOutput
 
 EOS = 0
 
@@ -25,7 +26,7 @@ def test_admits_in_arrival_order_up_to_slots():
     batch = s.schedule()
     assert [r.request_id for r in batch.prefill] == ["a", "b"]
     assert batch.decode == [] and s.num_waiting == 1
-    s.update(batch, [5, 5])
+    s.update(batch, StepOutput.of(batch.sequences, [5, 5]))
     batch = s.schedule()
     assert [r.request_id for r in batch.decode] == ["a", "b"] and batch.prefill == []
 
@@ -36,7 +37,7 @@ def test_prefill_token_budget_always_admits_one():
     s.add(make("short", num_prompt=2))
     batch = s.schedule()
     assert [r.request_id for r in batch.prefill] == ["long"]
-    s.update(batch, [7])
+    s.update(batch, StepOutput.of(batch.sequences, [7]))
     assert [r.request_id for r in s.schedule().prefill] == ["short"]
 
 
@@ -46,11 +47,11 @@ def test_eos_finishes_without_appending_and_length_finishes():
     s.add(a)
     s.add(b)
     batch = s.schedule()
-    s.update(batch, [EOS, 9])
+    s.update(batch, StepOutput.of(batch.sequences, [EOS, 9]))
     assert a.finish_reason == "stop" and a.output_token_ids == []
     batch = s.schedule()
     assert batch.finished == [a] and batch.decode == [b]
-    s.update(batch, [8])
+    s.update(batch, StepOutput.of(batch.sequences, [8]))
     assert b.finish_reason == "length" and b.output_token_ids == [9, 8]
 
 
@@ -58,8 +59,8 @@ def test_ignore_eos_keeps_going():
     s = scheduler()
     r = make("a", max_new=3, ignore_eos=True)
     s.add(r)
-    s.update(s.schedule(), [EOS])
-    assert r.output_token_ids == [EOS] and not r.is_finished
+    s.update(batch := s.schedule(), StepOutput.of(batch.sequences, [EOS]))
+    assert s.rows.token_ids(r.row) == [EOS] and not r.is_finished  # its tokens live in its row until it ends
 
 
 def test_requests_join_and_leave_every_step():
@@ -67,7 +68,7 @@ def test_requests_join_and_leave_every_step():
     s.add(make("a", max_new=1))
     s.add(make("b", max_new=3))
     batch = s.schedule()
-    s.update(batch, [4, 4])  # a is done after one token
+    s.update(batch, StepOutput.of(batch.sequences, [4, 4]))  # a is done after one token
     s.add(make("c"))
     batch = s.schedule()
     assert [r.request_id for r in batch.finished] == ["a"]
@@ -81,7 +82,7 @@ def test_abort_running_and_waiting():
     running, waiting = make("run"), make("wait")
     s.add(running)
     s.add(waiting)
-    s.update(s.schedule(), [3])
+    s.update(batch := s.schedule(), StepOutput.of(batch.sequences, [3]))
     assert s.abort("run") is running and s.abort("wait") is waiting
     assert s.abort("nope") is None
     batch = s.schedule()
@@ -95,5 +96,5 @@ def test_token_of_request_aborted_during_step_is_dropped():
     s.add(r)
     batch = s.schedule()
     r.finish("abort")
-    s.update(batch, [5])
+    s.update(batch, StepOutput.of(batch.sequences, [5]))
     assert r.output_token_ids == []
