@@ -98,3 +98,25 @@ def test_token_of_request_aborted_during_step_is_dropped():
     r.finish("abort")
     s.update(batch, StepOutput.of(batch.sequences, [5]))
     assert r.output_token_ids == []
+
+
+def test_rows_are_held_until_the_request_leaves_and_finishes_found_without_a_scan():
+    """A running request keeps its row; one that finishes anywhere (EOS here, an abort from the front) is
+    reported to schedule() by its hook, which gives the row back; the next request takes it with fresh state."""
+    s = scheduler(max_num_seqs=2)
+    a, b, c = make("a", max_new=8), make("b", max_new=8), make("c", max_new=8)
+    for r in (a, b, c):
+        s.add(r)
+    batch = s.schedule()
+    rows = {a.row, b.row}
+    assert rows == {0, 1} and c.row == -1
+    progress = s.update(batch, StepOutput.of(batch.sequences, [5, 6]))
+    assert sorted(progress.rows.tolist()) == [0, 1] and progress.finished == []
+    a.finish("abort")  # from the front, between steps
+    assert s.rows.is_done[a.row] and a.output_token_ids == [5]  # its tokens, read from its row once
+    batch = s.schedule()
+    assert batch.finished == [a] and batch.prefill == [c] and c.row == a.row
+    assert s.rows.token_ids(c.row) == [] and not s.rows.is_done[c.row]
+    progress = s.update(batch, StepOutput.of(batch.sequences, [7, EOS]))
+    assert progress.finished == [b] and b.output_token_ids == [6] and b.finish_reason == "stop"
+    assert progress.rows.tolist() == [c.row] and s.rows.token_ids(c.row) == [7]
