@@ -134,9 +134,8 @@ class Engine:
         self._row_streams: list[_Stream | None] = [None] * config.max_num_seqs  # by scheduler row
         # by row: its stream takes an output per token (streamed, stop strings, logprobs; not a collected one)
         self._is_per_token = np.zeros(config.max_num_seqs, dtype=bool)
-        self._loops: dict[
-            asyncio.AbstractEventLoop, int
-        ] = {}  # event loops with registered streams: how many
+        # the event loops that have registered streams, and how many each
+        self._loops: dict[asyncio.AbstractEventLoop, int] = {}
         # records and outputs per event loop whose hand-over callback is scheduled but has not run (_deliver_all)
         self._handovers: dict[asyncio.AbstractEventLoop, list[_Record | tuple[Request, RequestOutput]]] = {}
         self._handover_lock = threading.Lock()
