@@ -1,5 +1,8 @@
 """Next-token choice for the whole batch at once, with one device->host wait per step.
 
+The rows' parameters come as arrays (RowView: slices of the runner's persistent batch) and are grouped by
+masks; only rows with penalties, logprobs or a forced token are visited one by one.
+
 Greedy rows are exactly HF `generate(do_sample=False)`: an argmax. Sampled rows apply temperature, then
 top-k, then top-p (HF's warper order and keep rules, ties at the k-th best included) and draw by inverse
 CDF (below). The backbone's forced tokens (generation_config.forced_bos_token_id / forced_eos_token_id)

@@ -5,13 +5,14 @@ forward share one GIL: each torch op releases it and must win it back, so a busy
 (on CPU the engine's thread waited 2-3 ms a step for it with 64 streams; README "Where streaming's cost
 goes"). `RunnerProcess` has the interface the engine uses of a `ModelRunner` (execute, kv_plan,
 forward_seconds, ...) and runs the real one in a spawned child that loads the backbone itself. The
-engine thread (scheduling, stop rules, hand-over) stays in the front; per step it sends one message — which
-requests leave, which join (prompt, sampling parameters, prefix), which decode — and waits off the GIL for
-one back: each row's token (or BeamResult, or None for a row that failed alone), the logprobs asked for, the
-forward's time and the child's CPU time. vLLM V1 splits the same way (its EngineCore process).
+engine thread (scheduling, stop rules, hand-over) stays in the front; per step it sends one StepMessage (step.py)
+— which rows leave, which join (prompt, sampling parameters, prefix); the child decodes every row it holds —
+and waits off the GIL for the StepOutput back (tokens by row, failed rows, beam results, the logprobs asked
+for, the forward's time and the child's CPU time). A steady step's message is a few empty lists, whatever the
+rows. vLLM V1 splits the same way (its EngineCore process).
 
-The child mirrors only what the runner reads of a request: id, prompt, parameters, the tokens it sampled
-(penalties) and its prefix's tensors. A prefix's tensors cross once per prefix object of the front's cache
+The child mirrors only what the runner reads of a request: id, row, prompt, parameters and its prefix's
+tensors (the runner's persistent batch counts the tokens each row sampled). A prefix's tensors cross once per prefix object of the front's cache
 (the front keeps them on the host; the child copies them to its device and keeps them); when the front's
 object is gone (evicted or invalidated, no request left using it) the child drops its copy with the next
 message. The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C reaches the whole process group): the
