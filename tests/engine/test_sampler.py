@@ -85,3 +85,16 @@ def test_still_one_host_sync_with_penalties_and_logprobs():
     with count_host_syncs() as calls:
         s.sample(torch.randn(3, VOCAB), requests)
     assert calls == ["tolist"], calls
+
+
+def test_array_uniforms_equal_the_per_request_ones():
+    """keyed_uniforms (the persistent batch's arrays of seeds and steps) is step_uniform, bit for bit."""
+    import numpy as np
+
+    from server.engine.sampler import keyed_uniforms, seed_key, step_uniform
+
+    seeds = [0, 1, 77, 2**63 - 1, 123456789]
+    steps = [0, 1, 5, 1023, 64]
+    keys = np.array([seed_key(s) for s in seeds], dtype=np.uint64)
+    got = keyed_uniforms(keys, np.array(steps, dtype=np.int64)).tolist()
+    assert got == [step_uniform(s, t) for s, t in zip(seeds, steps, strict=True)]
