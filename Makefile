@@ -32,7 +32,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# Each benchmark writes bench/results/<name>.json (committed); bench.report renders the README's figures from them.
+# Each benchmark writes bench/results/<name>.json (committed); bench.report renders them into bench/README.md.
 bench: $(STAMP)
 	scripts/ensure-redis
 	$(PY) -m bench.throughput --threads 1
@@ -47,7 +47,7 @@ mutants: $(STAMP)
 	scripts/ensure-nginx
 	$(PY) scripts/mutants
 
-# The CPU image and local Redis/nginx stand-ins, with podman (README: Containers); CUDA=1 adds the CUDA image.
+# The CPU image and local Redis/nginx stand-ins, with podman (docs/deployment.md); CUDA=1 adds the CUDA image.
 images:
 	scripts/images $(if $(CUDA),--cuda)
 

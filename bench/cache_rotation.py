@@ -7,7 +7,7 @@ for --resident prefixes, so that almost every request misses and loads its prefi
 default) into the device cache. Both servers run at once and are warmed up the same way (one pass over every
 prefix, 1 token each: it leaves everything resident in the first, the last --resident prefixes in the second);
 then the timed runs alternate between them, --repeats each; the figures are the median and the range. Results go to
-bench/results/cache_rotation.json (python -m bench.report puts them in the README).
+bench/results/cache_rotation.json (python -m bench.report renders them into bench/README.md).
 """
 
 from __future__ import annotations

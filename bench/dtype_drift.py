@@ -1,7 +1,7 @@
 """bfloat16 (and float16) against float32 on one device: how often greedy tokens differ, and from which step.
 
     .venv/bin/python -m bench.dtype_drift --requests 20          # CPU, a quick look
-    python -m bench.dtype_drift --device cuda                    # the figures in the README's GPU section
+    python -m bench.dtype_drift --device cuda                    # the figures in bench/README.md, "On a GPU"
 
 Exactness (tokens equal to PEFT's) is promised in float32; `--dtype auto` picks bfloat16 on CUDA. This measures
 what that costs on the shipped demo backbone (models/demo-gpt2) with its demo prefixes, on held-out prompts

@@ -1,7 +1,7 @@
 """Benchmark results as committed JSON files: the figures, with when, where and how they were measured.
 
 Every benchmark writes `bench/results/<name>.json` through `write_result`; `python -m bench.report` renders
-the README's benchmark figures from those files, so every number there has a file (and a command) behind it.
+bench/README.md's figures from those files, so every number there has a file (and a command) behind it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def command(module: str) -> str:
 
 
 def spread(samples: list[float]) -> dict[str, Any]:
-    """Median and range of repeated measurements (what the README quotes), and the samples themselves."""
+    """Median and range of repeated measurements (what bench/README.md quotes), and the samples themselves."""
     return {
         "median": statistics.median(samples),
         "min": min(samples),

@@ -8,20 +8,14 @@
 Rounds of the same 64 concurrent requests (E2E prompts, 8 prefixes round-robin, EOS ignored so each
 generates exactly --new-tokens): greedy; sampled (temperature 0.8, top-k 50, top-p 0.95, a seed each);
 sampled and streamed (SSE); and top-p alone (temperature 1, top-p 0.9, no top-k: the sampler must find the
-nucleus in the whole vocabulary; a histogram on CPU, a sort on CUDA). Prints tokens/s per round and its ratio to greedy, and the engine's time per step split
-into forward and host (step minus forward), and "wait": the part of the step the engine's thread spent off the
-CPU (step minus the thread's CPU time; on CPU that is waiting for the GIL while the HTTP front runs Python, so it
-measures what streaming costs the engine), read from /metrics (prefixserve_engine_*). With --before-root the
-same rounds also run against that checkout's server, both servers up at once and the rounds interleaved (each
-repeat runs every mode on one server, then on the other), and both are printed side by side; with one server
-the modes interleave the same way. The best of --repeats rounds is reported per mode, and the paired ratio:
-each repeat's rate of the mode over that repeat's greedy rate on the same server (rounds seconds apart), median
-and range over the repeats. On a machine whose speed drifts (this one's moved by half within an hour), the
-paired median is the figure to read: a best-of ratio divides two rounds that may lie minutes apart.
-Each round also reports the CPU seconds the server process and this client spent: on a small machine they
-share cores, so a costly client slows the server it measures (streams are read by a lean HTTP/1.1 reader).
-The backbone is built here with random weights (bench.throughput's recipe); nothing is downloaded. Writes
-bench/results/sampling.json (rendered into the README by bench.report).
+nucleus in the whole vocabulary). Per round: tokens/s and its ratio to greedy; the engine's step split into
+forward and host time, and "wait", the part its thread spent off the CPU (on CPU, the GIL held by the HTTP
+front: what streaming costs the engine), from /metrics; the CPU seconds of the server and of this client.
+With --before-root the same rounds run against that checkout's server too, both up at once, rounds
+interleaved. The paired ratio (each repeat's rate over the same repeat's greedy rate on the same server,
+median and range) is the figure to read on a machine whose speed drifts; a best-of ratio may divide rounds
+minutes apart. The backbone is built here with random weights; nothing is downloaded. Writes
+bench/results/sampling.json (rendered into bench/README.md by bench.report).
 """
 
 from __future__ import annotations
@@ -94,7 +88,7 @@ async def streamed(url: httpx.URL, body: dict) -> int:
     """One streamed generation over a plain HTTP/1.1 connection: every event is received as the server sends
     it; the body is split into events once at the end. A lean reader on purpose: httpx's per-chunk parsing
     (aiter_lines) cost the client ~5x more CPU than the server's own streaming work, and the client shares
-    this machine's cores with the server (figures in the README)."""
+    this machine's cores with the server (figures in bench/README.md)."""
     reader, writer = await asyncio.open_connection(url.host, url.port)
     payload = json.dumps(body).encode()
     writer.write(
@@ -324,7 +318,7 @@ def main() -> None:
         settings = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "prefixes", "requests",
                                                   "new_tokens", "device", "repeats", "stream_interval",
                                                   "runner_process")}  # fmt: skip
-        settings["interleaved"] = True  # rounds interleaved across modes and servers (since 2026-11-25)
+        settings["interleaved"] = True  # rounds interleaved across modes and servers (older records were not)
         before = (
             {"root": str(args.before_root), "commit": commit_of(args.before_root)}
             if args.before_root

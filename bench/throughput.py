@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.throughput --threads 1          # GPT-2, 4 layers, width 256, 32 requests, 16 prefixes
     .venv/bin/python -m bench.throughput --layers 24 --width 1024 --heads 16 --prefixes 64 --requests 128 --device cuda
+    .venv/bin/python -m bench.throughput --family llama --layers 8 --width 512 --heads 8 --kv-heads 2 \
+        --vocab 32000 --threads 1 --name throughput-llama                  # a Llama-shaped backbone (GQA)
 
 The backbone is built here with random weights and a BPE tokenizer trained on ../shared/data (nothing is
 downloaded); the prefixes are PEFT prefix-tuning adapters of different lengths, uploaded to prefixserve
@@ -9,14 +11,15 @@ as PEFT multipart. One rule for all three: greedy, up to --new-tokens tokens, a 
 ignores or suppresses it), and throughput counts the tokens each contender actually returned. Each contender
 is warmed up the same way (the first --warmup requests, untimed, in its own mode) and timed --repeats times;
 the figures are the median and the range. prefixserve's greedy tokens must equal PEFT's for every request PEFT
-ran, or the benchmark fails. Figures go to bench/results/<--name>.json (python -m bench.report puts them in
-the README).
+ran, or the benchmark fails. Figures go to bench/results/<--name>.json (python -m bench.report renders them
+into bench/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +31,8 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+# the data sets beside the checkout; PREFIXSERVE_BENCH_DATA for a checkout elsewhere (a git worktree)
+DATA = Path(os.environ.get("PREFIXSERVE_BENCH_DATA", ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from bench.record import spread, write_result  # noqa: E402
@@ -54,6 +58,33 @@ def build_backbone(path: Path, layers: int, width: int, heads: int, vocab: int) 
     )
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def build_llama_backbone(path: Path, layers: int, width: int, heads: int, kv_heads: int, vocab: int) -> Path:
+    """A random LlamaForCausalLM (grouped-query attention, SwiGLU, untied) with a BPE tokenizer that adds BOS
+    as Llama tokenizers do; filler tokens bring the vocabulary to `vocab` when the data holds fewer merges."""
+    from tiny_models import build_chat_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lines = (DATA / "wikitext2" / "valid.txt").read_text().splitlines()
+    lines += [line.split("||")[0] for line in (DATA / "e2e" / "valid.txt").read_text().splitlines()]
+    tokenizer = build_chat_tokenizer(path, lines, vocab)
+    tokenizer.add_tokens([f"<filler_{i}>" for i in range(vocab - len(tokenizer))])
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=-(-width * 8 // 3 // 64) * 64,  # Llama's 8/3 x width, to a multiple of 64
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
     return path
 
 
@@ -174,6 +205,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_backbone_args(parser)
+    parser.add_argument("--family", choices=["gpt2", "llama"], default="gpt2", help="the backbone's shape")
+    parser.add_argument("--kv-heads", type=int, default=2, help="llama: key/value heads (grouped-query)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--prefixes", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64, help="at most; a request ends at EOS")
@@ -199,10 +232,14 @@ def main() -> None:
     from peft_oracle import make_peft_adapter
 
     workdir = Path(tempfile.mkdtemp(prefix="prefixserve-bench-"))
-    model_dir = build_backbone(workdir / "model", args.layers, args.width, args.heads, args.vocab)
+    if args.family == "llama":
+        shape = (args.layers, args.width, args.heads, args.kv_heads, args.vocab)
+        model_dir = build_llama_backbone(workdir / "model", *shape)
+    else:
+        model_dir = build_backbone(workdir / "model", args.layers, args.width, args.heads, args.vocab)
     lengths = prefix_lengths(args.prefixes)
     adapters = [
-        make_peft_adapter(model_dir, "gpt2", n, workdir / f"adapter{i}", seed=i)
+        make_peft_adapter(model_dir, args.family, n, workdir / f"adapter{i}", seed=i)
         for i, n in enumerate(lengths)
     ]
     jobs = workload(args.requests, args.prefixes)
@@ -226,8 +263,11 @@ def main() -> None:
         "peft": "PEFT one at a time (set_adapter)",
         "hf_batched": "HF batched generate, no prefix",
     }
+    shape = (
+        "GPT-2" if args.family == "gpt2" else f"Llama ({args.heads} heads, {args.kv_heads} key/value heads)"
+    )
     print(
-        f"\nGPT-2 {args.layers} layers x {args.width} wide, vocab {args.vocab}, {args.device}, torch threads "
+        f"\n{shape} {args.layers} layers x {args.width} wide, vocab {args.vocab}, {args.device}, torch threads "
         f"{torch.get_num_threads()}: {len(jobs)} requests over {args.prefixes} prefixes (P {min(lengths)}-{max(lengths)}), "
         f"up to {args.new_tokens} new tokens each, {args.repeats} timed runs"
     )
@@ -239,7 +279,8 @@ def main() -> None:
     identical = len(peft_results) - len(mismatches)
     print(f"  greedy outputs identical to PEFT:     {identical}/{len(peft_results)}")
     figures = {
-        "model": {"layers": args.layers, "width": args.width, "heads": args.heads, "vocab": args.vocab},
+        "model": {"layers": args.layers, "width": args.width, "heads": args.heads, "vocab": args.vocab}
+        | ({"family": "llama", "kv_heads": args.kv_heads} if args.family == "llama" else {}),
         "device": args.device,
         "threads": torch.get_num_threads(),
         "requests": len(jobs),

@@ -107,6 +107,18 @@ class PrefixCache:
             self._evict_locked()
         return entry
 
+    def acquire_resident(self, prefix_id: str, may_use: Callable[[PrefixMeta], bool]) -> DevicePrefix | None:
+        """The prefix pinned if it is resident and `may_use(meta)`, counted as a hit; otherwise None, with
+        nothing touched (no store call, no LRU move, no count), so a caller learns nothing it may not use."""
+        with self._lock:
+            entry = self._entries.get(prefix_id)
+            if entry is None or not may_use(entry.meta):
+                return None
+            self._entries.move_to_end(prefix_id)
+            entry.pins += 1
+            self.stats.hits += 1
+            return entry
+
     def release(self, entry: DevicePrefix) -> None:
         with self._lock:
             entry.pins -= 1

@@ -1,21 +1,12 @@
-"""The native prefix file, PEFT import, and validation against a backbone.
+"""The native prefix file, PEFT import, and validation against a backbone (the spec: docs/formats.md).
 
-Native file (safetensors, format version 1)
--------------------------------------------
-One tensor per target, each shaped ``[num_layers, 2, num_heads, P, head_dim]`` (index 1: 0 = key,
-1 = value), all with the same ``P`` and dtype:
-
-- ``decoder``: GPT-2 self-attention in every layer, or BART decoder self-attention;
-- ``encoder``: BART encoder self-attention;
-- ``cross``:   BART decoder cross-attention (keys/values the decoder attends to beside the encoder's).
-
-``__metadata__`` (all strings): ``format`` = ``prefixserve``, ``format_version`` = ``1``, ``model_type``
-(``gpt2`` | ``bart``), ``num_layers``, ``num_heads``, ``head_dim``, ``num_virtual_tokens``, ``targets``
-(comma-separated), and optionally ``prompt_template`` (a string containing ``{source}``) and any other
-``x-*`` keys a producer wants to keep.
-
-Positions: real tokens of GPT-2 and of the BART decoder start at position P (as PEFT does); the BART
-encoder is not shifted. Prefix positions are never masked.
+A native file is safetensors, format version 1: one tensor per target (``decoder``, ``encoder``, ``cross``),
+each ``[num_layers, 2, num_heads, P, head_dim]`` (index 1: 0 = key, 1 = value; ``num_heads`` counts key/value
+heads, fewer than query heads under grouped-query attention), all with the same ``P`` and dtype, and string
+``__metadata__`` describing the backbone it fits plus an optional ``prompt_template``. Real tokens of the
+decoder-only families and of the BART decoder start at position P (as PEFT does); the BART encoder is not
+shifted; prefix positions are never masked; rotary families store prefix keys unrotated (as PEFT does).
+The trainer saves through this module and the server loads through it, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -30,7 +21,15 @@ from safetensors.torch import load as st_load
 
 FORMAT_NAME = "prefixserve"
 FORMAT_VERSION = "1"
-TARGETS_BY_MODEL = {"gpt2": ("decoder",), "bart": ("encoder", "decoder", "cross")}
+TARGETS_BY_MODEL = {
+    "gpt2": ("decoder",),
+    "bart": ("encoder", "decoder", "cross"),
+    "llama": ("decoder",),
+    "qwen2": ("decoder",),
+    "mistral": ("decoder",),
+}
+# decoder-only families: PEFT's CAUSAL_LM layout is the same for all of them (per key/value head)
+CAUSAL_MODEL_TYPES = tuple(k for k, v in TARGETS_BY_MODEL.items() if v == ("decoder",))
 ALLOWED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 DEFAULT_MAX_VIRTUAL_TOKENS = 256
 # Largest |value| a served prefix may hold. Trained prefixes hold keys and values of a few tens at most;
@@ -52,7 +51,7 @@ class PrefixFormatError(ValueError):
 class BackboneShape:
     """What a prefix must match: the loaded backbone's architecture."""
 
-    model_type: str  # "gpt2" | "bart"
+    model_type: str  # "gpt2" | "bart" | "llama" | "qwen2" | "mistral"
     num_layers: int
     num_heads: int  # query heads
     head_dim: int
@@ -184,7 +183,9 @@ def load_prefix(data: bytes) -> Prefix:
     model_type = metadata.get("model_type", "")
     allowed = TARGETS_BY_MODEL.get(model_type)
     if allowed is None:
-        raise PrefixFormatError("wrong_model_type", f"model_type {model_type!r} must be one of gpt2, bart")
+        raise PrefixFormatError(
+            "wrong_model_type", f"model_type {model_type!r} must be one of {', '.join(TARGETS_BY_MODEL)}"
+        )
     unknown = sorted(set(tensors) - set(allowed))
     if unknown or not tensors:
         raise PrefixFormatError(
@@ -199,13 +200,15 @@ def load_prefix(data: bytes) -> Prefix:
     )
 
 
-def import_peft(config_json: bytes, weights: bytes) -> Prefix:
+def import_peft(config_json: bytes, weights: bytes, causal_model_type: str = "gpt2") -> Prefix:
     """Convert a PEFT prefix-tuning adapter to a native prefix, placed exactly as PEFT applies it.
 
     PEFT saves `prompt_embeddings` `[P, 2*L*D]`. Causal LM: view `[P, 2L, H, D/H]`, layer l takes
-    key = slot 2l, value = slot 2l+1. Seq2seq: PEFT concatenates the 2L slots with themselves before
-    splitting, so decoder layer l takes key = slot (4l) mod 2L and value = slot (4l+1) mod 2L, and only
-    the decoder self-attention gets a prefix.
+    key = slot 2l, value = slot 2l+1; for grouped-query attention PEFT writes H = the key/value heads and
+    D = H * head_dim, so the same view holds. The adapter does not name its architecture:
+    `causal_model_type` (the serving backbone's, when decoder-only) labels a CAUSAL_LM adapter.
+    Seq2seq: PEFT concatenates the 2L slots with themselves before splitting, so decoder layer l takes
+    key = slot (4l) mod 2L and value = slot (4l+1) mod 2L, and only the decoder self-attention gets a prefix.
     """
     try:
         config = json.loads(config_json)
@@ -218,7 +221,8 @@ def import_peft(config_json: bytes, weights: bytes) -> Prefix:
             "adapter_config.peft_type must be PREFIX_TUNING; other PEFT methods (LoRA, prompt tuning) are not prefixes",
         )
     task_type = config.get("task_type")
-    model_type = {"CAUSAL_LM": "gpt2", "SEQ_2_SEQ_LM": "bart"}.get(str(task_type))
+    causal = causal_model_type if causal_model_type in CAUSAL_MODEL_TYPES else "gpt2"
+    model_type = {"CAUSAL_LM": causal, "SEQ_2_SEQ_LM": "bart"}.get(str(task_type))
     if model_type is None:
         raise PrefixFormatError(
             "unsupported_adapter", f"task_type {task_type!r} must be CAUSAL_LM or SEQ_2_SEQ_LM"
@@ -243,7 +247,7 @@ def import_peft(config_json: bytes, weights: bytes) -> Prefix:
     head_dim = token_dim // num_heads
     # [P, 2L*D] -> [P, 2L, H, d] -> [2L, H, P, d]
     slots = embeddings.view(num_tokens, 2 * num_layers, num_heads, head_dim).permute(1, 2, 0, 3)
-    if model_type == "gpt2":
+    if model_type != "bart":
         keys, values = slots[0::2], slots[1::2]
     else:
         layer = torch.arange(num_layers)
@@ -274,9 +278,12 @@ def validate(
 ) -> None:
     """Refuse anything the backbone cannot serve exactly. Raises PrefixFormatError saying what to fix."""
     if prefix.model_type != backbone.model_type:
+        shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in prefix.targets.items())
         raise PrefixFormatError(
             "wrong_model_type",
-            f"the prefix is for {prefix.model_type} but the server runs a {backbone.model_type} backbone",
+            f"the prefix is for a {prefix.model_type} backbone ({shapes}) but the server runs a "
+            f"{backbone.model_type} backbone, whose prefixes are shaped {_wanted(backbone)} "
+            f"({', '.join(TARGETS_BY_MODEL[backbone.model_type])})",
         )
     allowed = TARGETS_BY_MODEL[backbone.model_type]
     expected_head = (backbone.num_layers, 2, backbone.kv_heads)
@@ -291,7 +298,7 @@ def validate(
             )
         shape = tuple(tensor.shape)
         if len(shape) != 5 or shape[:3] != expected_head or shape[4] != backbone.head_dim:
-            want = [backbone.num_layers, 2, backbone.kv_heads, "P", backbone.head_dim]
+            want = _wanted(backbone)
             raise PrefixFormatError(
                 "shape_mismatch",
                 f"target {name!r} is shaped {list(shape)}; this backbone needs {want} "
@@ -327,6 +334,11 @@ def validate(
         raise PrefixFormatError(
             "bad_prompt_template", "prompt_template must contain the placeholder {source}"
         )
+
+
+def _wanted(backbone: BackboneShape) -> list[int | str]:
+    """The shape every target must have on this backbone: [layers, 2, key/value heads, P, head_dim]."""
+    return [backbone.num_layers, 2, backbone.kv_heads, "P", backbone.head_dim]
 
 
 def apply_template(template: str | None, source: str) -> str:

@@ -15,15 +15,25 @@ a directory; several replicas share a Redis store instead.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefix_store.records import KeyRecord, PrefixMeta, check_id_part, decode_cursor, encode_cursor, split_id
+from prefix_store.records import (
+    InvalidId,
+    KeyRecord,
+    PrefixMeta,
+    PublicPrefixError,
+    check_id_part,
+    decode_cursor,
+    encode_cursor,
+    split_id,
+)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -58,13 +68,19 @@ class LocalStore:
         tenant, name = split_id(prefix_id)
         return self.prefix_dir / tenant / f"{name}.json"
 
-    def put(self, meta: PrefixMeta, data: bytes) -> bool:
+    def put(
+        self, meta: PrefixMeta, data: bytes, *, replace_public: bool = True, keep_visibility: bool = False
+    ) -> bool:
         meta_path = self._meta_path(meta.id)
         meta_path.parent.mkdir(exist_ok=True)
-        with self._lock:
+        with self._lock:  # the visibility check and the write in one step: a publish cannot slip between
             old = self._read_meta(meta_path)
             if old is not None:
+                if old.public and not replace_public:
+                    raise PublicPrefixError(meta.id)
                 meta.created_at = old.created_at
+                if keep_visibility:
+                    meta.public = old.public
             data_name = f"{meta.name}.{meta.sha256[:16]}-{secrets.token_hex(4)}.safetensors"
             write_atomic(meta_path.parent / data_name, data)
             record = meta.to_dict()
@@ -91,23 +107,28 @@ class LocalStore:
                 return None
             return meta, (meta_path.parent / meta.extra["data_file"]).read_bytes()
 
-    def delete(self, prefix_id: str) -> bool:
+    def delete(self, prefix_id: str, *, delete_public: bool = True) -> bool:
         meta_path = self._meta_path(prefix_id)
         with self._lock:
             meta = self._read_meta(meta_path)
             if meta is None:
                 return False
+            if meta.public and not delete_public:
+                raise PublicPrefixError(prefix_id)
             meta_path.unlink()
             (meta_path.parent / meta.extra["data_file"]).unlink(missing_ok=True)
         return True
 
-    def _iter_ids(self, tenant: str | None) -> Iterator[str]:
-        tenants = [tenant] if tenant else sorted(p.name for p in self.prefix_dir.iterdir() if p.is_dir())
+    def _sorted_ids(self, tenant: str | None) -> list[str]:
+        """Prefix ids in id order: the whole id compared as one string, as the cursor is and as Redis orders
+        them. Not (tenant, name) order: `-` and `.` sort before `/`, so `a-b/x` comes before `a/x`."""
+        tenants = [tenant] if tenant else [p.name for p in self.prefix_dir.iterdir() if p.is_dir()]
+        ids = []
         for t in tenants:
             tenant_dir = self.prefix_dir / t
             if tenant_dir.is_dir():
-                for name in sorted(p.stem for p in tenant_dir.glob("*.json")):
-                    yield f"{t}/{name}"
+                ids += [f"{t}/{p.stem}" for p in tenant_dir.glob("*.json")]
+        return sorted(ids)
 
     def list(
         self,
@@ -116,14 +137,15 @@ class LocalStore:
         cursor: str | None = None,
         include_public: bool = False,
     ) -> tuple[list[PrefixMeta], str | None]:
+        if limit < 1:
+            raise InvalidId("limit must be at least 1")
         after = decode_cursor(cursor)
         if tenant is not None:
             check_id_part(tenant, "tenant")
         scan_all = tenant is None or include_public
+        ids = self._sorted_ids(None if scan_all else tenant)
         page: list[PrefixMeta] = []
-        for prefix_id in self._iter_ids(None if scan_all else tenant):
-            if prefix_id <= after:
-                continue
+        for prefix_id in ids[bisect.bisect_right(ids, after) :]:
             meta = self.get_meta(prefix_id)
             if meta is None or (tenant is not None and meta.tenant != tenant and not meta.public):
                 continue
@@ -131,6 +153,10 @@ class LocalStore:
                 return page, encode_cursor(page[-1].id)
             page.append(meta)
         return page, None
+
+    def count(self) -> int:
+        """How many prefixes the store holds, counted from the files rather than by paging."""
+        return len(self._sorted_ids(None))
 
     # -- keys -----------------------------------------------------------------------------------
     def put_key(self, record: KeyRecord) -> None:

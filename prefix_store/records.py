@@ -22,6 +22,11 @@ class InvalidId(ValueError):
     pass
 
 
+class PublicPrefixError(RuntimeError):
+    """A tenant's write or delete found the stored prefix public: only the admin may replace or delete it.
+    Stores check this and write in one atomic step, so a publish racing the tenant's write always wins."""
+
+
 class StoreUnavailable(RuntimeError):
     """The backing store cannot be reached (e.g. Redis down). Callers answer 503."""
 

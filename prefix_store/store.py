@@ -14,6 +14,7 @@ from prefix_store.records import (
     InvalidId,
     KeyRecord,
     PrefixMeta,
+    PublicPrefixError,
     StoreUnavailable,
     check_id_part,
     decode_cursor,
@@ -28,6 +29,7 @@ __all__ = [
     "KeyRecord",
     "PrefixMeta",
     "PrefixStore",
+    "PublicPrefixError",
     "StoreUnavailable",
     "check_id_part",
     "decode_cursor",
@@ -47,15 +49,22 @@ class PrefixStore(Protocol):
 
     url: str
 
-    def put(self, meta: PrefixMeta, data: bytes) -> bool:
-        """Store or replace; returns True when created, False when replaced."""
+    def put(
+        self, meta: PrefixMeta, data: bytes, *, replace_public: bool = True, keep_visibility: bool = False
+    ) -> bool:
+        """Store or replace; returns True when created, False when replaced.
+
+        replace_public=False (a tenant's write): raise PublicPrefixError when the stored prefix is public.
+        keep_visibility: a replace keeps the stored visibility (set on `meta`); a new prefix takes meta.public.
+        Both are decided in the same atomic step as the write, so a concurrent publish cannot be undone."""
 
     def get_meta(self, prefix_id: str) -> PrefixMeta | None: ...
 
     def get(self, prefix_id: str) -> tuple[PrefixMeta, bytes] | None:
         """Metadata and native-file bytes of the same version."""
 
-    def delete(self, prefix_id: str) -> bool: ...
+    def delete(self, prefix_id: str, *, delete_public: bool = True) -> bool:
+        """False when there was none; delete_public=False: PublicPrefixError when it is public (atomically)."""
 
     def list(
         self,
@@ -64,7 +73,11 @@ class PrefixStore(Protocol):
         cursor: str | None = None,
         include_public: bool = False,
     ) -> tuple[list[PrefixMeta], str | None]:
-        """Prefixes ordered by id; `tenant` filters (plus public ones if include_public); next cursor or None."""
+        """Prefixes ordered by id (the whole id as one string); `tenant` filters (plus public ones if
+        include_public); next cursor or None. A walk returns every prefix once, at every page size."""
+
+    def count(self) -> int:
+        """How many prefixes the store holds, counted without paging (the copy tool checks its walk by it)."""
 
     def put_key(self, record: KeyRecord) -> None: ...
 
@@ -83,11 +96,12 @@ class PrefixStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str) -> PrefixStore:
-    """Pick a backend from the store URL: a path or file://DIR -> LocalStore; redis://... -> RedisStore."""
+def open_store(url: str, timeout: float | None = None, grace_seconds: float | None = None) -> PrefixStore:
+    """Pick a backend from the URL: a path or file://DIR -> LocalStore; redis://... -> RedisStore, with its
+    call `timeout` (seconds; None: its default) and change-feed `grace_seconds` (see RedisStore)."""
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from prefix_store.redis import RedisStore  # imports the redis client: only when asked for
+        from prefix_store.redis import DEFAULT_TIMEOUT, RedisStore  # the redis client: only when asked for
 
-        return RedisStore(url)
+        return RedisStore(url, timeout=timeout or DEFAULT_TIMEOUT, grace_seconds=grace_seconds)
     path = url[len("file://") :] if url.startswith("file://") else url
     return LocalStore(path)

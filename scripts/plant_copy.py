@@ -1,6 +1,6 @@
 """Give a freshly initialised GPT-2 a copy circuit (an induction head) before any training.
 
-Induction heads form late and suddenly in training (Olsson et al., 2022) -- too late for a 2-core CPU. So
+Induction heads form late and suddenly in training (Olsson et al., 2022) -- too late for a CPU-sized run. So
 the demo backbone starts with one built by hand, in reserved orthonormal subspaces of the residual stream
 (all orthogonal to the all-ones direction, so LayerNorm's mean subtraction leaves them alone):
 

@@ -101,7 +101,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
     backbone = load_backbone(
         settings.model, settings.device, settings.dtype, weights=not settings.runner_process
     )
-    state.store = open_store(settings.store)
+    state.store = open_store(settings.store, settings.store_timeout, grace_seconds=settings.key_grace_seconds)
     state.quotas = Quotas(state.store)
     # --runner-process: the weights are not here; prefixes stay on the host and cross to the runner's process
     prefix_device = torch.device("cpu") if settings.runner_process else backbone.device
@@ -224,8 +224,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line gets the id
     install_error_handlers(app)
 
-    from server.routes import admin, completions, generate, ops, prefixes, tenants
+    from server.routes import admin, chat, completions, generate, ops, prefixes, tenants, tokens
 
-    for module in (generate, completions, prefixes, tenants, ops, admin):
+    for module in (generate, completions, chat, tokens, prefixes, tenants, ops, admin):
         app.include_router(module.router)
     return app

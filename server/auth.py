@@ -22,10 +22,20 @@ from server.errors import ServiceError
 KEY_PREFIX = "psk_"
 
 
+# Whom the admin key's own generations count as (fair share, per-tenant metrics, concurrency): not a valid
+# tenant name (one starts with a letter or digit), so a tenant named `admin` keeps a usage of its own.
+ADMIN_IDENTITY = "_admin"
+
+
 @dataclass(frozen=True)
 class Principal:
     is_admin: bool
     tenant: str | None  # None for the admin
+
+    @property
+    def identity(self) -> str:
+        """The tenant whose share and usage this caller's generations count against."""
+        return ADMIN_IDENTITY if self.tenant is None else self.tenant
 
     def can_manage(self, tenant: str) -> bool:
         """PUT/GET/DELETE/list under `tenant`."""

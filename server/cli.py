@@ -17,7 +17,7 @@ SECRET_FIELDS = {"admin_key"}  # env only: a key on the command line shows in `p
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefix-serve",
-        description="Serve many prefix-tuned tasks from one frozen GPT-2 or BART backbone.",
+        description="Serve many prefix-tuned tasks from one frozen GPT-2, BART or Llama-family backbone.",
         epilog="Every flag has an environment twin PREFIXSERVE_<FLAG> (e.g. PREFIXSERVE_MAX_NUM_SEQS). "
         "The admin key is read from PREFIXSERVE_ADMIN_KEY only.",
     )

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         model_dir = ensure_fallback_model()
         settings = settings.model_copy(update={"model": str(model_dir)})
-    store = open_store(settings.store)
+    store = open_store(settings.store, settings.store_timeout)
     ids = seed_demo_prefixes(store, backbone_shape(model_dir))
     store.close()
     log.info("demo prefixes available (public): %s", ", ".join(ids) or "none")

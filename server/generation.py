@@ -8,8 +8,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
 from fastapi import Request as HttpRequest
@@ -18,7 +18,7 @@ from pydantic import Field
 from prefix_store.cache import DevicePrefix, PrefixNotFound
 from prefix_store.format import apply_template
 from prefix_store.store import InvalidId, StoreUnavailable, split_id
-from server.auth import Principal
+from server.auth import ADMIN_IDENTITY, Principal
 from server.engine.engine import EngineUnavailable, PromptTooLong, QueueFull
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.errors import ServiceError
@@ -32,6 +32,9 @@ _TOKENIZE_LOCK = threading.Lock()
 MAX_STOP_STRINGS = 16
 StopString = Annotated[str, Field(max_length=1000, description="generation stops before this text")]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+# a prompt: the source that the prefix's prompt template takes, or a function of that template (None without
+# one) giving the whole prompt (a chat conversation); it raises ServiceError when it cannot make one
+Prompt = str | Callable[[str | None], str]
 
 
 @dataclass
@@ -60,8 +63,13 @@ async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> De
         raise ServiceError(400, "invalid_prefix_id", str(exc)) from exc
     try:
         if not principal.is_admin and tenant != principal.tenant:
-            # another tenant's id: only a public prefix may be used. Checked before touching the device
-            # cache, so a foreign private prefix is never loaded (no cache churn, no hit/miss hint).
+            # another tenant's id: only a public prefix may be used. A resident public one is served as is,
+            # like one's own (the change feed keeps it current; no store round trip, so it is served while
+            # the store is unreachable too). Otherwise the store says before the device cache is touched, so
+            # a foreign private prefix is never loaded (no cache churn, no hit/miss hint).
+            resident = state.cache.acquire_resident(prefix_id, lambda meta: meta.public)
+            if resident is not None:
+                return resident
             meta = await asyncio.to_thread(state.store.get_meta, prefix_id)
             if meta is None or not meta.public:
                 raise not_found(prefix_id)
@@ -99,19 +107,21 @@ async def start(
     state: Any,
     principal: Principal,
     prefix_id: str | None,
-    prompt: str,
+    prompt: Prompt,
     params: SamplingParams,
     streamed: bool = True,
+    fill_context: bool = False,
 ) -> Generation:
     """Validate and queue a generation; `streamed` False: its outputs are read only once it is finished (a
-    whole response), so they are handed over together. Raises ServiceError (404, 422, 429, 503)."""
+    whole response), so they are handed over together; `fill_context`: params.max_new_tokens is a ceiling,
+    lowered to the positions the prompt leaves. Raises ServiceError (400, 404, 422, 429, 503)."""
     if getattr(state, "draining", False):
         raise ServiceError(
             503, "draining", "this replica is shutting down; retry on another one", {"Retry-After": "1"}
         )
     state.num_starting = getattr(state, "num_starting", 0) + 1  # the drain waits for these too
     try:
-        return await _start(state, principal, prefix_id, prompt, params, streamed)
+        return await _start(state, principal, prefix_id, prompt, params, streamed, fill_context)
     finally:
         state.num_starting -= 1
 
@@ -120,14 +130,17 @@ async def _start(
     state: Any,
     principal: Principal,
     prefix_id: str | None,
-    prompt: str,
+    prompt: Prompt,
     params: SamplingParams,
     streamed: bool,
+    fill_context: bool,
 ) -> Generation:
-    tenant = principal.tenant or "admin"
+    tenant = principal.identity
     settings, is_counted = await _admit(state, principal, tenant)
     try:
-        gen = await _queue(state, principal, tenant, settings, prefix_id, prompt, params, streamed)
+        gen = await _queue(
+            state, principal, tenant, settings, prefix_id, prompt, params, streamed, fill_context
+        )
     except BaseException:
         if is_counted:  # refused after all: the request does not count against the quota
             _in_background(state.quotas.count, tenant, -1, 0)
@@ -143,9 +156,10 @@ async def _queue(
     tenant: str,
     settings: TenantSettings,
     prefix_id: str | None,
-    prompt: str,
+    prompt: Prompt,
     params: SamplingParams,
     streamed: bool,
+    fill_context: bool,
 ) -> Generation:
     engine = state.engine
     if params.num_beams > engine.config.max_num_seqs:
@@ -157,12 +171,15 @@ async def _queue(
         )
     prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
     try:
-        if prefix is not None:
-            prompt = apply_template(prefix.meta.prompt_template, prompt)
-        token_ids = await asyncio.to_thread(tokenize, engine, prompt)
-        engine.check_fits(
-            len(token_ids), 0 if prefix is None else prefix.num_virtual_tokens, params.max_new_tokens
-        )
+        template = None if prefix is None else prefix.meta.prompt_template
+        text = apply_template(template, prompt) if isinstance(prompt, str) else prompt(template)
+        token_ids = await asyncio.to_thread(tokenize, engine, text)
+        num_prefix_tokens = 0 if prefix is None else prefix.num_virtual_tokens
+        if fill_context:
+            room = _room(engine, len(token_ids), num_prefix_tokens)
+            new_tokens = max(1, params.min_tokens, min(params.max_new_tokens, room))
+            params = replace(params, max_new_tokens=new_tokens)
+        engine.check_fits(len(token_ids), num_prefix_tokens, params.max_new_tokens)
         # no await from this check to add(): concurrent requests of one tenant cannot both slip under it
         if settings.max_concurrent is not None:
             load = engine.tenant_load().get(tenant)
@@ -198,9 +215,20 @@ async def _queue(
     return Generation(request, prefix_id, stream, counts_usage=not principal.is_admin)
 
 
+def _room(engine: Any, num_prompt_tokens: int, num_prefix_tokens: int) -> int:
+    """Positions left for new tokens: a decoder's prompt takes positions; an encoder's does not."""
+    used = num_prefix_tokens if engine.is_encoder_decoder else num_prefix_tokens + num_prompt_tokens
+    return engine.max_model_len - used
+
+
 def _in_background(fn: Any, *args: Any) -> None:
     """Usage counting (a Redis round trip) off the request's path; nothing waits for it."""
     asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def tokenizer_lock() -> threading.Lock:
+    """Held for any call into the backbone's shared tokenizer from a worker thread (see tokenize)."""
+    return _TOKENIZE_LOCK
 
 
 def tokenize(engine: Any, prompt: str) -> list[int]:
@@ -218,7 +246,7 @@ def _release(state: Any, prefix: DevicePrefix | None) -> None:
 async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
     """The request's outputs; counts tokens and latency; aborts on timeout or when the consumer goes away."""
     metrics = state.metrics
-    tenant = gen.request.tenant or "admin"
+    tenant = gen.request.tenant or ADMIN_IDENTITY
     deadline = gen.started + state.settings.request_timeout
     stream = gen.stream
     timed_out = False

@@ -130,7 +130,7 @@ class Quotas:
         try:
             self.counts.add_usage(tenant, int(self.clock() // WINDOW), requests, tokens)
         except StoreUnavailable as exc:
-            log.warning("usage of tenant %s not counted: %s", tenant, exc)
+            log.debug("usage of tenant %s not counted: %s", tenant, exc)  # the store logs its outage once
 
     def check_concurrent(self, tenant: str, settings: TenantSettings, num_active: int) -> None:
         """Raise QuotaExceeded if one more request would go over max_concurrent."""
@@ -152,7 +152,7 @@ class Quotas:
             ((prev_requests, prev_tokens),) = self.counts.get_usage(tenant, [minute - 1])
             num_requests, num_tokens = self.counts.add_usage(tenant, minute, 1, 0)
         except StoreUnavailable as exc:
-            log.warning("usage of tenant %s not counted: %s", tenant, exc)
+            log.debug("usage of tenant %s not counted: %s", tenant, exc)  # the store logs its outage once
             return False
         weight = (WINDOW - (now - minute * WINDOW)) / WINDOW
         usage = Usage(

@@ -13,9 +13,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", extra="ignore")
 
     model: str = Field(
-        "models/demo-gpt2", description="HF directory: a GPT-2-family causal LM or a BART seq2seq model"
+        "models/demo-gpt2",
+        description="local HF directory (save_pretrained): a GPT-2, Llama, Qwen2 or Mistral causal LM, "
+        "or a BART seq2seq model",
     )
     store: str = Field("var/prefixes", description="directory, file://DIR, or redis://host:port/db")
+    store_timeout: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="seconds a Redis call may wait (connect, each read) before the request answers 503 "
+        "store_unavailable; while Redis does not answer, further calls fail at once and one at a time retries it",
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present")
@@ -62,7 +71,7 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(
         True,
-        description="on CUDA, replay GPT-2 decode steps as CUDA graphs (captured per batch/length bucket on "
+        description="on CUDA, replay decode steps (GPT-2, Llama, Qwen2, Mistral) as CUDA graphs (captured per batch/length bucket on "
         "first use); false = launch every kernel eagerly. BART and CPU always run eagerly",
     )
     runner_process: bool = Field(
@@ -105,7 +114,8 @@ class Settings(BaseSettings):
     key_grace_seconds: float = Field(
         600.0,
         ge=0,
-        description="while the store is unreachable, tenant keys verified here this recently keep working",
+        description="while the store is unreachable, tenant keys verified here this recently keep working, and "
+        "prefixes resident in the device cache keep being served this long after the Redis change feed was lost",
     )
     replica_name: str | None = Field(None, description="sent as X-Prefixserve-Replica; default host:port")
     log_level: str = Field("info", description="python logging level")

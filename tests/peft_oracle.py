@@ -21,20 +21,22 @@ PROMPTS = [
 
 
 def _auto(kind: str):
-    return AutoModelForCausalLM if kind == "gpt2" else AutoModelForSeq2SeqLM
+    return AutoModelForSeq2SeqLM if kind == "bart" else AutoModelForCausalLM
 
 
-def make_peft_adapter(model_dir: Path, kind: str, num_tokens: int, out: Path, seed: int) -> Path:
+def make_peft_adapter(
+    model_dir: Path, kind: str, num_tokens: int, out: Path, seed: int, scale: float = 0.5
+) -> Path:
     """A PEFT prefix-tuning adapter with random (large enough to matter) prefix values, saved as PEFT saves it."""
     torch.manual_seed(seed)
-    task = "CAUSAL_LM" if kind == "gpt2" else "SEQ_2_SEQ_LM"
+    task = "SEQ_2_SEQ_LM" if kind == "bart" else "CAUSAL_LM"
     model = get_peft_model(
         _auto(kind).from_pretrained(model_dir),
         PrefixTuningConfig(task_type=task, num_virtual_tokens=num_tokens),
     )
     with torch.no_grad():
         for p in model.prompt_encoder.parameters():
-            p.normal_(0, 0.5)
+            p.normal_(0, scale)
     model.save_pretrained(out)
     return out
 
@@ -66,7 +68,7 @@ def peft_generate(
         enc = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
-        ids = out[0, enc["input_ids"].shape[1] :] if kind == "gpt2" else out[0, 1:]
+        ids = out[0, 1:] if kind == "bart" else out[0, enc["input_ids"].shape[1] :]
         ids = ids.tolist()
         if ids and ids[-1] == eos:
             ids = ids[:-1]

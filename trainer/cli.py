@@ -1,5 +1,5 @@
-"""`prefix-train` (also `python -m trainer`): train a prefix on a frozen GPT-2 / BART, evaluate BLEU, export a
-native prefix file, optionally upload it to a running prefix-serve.
+"""`prefix-train` (also `python -m trainer`): train a prefix on a frozen GPT-2, BART or Llama-family model,
+evaluate BLEU, export a native prefix file, optionally upload it to a running prefix-serve.
 
     prefix-train --model models/demo-gpt2 --train ../shared/data/e2e/valid.txt --output e2e.safetensors \\
         --dev held-out.jsonl --upload http://127.0.0.1:8000/demo/e2e
@@ -27,8 +27,7 @@ from trainer.train import TrainConfig, train_prefix
 log = logging.getLogger("prefix-train")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # --lr auto: a CPU run affords a few hundred optimizer steps, which need a much higher rate than the paper's
-# 8e-5 (GPT-2 Medium, 5 epochs of E2E, ~20k steps on a GPU); 5e-3 was calibrated on the demo backbone
-# (docs/quality.md; 3e-2 diverges). On CUDA the paper's value.
+# (tuned for thousands of GPU steps); the CPU value was calibrated on the demo backbone (docs/demo.md).
 AUTO_LR = {"cpu": 5e-3, "cuda": 8e-5}
 
 
@@ -52,7 +51,10 @@ class CliError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prefix-train", description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument(
-        "--model", required=True, type=Path, help="local HF directory: GPT-2 or BART family (required)"
+        "--model",
+        required=True,
+        type=Path,
+        help="local HF directory: GPT-2, BART or Llama family (Llama, Qwen2, Mistral) (required)",
     )
     p.add_argument(
         "--train",

@@ -2,7 +2,8 @@
 
 For each target (GPT-2: `decoder`; BART: `encoder`, `decoder`, `cross`) a small matrix P' [P, k] goes through
 its own MLP  Linear(k, mid) -> Tanh -> Linear(mid, num_layers * 2 * hidden)  and is viewed as the per-layer
-keys and values `[num_layers, 2, num_heads, P, head_dim]`. Only the MLP's output is exported; P' and the MLP
+keys and values `[num_layers, 2, kv_heads, P, head_dim]` (kv_heads: the key/value heads, fewer than the query
+heads under grouped-query attention). Only the MLP's output is exported; P' and the MLP
 are thrown away (`PrefixTuner.export`).
 """
 
@@ -29,15 +30,15 @@ class PrefixEncoder(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(embed_dim, mid_dim),
             nn.Tanh(),
-            nn.Linear(mid_dim, shape.num_layers * 2 * shape.hidden_size),
+            nn.Linear(mid_dim, shape.num_layers * 2 * shape.kv_heads * shape.head_dim),
         )
 
     def forward(self) -> torch.Tensor:
         s = self.shape
-        out = self.mlp(self.embedding)  # [P, L * 2 * H * d]
+        out = self.mlp(self.embedding)  # [P, L * 2 * Hkv * d]
         # slot order (layer, key/value) as in the authors' code: layer l = slots 2l (key), 2l+1 (value)
-        out = out.view(self.num_virtual_tokens, s.num_layers, 2, s.num_heads, s.head_dim)
-        return out.permute(1, 2, 3, 0, 4)  # [L, 2, H, P, d]
+        out = out.view(self.num_virtual_tokens, s.num_layers, 2, s.kv_heads, s.head_dim)
+        return out.permute(1, 2, 3, 0, 4)  # [L, 2, Hkv, P, d]
 
 
 class PrefixTuner(nn.Module):

@@ -95,7 +95,7 @@ def warn_unapplied_generation_settings(generation_config: Any, name: str) -> Non
 
 
 def load_backbone(path: str | Path, device: str = "auto", dtype: str = "auto", weights: bool = True) -> Any:
-    """Load a local HF directory as a frozen backbone; anything but GPT-2 / BART is refused. `weights` False:
+    """Load a local HF directory as a frozen backbone; a model_type no family registers is refused. `weights`:
     the modules without their weights (on PyTorch's meta device; `device` still names where the runner
     serves), for a front whose forward passes run in another process (worker.py): shape, tokenizer and
     generation rules only, no memory for the weights."""

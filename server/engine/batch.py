@@ -12,6 +12,7 @@ import numpy as np
 
 from server.engine.request import Request
 from server.engine.sampler import RowView
+from server.engine.step import put_ids
 
 # the per-slot arrays, by name and dtype
 _FIELDS = {
@@ -30,6 +31,7 @@ _FIELDS = {
     "key": np.uint64,  # seed_key of the request's seed
     "has_penalties": bool,
     "logprobs": np.int64,  # alternatives asked for; -1: no logprobs
+    "min_tokens": np.int64,  # vLLM's: EOS and stop token ids masked before this many tokens
     "is_beam": bool,
 }
 
@@ -56,7 +58,10 @@ class InputBatch:
         self.key: np.ndarray
         self.has_penalties: np.ndarray
         self.logprobs: np.ndarray
+        self.min_tokens: np.ndarray
         self.is_beam: np.ndarray
+        # stop_token_ids by slot, -1 padded (widened as needed); read only for slots short of min_tokens
+        self.stop_ids = np.full((max_slots, 1), -1, dtype=np.int64)
 
     @property
     def num_slots(self) -> int:
@@ -85,10 +90,13 @@ class InputBatch:
             "key": key,
             "has_penalties": params.has_penalties,
             "logprobs": -1 if params.logprobs is None else params.logprobs,
+            "min_tokens": params.min_tokens,
             "is_beam": params.num_beams > 1,
         }
         for name, value in values.items():
             getattr(self, name)[slot] = value
+        if params.min_tokens:
+            self.stop_ids = put_ids(self.stop_ids, slot, params.stop_token_ids)
         self.num_special += self._is_special(slot)
         return slot
 
@@ -100,6 +108,7 @@ class InputBatch:
             for name in _FIELDS:
                 array = getattr(self, name)
                 array[slot] = array[last]
+            self.stop_ids[slot] = self.stop_ids[last]
             self.requests[slot] = self.requests[last]
         self.requests.pop()
 
@@ -124,5 +133,8 @@ class InputBatch:
             self.num_output[slots],
             self.has_penalties[slots],
             self.logprobs[slots],
+            self.min_tokens[slots],
+            self.ignore_eos[slots],
+            self.stop_ids[slots],
             forced,
         )

@@ -1,25 +1,16 @@
 """Beam search: HF's `_beam_search` for one request (batch size 1), run over k rows of the shared batch.
 
-A request with `num_beams = k` is one *beam group*. Its first logits come from one row (the prompt is
-prefilled once, BART's start token decoded once); the runner then copies that row's KV into k-1 more slots
-and from there on the group owns k rows of every decode step, next to greedy, sampled and other groups'
-rows. After each step a beam that continues another beam takes that beam's generated KV (see the runner).
+A request with `num_beams = k` is one *beam group*: its first logits come from one prefilled row, the runner
+copies that row's KV into k-1 more slots, and from then on the group owns k rows of every decode step. After
+each step a beam that continues another takes that beam's generated KV (see the runner).
 
-`BeamGroup.step` replicates transformers' `_beam_search` with the same tensor operations in the same order
-(float32), so the chosen tokens equal `generate(num_beams=k, do_sample=False)` given the same logits:
-- scores: log_softmax of the logits, *then* the processors (HF applies them to the log-probabilities):
-  repetition penalty on each beam's own history (prompt or start token + its tokens), forced BOS/EOS;
-- step 0: beam 0 live, beams 1..k-1 start at -1e9; candidates: top max(2, 1 + num_eos) * k of k * V;
-- a candidate hits a stopping criterion on EOS or when it reaches max_new_tokens; the running beams are
-  the best k of the others; the best k of the candidates (top_num_beam_mask) that finished enter the
-  finished hypotheses scored `sum_logprobs / num_generated ** length_penalty` (num_generated counts the
-  EOS), merged with the earlier ones, best k kept;
-- the search stops as HF's does: when no running beam can beat the worst finished hypothesis (HF's
-  heuristic with the current length; early_stopping=False), when all k hypotheses are finished
-  (early_stopping=True), or when every candidate hit a stopping criterion (max_new_tokens).
-The result is the best finished hypothesis, with its EOS when it ended on one.
-
-Only generated tokens are kept here ([k, max_new_tokens]); the prompt never changes within a group.
+NOTE: `BeamGroup.step` repeats transformers' `_beam_search` operation for operation, in the same order and in
+float32, so its tokens equal `generate(num_beams=k, do_sample=False)` given the same logits: log_softmax
+*then* the processors (repetition penalty on each beam's own history, forced BOS/EOS); beam 0 alone live at
+step 0 (the others at -1e9); the top max(2, 1 + num_eos) * k candidates; finished hypotheses scored
+`sum_logprobs / num_generated ** length_penalty` (the EOS counted); HF's stopping rule for each
+`early_stopping`. Reordering any of it changes ties and therefore tokens. Only generated tokens are kept here
+([k, max_new_tokens]). Design: docs/design/beams.md.
 """
 
 from __future__ import annotations

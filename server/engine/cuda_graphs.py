@@ -1,26 +1,17 @@
-"""CUDA graphs for GPT-2 decode steps: one graph launch instead of ~27 kernel launches per layer.
-
-Measured on an H100 (bench.profile_step, GPT-2-medium shape, batch 64, float32): an eager decode step took
-20.3 ms, the host queuing 658 kernels while the GPU was busy 6.1 ms of it (70 % idle): launch-bound. Replaying
-the forward as one graph: 7.6 ms per step, the GPU busy 84 % of it (README, "On a GPU").
+"""CUDA graphs for GPT-2 decode steps: one graph launch instead of a launch per kernel, because an eager
+decode step is launch-bound (the host queues kernels slower than the GPU runs them).
 
 A graph has fixed shapes, so a step is padded to a bucket (vLLM's and nano-vllm's approach):
-- rows: the batch B is rounded up to the next of 1, 2, 4, 8, 16, 32, 48, ... (steps of 16), at most the
-  cache's slots. Pad rows feed token 0 at position 0 and write their K/V at position 0 of slots [B, bucket),
-  which are free (running sequences always occupy slots [0, B)). That entry is garbage but finite, and never
-  read: the next occupant of a free slot writes position 0 (its prefix's first entry, or its first prompt
-  token) in its prefill, before any decode reads it. Pad rows' logits are dropped.
-- keys: the attention reads cache entries [0, L) with L = the step's longest sequence + 1 rounded up to a
-  multiple of LENGTH_STEP (at most the cache's positions). Entries past a row's position are masked, as
-  they already are for every row shorter than the longest.
-Each (rows, keys) bucket is captured the first time a step needs it (a warm-up run, then the capture, on a
-side stream), so a server captures only the shapes its traffic has. All graphs share one memory pool and
-write their logits into one static buffer: a graph's intermediates die at the end of its capture, so the
-pool holds about one step's activations, not one per graph. Inputs go into static buffers by a device copy
-from the step's host-built tensors; the logits are copied out so the next replay cannot overwrite them.
-
-Only decoder-only backbones (GPT-2) are graphed; BART's decode and every prefill run eagerly. `capture=False` runs
-the same padded shapes eagerly, without capturing (what the CPU tests check for exactness).
+- rows: B is rounded up to 1, 2, 4, 8 or a multiple of 16 (at most the cache's slots). Pad rows feed token 0
+  at position 0 of the free slots [B, bucket) (running sequences always occupy [0, B)): garbage but finite, and
+  never read, because the next occupant of a slot writes position 0 in its prefill before any decode reads it.
+- keys: the attention reads entries [0, L), L = the longest sequence + 1 rounded up to LENGTH_STEP; entries
+  past a row's position are masked, as for every row shorter than the longest.
+Each (rows, keys) bucket is captured on first use (warm-up, then capture, on a side stream). All graphs share
+one memory pool and one static logits buffer, so the pool holds about one step's activations, not one per
+graph; logits are copied out so the next replay cannot overwrite them. BART's decode and every prefill run
+eagerly; `capture=False` runs the same padded shapes eagerly (what the CPU tests check for exactness).
+Design: docs/design/engine.md; figures: bench/README.md.
 """
 
 from __future__ import annotations

@@ -63,12 +63,23 @@ class IncrementalText:
 
     Stop strings are searched in the text not yet handed out only: a tail that could be the start of a
     stop string is held back, so a stop string can never begin in text already emitted. When a stop string
-    appears, the text is cut before it.
+    appears, the text is cut before it (after it with `include_stop`, vLLM's include_stop_str_in_output). Before
+    `min_tokens` tokens (vLLM's min_tokens) no stop string is looked for.
     """
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), table: list[bytes] | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: tuple[str, ...] = (),
+        table: list[bytes] | None = None,
+        include_stop: bool = False,
+        min_tokens: int = 0,
+    ):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.include_stop = include_stop
+        self.min_tokens = min_tokens
+        self.num_tokens = 0
         self.token_ids: list[int] = []
         self._table = table
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
@@ -104,8 +115,12 @@ class IncrementalText:
         else:
             self.token_ids.append(token_id)
             new = self._new_text(is_final=False)
+        self.num_tokens += 1
         if not self.stop:
             return new
+        if self.num_tokens < self.min_tokens:  # too early to stop: nothing is held back
+            text, self._pending = self._pending + new, ""
+            return text
         return self._release(self._pending + new, is_final=False)
 
     def flush(self) -> str:
@@ -119,11 +134,12 @@ class IncrementalText:
         return self._release(self._pending + new, is_final=True)
 
     def _release(self, text: str, is_final: bool) -> str:
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        hits = [(i, i + len(s)) for i, s in ((text.find(s), s) for s in self.stop) if i >= 0]
         if hits:
             self.is_stopped = True
             self._pending = ""
-            return text[: min(hits)]
+            start, end = min(hits)
+            return text[: end if self.include_stop else start]
         hold = 0 if is_final else self._stop_start(text)
         self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]

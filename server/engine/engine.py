@@ -501,7 +501,13 @@ class Engine:
         stream = _Stream(
             asyncio.get_running_loop(),
             asyncio.Queue(),
-            IncrementalText(self._detokenizer, params.stop, self._token_bytes),
+            IncrementalText(
+                self._detokenizer,
+                params.stop,
+                self._token_bytes,
+                params.include_stop_str_in_output,
+                params.min_tokens,
+            ),
             request,
             each_token,
             is_collected=not each_token

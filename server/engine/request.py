@@ -27,6 +27,9 @@ class SamplingParams:
     num_beams: int = 1  # beam search (HF's, see beam.py) when > 1: deterministic, tokens known at the end
     length_penalty: float = 1.0  # HF's: a finished beam scores sum(logprobs) / num_tokens ** length_penalty
     early_stopping: bool = False  # HF's: True stops once num_beams hypotheses are finished
+    min_tokens: int = 0  # vLLM's: before this many tokens, EOS/stop_token_ids masked, no stop string
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: these end the request (kept in the output, unlike EOS)
+    include_stop_str_in_output: bool = False  # vLLM's: the text is cut after the stop string, not before it
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,6 +50,10 @@ class SamplingParams:
             raise ValueError("logprobs must be in [0, 20]")
         if self.num_beams < 1:
             raise ValueError("num_beams must be >= 1 (1 = no beam search)")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be token ids (>= 0)")
         if self.num_beams > 1:
             self._check_beams()
 
@@ -64,6 +71,8 @@ class SamplingParams:
                 ("presence_penalty", self.presence_penalty != 0),
                 ("frequency_penalty", self.frequency_penalty != 0),
                 ("logprobs", self.logprobs is not None),
+                ("min_tokens", self.min_tokens != 0),
+                ("stop_token_ids", bool(self.stop_token_ids)),
             )
             if is_set
         ]
@@ -71,7 +80,7 @@ class SamplingParams:
             raise ValueError(
                 f"num_beams > 1 (beam search) does not take {', '.join(refused)}: beam search is deterministic "
                 "(temperature 0, no top_k/top_p/seed) and supports neither stop strings, ignore_eos, "
-                "presence/frequency penalties nor logprobs; drop them or use num_beams 1"
+                "presence/frequency penalties, logprobs, min_tokens nor stop_token_ids; drop them or use num_beams 1"
             )
 
     @property

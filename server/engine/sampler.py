@@ -1,7 +1,8 @@
 """Next-token choice for the whole batch at once, with one device->host wait per step.
 
 The rows' parameters come as arrays (RowView: slices of the runner's persistent batch) and are grouped by
-masks; only rows with penalties, logprobs or a forced token are visited one by one.
+masks; only rows with penalties, logprobs or a forced token are visited one by one. vLLM's min_tokens masks
+EOS and stop token ids of the rows short of it, found by comparing arrays.
 
 Greedy rows are exactly HF `generate(do_sample=False)`: an argmax. Sampled rows apply temperature, then
 top-k, then top-p (HF's warper order and keep rules, ties at the k-th best included) and draw by inverse
@@ -42,7 +43,7 @@ import torch
 
 from prefix_store.families import FamilySpec, GenerationRules
 from server.engine.request import Request
-from server.engine.step import TokenLogprob
+from server.engine.step import TokenLogprob, put_ids
 
 # Temperatures in (0, MIN_TEMPERATURE) are computed as MIN_TEMPERATURE: sampling among the tokens whose
 # scores are within float32 rounding of the best one, i.e. greedy up to exact ties.
@@ -154,6 +155,9 @@ class RowView:
     steps: np.ndarray  # [s] int64
     has_penalties: np.ndarray  # [s] bool
     logprobs: np.ndarray  # [s] int64: alternatives asked for, -1 = no logprobs
+    min_tokens: np.ndarray  # [s] int64: vLLM's min_tokens (0: none)
+    ignore_eos: np.ndarray  # [s] bool
+    stop_ids: np.ndarray  # [s, w] int64: stop_token_ids, -1 padded (read only for rows short of min_tokens)
     forced: dict[int, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -391,6 +395,7 @@ class Sampler:
         self.family = family
         self.is_encoder_decoder = family.is_encoder_decoder
         self.device = device
+        self._eos = np.array(sorted(rules.eos_token_ids), dtype=np.int64)
         self._rows: dict[str, _RowState] = {}
 
     def forget(self, request_id: str) -> None:
@@ -439,8 +444,12 @@ class Sampler:
             np.array(steps, dtype=np.int64),
             np.array([p.has_penalties for p in params], dtype=bool),
             np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
+            np.array([p.min_tokens for p in params], dtype=np.int64),
+            np.array([p.ignore_eos for p in params], dtype=bool),
+            np.full((len(requests), 1), -1, dtype=np.int64),
         )
         for i, request in enumerate(requests):
+            view.stop_ids = put_ids(view.stop_ids, i, request.params.stop_token_ids)
             force = self.family.forced_token(
                 self.rules,
                 len(request.prompt_token_ids),
@@ -473,6 +482,9 @@ class Sampler:
         penalised = np.flatnonzero(view.has_penalties)
         if penalised.size:
             logits = self._penalise(logits, view, penalised.tolist())
+        held = np.flatnonzero(view.steps < view.min_tokens)
+        if held.size:
+            logits = self._hold_stops(logits, view, held)
         asking = view.logprobs >= 0
         num_top = int(view.logprobs.max()) if asking.any() else None
         is_sampled = view.temperature != 0
@@ -632,6 +644,17 @@ class Sampler:
             self._as_tensor([p.frequency_penalty for p in params], torch.float32),
         )
         return logits.index_copy(0, index, penalised)
+
+    def _hold_stops(self, logits: torch.Tensor, view: RowView, held: np.ndarray) -> torch.Tensor:
+        """vLLM's min_tokens (HF's min_new_tokens): a row short of its minimum cannot end, so its EOS (unless it
+        ignores EOS) and its stop token ids are masked. `held`: those rows; the cells are found by arrays."""
+        eos = np.where(view.ignore_eos[held, None], -1, self._eos[None, :])  # [h, e]
+        cells = np.concatenate([view.stop_ids[held], eos], axis=1)
+        rows, columns = np.nonzero((cells >= 0) & (cells < logits.shape[-1]))
+        if not rows.size:
+            return logits
+        index = (self._as_tensor(held[rows].tolist()), self._as_tensor(cells[rows, columns].tolist()))
+        return logits.index_put(index, logits.new_tensor(NEG_INF))
 
     def _as_tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """A host list as a device tensor: a host->device copy, never a wait."""

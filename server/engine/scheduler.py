@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from server.engine.request import Request, RequestStatus
-from server.engine.step import BeamResult, StepInput, StepOutput
+from server.engine.step import BeamResult, StepInput, StepOutput, put_ids
 
 
 class QueueFull(RuntimeError):
@@ -91,6 +91,8 @@ class RunningRows:
         self.is_done = np.zeros(max_rows, dtype=bool)  # finished: tokens of a step that ran on are dropped
         self.tenant = np.zeros(max_rows, dtype=np.int64)  # index into `tenants`
         self.tokens = np.zeros((max_rows, 16), dtype=np.int64)  # generated tokens (widened as needed)
+        self.has_stop_ids = np.zeros(max_rows, dtype=bool)
+        self.stop_ids = np.full((max_rows, 1), -1, dtype=np.int64)  # stop_token_ids, -1 padded (widened)
         self.tenants: list[str] = []
         self._tenant_index: dict[str, int] = {}
 
@@ -104,6 +106,9 @@ class RunningRows:
         self.is_beam[row] = params.num_beams > 1
         self.is_done[row] = False
         self.tenant[row] = self._tenant_of(_tenant(request))
+        self.has_stop_ids[row] = bool(params.stop_token_ids)
+        if params.stop_token_ids:  # a row without them never reads its (stale) entries
+            self.stop_ids = put_ids(self.stop_ids, row, params.stop_token_ids)
         if params.max_new_tokens > self.tokens.shape[1]:
             width = max(params.max_new_tokens, 2 * self.tokens.shape[1])
             self.tokens = np.pad(self.tokens, ((0, 0), (0, width - self.tokens.shape[1])))
@@ -330,9 +335,9 @@ class Scheduler:
         self.counters[tenant] += service / max(self.weights.get(tenant, 1.0), 1e-9)
 
     def update(self, batch: StepInput, out: StepOutput) -> Progress:
-        """Record the step's tokens by row: append, finish on EOS or length, charge their tenants — array
-        operations over the rows; only rows that fail, finish or run a beam group are visited one by one.
-        A row that finished while the step ran (aborted, stopped) drops its token."""
+        """Record the step's tokens by row: append, finish on EOS, a stop token id or length, charge their
+        tenants — array operations over the rows; only rows that fail, finish or run a beam group are visited
+        one by one. A row that finished while the step ran (aborted, stopped) drops its token."""
         rows, tokens = out.rows, out.token_ids
         running = self.rows
         progress = Progress()
@@ -357,11 +362,22 @@ class Scheduler:
             running.tokens[rows, num_output] = tokens
             num_output += 1
             running.num_output[rows] = num_output
-            for row in rows[num_output >= running.max_new[rows]].tolist():
+            is_stop = self._stop_token_hits(rows, tokens)
+            for row in rows[is_stop].tolist():  # a stop token id is kept in the output, unlike EOS
+                self._row_request(row).finish("stop")
+            for row in rows[(num_output >= running.max_new[rows]) & ~is_stop].tolist():
                 self._row_request(row).finish("length")
             progress.rows, progress.token_ids, progress.num_output = rows, tokens, num_output
         progress.finished = self._finishing[before:]
         return progress
+
+    def _stop_token_hits(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """[rows] bool: the row sampled one of its stop_token_ids (only rows that have some are compared)."""
+        is_stop = np.zeros(rows.size, dtype=bool)
+        has_ids = self.rows.has_stop_ids[rows]
+        if has_ids.any():
+            is_stop[has_ids] = (self.rows.stop_ids[rows[has_ids]] == tokens[has_ids, None]).any(axis=1)
+        return is_stop
 
     def _row_request(self, row: int) -> Request:
         request = self.rows.requests[row]

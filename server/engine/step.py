@@ -19,6 +19,17 @@ import numpy as np
 from server.engine.request import Request, SamplingParams
 
 
+def put_ids(table: np.ndarray, index: int, ids: tuple[int, ...]) -> np.ndarray:
+    """Row `index` of an id table [rows, width] (-1 pads) set to `ids`; the table, widened when they do not
+    fit (a new array: callers keep the returned one)."""
+    if len(ids) > table.shape[1]:
+        width = max(len(ids), 2 * table.shape[1])
+        table = np.pad(table, ((0, 0), (0, width - table.shape[1])), constant_values=-1)
+    table[index] = -1
+    table[index, : len(ids)] = ids
+    return table
+
+
 @dataclass(frozen=True)
 class BeamResult:
     """A beam group's row in a StepOutput: what it ran this step and, once done, its best hypothesis."""

@@ -11,13 +11,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from prefix_store.store import InvalidId, StoreUnavailable, split_id
 from server import generation
 from server.auth import CurrentPrincipal
 from server.engine.request import SamplingParams
 from server.errors import ServiceError
+from server.routes import openai_fields
 from server.routes.decoding import (
     MAX_N,
     DecodingOptions,
@@ -26,20 +27,16 @@ from server.routes.decoding import (
     per_completion,
     token_texts,
 )
+from server.routes.openai_fields import StreamOptions, VllmSampling
 
 log = logging.getLogger("prefixserve.completions")
 
 router = APIRouter(tags=["openai"])
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    include_usage: bool = Field(False, description="a last chunk with usage and no choices")
-
-
-class CompletionBody(DecodingOptions):
-    """OpenAI's legacy completions fields: each honoured or refused by name; unknown fields are a 422."""
+class CompletionBody(DecodingOptions, VllmSampling):
+    """OpenAI's legacy completions fields and vLLM's extensions: each honoured or refused by name; unknown
+    fields are a 422."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -50,7 +47,6 @@ class CompletionBody(DecodingOptions):
         1.0, ge=0, le=100, allow_inf_nan=False, description="OpenAI's default is 1 (sampling); 0 = greedy"
     )
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, le=1_000_000, description="not OpenAI's; 0 = off")
     stop: generation.StopString | generation.StopList | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
@@ -77,16 +73,7 @@ class CompletionBody(DecodingOptions):
 
 
 def _params(body: CompletionBody) -> SamplingParams:
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return generation.sampling_params(
-        max_new_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=tuple(stop),
-        **body.penalties(),
-    )
+    return openai_fields.sampling_params(body, body.max_tokens, body.logprobs)
 
 
 @router.post("/v1/completions")
@@ -119,9 +106,9 @@ async def completions(body: CompletionBody, principal: CurrentPrincipal, http_re
     }
     texts = token_texts(state) if body.logprobs is not None else None
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        options = body.stream_options or StreamOptions()
         return StreamingResponse(
-            _chunks(state, gens, head, echoes, texts, include_usage, body.n), media_type="text/event-stream"
+            _chunks(state, gens, head, echoes, texts, options, body.n), media_type="text/event-stream"
         )
     try:
         results = await asyncio.gather(*(generation.run_to_end(state, g, http_request) for g in gens))
@@ -150,11 +137,7 @@ def _usage(results: list[generation.Collected], n: int) -> dict[str, int]:
     # each prompt counts once, as OpenAI counts it (its n completions share it)
     prompt_tokens = sum(r.last.num_prompt_tokens for r in results[::n])
     completion_tokens = sum(len(r.token_ids) for r in results)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+    return openai_fields.usage(prompt_tokens, completion_tokens)
 
 
 async def _chunks(
@@ -163,36 +146,43 @@ async def _chunks(
     head: dict,
     echoes: list[str],
     texts: TokenTexts | None,
-    include_usage: bool,
+    options: StreamOptions,
     n: int,
 ) -> AsyncIterator[str]:
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = 0  # prompts counted once their first output came
+    continuous = bool(options.include_usage and options.continuous_usage_stats)
     chunks = generation.SseChunks(state)  # chunks already waiting leave together
     try:
         for index, (gen, echo) in enumerate(zip(gens, echoes, strict=True)):
             legacy = LegacyLogprobs(texts) if texts is not None else None
             choice = _choice(generation.SseTemplate.field("text"), index, None, None)
-            text_chunk = generation.SseTemplate({**head, "choices": [choice]}, "text")
+            text_chunk = openai_fields.token_template({**head, "choices": [choice]}, continuous)
             if echo:
                 yield generation.sse({**head, "choices": [_choice(echo, index, None, None)]})
+            is_first = True
             async for output in generation.outputs(state, gen):
                 logprobs = legacy.add(output) if legacy is not None and output.token_id is not None else None
                 completion_tokens += output.token_id is not None
+                if is_first and index % n == 0:
+                    prompt_tokens += output.num_prompt_tokens
+                is_first = False
                 if output.is_finished or logprobs is not None:
                     reason = output.finish_reason if output.is_finished else None
-                    chunks.add({**head, "choices": [_choice(output.text, index, logprobs, reason)]})
+                    event = {**head, "choices": [_choice(output.text, index, logprobs, reason)]}
+                    if continuous:
+                        event["usage"] = openai_fields.usage(prompt_tokens, completion_tokens)
+                    chunks.add(event)
+                elif output.text and continuous:
+                    total = prompt_tokens + completion_tokens
+                    chunks.add_rendered(
+                        text_chunk.render(output.text, prompt_tokens, completion_tokens, total)
+                    )
                 elif output.text:
                     chunks.add_rendered(text_chunk.render(output.text))
-                if output.is_finished and index % n == 0:
-                    prompt_tokens += output.num_prompt_tokens
                 if (chunk := chunks.ready(gen, output)) is not None:
                     yield chunk
-        if include_usage:
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
+        if options.include_usage:
+            usage = openai_fields.usage(prompt_tokens, completion_tokens)
             chunks.add({**head, "choices": [], "usage": usage})
     except ServiceError as exc:
         chunks.add({"error": {"code": exc.code, "message": exc.message}})
@@ -226,7 +216,9 @@ def _prefix_id(model: str, backbone_name: str) -> str | None:
 async def models(request: Request, principal: CurrentPrincipal) -> dict[str, Any]:
     """The backbone and the prefixes this key can generate with (first 1000)."""
     state = request.app.state
-    data = [{"id": state.engine.backbone.name, "object": "model", "created": 0, "owned_by": "prefixserve"}]
+    engine = state.engine
+    backbone = engine.backbone.name
+    data = [_model_entry(backbone, 0, "prefixserve", backbone, None, engine.max_model_len)]
     try:
         page, _ = await asyncio.to_thread(
             state.store.list, principal.tenant, 1000, None, not principal.is_admin
@@ -234,13 +226,27 @@ async def models(request: Request, principal: CurrentPrincipal) -> dict[str, Any
     except StoreUnavailable as exc:
         raise ServiceError(503, "store_unavailable", f"the prefix store is unreachable ({exc})") from exc
     data += [
-        {
-            "id": m.id,
-            "object": "model",
-            "created": int(m.created_at),
-            "owned_by": m.tenant,
-            "parent": data[0]["id"],
-        }
+        _model_entry(m.id, int(m.created_at), m.tenant, m.id, backbone, _room(engine, m.num_virtual_tokens))
         for m in page
     ]
     return {"object": "list", "data": data}
+
+
+def _room(engine: Any, num_virtual_tokens: int) -> int:
+    """Positions left for prompt and output with a prefix (a decoder's prefix takes positions of its own)."""
+    return engine.max_model_len - (0 if engine.is_encoder_decoder else num_virtual_tokens)
+
+
+def _model_entry(
+    model_id: str, created: int, owned_by: str, root: str, parent: str | None, max_model_len: int
+) -> dict[str, Any]:
+    """A /v1/models entry with vLLM's fields: `parent` is the backbone for a prefix (as for a LoRA adapter)."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": owned_by,
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+    }

@@ -21,6 +21,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is alive (vLLM's, SGLang's and TGI's name for /healthz)."""
+    return {"status": "ok"}
+
+
+@router.get("/version")
+async def version(request: Request) -> dict[str, str]:
+    """prefixserve's version (vLLM's route)."""
+    return {"version": request.app.version}
+
+
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """Model loaded, store reachable, engine loop alive and stepping, not draining; 503 with the reason otherwise."""

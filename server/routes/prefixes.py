@@ -16,7 +16,7 @@ from prefix_store.format import (
     save_prefix,
     validate,
 )
-from prefix_store.store import InvalidId, StoreUnavailable, check_id_part, make_meta
+from prefix_store.store import InvalidId, PublicPrefixError, StoreUnavailable, check_id_part, make_meta
 from server import generation
 from server.auth import CurrentPrincipal, Principal
 from server.engine.engine import PromptTooLong
@@ -38,9 +38,9 @@ def _not_found(prefix_id: str) -> ServiceError:
     return ServiceError(404, "prefix_not_found", f"no prefix {prefix_id!r} under a tenant this key manages")
 
 
-async def _store_call(fn, *args: Any) -> Any:
+async def _store_call(fn, *args: Any, **kwargs: Any) -> Any:
     try:
-        return await asyncio.to_thread(fn, *args)
+        return await asyncio.to_thread(fn, *args, **kwargs)
     except StoreUnavailable as exc:
         raise ServiceError(
             503, "store_unavailable", f"the prefix store is unreachable ({exc}); retry shortly"
@@ -84,7 +84,12 @@ async def _parse_upload(request: Request, state: Any) -> tuple[Any, str]:
                     f"multipart upload needs parts adapter_model and adapter_config; {key} is missing",
                 )
             parts[key] = await part.read() if hasattr(part, "read") else str(part).encode()
-        prefix = await asyncio.to_thread(import_peft, parts["adapter_config"], parts["adapter_model"])
+        prefix = await asyncio.to_thread(
+            import_peft,
+            parts["adapter_config"],
+            parts["adapter_model"],
+            state.engine.backbone.shape.model_type,
+        )
         source = "peft"
     elif content_type in ("application/octet-stream", ""):
         prefix, source = await asyncio.to_thread(load_prefix, await request.body()), "native"
@@ -140,17 +145,20 @@ async def put_prefix(
         prefix, source = await _parse_upload(request, state)
     except PrefixFormatError as exc:
         raise ServiceError(422, exc.code, exc.message) from exc
-    existing = await _store_call(state.store.get_meta, prefix_id)
-    if existing is not None and existing.public and not principal.is_admin:
-        raise ServiceError(403, "forbidden", "public prefixes can only be replaced by the admin key")
-    if public is None:
-        public = existing is not None and existing.public
     data = save_prefix(prefix)
-    meta = make_meta(prefix_id, prefix, data, source, public)
-    created = await _store_call(state.store.put, meta, data)
+    meta = make_meta(prefix_id, prefix, data, source, bool(public))
+    try:
+        # the store checks visibility and writes in one step: a publish racing this write is never undone
+        created = await _store_call(
+            state.store.put, meta, data, replace_public=principal.is_admin, keep_visibility=public is None
+        )
+    except PublicPrefixError:
+        raise ServiceError(
+            403, "forbidden", "public prefixes can only be replaced by the admin key"
+        ) from None
     state.cache.invalidate(prefix_id)
-    stored = await _store_call(state.store.get_meta, prefix_id)
-    return JSONResponse((stored or meta).to_public(), status_code=201 if created else 200)
+    # the version written (the store set its created_at and kept visibility), not a later writer's
+    return JSONResponse(meta.to_public(), status_code=201 if created else 200)
 
 
 @router.get("/v1/prefixes/{tenant}/{name}")
@@ -170,12 +178,12 @@ async def delete_prefix(tenant: str, name: str, request: Request, principal: Cur
     state = request.app.state
     if not principal.can_manage(tenant):
         raise _not_found(prefix_id)
-    meta = await _store_call(state.store.get_meta, prefix_id)
-    if meta is None:
+    try:
+        deleted = await _store_call(state.store.delete, prefix_id, delete_public=principal.is_admin)
+    except PublicPrefixError:
+        raise ServiceError(403, "forbidden", "public prefixes can only be deleted by the admin key") from None
+    if not deleted:
         raise _not_found(prefix_id)
-    if meta.public and not principal.is_admin:
-        raise ServiceError(403, "forbidden", "public prefixes can only be deleted by the admin key")
-    await _store_call(state.store.delete, prefix_id)
     state.cache.invalidate(prefix_id)
     return Response(status_code=204)
 

@@ -1,4 +1,4 @@
-"""Every benchmark figure in the README comes from a committed result file (bench/results/*.json)."""
+"""Every benchmark figure in bench/README.md comes from a committed result file (bench/results/*.json)."""
 
 from __future__ import annotations
 

@@ -139,3 +139,15 @@ def test_byte_table_refuses_a_tokenizer_that_decodes_otherwise(tiny_gpt2_dir):
 
     shouting = Shouting.from_pretrained(tiny_gpt2_dir)
     assert byte_table(shouting) is None
+
+
+def test_include_stop_keeps_the_stop_string():
+    text = IncrementalText(CharTokenizer(), stop=("END",), include_stop=True)
+    out = "".join(feed(text, "abcENDxyz"))
+    assert text.is_stopped and out == "abcEND"
+
+
+def test_no_stop_string_before_min_tokens():
+    text = IncrementalText(CharTokenizer(), stop=("b",), min_tokens=3)
+    out = "".join(feed(text, "abcab"))  # the "b" at token 2 is before the minimum; the one at token 5 stops
+    assert text.is_stopped and out == "abca"

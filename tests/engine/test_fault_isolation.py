@@ -28,7 +28,7 @@ RULES = GenerationRules(frozenset({0}), None, 0, None, None, None)
 def poisoned(backbone, value: float, num_tokens: int = 4) -> Prefix:
     """A prefix the upload check would refuse (NaN, Inf): here it goes straight to the engine."""
     shape = backbone.shape
-    tensor = torch.randn(shape.num_layers, 2, shape.num_heads, num_tokens, shape.head_dim)
+    tensor = torch.randn(shape.num_layers, 2, shape.kv_heads, num_tokens, shape.head_dim)
     tensor[:, :, :, 0] = value
     return Prefix("gpt2", {"decoder": tensor})
 

@@ -120,3 +120,24 @@ def test_rows_are_held_until_the_request_leaves_and_finishes_found_without_a_sca
     progress = s.update(batch, StepOutput.of(batch.sequences, [7, EOS]))
     assert progress.finished == [b] and b.output_token_ids == [6] and b.finish_reason == "stop"
     assert progress.rows.tolist() == [c.row] and s.rows.token_ids(c.row) == [7]
+
+
+def test_stop_token_ids_finish_with_the_token_kept_by_row():
+    """A row's own stop token ids end it (the token kept, reason stop, before length); the same token ends no
+    row that did not ask for it, and an EOS still ends a row without being kept."""
+    s = scheduler()
+    a, b = make("a", max_new=3, stop_token_ids=(9, 11)), make("b", max_new=3)
+    c = make("c", max_new=2, stop_token_ids=(12,))
+    for r in (a, b, c):
+        s.add(r)
+    batch = s.schedule()
+    s.update(batch, StepOutput.of(batch.sequences, [5, 9, 6]))
+    assert not any(r.is_finished for r in (a, b, c))
+    batch = s.schedule()
+    progress = s.update(batch, StepOutput.of(batch.sequences, [11, 9, 12]))
+    assert a.finish_reason == "stop" and a.output_token_ids == [5, 11]
+    assert c.finish_reason == "stop" and c.output_token_ids == [6, 12]  # its last token: stop, not length
+    assert not b.is_finished and sorted(progress.finished, key=lambda r: r.request_id) == [a, c]
+    batch = s.schedule()
+    s.update(batch, StepOutput.of(batch.sequences, [EOS]))
+    assert b.finish_reason == "stop" and b.output_token_ids == [9, 9]

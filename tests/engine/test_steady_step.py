@@ -3,7 +3,8 @@ runner, the sampler or the engine (its step and the hand-over of its record) whe
 
 Counted as the Python lines executed (sys.settrace), the way the host-sync tests count syncs: a loop over
 rows, however cheap, executes at least one line per row. The rows mix greedy, temperature, top-k and top-p
-requests of several tenants (whole responses: they read their tokens once, at the end).
+requests of several tenants, some held off their EOS and stop token ids by min_tokens (whole responses: they
+read their tokens once, at the end).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from server.engine.request import SamplingParams
 
 MIX = [
     SamplingParams(max_new_tokens=200, ignore_eos=True),
-    SamplingParams(max_new_tokens=200, ignore_eos=True, temperature=0.8, seed=1),
+    # vLLM's min_tokens holding off EOS and stop token ids: masked by array operations, no loop over rows
+    SamplingParams(max_new_tokens=200, temperature=0.8, seed=1, min_tokens=150, stop_token_ids=(1, 2, 3)),
     SamplingParams(max_new_tokens=200, ignore_eos=True, temperature=0.9, top_k=5),
     SamplingParams(max_new_tokens=200, ignore_eos=True, temperature=1.1, top_p=0.9, seed=3),
 ]

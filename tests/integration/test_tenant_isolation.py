@@ -68,7 +68,24 @@ HOSTILE_GENERATE = [
     {"temperature": 1e-40, "stream": True},
     {"ignore_eos": True, "stop": ["x" * 1000] * 16},
 ]
-HOSTILE_COMPLETIONS = [{"temperature": 1e-45}, {"temperature": 1e-40, "top_p": 1e-300, "stream": True}]
+# vLLM's extensions at their limits: min_tokens = max_tokens (24) holding off EOS and many stop token ids
+HOSTILE_VLLM = [
+    {"min_tokens": 24, "stop_token_ids": list(range(64)), "stop": None, "repetition_penalty": 100},
+    {
+        "min_tokens": 24,
+        "stop": ["e", " "],
+        "include_stop_str_in_output": True,
+        "top_k": -1,
+        "temperature": 1e-40,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    },
+]
+HOSTILE_COMPLETIONS = [
+    {"temperature": 1e-45},
+    {"temperature": 1e-40, "top_p": 1e-300, "stream": True},
+    *HOSTILE_VLLM,
+]
 
 
 async def _mixed_run(url: str, good: dict, evil: dict, parity_jobs, hostile_prefixes) -> tuple[list, list]:
@@ -98,10 +115,21 @@ async def _mixed_run(url: str, good: dict, evil: dict, parity_jobs, hostile_pref
             response = await client.post("/v1/completions", json=body, headers=evil)
             return response.status_code, response.text
 
+        async def hostile_chat(prefix_id: str, extra: dict) -> tuple[int, str]:
+            messages = [{"role": "user", "content": "the quick brown fox"}]
+            body = {"model": prefix_id, "messages": messages, "max_tokens": 24, "n": 2, **extra}
+            if extra.get("stream"):
+                async with client.stream("POST", "/v1/chat/completions", json=body, headers=evil) as response:
+                    text = "".join([line async for line in response.aiter_lines()])
+                    return response.status_code, text
+            response = await client.post("/v1/chat/completions", json=body, headers=evil)
+            return response.status_code, response.text
+
         hostile = [hostile_generate(p, extra) for p in hostile_prefixes for extra in HOSTILE_GENERATE]
         hostile += [
             hostile_completion(p, extra) for p in hostile_prefixes if p for extra in HOSTILE_COMPLETIONS
         ]
+        hostile += [hostile_chat(p, extra) for p in hostile_prefixes if p for extra in HOSTILE_VLLM]
         results = await asyncio.gather(*hostile, *(parity(*job) for job in parity_jobs))
         return list(results[: len(hostile)]), list(results[len(hostile) :])
 
@@ -125,7 +153,8 @@ def test_hostile_tenant_in_the_same_steps_changes_nothing_for_others(peft_case, 
         too_big = put_native(client, "evil/overflow", native(model_dir, 4, fill=3e38), evil)
         assert too_big.status_code == 422 and too_big.json()["error"]["code"] == "value_out_of_range"
         for name, num_tokens in (("huge", 4), ("huge-long", 64)):
-            response = put_native(client, f"evil/{name}", native(model_dir, num_tokens, fill=HUGE), evil)
+            data = native(model_dir, num_tokens, fill=HUGE, template=" {source}")  # chat can use it
+            response = put_native(client, f"evil/{name}", data, evil)
             assert response.status_code == 201, response.text
 
         parity_jobs = [(p, PROMPTS[i]) for i in range(len(PROMPTS)) for p in [None, *adapters]]
@@ -136,6 +165,8 @@ def test_hostile_tenant_in_the_same_steps_changes_nothing_for_others(peft_case, 
             assert tokens == expected[prefix_id][PROMPTS.index(prompt)], (prefix_id, prompt)
         for status, text in hostile:
             assert status < 500 and "engine_error" not in text and "internal_error" not in text, text
+        chats = hostile[-2 * len(HOSTILE_VLLM) :]  # the prefixes' prompt template took the message
+        assert all(status in (200, 422) for status, _ in chats), chats
         assert client.get("/readyz").status_code == 200
         metrics = client.get("/metrics").text
         assert 'status="5' not in metrics, [line for line in metrics.splitlines() if 'status="5' in line]

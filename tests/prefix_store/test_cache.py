@@ -84,3 +84,25 @@ def test_deleted_prefix_is_not_found(tmp_path):
     cache.invalidate("t/a")
     with pytest.raises(PrefixNotFound):
         cache.acquire("t/a")
+
+
+def test_acquire_resident_never_asks_the_store_and_touches_nothing_it_may_not_use(tmp_path):
+    """Another tenant's public prefix is served from the cache without the store (so also while it is
+    unreachable); a resident prefix the caller may not use is left exactly as it was."""
+    store, cache = make_cache(tmp_path, 2)
+    put(store, "t/a")
+    put(store, "t/b")
+    cache.release(cache.acquire("t/a"))
+    cache.release(cache.acquire("t/b"))  # LRU order: a, b
+    store.get = store.get_meta = None  # type: ignore[method-assign,assignment]  # any store call fails
+
+    def public(meta) -> bool:
+        return meta.id == "t/a"
+
+    assert cache.acquire_resident("t/b", public) is None  # resident, not allowed: no pin, no LRU move
+    assert cache.acquire_resident("t/missing", public) is None
+    assert cache.resident_ids() == ["t/a", "t/b"] and cache.stats.hits == 0
+    entry = cache.acquire_resident("t/a", public)
+    assert entry is not None and entry.pins == 1 and cache.stats.hits == 1
+    assert cache.resident_ids() == ["t/b", "t/a"]
+    cache.release(entry)

@@ -13,7 +13,7 @@ import pytest
 import redis
 import torch
 
-from prefix_store.copy import copy_store, main
+from prefix_store.copy import CopyIncomplete, copy_store, main
 from prefix_store.format import Prefix, load_prefix, save_prefix
 from prefix_store.local import LocalStore
 from prefix_store.redis import RedisStore
@@ -105,3 +105,67 @@ def test_command_line(tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixt
     ).stdout
     assert "copied=1" in out and "keys_copied=0" in out
     assert LocalStore(tmp_path / "dst").get("acme/a") is not None
+
+
+def test_ids_around_the_slash_are_all_copied(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hostile run's case: `a-b/x` and `a.b/x` sort before `a/...` as ids; none may be dropped."""
+    monkeypatch.setattr("prefix_store.copy.PAGE_SIZE", 7)
+    local = LocalStore(tmp_path / "src")
+    ids = [f"a/p{i:03d}" for i in range(40)] + ["a-b/x", "a.b/x", "a_b/x", "a0/x", "b/x"]
+    written = {prefix_id: put(local, prefix_id, i) for i, prefix_id in enumerate(ids)}
+    assert main([str(tmp_path / "src"), redis_url]) == 0
+    assert f"copied={len(ids)}, unchanged=0" in capsys.readouterr().out
+    shared = RedisStore(redis_url)
+    for prefix_id, data in written.items():
+        assert (shared.get(prefix_id) or (None, b""))[1] == data, prefix_id
+    assert shared.count() == len(ids)
+    shared.close()
+
+
+class Faulty:
+    """A store that forwards everything, except the one fault a test gives it."""
+
+    def __init__(self, store: PrefixStore, **faults: object):
+        self._store = store
+        self.__dict__.update(faults)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def test_a_listing_that_skips_fails_the_copy(tmp_path: Path, redis_url: str) -> None:
+    local = LocalStore(tmp_path)
+    for i in range(5):
+        put(local, f"acme/p{i}", i)
+
+    def skipping_list(**kwargs: object) -> tuple[list, str | None]:
+        page, cursor = local.list(**kwargs)  # type: ignore[arg-type]
+        return [m for m in page if m.id != "acme/p2"], cursor
+
+    shared = RedisStore(redis_url)
+    with pytest.raises(CopyIncomplete) as failed:
+        copy_store(Faulty(local, list=skipping_list), shared)  # type: ignore[arg-type]
+    assert "the source holds 5 prefixes but its listing returned 4" in str(failed.value)
+    shared.close()
+
+
+def test_a_destination_that_loses_or_changes_a_prefix_fails_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local, dst = LocalStore(tmp_path / "src"), LocalStore(tmp_path / "dst")
+    for i in range(4):
+        put(local, f"acme/p{i}", i)
+
+    def lossy_put(meta, data: bytes) -> bool:
+        if meta.id == "acme/p1":
+            return True  # acknowledged, never stored
+        return dst.put(meta, data[:-1] + b" " if meta.id == "acme/p3" else data)
+
+    faulty = Faulty(dst, put=lossy_put)
+    monkeypatch.setattr("prefix_store.copy.open_store", lambda url: local if url == "SRC" else faulty)
+    assert main(["SRC", "DST"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: 1 prefixes missing in the destination: acme/p1" in err
+    assert "FAILED: 1 prefixes different in the destination: acme/p3 (sha256)" in err

@@ -19,13 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_module_in_the_package_is_a_registered_family():
     modules = {p.stem for p in (ROOT / "prefix_store" / "families").glob("*.py")} - {"__init__", "spec"}
-    assert set(families()) == modules == {"gpt2", "bart"}
+    # llama.py registers three model types (llama, qwen2, mistral): one module, one layer shape
+    assert {spec.server_backbone.split(":")[0].rsplit(".", 1)[1] for spec in families().values()} == modules
+    assert set(families()) == {"gpt2", "bart", "llama", "qwen2", "mistral"}
+    assert modules == {"gpt2", "bart", "llama"}
 
 
 def test_unknown_model_type_names_the_supported_families():
-    with pytest.raises(BackboneError, match="'llama' is not supported") as refused:
-        family("llama")
+    with pytest.raises(BackboneError, match="'gpt_neo' is not supported") as refused:
+        family("gpt_neo")
     assert "GPT-2 family" in str(refused.value) and "BART family" in str(refused.value)
+    assert "Llama family" in str(refused.value) and "Qwen2 family" in str(refused.value)
 
 
 def test_a_registered_family_is_found():

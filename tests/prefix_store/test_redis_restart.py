@@ -1,11 +1,10 @@
-"""RedisStore across a Redis crash: our OWN redis-server (never the shared one), killed and started again."""
+"""RedisStore across a Redis crash or pause: our OWN redis-server (never the shared one), killed and started
+again, or paused (SIGSTOP) and resumed."""
 
 from __future__ import annotations
 
+import logging
 import queue
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -13,53 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from own_redis import OwnRedis
 
 from prefix_store.format import Prefix, load_prefix, save_prefix
 from prefix_store.redis import RedisStore
-from prefix_store.store import StoreUnavailable, make_meta
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OwnRedis:
-    """A redis-server with the durability settings of docker-compose.yml, on a free loopback port."""
-
-    def __init__(self, data_dir: Path):
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        if shutil.which("redis-server") is None:  # a missing component fails the test, never skips it
-            pytest.fail("redis-server is not installed: scripts/ensure-redis installs it (make test runs it)")
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir)]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown save; only what the AOF already holds survives."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
+from prefix_store.store import KeyRecord, StoreUnavailable, make_meta
 
 
 @pytest.fixture
@@ -138,3 +95,75 @@ def test_watch_keeps_trying_while_redis_is_down(own_redis: OwnRedis) -> None:
         closing.start()
         closing.join(timeout=30)  # a ceiling: close() must stop the reconnecting watcher, not hang on it
         assert not closing.is_alive(), "close() did not return while the watcher was reconnecting"
+
+
+def call_in_thread(fn, *args, ceiling: float = 20.0):
+    """fn(*args)'s result or exception; the ceiling only tells a bounded call from a hung one."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append(fn(*args))
+        except Exception as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(ceiling)
+    assert not thread.is_alive(), f"{fn.__name__} still blocked after {ceiling} s on a paused Redis"
+    return box[0]
+
+
+def test_paused_redis_raises_store_unavailable_within_the_timeout_and_heals(
+    own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP keeps the connections open but answers nothing: a call waits the timeout once (not redis-py's
+    retries of it), the calls after it fail at once but one a second, one ERROR line says so, and SIGCONT
+    heals it."""
+    caplog.set_level(logging.INFO, logger="prefix_store.redis")
+    store = RedisStore(own_redis.url, timeout=0.5)
+    record = KeyRecord(key_id="abc123", tenant="acme", key_hash="0" * 64, created_at=1.0)
+    try:
+        store.put_key(record)
+        assert store.get_key("abc123") == record
+        own_redis.pause()
+        for _ in range(5):
+            assert isinstance(call_in_thread(store.get_key, "abc123"), StoreUnavailable)
+        assert isinstance(call_in_thread(store.get, "acme/p0"), StoreUnavailable)
+        assert call_in_thread(store.ping) is False
+        assert store.outage.since is not None and store.outage.num_refused > 0
+        unreachable = [r for r in caplog.records if "is unreachable" in r.getMessage()]
+        assert len(unreachable) == 1 and unreachable[0].levelno == logging.ERROR, caplog.text
+        own_redis.resume()
+        deadline = time.monotonic() + 20
+        while store.ping() is False and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.get_key("abc123") == record
+        assert store.outage.since is None
+        assert sum("answers again after" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        own_redis.resume()
+        store.close()
+
+
+def test_watch_drops_the_cache_once_the_feed_is_silent_past_the_grace(own_redis: OwnRedis) -> None:
+    """A paused Redis leaves the feed's connection open: the watcher's own PINGs find it silent, and past the
+    grace it says "drop everything"; after SIGCONT it resubscribes (None again) and notices flow."""
+    store = RedisStore(own_redis.url, timeout=0.5, grace_seconds=1.0)
+    other = RedisStore(own_redis.url)
+    events: queue.Queue[str | None] = queue.Queue()
+    try:
+        store.watch(events.put)
+        assert next_event(events) is None
+        own_redis.pause()
+        assert next_event(events, timeout=20) is None  # silent past the grace: drop what was cached
+        own_redis.resume()
+        assert next_event(events, timeout=20) is None  # resubscribed
+        put(other, "acme/after", 3)
+        while (event := next_event(events)) is None:
+            pass
+        assert event == "acme/after"
+    finally:
+        own_redis.resume()
+        store.close()
+        other.close()

@@ -88,3 +88,17 @@ def test_key_the_store_no_longer_has_is_not_accepted_in_a_later_outage():
     with pytest.raises(ServiceError) as err:
         authenticate(f"Bearer {key}", "admin", store, known)
     assert err.value.status == 503
+
+
+def test_store_timeout_is_a_setting_with_an_env_twin(monkeypatch: pytest.MonkeyPatch):
+    from prefix_store.redis import DEFAULT_TIMEOUT
+    from prefix_store.store import open_store
+    from server.cli import settings_from_args
+
+    assert settings_from_args([]).store_timeout == DEFAULT_TIMEOUT
+    assert settings_from_args(["--store-timeout", "0.75"]).store_timeout == 0.75
+    monkeypatch.setenv("PREFIXSERVE_STORE_TIMEOUT", "5")
+    assert settings_from_args([]).store_timeout == 5.0
+    store = open_store("redis://127.0.0.1:1/0", 0.75, grace_seconds=30.0)  # nothing connects yet
+    assert (store.timeout, store.grace_seconds) == (0.75, 30.0)  # type: ignore[attr-defined]
+    store.close()

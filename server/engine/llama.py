@@ -1,0 +1,174 @@
+"""Llama-family forward passes (Llama, Qwen2, Mistral) over the slot KV cache, the way gpt2.py does GPT-2's.
+
+Slot layout: `[prefix (P_row) | prompt | generated]` per key/value head, cache index == position id. Where
+PEFT puts a prefix on these models (checked against peft 0.21 and transformers 5.23): the prefix's keys sit
+in the cache as stored, never rotated; real tokens get position ids P, P+1, ... (PEFT shifts the position ids
+generate() derives from the attention mask by P), and their keys are rotated at those positions before they
+enter the cache. So a query at position p attends to every cache entry j <= p, exactly as with GPT-2.
+
+Rotary cos/sin come from the model's own rotary module (every rope type HF computes from the config), called
+undecorated: its dynamic-frequency hook only acts past the positions this family serves (families/llama.py
+caps them) and would wait on the device. Grouped-query attention: the query heads sharing a key/value head
+are stacked as extra query rows of that head, so the cache is read once per key/value head, never repeated.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from prefix_store.families import GenerationRules, family
+from server.engine.kv_cache import KVCache
+from server.engine.transfer import copy_to_device
+
+log = logging.getLogger("prefixserve.engine")
+
+
+class LlamaBackbone:
+    def __init__(self, model, tokenizer, rules: GenerationRules, name: str):
+        config = model.config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.rules = rules
+        self.name = name
+        self.model_type = config.model_type
+        self.decoder = model.model
+        self.lm_head = model.lm_head
+        self.blocks = list(self.decoder.layers)
+        self.spec = family(config.model_type)
+        self.shape = self.spec.shape(config)
+        self.max_positions = self.spec.max_positions(config)
+        self.device = self.lm_head.weight.device
+        self.dtype = self.lm_head.weight.dtype
+        self.groups = self.shape.num_heads // self.shape.kv_heads  # query heads per key/value head
+        self.rotary = self.decoder.rotary_emb
+        # undecorated: HF's dynamic-frequency hook acts only past the positions served, and waits on the
+        # device
+        self._rotary_forward = inspect.unwrap(type(self.rotary).forward)
+        # the modeling module's own rotation (Qwen2 and Mistral carry copies of Llama's)
+        self._rotate = sys.modules[type(model).__module__].apply_rotary_pos_emb
+        if self.max_positions < config.max_position_embeddings:  # families/llama.py says why
+            log.info(
+                "%s: serving prefix + prompt + new tokens up to %d of its %d positions (sliding window or "
+                "longrope: past that, HF's attention or rotary frequencies change, and so would the output)",
+                name,
+                self.max_positions,
+                config.max_position_embeddings,
+            )
+
+    def _layer(
+        self, h: torch.Tensor, index: int, cache: KVCache, write: tuple, read: slice, length: int, rope, mask
+    ):
+        """One decoder layer. h [n, T, D]; writes the rotated K and the V of the queries at flat indices
+        `queries` [N] (into [n*T]) at cache (rows, cols) [N], then attends over slots `read`, entries
+        [0, length). rope: (cos, sin) [n, T, d]; mask [n, 1, groups*T, K]."""
+        rows, cols, queries = write
+        block = self.blocks[index]
+        attn = block.self_attn
+        n, num_q, _ = h.shape
+        heads, kv_heads, head_dim = self.shape.num_heads, self.shape.kv_heads, self.shape.head_dim
+        x = block.input_layernorm(h)
+        q = attn.q_proj(x).view(n, num_q, heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(n, num_q, kv_heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(n, num_q, kv_heads, head_dim)
+        q, k = self._rotate(q, k, *rope)
+        kv = cache.self_kv[index]  # [2, S, Hkv, T, d]
+        # integer indices of known length (not a boolean mask): no device -> host wait for the count
+        kv[0][rows, :, cols] = (
+            k.transpose(1, 2).reshape(n * num_q, kv_heads, head_dim).index_select(0, queries)
+        )
+        kv[1][rows, :, cols] = v.reshape(n * num_q, kv_heads, head_dim).index_select(0, queries)
+        # query head g*groups + r reads key/value head g (HF's repeat_kv): rows [r, t] of head g
+        q = q.reshape(n, kv_heads, self.groups * num_q, head_dim)
+        out = F.scaled_dot_product_attention(
+            q, kv[0, read, :, :length], kv[1, read, :, :length], attn_mask=mask, scale=attn.scaling
+        )
+        out = out.reshape(n, heads, num_q, head_dim).transpose(1, 2).reshape(n, num_q, heads * head_dim)
+        h = attn.o_proj(out) + h
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's (cos, sin) [n, T, head_dim] for position ids [n, T], in h's dtype."""
+        return self._rotary_forward(self.rotary, h, positions)
+
+    def _grouped(self, mask: torch.Tensor) -> torch.Tensor:
+        """[n, 1, T, K] -> [n, 1, groups*T, K]: the same visibility for every query head of a group."""
+        n, _, num_q, keys = mask.shape
+        return mask.expand(n, self.groups, num_q, keys).reshape(n, 1, self.groups * num_q, keys)
+
+    @torch.inference_mode()
+    def prefill(
+        self, cache: KVCache, start: int, token_lists: list[list[int]], prefix_lens: list[int]
+    ) -> torch.Tensor:
+        """Run new sequences in slots [start, start+n) whose prefixes are already in the cache.
+
+        Prompts are right-padded to the longest; padded queries compute garbage that is never written to
+        the cache nor read. Every index is built on the host and copied once. Returns next-token logits
+        [n, vocab] (float32) at each prompt's last token.
+        """
+        n = len(token_lists)
+        num_q = max(len(t) for t in token_lists)
+        ids = torch.zeros(n, num_q, dtype=torch.long)
+        positions = torch.zeros(n, num_q, dtype=torch.long)  # padded queries: position 0, never read
+        rows: list[int] = []
+        cols: list[int] = []
+        queries: list[int] = []
+        last: list[int] = []
+        for i, (tokens, num_prefix) in enumerate(zip(token_lists, prefix_lens, strict=True)):
+            ids[i, : len(tokens)] = torch.tensor(tokens)
+            positions[i, : len(tokens)] = torch.arange(num_prefix, num_prefix + len(tokens))
+            rows += [start + i] * len(tokens)
+            cols += range(num_prefix, num_prefix + len(tokens))
+            queries += range(i * num_q, i * num_q + len(tokens))
+            last.append(i * num_q + len(tokens) - 1)
+        ids, positions, rows_t, cols_t, queries_t, last_t = copy_to_device(
+            [
+                ids,
+                positions,
+                torch.tensor(rows),
+                torch.tensor(cols),
+                torch.tensor(queries),
+                torch.tensor(last),
+            ],
+            self.device,
+        )
+        length = max(p + len(t) for p, t in zip(prefix_lens, token_lists, strict=True))
+        # [n, 1, Tq, K]: key j visible to the query at position p iff j <= p
+        mask = (torch.arange(length, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+        h = self.decoder.embed_tokens(ids)
+        rope = self._rope(h, positions)
+        write = (rows_t, cols_t, queries_t)
+        grouped = self._grouped(mask)
+        for index in range(len(self.blocks)):
+            h = self._layer(h, index, cache, write, slice(start, start + n), length, rope, grouped)
+        last_h = h.reshape(n * num_q, -1).index_select(0, last_t)  # [n, D]
+        return self.lm_head(self.decoder.norm(last_h)).float()
+
+    @torch.inference_mode()
+    def decode(
+        self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """One token for each of the slots [0, B): tokens/positions [B] on the device; `length` =
+        max(positions) + 1."""
+        num_rows = tokens.shape[0]
+        rows = torch.arange(num_rows, device=self.device)
+        write = (rows, positions, rows)  # query i of the [B, 1] batch is flat index i
+        mask = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        h = self.decoder.embed_tokens(tokens)[:, None]  # [B, 1, D]
+        rope = self._rope(h, positions[:, None])
+        grouped = self._grouped(mask)
+        for index in range(len(self.blocks)):
+            h = self._layer(h, index, cache, write, slice(0, num_rows), length, rope, grouped)
+        return self.lm_head(self.decoder.norm(h[:, 0])).float()
+
+    def write_prefix(self, cache: KVCache, slot: int, targets: dict[str, torch.Tensor]) -> int:
+        """Copy a prefix into the start of its slot; returns P (0 without a prefix)."""
+        decoder = targets.get("decoder")
+        if decoder is None:
+            return 0
+        cache.self_kv[:, :, slot, :, : decoder.shape[3]] = decoder  # [L, 2, Hkv, P, d]
+        return decoder.shape[3]
