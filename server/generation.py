@@ -386,12 +386,16 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
                 if output.error_code == "numerical_error":  # the request's own numbers: it alone failed
                     raise ServiceError(422, "numerical_error", output.error)
                 raise ServiceError(500, "engine_error", output.error)
-            if output.token_id is not None:
-                if output.num_output_tokens == 1:
-                    produced = gen.request.first_token_time or time.monotonic()  # handed over (Engine)
+            # a streamed output carries one token; a whole response's last output all of them (token_ids)
+            num_new = (
+                len(output.token_ids) if output.token_ids is not None else int(output.token_id is not None)
+            )
+            if num_new:
+                if output.num_output_tokens == num_new:  # this output carries the first token
+                    produced = gen.request.first_token_time or time.monotonic()  # sampled (Engine)
                     metrics.time_to_first_token.observe(produced - gen.started)
-                metrics.generated_tokens.inc()
-                metrics.tenant_tokens.labels(tenant).inc()
+                metrics.generated_tokens.inc(num_new)
+                metrics.tenant_tokens.labels(tenant).inc(num_new)
             yield output
             if output.is_finished:
                 seconds = time.monotonic() - gen.started
@@ -430,18 +434,20 @@ async def run_to_end(state: Any, gen: Generation, http_request: HttpRequest) -> 
     """Collect a whole generation; a client that disconnects aborts it (its slot frees at the next step)."""
 
     async def collect() -> Collected:
-        token_outputs: list[RequestOutput] = []
+        token_ids: list[int] = []
+        token_outputs: list[RequestOutput] = []  # per token only where the request asked for logprobs
         text = ""
         last: RequestOutput | None = None
         async for output in outputs(state, gen):
-            if output.token_id is not None:
+            if output.token_ids is not None:  # the whole response at once (Engine: no stop strings, logprobs)
+                token_ids += output.token_ids
+            elif output.token_id is not None:
                 token_outputs.append(output)
+                token_ids.append(output.token_id)
             text += output.text
             last = output
         assert last is not None
-        return Collected(
-            [o.token_id for o in token_outputs if o.token_id is not None], text, token_outputs, last
-        )
+        return Collected(token_ids, text, token_outputs, last)
 
     task = asyncio.ensure_future(collect())
     disconnect = asyncio.ensure_future(_disconnected(http_request))

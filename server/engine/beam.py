@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from prefix_store.families import FamilySpec, GenerationRules
-from server.engine.request import BeamResult, Request
+from server.engine.request import Request
 from server.engine.sampler import apply_penalties
+from server.engine.step import BeamResult
 
 NEG = -1.0e9  # HF's "very large negative value" for beams that must not be chosen
 

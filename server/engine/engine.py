@@ -2,6 +2,11 @@
 
 The loop runs in its own thread so a forward pass never blocks the event loop; the front hands requests
 in under a lock and gets outputs back through per-request asyncio queues.
+
+Outputs leave the loop as one record per step (`_Record`: the scheduler's Progress — rows, tokens, output
+lengths as arrays — and the requests that finished), handed to each event loop with one wake-up. There, in
+one pass, a streamed request (or one with stop strings or logprobs) gets an output per token; a whole
+response gets nothing until it ends, then one output with all its token ids, detokenised once.
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalText, byte_table
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.engine.runner import ModelRunner
-from server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from server.engine.scheduler import Progress, QueueFull, Scheduler, SchedulerConfig
+from server.engine.step import TokenLogprob
 
 __all__ = ["Engine", "EngineConfig", "EngineUnavailable", "PromptTooLong", "QueueFull"]
 
@@ -58,40 +67,32 @@ class EngineUnavailable(RuntimeError):
     """The engine loop is gone (/readyz says why): a new request would wait forever."""
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 64
-    max_prefill_tokens: int = 4096
-    max_model_len: int = 1024
-    max_prefix_tokens: int = 256
-    max_queue: int = 1024  # requests waiting for a busy slot; beyond it only tenants within their share
-    policy: str = "fair"  # "fair" (VTC, see scheduler.py) or "fifo"
-    max_step_seconds: float = 60.0  # a loop busy this long without finishing a step counts as stuck
-    kv_cache_bytes: int | None = None  # KV budget: max_num_seqs is capped to what fits; None = no cap
-    cuda_graphs: bool = True  # GPT-2 decode steps as CUDA graphs on CUDA (cuda_graphs.py)
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "max_prefix_tokens", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.policy not in ("fair", "fifo"):
-            raise ValueError("policy must be 'fair' or 'fifo'")
-        if self.max_step_seconds <= 0:
-            raise ValueError("max_step_seconds must be > 0")
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 0:
-            raise ValueError("kv_cache_bytes must be >= 0")
-
-
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput]
     text: IncrementalText
+    request: Request
     each_token: bool = True  # wake the consumer for every output (streamed), or once it is finished (whole)
+    # a whole response with no stop strings and no logprobs: its tokens are read once, when it ends
+    is_collected: bool = False
     # outputs of a whole response not handed over yet
     held: list[RequestOutput] = field(default_factory=list)
     is_done: bool = False  # its last output is handed over: later ones (a step that ran on) are dropped
     is_consumed: bool = False  # stream() is reading it (and will unregister it when done)
+    is_closed: bool = False  # unregistered: nobody reads it any more
+
+
+@dataclass
+class _Record:
+    """One step's outputs: the scheduler's Progress, the streams by row when it was made (rows are reused
+    after a request leaves), and outputs made on the loop thread (beam results, errors)."""
+
+    progress: Progress
+    streams: list[_Stream | None]
+    is_per_token: np.ndarray  # [progress.rows] bool: the row's stream takes an output per token
+    logprobs: dict[int, TokenLogprob]
+    events: list[tuple[Request, RequestOutput]]
 
 
 class Engine:
@@ -106,15 +107,7 @@ class Engine:
         self.backbone = backbone
         self.config = config
         self.is_encoder_decoder = backbone.spec.is_encoder_decoder
-        self.runner = runner or ModelRunner(
-            backbone,
-            config.max_num_seqs,
-            config.max_model_len,
-            config.max_prefix_tokens,
-            on_forward,
-            config.kv_cache_bytes,
-            config.cuda_graphs,
-        )
+        self.runner = runner or ModelRunner(backbone, config, on_forward)
         if self.runner.kv_plan.num_seqs < config.max_num_seqs:  # the KV budget holds fewer sequences
             config = dataclasses.replace(config, max_num_seqs=self.runner.kv_plan.num_seqs)
         self.config = config
@@ -137,10 +130,14 @@ class Engine:
         self.step_seconds = 0.0  # wall time of the steps counted in num_steps
         # the stepping thread's CPU time in them: step - cpu = time a step waited (for the GIL, a device, a core)
         self.step_cpu_seconds = 0.0
-        self._runner_cpu_total = 0.0
         self._streams: dict[str, _Stream] = {}
-        # outputs per event loop whose hand-over callback is scheduled but has not run (see _deliver_all)
-        self._handovers: dict[asyncio.AbstractEventLoop, list[tuple[Request, _Stream, RequestOutput]]] = {}
+        self._row_streams: list[_Stream | None] = [None] * config.max_num_seqs  # by scheduler row
+        # by row: its stream takes an output per token (streamed, stop strings, logprobs; not a collected one)
+        self._is_per_token = np.zeros(config.max_num_seqs, dtype=bool)
+        # the event loops that have registered streams, and how many each
+        self._loops: dict[asyncio.AbstractEventLoop, int] = {}
+        # records and outputs per event loop whose hand-over callback is scheduled but has not run (_deliver_all)
+        self._handovers: dict[asyncio.AbstractEventLoop, list[_Record | tuple[Request, RequestOutput]]] = {}
         self._handover_lock = threading.Lock()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -172,50 +169,73 @@ class Engine:
             raise PromptTooLong(f"{problem}; shorten the prompt or lower max_new_tokens")
 
     # -- the loop -----------------------------------------------------------------------------------
-    def step(self) -> list[tuple[Request, RequestOutput]]:
-        """One engine step: schedule -> execute -> update. Returns the outputs to deliver."""
+    def step(self) -> _Record | None:
+        """One engine step: schedule -> execute -> update. Returns the step's record to deliver."""
         started, cpu_started = time.perf_counter(), time.thread_time()
         with self._lock:
             batch = self.scheduler.schedule()
+            for request in batch.finished:  # a left row holds on to nothing (its prefix is released below)
+                if request.row >= 0:
+                    self._row_streams[request.row] = None
+            for request in batch.prefill:  # the joining rows' streams, by row
+                stream = self._row_streams[request.row] = self._streams.get(request.request_id)
+                self._is_per_token[request.row] = stream is not None and not stream.is_collected
         for request in batch.finished:
             if request.prefix is not None:
                 self.release_prefix(request.prefix)
         if not batch.sequences:
             self.runner.execute(batch)  # frees the slots of aborted requests
-            return []
-        before = [len(r.output_token_ids) for r in batch.sequences]
+            return None
         try:
-            token_ids = self.runner.execute(batch)
+            out = self.runner.execute(batch)
         except Exception as exc:  # a bad step fails its requests, not the service
-            log.exception(
-                "engine step failed; failing requests %s",
-                ", ".join(r.trace_id or r.request_id for r in batch.sequences),
-            )
-            with self._lock:
-                for request in batch.sequences:
-                    request.finish("error")
-            return [
-                (r, self._output(r, None, "", f"engine error: {exc}", "engine_error"))
-                for r in batch.sequences
-            ]
+            return self._failed_step(batch.sequences, exc)
         with self._lock:
-            self.scheduler.update(batch, token_ids)
-        outputs = []
-        for request, num_before in zip(batch.sequences, before, strict=True):
-            if request.params.num_beams > 1 and request.finish_reason in (None, "stop", "length"):
-                outputs += self._beam_outputs(request)
-            else:
-                outputs.append(self._after_token(request, num_before))
+            progress = self.scheduler.update(batch, out)
+        record = _Record(
+            progress,
+            self._row_streams.copy(),
+            self._is_per_token[progress.rows],
+            out.logprobs,
+            self._finished_outputs(progress),
+        )
+        self._count(progress)
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
-        self.step_cpu_seconds += time.thread_time() - cpu_started + self._runner_cpu_seconds()
-        return outputs
+        self.step_cpu_seconds += time.thread_time() - cpu_started + out.cpu_seconds
+        return record
 
-    def _runner_cpu_seconds(self) -> float:
-        """The CPU time the runner's own process spent since the last call (0 for a runner in this thread)."""
-        total = getattr(self.runner, "cpu_seconds", 0.0)
-        spent, self._runner_cpu_total = total - self._runner_cpu_total, total
-        return spent
+    def _failed_step(self, requests: list[Request], exc: Exception) -> _Record:
+        log.exception(
+            "engine step failed; failing requests %s", ", ".join(r.trace_id or r.request_id for r in requests)
+        )
+        with self._lock:
+            for request in requests:
+                request.finish("error")
+        events = [(r, self._output(r, None, "", f"engine error: {exc}", "engine_error")) for r in requests]
+        return _Record(Progress(), [], np.zeros(0, dtype=bool), {}, events)
+
+    def _count(self, progress: Progress) -> None:
+        """Tokens generated; the first token's time of the rows that got theirs (the joining rows)."""
+        self.num_generated_tokens += int(progress.rows.size)
+        first = progress.rows[progress.num_output == 1]
+        if first.size:
+            now = time.monotonic()
+            for row in first.tolist():
+                request = self.scheduler.rows.requests[row]
+                if request is not None and request.first_token_time is None:
+                    request.first_token_time = now
+
+    def _finished_outputs(self, progress: Progress) -> list[tuple[Request, RequestOutput]]:
+        """Outputs the loop thread makes for requests the step finished: a beam group's tokens, a numerical
+        error. (Other finishes are read from the record on the event loop.)"""
+        events: list[tuple[Request, RequestOutput]] = []
+        for request in progress.finished:
+            if request.finish_reason == "error":
+                events.append((request, self._output(request, None, "", NUMERICAL_ERROR, "numerical_error")))
+            elif request.params.num_beams > 1:
+                events += self._beam_outputs(request)
+        return events
 
     def _beam_outputs(self, request: Request) -> list[tuple[Request, RequestOutput]]:
         """A beam search's tokens are known only when it is done: then one output per token, the last one
@@ -235,19 +255,6 @@ class Engine:
         if not tokens:  # the best hypothesis is an immediate EOS
             outputs.append((request, self._output(request, None, "")))
         return outputs
-
-    def _after_token(self, request: Request, num_before: int) -> tuple[Request, RequestOutput]:
-        # token ids only: the text (and stop strings) are worked out in the front, off this thread
-        token_id = request.output_token_ids[-1] if len(request.output_token_ids) > num_before else None
-        if token_id is not None:
-            self.num_generated_tokens += 1
-        if request.finish_reason == "error":
-            return request, self._output(request, token_id, "", NUMERICAL_ERROR, "numerical_error")
-        output = self._output(request, token_id, "")
-        logprob = self.runner.logprobs.get(request.request_id) if token_id is not None else None
-        if logprob is not None:
-            output.logprob, output.top_logprobs = logprob.logprob, logprob.top
-        return request, output
 
     def _output(
         self,
@@ -280,7 +287,9 @@ class Engine:
                     if self._is_stopping:
                         return
                     self._busy_since = time.monotonic()
-                self._deliver_all(self.step())
+                record = self.step()
+                if record is not None:
+                    self._deliver_all([record])
         except BaseException as exc:  # the loop is gone: say so (/readyz turns 503) and fail what waits on it
             log.critical("engine loop died", exc_info=True)
             self.loop_error = f"{type(exc).__name__}: {exc}"
@@ -291,8 +300,7 @@ class Engine:
             requests = self.scheduler.requests()
             for request in requests:
                 request.finish("error")
-        for request in requests:
-            self._deliver(request, self._output(request, None, "", error=message))
+        self._deliver_all([(r, self._output(r, None, "", error=message)) for r in requests])
 
     def health(self) -> str | None:
         """None while the loop is alive and stepping; else why not (dead, stuck in one step, not started)."""
@@ -331,17 +339,12 @@ class Engine:
             self.num_generated_tokens = self.num_steps = 0
             self.step_seconds = self.step_cpu_seconds = self.runner.forward_seconds = 0.0
 
-    def _deliver_all(self, outputs: list[tuple[Request, RequestOutput]]) -> None:
-        """Outputs handed over with one wake-up per event loop, not one per request: each
-        call_soon_threadsafe writes to the loop's self-pipe and schedules a callback. The stream stays
-        registered until its consumer is done with it (stream() removes it), so a request that finishes
-        before anyone reads it still hands over every output."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, _Stream, RequestOutput]]] = {}
-        for request, output in outputs:
-            stream = self._streams.get(request.request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((request, stream, output))
-        for loop, items in by_loop.items():
+    def _deliver_all(self, items: list[_Record | tuple[Request, RequestOutput]]) -> None:
+        """Records (and single outputs) handed over with one wake-up per event loop, not one per request: each
+        call_soon_threadsafe writes to the loop's self-pipe and schedules a callback. A stream stays registered
+        until its consumer is done with it (stream() removes it), so a request that finishes before anyone
+        reads it still hands over every output."""
+        for loop in list(self._loops):
             if loop.is_closed():  # a consumer whose loop is gone reads nothing
                 with self._handover_lock:
                     self._handovers.pop(loop, None)
@@ -351,32 +354,84 @@ class Engine:
                 if waiting is not None:  # a hand-over is scheduled and has not run yet: it takes these too
                     waiting.extend(items)
                     continue
-                self._handovers[loop] = items
+                self._handovers[loop] = list(items)
             loop.call_soon_threadsafe(self._hand_over, loop)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the consumers' event loop, once per step (or per few steps, when the loop fell behind: then
-        the engine thread skipped the wake-up, a write to the loop's self-pipe): each output gets its text
-        (and a stop string finishes its request), then goes to its stream's queue — at once for a streamed
-        request, all together when it is finished for a whole one (one task wake-up per request, not one
-        per token)."""
+        the engine thread skipped the wake-up, a write to the loop's self-pipe), in step order."""
         with self._handover_lock:
             items = self._handovers.pop(loop, [])
-        for request, stream, output in items:
-            if stream.is_done:
+        for item in items:
+            if isinstance(item, _Record):
+                self._hand_over_record(loop, item)
                 continue
-            output = self._with_text(request, stream.text, output)
-            stream.is_done = output.is_finished
-            if output.token_id is not None and output.num_output_tokens == 1:
-                request.first_token_time = time.monotonic()  # a whole response's consumer sees it later
-            if stream.each_token:
-                stream.queue.put_nowait(output)
+            request, output = item
+            stream = self._streams.get(request.request_id)
+            if stream is not None and stream.loop is loop:
+                self._emit(stream, output)
+
+    def _hand_over_record(self, loop: asyncio.AbstractEventLoop, record: _Record) -> None:
+        """One step's record: an output per token for the per-token streams among its rows (a whole response
+        with no stop strings or logprobs is skipped: it reads its tokens when it ends), then the finished."""
+        progress, streams, per_token = record.progress, record.streams, record.is_per_token
+        ending = {r.row: r for r in progress.finished}
+        for row, token_id, num_output in zip(
+            progress.rows[per_token].tolist(),
+            progress.token_ids[per_token].tolist(),
+            progress.num_output[per_token].tolist(),
+            strict=True,
+        ):
+            stream = streams[row]
+            if stream is None or stream.loop is not loop:
                 continue
-            stream.held.append(output)
-            if output.is_finished:
-                for held in stream.held:
-                    stream.queue.put_nowait(held)
-                stream.held.clear()
+            request = stream.request
+            reason = request.finish_reason if row in ending else None
+            output = RequestOutput(
+                request.request_id,
+                token_id,
+                "",
+                reason is not None,
+                reason,
+                len(request.prompt_token_ids),
+                num_output,
+            )
+            logprob = record.logprobs.get(row)
+            if logprob is not None:
+                output.logprob, output.top_logprobs = logprob.logprob, logprob.top
+            self._emit(stream, output)
+        for row, request in ending.items():
+            stream = streams[row] if row < len(streams) else None
+            if stream is None or stream.loop is not loop or request.finish_reason == "error":
+                continue
+            if stream.is_collected or request.params.num_beams == 1 and request.finish_reason == "stop":
+                self._emit(stream, self._output(request, None, ""))  # EOS, or the whole response's end
+        for request, output in record.events:
+            stream = self._streams.get(request.request_id)
+            if stream is not None and stream.loop is loop:
+                self._emit(stream, output)
+
+    def _emit(self, stream: _Stream, output: RequestOutput) -> None:
+        """One output to its stream: its text (a stop string finishes the request), then to the queue — at
+        once for a streamed request, all together when it is finished for a whole one (one task wake-up per
+        request, not one per token)."""
+        if stream.is_done or stream.is_closed:
+            return
+        if stream.is_collected and output.is_finished and output.error is None:
+            output.token_ids = list(stream.request.output_token_ids)
+            output.num_output_tokens = len(output.token_ids)
+            output.text = "".join([stream.text.add(t) for t in output.token_ids]) + stream.text.flush()
+        else:
+            output = self._with_text(stream.request, stream.text, output)
+        stream.is_done = output.is_finished
+        if stream.each_token:
+            stream.queue.put_nowait(output)
+            return
+        stream.held.append(output)
+        if output.is_finished:
+            for held in stream.held:
+                stream.queue.put_nowait(held)
+            stream.held.clear()
 
     def _deliver(self, request: Request, output: RequestOutput) -> None:
         self._deliver_all([(request, output)])
@@ -459,15 +514,34 @@ class Engine:
                 params.include_stop_str_in_output,
                 params.min_tokens,
             ),
+            request,
             each_token,
+            is_collected=not each_token
+            and not params.stop
+            and params.logprobs is None
+            and params.num_beams == 1,
         )
         with self._lock:  # the loop sets loop_error before it fails what the scheduler holds (_fail_all)
             if self.loop_error is not None:
                 raise EngineUnavailable(f"engine loop died ({self.loop_error}); this replica cannot generate")
             self.scheduler.add(request, weight)
-            self._streams[request.request_id] = stream
+            self._register(stream)
             self._lock.notify_all()
         return request
+
+    def _register(self, stream: _Stream) -> None:
+        self._streams[stream.request.request_id] = stream
+        self._loops[stream.loop] = self._loops.get(stream.loop, 0) + 1
+
+    def _unregister(self, request_id: str) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+            if stream is None:
+                return
+            stream.is_closed = True
+            left = self._loops.pop(stream.loop) - 1
+            if left:
+                self._loops[stream.loop] = left
 
     async def stream(self, request: Request) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of a request until it finishes. Cancelling the consumer aborts the request."""
@@ -484,7 +558,7 @@ class Engine:
         finally:
             if not request.is_finished:
                 self.abort(request.request_id)
-            self._streams.pop(request.request_id, None)
+            self._unregister(request.request_id)
 
     def has_ready(self, request: Request) -> bool:
         """Whether the request's next output is already waiting (stream() would hand it over at once)."""
@@ -515,4 +589,4 @@ class Engine:
             self._deliver(request, self._output(request, None, ""))
         stream = self._streams.get(request_id)
         if stream is not None and not stream.is_consumed:
-            self._streams.pop(request_id, None)  # nobody will read it
+            self._unregister(request_id)  # nobody will read it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,10 +111,15 @@ class Request:
     tenant: str | None = None
     trace_id: str | None = None  # the HTTP request's X-Request-Id, for log lines about this request
     arrival_time: float = field(default_factory=time.monotonic)
-    output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(
+        default_factory=list
+    )  # set when it finishes (running: its row holds them)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     first_token_time: float | None = None
+    row: int = -1  # the scheduler's row while it runs (its index in the persistent batch's arrays)
+    # the scheduler's hook: told once when the request finishes, wherever that happens (see Scheduler)
+    on_finish: Callable[[Request], None] | None = field(default=None, repr=False)
 
     @property
     def is_finished(self) -> bool:
@@ -122,32 +128,8 @@ class Request:
     def finish(self, reason: str) -> None:
         if self.finish_reason is None:
             self.finish_reason = reason
-
-
-@dataclass(frozen=True)
-class BeamResult:
-    """What the runner returns for a beam-search request each step, in place of a token id."""
-
-    num_rows: int  # rows the group ran this step (the tokens it is charged)
-    token_ids: list[int] | None = None  # the best hypothesis once the search is done (its EOS included)
-
-
-@dataclass
-class ScheduledBatch:
-    """One engine step: free `finished`, prefill `prefill` (new rows), decode `decode` (running rows)."""
-
-    prefill: list[Request]
-    decode: list[Request]
-    finished: list[Request]
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.prefill or self.decode or self.finished)
-
-    @property
-    def sequences(self) -> list[Request]:
-        """Requests that get a token this step, in the order the runner returns them."""
-        return self.prefill + self.decode
+            if self.on_finish is not None:
+                self.on_finish(self)
 
 
 @dataclass
@@ -163,5 +145,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     error: str | None = None
     error_code: str | None = None  # "numerical_error" (the request's own numbers broke) | "engine_error"
+    # a whole response handed over at once when it ends: all its token ids (token_id is then None)
+    token_ids: list[int] | None = None
     logprob: float | None = None  # the token's log-probability, when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first

@@ -1,4 +1,4 @@
-"""Batch -> tensors -> forward -> sampled ids. Owns the KV slots; returns Python lists, not tensors.
+"""StepInput -> tensors -> forward -> StepOutput. Owns the KV slots and the persistent batch (batch.py).
 
 Slots stay compact: the running sequences always occupy slots [0, B), so a decode step reads the cache
 as a view with no gather. When a sequence leaves, the last slot's live entries move into its place (one
@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from server.engine.batch import InputBatch
 from server.engine.beam import BeamChoice, BeamSearch, as_tensor
+from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import LENGTH_STEP, DecodeGraphs
 from server.engine.kv_cache import KVCache, plan_kv_cache
-from server.engine.request import BeamResult, Request, ScheduledBatch
-from server.engine.sampler import Sampler, TokenLogprob
+from server.engine.request import Request
+from server.engine.sampler import RowsSampled, Sampler
+from server.engine.step import StepInput, StepOutput
 from server.engine.transfer import copy_to_device
-
-
-@dataclass
-class SlotState:
-    request: Request
-    seq_len: int  # entries written in the self-attention cache (= position of the next fed token)
-    cross_len: int  # BART: cross prefix + source entries
-    last_token: int  # the token fed at the next decode step
-    beam: int = 0  # which beam of its request's beam group this slot holds (0 without beam search)
 
 
 def _targets(request: Request) -> dict[str, torch.Tensor]:
@@ -39,22 +33,15 @@ def _targets(request: Request) -> dict[str, torch.Tensor]:
 
 class ModelRunner:
     def __init__(
-        self,
-        backbone,
-        max_num_seqs: int,
-        max_model_len: int,
-        max_prefix_tokens: int,
-        on_forward: Callable[[list[Request]], None] | None = None,
-        kv_cache_bytes: int | None = None,
-        cuda_graphs: bool = True,
+        self, backbone, config: EngineConfig, on_forward: Callable[[list[Request]], None] | None = None
     ):
         self.backbone = backbone
         self.is_encoder_decoder = backbone.spec.is_encoder_decoder
-        self.max_model_len = min(max_model_len, backbone.max_positions)
-        cross_len = max_prefix_tokens + backbone.max_positions if self.is_encoder_decoder else 0
+        self.max_model_len = min(config.max_model_len, backbone.max_positions)
+        cross_len = config.max_prefix_tokens + backbone.max_positions if self.is_encoder_decoder else 0
         per_seq = KVCache.bytes_per_slot(backbone.shape, self.max_model_len, cross_len, backbone.dtype)
         # raises KVBudgetError when not even one full-length sequence fits
-        self.kv_plan = plan_kv_cache(per_seq, self.max_model_len, max_num_seqs, kv_cache_bytes)
+        self.kv_plan = plan_kv_cache(per_seq, self.max_model_len, config.max_num_seqs, config.kv_cache_bytes)
         self.cache = KVCache(
             backbone.shape,
             self.kv_plan.num_seqs,
@@ -63,16 +50,14 @@ class ModelRunner:
             backbone.device,
             backbone.dtype,
         )
-        graphed = cuda_graphs and backbone.device.type == "cuda" and not self.is_encoder_decoder
+        graphed = config.cuda_graphs and backbone.device.type == "cuda" and not self.is_encoder_decoder
         self.graphs = DecodeGraphs(backbone, self.cache, self.kv_plan.num_seqs) if graphed else None
         self.sampler = Sampler(backbone.rules, backbone.spec, backbone.device)
         self.beams = BeamSearch(backbone.rules, backbone.spec, backbone.device)
-        self._beam_choices: dict[int, BeamChoice] = {}  # this step's, by id(request)
+        self.batch = InputBatch(self.kv_plan.num_seqs)
+        self._out = StepOutput()  # this step's answer, filled as the forward calls return
+        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, tokens) sampled this step
         self._to_fork: list[tuple[int, BeamChoice]] = []  # chosen, KV not yet forked (see _fork_beams)
-        self.slots: list[SlotState] = []
-        self.logprobs: dict[
-            str, TokenLogprob
-        ] = {}  # this step's, for requests that asked (the engine takes them)
         self.on_forward = on_forward or (lambda requests: None)
         self.forward_seconds = 0.0  # time inside the backbone's forward calls (bench: host time per step)
 
@@ -90,72 +75,74 @@ class ModelRunner:
             else " (--cuda-graphs false)"
         )
 
-    def execute(self, batch: ScheduledBatch) -> list[int | BeamResult | None]:
-        """Free finished slots, then produce one token for each of batch.prefill + batch.decode (a BeamResult
-        for a beam-search request). None for a request whose logits were not finite: it failed alone."""
+    def execute(self, batch: StepInput) -> StepOutput:
+        """Free the leaving rows' slots, then one token for every row the runner holds and every joining row
+        (a BeamResult for a beam group; a failed row where its logits were not finite: it failed alone)."""
         self._free(batch.finished)
-        self.logprobs.clear()
-        self._beam_choices.clear()
+        self._out, self._chunks = StepOutput(), []
         if not batch.sequences:
-            return []
-        assert {id(s.request) for s in self.slots} == {id(r) for r in batch.decode}, "slots out of sync"
+            return self._out
+        forward_before = self.forward_seconds
         if self.is_encoder_decoder:
             self._encode(batch.prefill)
-            sampled = self._decode()
+            self._decode()
         else:
-            sampled = (self._decode() if self.slots else []) + self._prefill(batch.prefill)
-        # _decode covers the slots that existed before the prefill, in slot order; _prefill the new ones
-        by_request = {id(state.request): token for state, token in zip(self.slots, sampled, strict=True)}
-        return [
-            self._beam_choices[id(r)].result if id(r) in self._beam_choices else by_request[id(r)]
-            for r in batch.sequences
-        ]
+            if self.batch.num_slots:
+                self._decode()
+            self._prefill(batch.prefill)
+        out = self._out
+        if self._chunks:
+            out.rows = np.concatenate([rows for rows, _ in self._chunks])
+            out.token_ids = np.concatenate([tokens for _, tokens in self._chunks])
+        out.forward_seconds = self.forward_seconds - forward_before
+        return out
 
     def _free(self, finished: list[Request]) -> None:
-        leaving = {id(r) for r in finished}
-        for slot in reversed(range(len(self.slots))):
-            if id(self.slots[slot].request) not in leaving:
-                continue
-            state = self.slots[slot]
-            self.sampler.forget(state.request.request_id)
-            self.beams.forget(state.request.request_id)
+        b = self.batch
+        slots = []
+        for request in finished:
+            if request.row >= 0:
+                slots += [s for s in b.slots_of(request.row) if b.requests[s] is request]
+            self.sampler.forget(request.request_id)
+            self.beams.forget(request.request_id)
+        # highest first: the last slot, which moves into a freed one, is then never one that leaves
+        for slot in sorted(slots, reverse=True):
             # what a request wrote is never read by the next one (masked entries still enter the matmul
             # with weight 0, and 0 * NaN is NaN): zero it, and the copy a compaction leaves behind
-            self.cache.clear(slot, state.seq_len, state.cross_len)
-            last = len(self.slots) - 1
+            self.cache.clear(slot, int(b.seq_len[slot]), int(b.cross_len[slot]))
+            last = b.num_slots - 1
             if slot != last:
-                moved = self.slots[last]
-                self.cache.move(last, slot, moved.seq_len, moved.cross_len)
-                self.cache.clear(last, moved.seq_len, moved.cross_len)
-                self.slots[slot] = moved
-            self.slots.pop()
+                seq_len, cross_len = int(b.seq_len[last]), int(b.cross_len[last])
+                self.cache.move(last, slot, seq_len, cross_len)
+                self.cache.clear(last, seq_len, cross_len)
+            b.remove(slot)
 
-    def _prefill(self, requests: list[Request]) -> list[int | None]:
+    def _join(self, request: Request, seq_len: int, cross_len: int, last_token: int) -> int:
+        return self.batch.append(request, self.sampler.key(request), seq_len, cross_len, last_token)
+
+    def _prefill(self, requests: list[Request]) -> None:
         """GPT-2: write prefixes, run the prompts, sample each sequence's first token."""
         if not requests:
-            return []
-        start = len(self.slots)
+            return
+        start = self.batch.num_slots
         prefix_lens = [
             self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
         ]
-        prompts = [r.prompt_token_ids for r in requests]
+        pad = self.backbone.rules.pad_token_id or 0  # what a row that failed would feed (it leaves next step)
+        for request, num_prefix in zip(requests, prefix_lens, strict=True):
+            self._join(request, num_prefix + len(request.prompt_token_ids), 0, pad)
         self.on_forward(requests)
         started = time.perf_counter()
-        logits = self.backbone.prefill(self.cache, start, prompts, prefix_lens)
+        logits = self.backbone.prefill(self.cache, start, [r.prompt_token_ids for r in requests], prefix_lens)
         self.forward_seconds += time.perf_counter() - started
-        tokens = self._choose(logits, requests, [0] * len(requests))
-        for request, num_prefix, token in zip(requests, prefix_lens, tokens, strict=True):
-            fed = (
-                self.backbone.rules.pad_token_id if token is None else token
-            )  # a failed row leaves next step
-            self.slots.append(SlotState(request, num_prefix + len(request.prompt_token_ids), 0, fed))
-        return tokens + self._fork_beams()
+        self._choose(logits, start, start + len(requests))
+        self._fork_beams()
 
     def _encode(self, requests: list[Request]) -> None:
         """BART: write prefixes, encode the sources; the new rows join the next decode with the start token."""
         if not requests:
             return
-        start = len(self.slots)
+        start = self.batch.num_slots
         written = [
             self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
         ]
@@ -170,96 +157,126 @@ class ModelRunner:
         self.forward_seconds += time.perf_counter() - started
         start_token = self.backbone.rules.decoder_start_token_id
         for request, (num_decoder, _), cross_len in zip(requests, written, cross_lens, strict=True):
-            self.slots.append(SlotState(request, num_decoder, cross_len, start_token))
+            self._join(request, num_decoder, cross_len, start_token)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | None]:
-        out = self.sampler.sample(logits, requests)
-        for request, logprob in zip(requests, out.logprobs, strict=True):
-            if logprob is not None:
-                self.logprobs[request.request_id] = logprob
-        return out.token_ids
-
-    def _decode(self) -> list[int | None]:
-        """One token for every slot, in slot order."""
-        requests = [s.request for s in self.slots]
+    def _decode(self) -> None:
+        """One token for every slot: the inputs are slices of the persistent batch."""
+        b, n = self.batch, self.batch.num_slots
         # built on the host, copied once (pinned, non_blocking on CUDA): no wait before the forward
-        host = [
-            torch.tensor([s.last_token for s in self.slots]),
-            torch.tensor([s.seq_len for s in self.slots]),
-        ]
+        host = [torch.from_numpy(b.last_token[:n].copy()), torch.from_numpy(b.seq_len[:n].copy())]
         if self.is_encoder_decoder:
-            host.append(torch.tensor([s.cross_len for s in self.slots]))
+            host.append(torch.from_numpy(b.cross_len[:n].copy()))
         tokens, positions, *cross = copy_to_device(host, self.backbone.device)
-        length = max(s.seq_len for s in self.slots) + 1
-        self.on_forward(requests)
+        length = int(b.seq_len[:n].max()) + 1
+        self.on_forward(b.requests[:n])
         started = time.perf_counter()
         if self.is_encoder_decoder:
-            cross_length = max(s.cross_len for s in self.slots)
+            cross_length = int(b.cross_len[:n].max())
             logits = self.backbone.decode(self.cache, tokens, positions, length, cross[0], cross_length)
         elif self.graphs is not None:
             logits = self.graphs(tokens, positions, length)
         else:
             logits = self.backbone.decode(self.cache, tokens, positions, length)
         self.forward_seconds += time.perf_counter() - started
-        sampled = self._choose(logits, requests, [s.beam for s in self.slots])
-        for state, token in zip(self.slots, sampled, strict=True):
-            state.seq_len += 1
+        self._choose(logits, 0, n)
+        b.seq_len[:n] += 1
+        self._fork_beams()
+
+    # -- choosing: the sampler for ordinary slots, the beam search for beam groups -----------------------------
+    def _choose(self, logits: torch.Tensor, start: int, end: int) -> None:
+        """The next token of slots [start, end) (logits' rows, in order): recorded by row for the StepOutput,
+        and fed at the next step. Without beam slots this is the sampler alone (one host wait), and arrays."""
+        b = self.batch
+        if not b.num_special or not b.is_beam[start:end].any():
+            self._sampled(np.arange(start, end), self._sample(logits, slice(start, end)))
+            return
+        ordinary = np.flatnonzero(~b.is_beam[start:end]) + start
+        if ordinary.size:
+            own = logits.index_select(0, as_tensor((ordinary - start).tolist(), logits.device))
+            self._sampled(ordinary, self._sample(own, ordinary))
+        self._choose_beams(logits, start, end)
+
+    def _sample(self, logits: torch.Tensor, slots: slice | np.ndarray) -> RowsSampled:
+        b = self.batch
+        return self.sampler.sample_rows(logits, b.view(slots, self._forced(slots)))
+
+    def _sampled(self, slots: np.ndarray, out: RowsSampled) -> None:
+        """Record the sampled tokens by row; the slots that got one feed it next and count it."""
+        b = self.batch
+        ok = ~out.failed
+        rows = b.rows[slots]
+        fed = slots[ok]
+        b.last_token[fed] = out.token_ids[ok]
+        b.num_output[fed] += 1
+        self._chunks.append((rows[ok], out.token_ids[ok]))
+        if not ok.all():
+            self._out.failed += rows[~ok].tolist()
+        for i, logprob in out.logprobs.items():
+            self._out.logprobs[int(rows[i])] = logprob
+
+    def _forced(self, slots: slice | np.ndarray) -> dict[int, int]:
+        """{position in `slots`: token} for the slots whose token the family's rules force at this step (HF's
+        ForcedBOS at the first, ForcedEOS at the last): array tests find the candidates, only they are asked."""
+        rules = self.backbone.rules
+        if rules.forced_bos_token_id is None and rules.forced_eos_token_id is None:
+            return {}
+        b = self.batch
+        num_output, max_new = b.num_output[slots], b.max_new[slots]
+        prompt_len, ignore_eos = b.prompt_len[slots], b.ignore_eos[slots]
+        cur_len = num_output + (1 if self.is_encoder_decoder else prompt_len)
+        candidates = (cur_len == 1) | (~ignore_eos & (num_output == max_new - 1))
+        forced = {}
+        for i in np.flatnonzero(candidates).tolist():
+            token = self.backbone.spec.forced_token(
+                rules, int(prompt_len[i]), int(num_output[i]), int(max_new[i]), bool(ignore_eos[i])
+            )
             if token is not None:
-                state.last_token = token
-        return sampled + self._fork_beams()
+                forced[i] = token
+        return forced
 
-    # -- beam search (beam.py): the group's rows among everyone's, and the KV its beams share -------------
-    def _choose(self, logits: torch.Tensor, requests: list[Request], beams: list[int]) -> list[int | None]:
-        """The next token of every row: the sampler's for ordinary rows, the beam search's for beam rows
-        (the token the row feeds next). Without beam rows this is the sampler alone (one host wait)."""
-        beam_rows = [i for i, r in enumerate(requests) if r.params.num_beams > 1]
-        if not beam_rows:
-            return self._sample(logits, requests)
-        tokens: list[int | None] = [None] * len(requests)
-        other = [i for i, r in enumerate(requests) if r.params.num_beams == 1]
-        if other:
-            own = logits.index_select(0, as_tensor(other, logits.device))
-            for i, token in zip(other, self._sample(own, [requests[i] for i in other]), strict=True):
-                tokens[i] = token
-        groups: dict[int, list[int]] = {}  # id(request) -> its rows, in beam order
-        for i in sorted(beam_rows, key=lambda i: beams[i]):
-            groups.setdefault(id(requests[i]), []).append(i)
-        choices = self.beams.step(logits, [(requests[rows[0]], rows) for rows in groups.values()])
-        for (key, rows), choice in zip(groups.items(), choices, strict=True):
-            self._beam_choices[key] = choice
-            self._to_fork.append((key, choice))
-            for i in rows:
-                tokens[i] = None if choice.result is None else choice.token_ids[beams[i]]
-        return tokens
+    def _choose_beams(self, logits: torch.Tensor, start: int, end: int) -> None:
+        """The beam groups among slots [start, end): one BeamSearch step for them all; each slot feeds its beam's
+        token; the group's BeamResult (or its failure) is its row's answer."""
+        b = self.batch
+        groups: dict[int, list[int]] = {}  # row -> its slots' positions in logits, in beam order
+        for slot in sorted(np.flatnonzero(b.is_beam[start:end]) + start, key=lambda s: b.beam[s]):
+            groups.setdefault(int(b.rows[slot]), []).append(int(slot) - start)
+        requests = [b.requests[positions[0] + start] for positions in groups.values()]
+        choices = self.beams.step(logits, list(zip(requests, groups.values(), strict=True)))
+        for (row, positions), choice in zip(groups.items(), choices, strict=True):
+            self._to_fork.append((row, choice))
+            if choice.result is None:
+                self._out.failed.append(row)
+                continue
+            self._out.beams[row] = choice.result
+            for position in positions:
+                b.last_token[position + start] = choice.token_ids[int(b.beam[position + start])]
 
-    def _fork_beams(self) -> list[int | None]:
-        """After a step: a new group fills its other k-1 slots from its one row (appended; returns the tokens
-        they feed); in a running group, beam j takes the generated KV of beam parents[j] — one gather, so
+    def _fork_beams(self) -> None:
+        """After a step: a new group fills its other k-1 slots from its one slot (appended, feeding the other
+        beams' tokens); in a running group, beam j takes the generated KV of beam parents[j] — one gather, so
         any permutation is safe. A group that is done or failed leaves at the next step: nothing to copy."""
-        appended: list[int | None] = []
+        b = self.batch
         to_fork, self._to_fork = self._to_fork, []
-        for key, choice in to_fork:
+        for row, choice in to_fork:
             if choice.result is None or choice.result.token_ids is not None:
                 continue
-            slots = sorted(
-                (i for i, s in enumerate(self.slots) if id(s.request) == key),
-                key=lambda i: self.slots[i].beam,
-            )
-            first = self.slots[slots[0]]
-            group = self.beams.groups[first.request.request_id]
+            slots = b.slots_of(row)
+            first = slots[0]
+            request = b.requests[first]
+            seq_len, cross_len = int(b.seq_len[first]), int(b.cross_len[first])
+            group = self.beams.groups[request.request_id]
             if len(slots) == 1:
-                new = list(range(len(self.slots), len(self.slots) + group.num_beams - 1))
-                _copy_kv(self.cache, [slots[0]] * len(new), new, 0, first.seq_len, first.cross_len)
-                group.gen_start = first.seq_len
+                new = list(range(b.num_slots, b.num_slots + group.num_beams - 1))
+                _copy_kv(self.cache, [first] * len(new), new, 0, seq_len, cross_len)
+                group.gen_start = seq_len
                 for beam, token in enumerate(choice.token_ids[1:], start=1):
-                    self.slots.append(SlotState(first.request, first.seq_len, first.cross_len, token, beam))
-                    appended.append(token)
+                    b.append(request, 0, seq_len, cross_len, token, beam)
                 continue
             moves = [(slots[p], slots[j]) for j, p in enumerate(choice.parents) if p != j]
             if moves:
                 src, dst = zip(*moves, strict=True)
-                _copy_kv(self.cache, list(src), list(dst), group.gen_start, first.seq_len, 0)
-        return appended
+                _copy_kv(self.cache, list(src), list(dst), group.gen_start, seq_len, 0)
 
 
 def _copy_kv(cache: KVCache, src: list[int], dst: list[int], start: int, end: int, cross_len: int) -> None:

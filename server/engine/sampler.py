@@ -1,5 +1,9 @@
 """Next-token choice for the whole batch at once, with one device->host wait per step.
 
+The rows' parameters come as arrays (RowView: slices of the runner's persistent batch) and are grouped by
+masks; only rows with penalties, logprobs or a forced token are visited one by one. vLLM's min_tokens masks
+EOS and stop token ids of the rows short of it, found by comparing arrays.
+
 Greedy rows are exactly HF `generate(do_sample=False)`: an argmax. Sampled rows apply temperature, then
 top-k, then top-p (HF's warper order and keep rules, ties at the k-th best included) and draw by inverse
 CDF (below). The backbone's forced tokens (generation_config.forced_bos_token_id / forced_eos_token_id)
@@ -34,10 +38,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from prefix_store.families import FamilySpec, GenerationRules
-from server.engine.request import Request, SamplingParams
+from server.engine.request import Request
+from server.engine.step import TokenLogprob, put_ids
 
 # Temperatures in (0, MIN_TEMPERATURE) are computed as MIN_TEMPERATURE: sampling among the tokens whose
 # scores are within float32 rounding of the best one, i.e. greedy up to exact ties.
@@ -124,15 +130,6 @@ def _search(cumulative: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class TokenLogprob:
-    """The chosen token's log-probability and the top alternatives (id, logprob), most likely first; only
-    tokens the distribution can draw (finite log-probability) are listed."""
-
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
 class SampledTokens:
     """One entry per row: the chosen id, or None where the row's own numbers broke (see `failed`)."""
 
@@ -142,6 +139,47 @@ class SampledTokens:
     @property
     def failed(self) -> list[int]:
         return [i for i, t in enumerate(self.token_ids) if t is None]
+
+
+@dataclass
+class RowView:
+    """The rows of one sample call as arrays (the runner's persistent batch, sliced: no loop over rows to
+    build it). `steps`: tokens each row generated before this one; `forced`: row -> the token the family's
+    rules force at this step (rows at their first or last step only)."""
+
+    requests: list[Request]
+    temperature: np.ndarray  # [s] float32
+    top_k: np.ndarray  # [s] int64
+    top_p: np.ndarray  # [s] float32
+    keys: np.ndarray  # [s] uint64: seed_key of each row's seed
+    steps: np.ndarray  # [s] int64
+    has_penalties: np.ndarray  # [s] bool
+    logprobs: np.ndarray  # [s] int64: alternatives asked for, -1 = no logprobs
+    min_tokens: np.ndarray  # [s] int64: vLLM's min_tokens (0: none)
+    ignore_eos: np.ndarray  # [s] bool
+    stop_ids: np.ndarray  # [s, w] int64: stop_token_ids, -1 padded (read only for rows short of min_tokens)
+    forced: dict[int, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+@dataclass
+class RowsSampled:
+    """sample_rows' answer: token ids [s] (meaningless where failed), failed [s] bool, logprobs by row."""
+
+    token_ids: np.ndarray
+    failed: np.ndarray
+    logprobs: dict[int, TokenLogprob]
+
+
+def keyed_uniforms(keys: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """_keyed_uniform for arrays of keys (uint64) and steps: the same splitmix64 on uint64 lanes (wrapping)."""
+    z = keys + (steps.astype(np.uint64) + np.uint64(1)) * np.uint64(_GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(41)).astype(np.float64) + 0.5) / 2**23
 
 
 @dataclass
@@ -311,11 +349,6 @@ def nucleus_weights(
     return weights, spill
 
 
-def ranks_few(params: SamplingParams, vocab: int) -> bool:
-    """Whether a top-k row's ranking (its k best + 1) is cheaper by topk than by sorting the vocabulary."""
-    return (min(params.top_k, vocab) + 1) * 8 < vocab
-
-
 @dataclass
 class _Drawn:
     """One group of sampled rows: their draws [s] and, where asked, log-probabilities of what they drew from."""
@@ -362,10 +395,15 @@ class Sampler:
         self.family = family
         self.is_encoder_decoder = family.is_encoder_decoder
         self.device = device
+        self._eos = np.array(sorted(rules.eos_token_ids), dtype=np.int64)
         self._rows: dict[str, _RowState] = {}
 
     def forget(self, request_id: str) -> None:
         self._rows.pop(request_id, None)
+
+    def key(self, request: Request) -> int:
+        """The request's seed_key (an unseeded request draws its seed here, once)."""
+        return self._state(request).key
 
     def _state(self, request: Request) -> _RowState:
         state = self._rows.get(request.request_id)
@@ -389,43 +427,83 @@ class Sampler:
             state.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
             state.seen[self._as_tensor([t for t in before if 0 <= t < vocab])] = True
             state.counts = torch.zeros(vocab, dtype=torch.float32, device=self.device)
-            for token in request.output_token_ids:  # a request that joins mid-way (never today)
+            for token in request.output_token_ids:  # a request that joins mid-way (tests; never the engine)
                 state.counts[token] += 1
         return state
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
-        """logits [n, vocab] float32, one row per request -> one id per row (None: the row failed).
+    def rows_of(self, requests: list[Request], steps: list[int] | None = None) -> RowView:
+        """A RowView built from requests (tests, beam-mixed steps); `steps` defaults to their output lengths."""
+        params = [r.params for r in requests]
+        steps = [len(r.output_token_ids) for r in requests] if steps is None else steps
+        view = RowView(
+            requests,
+            np.array([p.temperature for p in params], dtype=np.float32),
+            np.array([p.top_k for p in params], dtype=np.int64),
+            np.array([p.top_p for p in params], dtype=np.float32),
+            np.array([self.key(r) for r in requests], dtype=np.uint64),
+            np.array(steps, dtype=np.int64),
+            np.array([p.has_penalties for p in params], dtype=bool),
+            np.array([-1 if p.logprobs is None else p.logprobs for p in params], dtype=np.int64),
+            np.array([p.min_tokens for p in params], dtype=np.int64),
+            np.array([p.ignore_eos for p in params], dtype=bool),
+            np.full((len(requests), 1), -1, dtype=np.int64),
+        )
+        for i, request in enumerate(requests):
+            view.stop_ids = put_ids(view.stop_ids, i, request.params.stop_token_ids)
+            force = self.family.forced_token(
+                self.rules,
+                len(request.prompt_token_ids),
+                steps[i],
+                request.params.max_new_tokens,
+                request.params.ignore_eos,
+            )
+            if force is not None:
+                view.forced[i] = force
+        return view
 
-        Host work is per row (reading its parameters); device work is batched; the only device->host
-        wait is the final `.tolist()` (a second one only in a step where a row spills, see above).
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
+        """sample_rows for a list of requests (tests): one id per row, None where the row failed."""
+        out = self.sample_rows(logits, self.rows_of(requests))
+        ids = out.token_ids.tolist()
+        return SampledTokens(
+            [None if bad else ids[i] for i, bad in enumerate(out.failed.tolist())],
+            [out.logprobs.get(i) for i in range(len(requests))],
+        )
+
+    def sample_rows(self, logits: torch.Tensor, view: RowView) -> RowsSampled:
+        """logits [n, vocab] float32, one row per row of `view` -> one id per row (and which failed).
+
+        The rows are grouped by array operations; only rows that ask for penalties, logprobs or a forced
+        token are visited one by one. Device work is batched; the only device->host wait is the final
+        `.tolist()` (a second one only in a step where a row spills, see above).
         """
-        forced = [self._forced(r) for r in requests]
         # NaN propagates through amax/amin (vectorised reductions, far cheaper than isfinite().all() on CPU)
         is_finite = torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))  # [n]
-        penalised = [i for i, r in enumerate(requests) if r.params.has_penalties]
-        if penalised:
-            logits = self._penalise(logits, requests, penalised)
-        held = [i for i, r in enumerate(requests) if len(r.output_token_ids) < r.params.min_tokens]
-        if held:
-            logits = self._hold_stops(logits, requests, held)
-        num_top = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
-        sampled = [i for i, r in enumerate(requests) if not r.params.is_greedy and forced[i] is None]
+        penalised = np.flatnonzero(view.has_penalties)
+        if penalised.size:
+            logits = self._penalise(logits, view, penalised.tolist())
+        held = np.flatnonzero(view.steps < view.min_tokens)
+        if held.size:
+            logits = self._hold_stops(logits, view, held)
+        asking = view.logprobs >= 0
+        num_top = int(view.logprobs.max()) if asking.any() else None
+        is_sampled = view.temperature != 0
+        if view.forced:
+            is_sampled[list(view.forced)] = False
         vocab = logits.shape[-1]
         # top-k rows whose ranking is cheap (topk) apart from those whose k asks for a sort anyway, so that one
         # request's huge top_k does not make every other top-k row sort the vocabulary
-        with_k = [i for i in sampled if requests[i].params.top_k > 0]
-        top_k_rows = [i for i in with_k if ranks_few(requests[i].params, vocab)]
-        top_k_sorted = [i for i in with_k if not ranks_few(requests[i].params, vocab)]
-        other_rows = [i for i in sampled if requests[i].params.top_k <= 0]
+        with_k = is_sampled & (view.top_k > 0)
+        few = (np.minimum(view.top_k, vocab) + 1) * 8 < vocab
         groups = []
-        if top_k_rows:
-            groups.append(self._draw_top_k(logits, requests, top_k_rows, num_top))
-        if top_k_sorted:
-            groups.append(self._draw_top_k(logits, requests, top_k_sorted, num_top, whole=True))
-        if other_rows:
-            groups.append(self._draw_whole(logits, requests, other_rows, num_top))
+        if top_k_rows := np.flatnonzero(with_k & few).tolist():
+            groups.append(self._draw_top_k(logits, view, top_k_rows, num_top))
+        if top_k_sorted := np.flatnonzero(with_k & ~few).tolist():
+            groups.append(self._draw_top_k(logits, view, top_k_sorted, num_top, whole=True))
+        if other_rows := np.flatnonzero(is_sampled & (view.top_k <= 0)).tolist():
+            groups.append(self._draw_whole(logits, view, other_rows, num_top))
         values = self._gather(logits, is_finite, groups, num_top)
-        spilled = {i for i, row in enumerate(values) if row[2] and row[1]}
+        spilled = set(np.flatnonzero((values[:, 2] != 0) & (values[:, 1] != 0)).tolist())
         if spilled:
             # rows a bounded ranking could not settle (top-k: ties with the k-th best beyond it; top-p: the cut
             # among many tied tokens): redone over the sorted vocabulary, their draws replacing the first ones
@@ -433,9 +511,9 @@ class Sampler:
                 g.redo(rows) for g in groups if g.redo and (rows := sorted(spilled.intersection(g.rows)))
             ]
             values = self._gather(logits, is_finite, groups, num_top)
-        return self._unpack(values, requests, forced, num_top)
+        return self._unpack(values, view, num_top)
 
-    def _gather(self, logits, is_finite, groups: list[_Drawn], num_top: int | None) -> list[list[float]]:
+    def _gather(self, logits, is_finite, groups: list[_Drawn], num_top: int | None) -> np.ndarray:
         """The step's columns [token, finite, spilled, (logprob, top ids, top logprobs)] for every row, read
         back in one wait."""
         n = logits.shape[0]
@@ -459,58 +537,54 @@ class Sampler:
                     whole.index_copy(0, index, own) for whole, own in zip(parts, g.logprobs, strict=True)
                 ]
             columns += [part.double() for part in parts]
-        return torch.cat(columns, dim=1).tolist()  # the step's device->host wait
-
-    def _params(self, requests: list[Request], rows: list[int]) -> tuple[list[SamplingParams], torch.Tensor]:
-        params = [requests[i].params for i in rows]
-        return params, self._as_tensor([p.temperature for p in params], torch.float32)
+        width = sum(c.shape[1] for c in columns)
+        flat = torch.cat(columns, dim=1).view(-1).tolist()  # the step's device->host wait
+        return np.array(flat, dtype=np.float64).reshape(n, width)
 
     def _selected(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         return logits if len(rows) == logits.shape[0] else logits.index_select(0, self._as_tensor(rows))
 
-    def _uniforms(self, requests: list[Request], rows: list[int]) -> torch.Tensor:
-        """[s] this step's uniform of each row (host arithmetic, one small copy)."""
-        values = [
-            _keyed_uniform(self._state(requests[i]).key, len(requests[i].output_token_ids)) for i in rows
-        ]
-        return self._as_tensor(values, torch.float32)
+    def _uniforms(self, view: RowView, rows: list[int]) -> torch.Tensor:
+        """[s] this step's uniform of each row (host arithmetic on arrays, one small copy)."""
+        return self._from_numpy(keyed_uniforms(view.keys[rows], view.steps[rows]).astype(np.float32))
 
-    def _draw_top_k(self, logits, requests, rows: list[int], num_top, whole: bool = False) -> _Drawn:
+    def _draw_top_k(self, logits, view: RowView, rows: list[int], num_top, whole: bool = False) -> _Drawn:
         """Rows with top-k: rank each row's k best (+1, to see a tie beyond), filter, and draw among them.
         Rows with non-finite logits compute NaN in their own row."""
-        params, temperature = self._params(requests, rows)
         vocab = logits.shape[-1]
-        depth = vocab if whole else min(vocab, max(p.top_k for p in params) + 1)
+        top_k = view.top_k[rows]
+        depth = vocab if whole else min(vocab, int(top_k.max()) + 1)
         ranked, order, spill = ranked_filter(
             self._selected(logits, rows),
-            temperature,
-            self._as_tensor([p.top_k for p in params]),
-            self._as_tensor([p.top_p for p in params], torch.float32),
+            self._from_numpy(view.temperature[rows]),
+            self._from_numpy(top_k),
+            self._from_numpy(view.top_p[rows]),
             depth,
         )
-        pick = inverse_cdf(ranked.exp(), self._uniforms(requests, rows))
+        pick = inverse_cdf(ranked.exp(), self._uniforms(view, rows))
         tokens = order.gather(1, pick)[:, 0]
         logprobs = None if num_top is None else ranked_logprobs(ranked, order, pick, num_top)
 
         def redo(spilled: list[int]) -> _Drawn:
-            return self._draw_top_k(logits, requests, spilled, num_top, whole=True)
+            return self._draw_top_k(logits, view, spilled, num_top, whole=True)
 
         return _Drawn(rows, tokens, spill, logprobs, None if whole else redo)
 
-    def _draw_whole(self, logits, requests, rows: list[int], num_top, sort: bool = False) -> _Drawn:
+    def _draw_whole(self, logits, view: RowView, rows: list[int], num_top, sort: bool = False) -> _Drawn:
         """Rows without top-k: temperature, and top-p. On CPU top-p's kept set comes from nucleus_weights and the
         draw runs in token-id order; on CUDA (where a sort is cheap, and scatter_add's float sums are not
         deterministic) and for nucleus_weights' spilled rows (`sort`) over the sorted vocabulary, in rank order."""
-        params, temperature = self._params(requests, rows)
+        temperature = self._from_numpy(view.temperature[rows])
         vocab = logits.shape[-1]
         selected = self._selected(logits, rows)
-        uniform = self._uniforms(requests, rows)
-        if not any(p.top_p < 1.0 for p in params):
+        uniform = self._uniforms(view, rows)
+        cuts = view.top_p[rows] < 1.0
+        if not cuts.any():
             scores = scaled_scores(selected, temperature)
             tokens = inverse_cdf(scores.exp(), uniform)[:, 0]  # token-id order
             logprobs = None if num_top is None else full_logprobs(scores, tokens, num_top)
             return _Drawn(rows, tokens, None, logprobs)
-        top_p = self._as_tensor([p.top_p for p in params], torch.float32)
+        top_p = self._from_numpy(view.top_p[rows])
         if sort or self.device.type != "cpu":
             zero_k = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
             ranked, order, _ = ranked_filter(selected, temperature, zero_k, top_p, vocab)
@@ -519,52 +593,47 @@ class Sampler:
             logprobs = None if num_top is None else ranked_logprobs(ranked, order, pick, num_top)
             return _Drawn(rows, tokens, None, logprobs)
         scores = scaled_scores(selected, temperature)
-        weights, spill = nucleus_weights(scores, top_p, all(p.top_p < 1.0 for p in params))
+        weights, spill = nucleus_weights(scores, top_p, bool(cuts.all()))
         tokens = inverse_cdf(weights, uniform)[:, 0]  # token-id order
         logprobs = None
         if num_top is not None:  # what can be drawn: the kept tokens whose weight is not 0 in float32
             logprobs = full_logprobs(scores.masked_fill_(weights == 0, NEG_INF), tokens, num_top)
 
         def redo(spilled: list[int]) -> _Drawn:
-            return self._draw_whole(logits, requests, spilled, num_top, sort=True)
+            return self._draw_whole(logits, view, spilled, num_top, sort=True)
 
         return _Drawn(rows, tokens, spill, logprobs, redo)
 
-    def _forced(self, request: Request) -> int | None:
-        """The token the backbone's generation rules force at this step (HF's ForcedBOS/ForcedEOS), if any."""
-        return self.family.forced_token(
-            self.rules,
-            len(request.prompt_token_ids),
-            len(request.output_token_ids),
-            request.params.max_new_tokens,
-            request.params.ignore_eos,
-        )
+    def _unpack(self, values: np.ndarray, view: RowView, num_top: int | None) -> RowsSampled:
+        """The read-back columns as arrays; rows with a forced token, logprobs or penalties one by one."""
+        token_ids = values[:, 0].astype(np.int64)
+        failed = values[:, 1] == 0
+        for row, force in view.forced.items():
+            token_ids[row] = force
+        logprobs: dict[int, TokenLogprob] = {}
+        if num_top is not None:
+            for row in np.flatnonzero((view.logprobs >= 0) & ~failed).tolist():
+                logprobs[row] = self._logprob(
+                    values[row], int(view.logprobs[row]), num_top, view.forced.get(row)
+                )
+        for row in np.flatnonzero(view.has_penalties & ~failed).tolist():
+            state = self._rows[view.requests[row].request_id]
+            assert state.counts is not None
+            state.counts[int(token_ids[row])] += 1  # a device write, no wait
+        return RowsSampled(token_ids, failed, logprobs)
 
-    def _unpack(self, values, requests: list[Request], forced: list[int | None], num_top) -> SampledTokens:
-        token_ids: list[int | None] = []
-        logprobs: list[TokenLogprob | None] = []
-        for row, request, force in zip(values, requests, forced, strict=True):
-            token = None if not row[1] else force if force is not None else int(row[0])
-            token_ids.append(token)
-            asked = request.params.logprobs
-            if token is None or asked is None or num_top is None:
-                logprobs.append(None)
-            elif force is not None:  # HF's forced-token processors leave a one-hot distribution
-                logprobs.append(TokenLogprob(0.0, [(force, 0.0)][:asked]))
-            else:
-                ids, lps = row[4 : 4 + num_top], row[4 + num_top :]
-                top = [(int(i), lp) for i, lp in zip(ids[:asked], lps[:asked], strict=True) if lp != NEG_INF]
-                logprobs.append(TokenLogprob(row[3], top))
-            if token is not None and request.params.has_penalties:
-                state = self._rows[request.request_id]
-                assert state.counts is not None
-                state.counts[token] += 1  # a device write, no wait
-        return SampledTokens(token_ids, logprobs)
+    @staticmethod
+    def _logprob(values: np.ndarray, asked: int, num_top: int, force: int | None) -> TokenLogprob:
+        if force is not None:  # HF's forced-token processors leave a one-hot distribution
+            return TokenLogprob(0.0, [(force, 0.0)][:asked])
+        ids, lps = values[4 : 4 + num_top].tolist(), values[4 + num_top :].tolist()
+        top = [(int(i), lp) for i, lp in zip(ids[:asked], lps[:asked], strict=True) if lp != NEG_INF]
+        return TokenLogprob(float(values[3]), top)
 
-    def _penalise(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
+    def _penalise(self, logits: torch.Tensor, view: RowView, rows: list[int]) -> torch.Tensor:
         vocab = logits.shape[-1]
-        states = [self._history(requests[i], vocab) for i in rows]
-        params = [requests[i].params for i in rows]
+        states = [self._history(view.requests[i], vocab) for i in rows]
+        params = [view.requests[i].params for i in rows]
         index = self._as_tensor(rows)
         penalised = apply_penalties(
             logits.index_select(0, index),
@@ -576,21 +645,25 @@ class Sampler:
         )
         return logits.index_copy(0, index, penalised)
 
-    def _hold_stops(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
+    def _hold_stops(self, logits: torch.Tensor, view: RowView, held: np.ndarray) -> torch.Tensor:
         """vLLM's min_tokens (HF's min_new_tokens): a row short of its minimum cannot end, so its EOS (unless it
-        ignores EOS) and its stop token ids are masked."""
-        vocab = logits.shape[-1]
-        cells = []
-        for i in rows:
-            params = requests[i].params
-            eos = () if params.ignore_eos else tuple(self.rules.eos_token_ids)
-            cells += [(i, t) for t in sorted({*eos, *params.stop_token_ids}) if t < vocab]
-        if not cells:
+        ignores EOS) and its stop token ids are masked. `held`: those rows; the cells are found by arrays."""
+        eos = np.where(view.ignore_eos[held, None], -1, self._eos[None, :])  # [h, e]
+        cells = np.concatenate([view.stop_ids[held], eos], axis=1)
+        rows, columns = np.nonzero((cells >= 0) & (cells < logits.shape[-1]))
+        if not rows.size:
             return logits
-        row_index, column_index = (self._as_tensor(list(c)) for c in zip(*cells, strict=True))
-        return logits.index_put((row_index, column_index), logits.new_tensor(NEG_INF))
+        index = (self._as_tensor(held[rows].tolist()), self._as_tensor(cells[rows, columns].tolist()))
+        return logits.index_put(index, logits.new_tensor(NEG_INF))
 
     def _as_tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """A host list as a device tensor: a host->device copy, never a wait."""
         pinned = self.device.type == "cuda"
         return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=True)
+
+    def _from_numpy(self, values: np.ndarray) -> torch.Tensor:
+        """A host array as a device tensor (int64 -> long, float32 -> float32): a copy, never a wait."""
+        host = torch.from_numpy(np.ascontiguousarray(values))
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.clone() if self.device.type == "cpu" else host.to(self.device)

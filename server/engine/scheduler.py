@@ -2,7 +2,11 @@
 
 Every step the scheduler hands the runner three lists: requests to retire (their slots are freed),
 requests to prefill (admitted from the waiting queues while slots and the prefill token budget allow),
-and running requests to decode. Each slot holds a whole sequence up to the model's positions, and the
+and running requests to decode. A running request holds a *row*: its index in `RunningRows`' arrays
+(generated tokens, lengths, limits, tenant) from the step it joins to the step it leaves, so a step's
+tokens are recorded, checked for EOS and length, and charged to their tenants by array operations; a
+request that finishes anywhere (EOS here, a stop string or an abort in the front) tells the scheduler
+through its `on_finish` hook, so finding who leaves is no scan of the running rows. Each slot holds a whole sequence up to the model's positions, and the
 front rejects requests that cannot fit before they are queued. A beam-search request of k beams holds k
 slots: it is admitted only when k slots are free (while it is first in line, nobody overtakes it), and is
 charged k generated tokens per step.
@@ -20,10 +24,13 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from server.engine.request import BeamResult, Request, RequestStatus, ScheduledBatch
+import numpy as np
+
+from server.engine.request import Request, RequestStatus
+from server.engine.step import BeamResult, StepInput, StepOutput, put_ids
 
 
 class QueueFull(RuntimeError):
@@ -60,9 +67,65 @@ class TenantLoad:
     num_waiting: int = 0
 
 
-def _num_slots(requests: list[Request]) -> int:
-    """KV slots the requests hold: one each, k for a beam group of k beams."""
-    return sum(r.params.num_beams for r in requests)
+@dataclass
+class Progress:
+    """What one update recorded: the rows that got a token (their tokens and output lengths after it) and the
+    requests it finished (EOS, length, failed rows, done beam groups)."""
+
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    token_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    num_output: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    finished: list[Request] = field(default_factory=list)
+
+
+class RunningRows:
+    """The running requests' state by row, in preallocated arrays; a row is taken on join, given back on leave."""
+
+    def __init__(self, max_rows: int):
+        self.requests: list[Request | None] = [None] * max_rows
+        self._free = list(reversed(range(max_rows)))
+        self.num_output = np.zeros(max_rows, dtype=np.int64)
+        self.max_new = np.zeros(max_rows, dtype=np.int64)
+        self.ignore_eos = np.zeros(max_rows, dtype=bool)
+        self.is_beam = np.zeros(max_rows, dtype=bool)
+        self.is_done = np.zeros(max_rows, dtype=bool)  # finished: tokens of a step that ran on are dropped
+        self.tenant = np.zeros(max_rows, dtype=np.int64)  # index into `tenants`
+        self.tokens = np.zeros((max_rows, 16), dtype=np.int64)  # generated tokens (widened as needed)
+        self.has_stop_ids = np.zeros(max_rows, dtype=bool)
+        self.stop_ids = np.full((max_rows, 1), -1, dtype=np.int64)  # stop_token_ids, -1 padded (widened)
+        self.tenants: list[str] = []
+        self._tenant_index: dict[str, int] = {}
+
+    def join(self, request: Request) -> None:
+        row = request.row = self._free.pop()
+        params = request.params
+        self.requests[row] = request
+        self.num_output[row] = 0
+        self.max_new[row] = params.max_new_tokens
+        self.ignore_eos[row] = params.ignore_eos
+        self.is_beam[row] = params.num_beams > 1
+        self.is_done[row] = False
+        self.tenant[row] = self._tenant_of(_tenant(request))
+        self.has_stop_ids[row] = bool(params.stop_token_ids)
+        if params.stop_token_ids:  # a row without them never reads its (stale) entries
+            self.stop_ids = put_ids(self.stop_ids, row, params.stop_token_ids)
+        if params.max_new_tokens > self.tokens.shape[1]:
+            width = max(params.max_new_tokens, 2 * self.tokens.shape[1])
+            self.tokens = np.pad(self.tokens, ((0, 0), (0, width - self.tokens.shape[1])))
+
+    def leave(self, request: Request) -> None:
+        self.requests[request.row] = None
+        self._free.append(request.row)
+
+    def token_ids(self, row: int) -> list[int]:
+        return self.tokens[row, : self.num_output[row]].tolist()
+
+    def _tenant_of(self, tenant: str) -> int:
+        index = self._tenant_index.get(tenant)
+        if index is None:
+            index = self._tenant_index[tenant] = len(self.tenants)
+            self.tenants.append(tenant)
+        return index
 
 
 def _tenant(request: Request) -> str:
@@ -73,7 +136,11 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, arrival order; only non-empty ones
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in no particular order: a leaving request's place takes the last
+        self.rows = RunningRows(config.max_num_seqs)
+        self._num_running_slots = 0  # KV slots the running requests hold
+        self._finishing: list[Request] = []  # running requests finished since the last schedule()
+        self._eos = np.array(sorted(config.eos_token_ids), dtype=np.int64)
         self.counters: dict[str, float] = {}  # VTC: weighted service received, per tenant
         self.weights: dict[str, float] = {}
         self.load: dict[str, TenantLoad] = {}  # active tenants only (running or waiting)
@@ -81,6 +148,7 @@ class Scheduler:
         self._aborted_waiting: list[Request] = []
         self._arrival = itertools.count()
         self._order: dict[int, int] = {}  # id(request) -> arrival number, for ties and FIFO
+        self._place: dict[int, int] = {}  # id(request) -> its index in self.running
         self._floor = 0.0  # the smallest active counter when last seen: what a returning tenant is lifted to
 
     @property
@@ -115,7 +183,7 @@ class Scheduler:
 
     def _check_room(self, tenant: str, weight: float) -> None:
         # requests that free slots will take at the next step are not queued behind anyone
-        free_slots = max(0, self.config.max_num_seqs - _num_slots(self.running))
+        free_slots = max(0, self.config.max_num_seqs - self._num_running_slots)
         limit = self.config.max_queue + free_slots
         if self._num_waiting < limit:
             return
@@ -170,25 +238,28 @@ class Scheduler:
         return None
 
     # -- the step -------------------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
-        finished = [r for r in self.running if r.is_finished]
-        decode = [r for r in self.running if not r.is_finished]
+    def schedule(self) -> StepInput:
+        """Retire the requests that finished, admit who fits. Touches only the rows that leave or join."""
+        finished, self._finishing = self._finishing, []
         for request in finished:
             self._leave(_tenant(request), waiting=False)
+            self._retire_row(request)
+        decode = self.running.copy()
         self._min_active_counter()
         prefill: list[Request] = []
         budget = self.config.max_prefill_tokens
-        num_free = self.config.max_num_seqs - _num_slots(decode)
+        num_free = self.config.max_num_seqs - self._num_running_slots
         while self._num_waiting and num_free > 0:
             tenant = self._next_tenant()
             head = self.waiting[tenant][0]
             num_tokens = len(head.prompt_token_ids)
-            if (prefill and num_tokens > budget) or _num_slots([head]) > num_free:
+            if (prefill and num_tokens > budget) or head.params.num_beams > num_free:
                 break  # a beam group waits (first in line) until its k slots are free
-            num_free -= _num_slots([head])
+            num_free -= head.params.num_beams
             request = self._pop(tenant)
             request.status = RequestStatus.RUNNING
             self._charge(request, self.config.prefill_token_cost * num_tokens)
+            self._join_row(request)
             prefill.append(request)
             budget -= num_tokens
         # waiting requests that were aborted never held a slot: report them as finished, nothing to free
@@ -197,8 +268,34 @@ class Scheduler:
         for request in retired:
             request.status = RequestStatus.FINISHED
             self._order.pop(id(request), None)
-        self.running = decode + prefill
-        return ScheduledBatch(prefill=prefill, decode=decode, finished=retired)
+        return StepInput(prefill=prefill, decode=decode, finished=retired)
+
+    def _join_row(self, request: Request) -> None:
+        self.rows.join(request)
+        request.on_finish = self._on_finish
+        self._place[id(request)] = len(self.running)
+        self.running.append(request)
+        self._num_running_slots += request.params.num_beams
+
+    def _retire_row(self, request: Request) -> None:
+        """Take a finished request out of the running list (the last one moves into its place) and its row."""
+        place = self._place.pop(id(request))
+        last = self.running.pop()
+        if last is not request:
+            self.running[place] = last
+            self._place[id(last)] = place
+        self.rows.leave(request)
+        self._num_running_slots -= request.params.num_beams
+
+    def _on_finish(self, request: Request) -> None:
+        """A running request finished (here, in the front, anywhere): it leaves at the next schedule(), and
+        its generated tokens become its output_token_ids (a beam group's are set by _update_beams)."""
+        if request.status is not RequestStatus.RUNNING or self.rows.requests[request.row] is not request:
+            return
+        self.rows.is_done[request.row] = True
+        if not self.rows.is_beam[request.row]:
+            request.output_token_ids = self.rows.token_ids(request.row)
+        self._finishing.append(request)
 
     def _next_tenant(self) -> str:
         """Fair: the backlogged tenant with the least service (ties: earliest request). FIFO: earliest request."""
@@ -237,27 +334,63 @@ class Scheduler:
         tenant = _tenant(request)
         self.counters[tenant] += service / max(self.weights.get(tenant, 1.0), 1e-9)
 
-    def update(self, batch: ScheduledBatch, token_ids: list[int | BeamResult | None]) -> None:
-        """Record one sampled token per sequence of the batch; finish on EOS or length; None = the row failed;
-        a BeamResult for a beam group (see beam.py)."""
-        for request, token_id in zip(batch.sequences, token_ids, strict=True):
-            if request.is_finished:  # aborted while the step ran: drop the token
-                continue
-            if token_id is None:
-                request.finish("error")
-                continue
-            if isinstance(token_id, BeamResult):
-                self._update_beams(request, token_id)
-                continue
-            self._charge(request, self.config.output_token_cost)
-            if token_id in self.config.eos_token_ids and not request.params.ignore_eos:
-                request.finish("stop")
-                continue
-            request.output_token_ids.append(token_id)
-            if token_id in request.params.stop_token_ids:
-                request.finish("stop")
-            elif len(request.output_token_ids) >= request.params.max_new_tokens:
-                request.finish("length")
+    def update(self, batch: StepInput, out: StepOutput) -> Progress:
+        """Record the step's tokens by row: append, finish on EOS, a stop token id or length, charge their
+        tenants — array operations over the rows; only rows that fail, finish or run a beam group are visited
+        one by one. A row that finished while the step ran (aborted, stopped) drops its token."""
+        rows, tokens = out.rows, out.token_ids
+        running = self.rows
+        progress = Progress()
+        before = len(self._finishing)
+        for row in out.failed:
+            self._row_request(row).finish("error")
+        for row, result in out.beams.items():
+            request = self._row_request(row)
+            if not request.is_finished:
+                self._update_beams(request, result)
+        if rows.size:
+            alive = ~running.is_done[rows]
+            if not alive.all():
+                rows, tokens = rows[alive], tokens[alive]
+            self._charge_rows(rows)
+            is_eos = np.isin(tokens, self._eos) & ~running.ignore_eos[rows]
+            if is_eos.any():
+                for row in rows[is_eos].tolist():
+                    self._row_request(row).finish("stop")
+                rows, tokens = rows[~is_eos], tokens[~is_eos]
+            num_output = running.num_output[rows]
+            running.tokens[rows, num_output] = tokens
+            num_output += 1
+            running.num_output[rows] = num_output
+            is_stop = self._stop_token_hits(rows, tokens)
+            for row in rows[is_stop].tolist():  # a stop token id is kept in the output, unlike EOS
+                self._row_request(row).finish("stop")
+            for row in rows[(num_output >= running.max_new[rows]) & ~is_stop].tolist():
+                self._row_request(row).finish("length")
+            progress.rows, progress.token_ids, progress.num_output = rows, tokens, num_output
+        progress.finished = self._finishing[before:]
+        return progress
+
+    def _stop_token_hits(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """[rows] bool: the row sampled one of its stop_token_ids (only rows that have some are compared)."""
+        is_stop = np.zeros(rows.size, dtype=bool)
+        has_ids = self.rows.has_stop_ids[rows]
+        if has_ids.any():
+            is_stop[has_ids] = (self.rows.stop_ids[rows[has_ids]] == tokens[has_ids, None]).any(axis=1)
+        return is_stop
+
+    def _row_request(self, row: int) -> Request:
+        request = self.rows.requests[row]
+        assert request is not None, f"row {row} is not running"
+        return request
+
+    def _charge_rows(self, rows: np.ndarray) -> None:
+        """Charge a generated token to each row's tenant: one count per tenant, not one add per row."""
+        counts = np.bincount(self.rows.tenant[rows], minlength=len(self.rows.tenants))
+        for index in np.flatnonzero(counts).tolist():
+            tenant = self.rows.tenants[index]
+            weight = max(self.weights.get(tenant, 1.0), 1e-9)
+            self.counters[tenant] += self.config.output_token_cost * int(counts[index]) / weight
 
     def _update_beams(self, request: Request, result: BeamResult) -> None:
         """A beam group is charged a generated token per row and step; its tokens come when it is done."""

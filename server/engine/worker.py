@@ -3,15 +3,16 @@
 In one process the front (rendering and writing every stream's events, parsing requests) and the engine's
 forward share one GIL: each torch op releases it and must win it back, so a busy front stretches every step
 (on CPU the engine's thread waited 2-3 ms a step for it with 64 streams; README "Where streaming's cost
-goes"). `RunnerProcess` has the interface the engine uses of a `ModelRunner` (execute, logprobs,
-forward_seconds, kv_plan, ...) and runs the real one in a spawned child that loads the backbone itself. The
-engine thread (scheduling, stop rules, hand-over) stays in the front; per step it sends one message — which
-requests leave, which join (prompt, sampling parameters, prefix), which decode — and waits off the GIL for
-one back: each row's token (or BeamResult, or None for a row that failed alone), the logprobs asked for, the
-forward's time and the child's CPU time. vLLM V1 splits the same way (its EngineCore process).
+goes"). `RunnerProcess` has the interface the engine uses of a `ModelRunner` (execute, kv_plan,
+forward_seconds, ...) and runs the real one in a spawned child that loads the backbone itself. The
+engine thread (scheduling, stop rules, hand-over) stays in the front; per step it sends one StepMessage (step.py)
+— which rows leave, which join (prompt, sampling parameters, prefix); the child decodes every row it holds —
+and waits off the GIL for the StepOutput back (tokens by row, failed rows, beam results, the logprobs asked
+for, the forward's time and the child's CPU time). A steady step's message is a few empty lists, whatever the
+rows. vLLM V1 splits the same way (its EngineCore process).
 
-The child mirrors only what the runner reads of a request: id, prompt, parameters, the tokens it sampled
-(penalties) and its prefix's tensors. A prefix's tensors cross once per prefix object of the front's cache
+The child mirrors only what the runner reads of a request: id, row, prompt, parameters and its prefix's
+tensors (the runner's persistent batch counts the tokens each row sampled). A prefix's tensors cross once per prefix object of the front's cache
 (the front keeps them on the host; the child copies them to its device and keeps them); when the front's
 object is gone (evicted or invalidated, no request left using it) the child drops its copy with the next
 message. The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C reaches the whole process group): the
@@ -37,7 +38,9 @@ from typing import Any
 
 import torch
 
-from server.engine.request import Request, ScheduledBatch
+from server.engine.config import EngineConfig
+from server.engine.request import Request
+from server.engine.step import JoiningRow, StepInput, StepMessage, StepOutput
 
 log = logging.getLogger("prefixserve.engine")
 
@@ -72,6 +75,16 @@ class RunnerSpec:
     log_level: str = "info"
     log_format: str = "text"
 
+    def engine_config(self, kv_cache_bytes: int | None) -> EngineConfig:
+        """The config the child's ModelRunner is built with (`kv_cache_bytes`: the budget it worked out)."""
+        return EngineConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            max_prefix_tokens=self.max_prefix_tokens,
+            kv_cache_bytes=kv_cache_bytes,
+            cuda_graphs=self.cuda_graphs,
+        )
+
 
 # -- the front's side ---------------------------------------------------------------------------------------
 class RunnerProcess:
@@ -97,7 +110,6 @@ class RunnerProcess:
         _, self.kv_plan, self.decode_mode, self.max_model_len, self.kv_num_bytes, self.rules, one_pass = reply
         self._one_pass = one_pass  # BART: one forward call a step (encode, then decode everyone)
         self.on_forward = on_forward or (lambda requests: None)
-        self.logprobs: dict[str, Any] = {}
         self.forward_seconds = 0.0
         self.cpu_seconds = 0.0  # the child's CPU time in steps (Engine counts it in the step's CPU time)
         self._token = next(_RUNNERS)  # tells this runner's keys on a prefix object from another runner's
@@ -123,20 +135,20 @@ class RunnerProcess:
         """What the start-up line reads of the KV cache (it lives in the child)."""
         return SimpleNamespace(num_bytes=self.kv_num_bytes)
 
-    def execute(self, batch: ScheduledBatch) -> list:
+    def execute(self, batch: StepInput) -> StepOutput:
         """ModelRunner.execute, in the child. Raises the step's exception as the child raised it (the engine
         fails the step's requests), or RunnerDied if the child is gone."""
-        leaving = [r.request_id for r in batch.finished if r.request_id in self._held]
-        self._held.difference_update(leaving)
+        leaving = [r.row for r in batch.finished if r.request_id in self._held]
+        self._held.difference_update(r.request_id for r in batch.finished)
         self._held.update(r.request_id for r in batch.prefill)
         joining = [
-            (r.request_id, r.prompt_token_ids, r.params, self._prefix(r.prefix)) for r in batch.prefill
+            JoiningRow(r.row, r.request_id, r.prompt_token_ids, r.params, self._prefix(r.prefix))
+            for r in batch.prefill
         ]
         with self._forgotten_lock:
             forgotten, self._forgotten = self._forgotten, []
-        self.logprobs = {}
         if not batch.sequences and not leaving and not forgotten:
-            return []
+            return StepOutput()
         # what ModelRunner reports before its forward calls: GPT-2 decodes the running rows, then prefills the
         # joining ones; BART decodes everyone, the joining rows included, in one call
         if self._one_pass:
@@ -147,13 +159,12 @@ class RunnerProcess:
                 self.on_forward(batch.decode)
             if batch.prefill:
                 self.on_forward(batch.prefill)
-        reply = self._call(("step", leaving, joining, [r.request_id for r in batch.decode], forgotten))
-        if reply[0] == "error":
-            raise reply[1]
-        _, tokens, self.logprobs, forward_seconds, cpu_seconds = reply
-        self.forward_seconds += forward_seconds
-        self.cpu_seconds += cpu_seconds
-        return tokens
+        reply = self._call(StepMessage(leaving, joining, forgotten))
+        if isinstance(reply, BaseException):
+            raise reply
+        self.forward_seconds += reply.forward_seconds
+        self.cpu_seconds += reply.cpu_seconds
+        return reply
 
     def held_prefixes(self) -> int:
         """How many prefixes' tensors the child holds (sends what the front has dropped first)."""
@@ -260,15 +271,7 @@ def _build(spec: RunnerSpec) -> tuple[Any, Any]:
     torch.set_grad_enabled(False)
     backbone = load_backbone(spec.model, spec.device, spec.dtype)
     budget = kv_budget(spec.kv_cache_bytes, spec.prefix_cache_bytes, backbone.device)
-    runner = ModelRunner(
-        backbone,
-        spec.max_num_seqs,
-        spec.max_model_len,
-        spec.max_prefix_tokens,
-        None,
-        budget,
-        spec.cuda_graphs,
-    )
+    runner = ModelRunner(backbone, spec.engine_config(budget))
     log.info("runner process %d: %s on %s/%s", os.getpid(), backbone.name, backbone.device, backbone.dtype)
     return runner, backbone
 
@@ -277,7 +280,7 @@ class _Child:
     def __init__(self, runner: Any, backbone: Any):
         self.runner = runner
         self.backbone = backbone
-        self.requests: dict[str, Request] = {}  # the mirrors of the requests the runner holds
+        self.requests: dict[int, Request] = {}  # row -> the mirror of the request the runner holds there
         self.prefixes: dict[int, SimpleNamespace] = {}  # key -> an object with the device `targets`
 
     def run(self, conn: Any) -> None:
@@ -286,55 +289,49 @@ class _Child:
                 message = conn.recv()
             except (EOFError, OSError):  # the front is gone
                 return
+            if isinstance(message, StepMessage):
+                conn.send(self.step(message))
+                continue
             if message[0] == "stop":
                 return
             if message[0] == "held":
                 self._forget(message[1])
                 conn.send(("held", len(self.prefixes)))
-                continue
-            conn.send(self.step(*message[1:]))
 
     def _forget(self, keys: list[int]) -> None:
         for key in keys:
             self.prefixes.pop(key, None)
 
-    def step(self, leaving: list[str], joining: list, decode: list[str], forgotten: list[int]) -> tuple:
-        from server.engine.transfer import upload
-
+    def step(self, message: StepMessage) -> StepOutput | BaseException:
+        """One StepMessage: the runner's StepOutput with this process's CPU time, or the step's exception."""
         started = time.thread_time()
-        forward_before = self.runner.forward_seconds
-        self._forget(forgotten)
-        finished = [self.requests.pop(i) for i in leaving if i in self.requests]
-        prefill = []
+        self._forget(message.forgotten)
+        finished = [self.requests.pop(row) for row in message.leaving if row in self.requests]
         try:
-            for request_id, prompt, params, prefix in joining:
-                if prefix is not None:
-                    key, tensors = prefix
-                    if tensors is not None:
-                        device, dtype = self.backbone.device, self.backbone.dtype
-                        targets = {name: upload(_from_wire(t), device, dtype) for name, t in tensors.items()}
-                        self.prefixes[key] = SimpleNamespace(targets=targets)
-                    prefix = self.prefixes[key]
-                request = Request(request_id, prompt, params, prefix)
-                self.requests[request_id] = request
-                prefill.append(request)
-            batch = ScheduledBatch(
-                prefill=prefill, decode=[self.requests[i] for i in decode], finished=finished
-            )
-            tokens = self.runner.execute(batch)
+            prefill = [self._join(row) for row in message.joining]
+            # the runner decodes every row it holds: `decode` only says whether there are any
+            decode = list(self.requests.values()) if len(self.requests) > len(prefill) else []
+            out = self.runner.execute(StepInput(prefill, decode, finished))
         except Exception as exc:  # as in one process: the step's requests fail; they leave at the next step
             log.exception("runner step failed")
-            return ("error", _picklable(exc))
-        for request, token in zip(batch.sequences, tokens, strict=True):
-            if isinstance(token, int):  # the penalties read the tokens a request sampled
-                request.output_token_ids.append(token)
-        return (
-            "ok",
-            tokens,
-            dict(self.runner.logprobs),
-            self.runner.forward_seconds - forward_before,
-            time.thread_time() - started,
-        )
+            return _picklable(exc)
+        out.cpu_seconds = time.thread_time() - started
+        return out
+
+    def _join(self, row: JoiningRow) -> Request:
+        from server.engine.transfer import upload
+
+        prefix = row.prefix
+        if prefix is not None:
+            key, tensors = prefix
+            if tensors is not None:
+                device, dtype = self.backbone.device, self.backbone.dtype
+                targets = {name: upload(_from_wire(t), device, dtype) for name, t in tensors.items()}
+                self.prefixes[key] = SimpleNamespace(targets=targets)
+            prefix = self.prefixes[key]
+        request = Request(row.request_id, row.prompt_token_ids, row.params, prefix, row=row.row)
+        self.requests[row.row] = request
+        return request
 
 
 def _to_wire(tensor: torch.Tensor) -> Wire:

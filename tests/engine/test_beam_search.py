@@ -16,9 +16,10 @@ from test_fault_isolation import count_host_syncs
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.kv_cache import KVCache
-from server.engine.request import BeamResult, Request, SamplingParams, ScheduledBatch
+from server.engine.request import Request, SamplingParams
 from server.engine.runner import ModelRunner, _copy_kv
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.step import BeamResult, StepInput, StepOutput
 
 SETTINGS = [
     {},
@@ -125,23 +126,23 @@ def test_length_penalty_and_early_stopping_change_the_answer(peft_case):
 
 def test_one_host_sync_per_beam_step_and_none_added_without_beams(tiny_gpt2_dir: Path):
     backbone = load_backbone(tiny_gpt2_dir, "cpu", "float32")
-    runner = ModelRunner(backbone, max_num_seqs=12, max_model_len=128, max_prefix_tokens=16)
-    greedy = Request("g", [5, 6, 7], SamplingParams(max_new_tokens=30))
-    sampled = Request("s", [5, 6, 8], SamplingParams(max_new_tokens=30, temperature=0.9, seed=1))
-    group = Request("b", [5, 6, 9], SamplingParams(max_new_tokens=30, num_beams=4))
-    other = Request("c", [7, 8], SamplingParams(max_new_tokens=30, num_beams=3))
+    runner = ModelRunner(backbone, EngineConfig(max_num_seqs=12, max_model_len=128, max_prefix_tokens=16))
+    greedy = Request("g", [5, 6, 7], SamplingParams(max_new_tokens=30), row=0)
+    sampled = Request("s", [5, 6, 8], SamplingParams(max_new_tokens=30, temperature=0.9, seed=1), row=1)
+    group = Request("b", [5, 6, 9], SamplingParams(max_new_tokens=30, num_beams=4), row=2)
+    other = Request("c", [7, 8], SamplingParams(max_new_tokens=30, num_beams=3), row=3)
     requests = [greedy, sampled, group, other]
-    runner.execute(ScheduledBatch(prefill=requests, decode=[], finished=[]))
-    assert len(runner.slots) == 1 + 1 + 4 + 3
+    runner.execute(StepInput(prefill=requests, decode=[], finished=[]))
+    assert runner.batch.num_slots == 1 + 1 + 4 + 3
     for _ in range(3):
         with count_host_syncs() as calls:
-            out = runner.execute(ScheduledBatch(prefill=[], decode=requests, finished=[]))
-        assert out[:2] == [runner.slots[0].last_token, runner.slots[1].last_token]
+            out = runner.execute(StepInput(prefill=[], decode=requests, finished=[])).tokens(requests)
+        assert out[:2] == runner.batch.last_token[:2].tolist()
         assert all(isinstance(r, BeamResult) and r.token_ids is None for r in out[2:])
         assert calls == ["tolist", "tolist"], calls  # the sampler's, and the beam groups' one
-    runner.execute(ScheduledBatch(prefill=[], decode=[group, other], finished=[greedy, sampled]))
+    runner.execute(StepInput(prefill=[], decode=[group, other], finished=[greedy, sampled]))
     with count_host_syncs() as calls:
-        runner.execute(ScheduledBatch(prefill=[], decode=[group, other], finished=[]))
+        runner.execute(StepInput(prefill=[], decode=[group, other], finished=[]))
     assert calls == ["tolist"], calls
 
 
@@ -169,22 +170,22 @@ def test_a_beam_group_is_admitted_only_when_its_slots_are_free_and_counts_them()
         scheduler.add(request)
     batch = scheduler.schedule()
     assert batch.prefill == first  # 3 slots used, 3 free: the group (4) waits and nobody overtakes it
-    scheduler.update(batch, [7, 7, 7])
+    scheduler.update(batch, StepOutput.of(batch.sequences, [7, 7, 7]))
     batch = scheduler.schedule()
     assert batch.prefill == [] and batch.decode == first
-    scheduler.update(batch, [7, 7, 7])  # max_new_tokens 2: the three finish
+    scheduler.update(batch, StepOutput.of(batch.sequences, [7, 7, 7]))  # max_new_tokens 2: the three finish
     batch = scheduler.schedule()
     assert batch.finished == first and batch.prefill == [group, late]  # 4 + 1 of 6 slots
     counter = scheduler.counters[""]
-    scheduler.update(batch, [BeamResult(1), 7])
+    scheduler.update(batch, StepOutput.of(batch.sequences, [BeamResult(1), 7]))
     assert scheduler.counters[""] == counter + 2.0 * 2  # one row ran for the group's first step, one for late
     batch = scheduler.schedule()
     counter = scheduler.counters[""]
-    scheduler.update(batch, [BeamResult(4), 7])
+    scheduler.update(batch, StepOutput.of(batch.sequences, [BeamResult(4), 7]))
     assert scheduler.counters[""] == counter + 2.0 * 5
     assert group.output_token_ids == [] and not group.is_finished
     batch = scheduler.schedule()
-    scheduler.update(batch, [BeamResult(4, [3, 4, 0]), 7])
+    scheduler.update(batch, StepOutput.of(batch.sequences, [BeamResult(4, [3, 4, 0]), 7]))
     assert group.output_token_ids == [3, 4] and group.finish_reason == "stop"  # EOS ends it, not reported
     batch = scheduler.schedule()
     assert group in batch.finished
@@ -273,14 +274,14 @@ def test_prefix_and_prompt_are_copied_once_then_only_generated_entries(tiny_bart
     monkeypatch.setattr(runner_module, "_copy_kv", recording)
     backbone = load_backbone(tiny_bart_dir, "cpu", "float32")
     prefix = device_prefix("t/n", random_native("bart", backbone, {"decoder": 5, "cross": 3}, seed=1))
-    runner = ModelRunner(backbone, max_num_seqs=4, max_model_len=128, max_prefix_tokens=16)
-    group = Request("b", [5, 6, 7, 8], SamplingParams(max_new_tokens=12, num_beams=4), prefix=prefix)
-    runner.execute(ScheduledBatch(prefill=[group], decode=[], finished=[]))
-    assert len(runner.slots) == 4
+    runner = ModelRunner(backbone, EngineConfig(max_num_seqs=4, max_model_len=128, max_prefix_tokens=16))
+    group = Request("b", [5, 6, 7, 8], SamplingParams(max_new_tokens=12, num_beams=4), prefix=prefix, row=0)
+    runner.execute(StepInput(prefill=[group], decode=[], finished=[]))
+    assert runner.batch.num_slots == 4
     # the first copy: slot 0's prefix + start token (self) and cross prefix + 4 source tokens (cross)
     assert copies[0] == ([0, 0, 0], [1, 2, 3], 0, 5 + 1, 3 + 4)
     for _ in range(6):
-        runner.execute(ScheduledBatch(prefill=[], decode=[group], finished=[]))
+        runner.execute(StepInput(prefill=[], decode=[group], finished=[]))
     for src, dst, start, end, cross_len in copies[1:]:
         assert start == 5 + 1 < end and cross_len == 0 and len(src) == len(set(dst)) == len(dst) <= 4
     assert len(copies) > 1, "no beam ever continued another: the test shows nothing"

@@ -54,7 +54,7 @@ def test_abort_ends_the_stream_and_frees_the_slot(tiny_gpt2_dir: Path):
         short = engine.add(engine.tokenize("hello"), SamplingParams(max_new_tokens=3, ignore_eos=True))
         ids = [o.token_id async for o in engine.stream(short) if o.token_id is not None]
         for _ in range(3000):  # the finished request leaves its slot at the next engine step (ceiling 30 s)
-            if engine.num_running == 0 and not engine.runner.slots:
+            if engine.num_running == 0 and not engine.runner.batch.num_slots:
                 break
             await asyncio.sleep(0.01)
         return reasons[0], ids
@@ -64,7 +64,7 @@ def test_abort_ends_the_stream_and_frees_the_slot(tiny_gpt2_dir: Path):
     finally:
         engine.stop()
     assert reason == "abort" and len(ids) == 3
-    assert engine.num_running == 0 and not engine.runner.slots
+    assert engine.num_running == 0 and not engine.runner.batch.num_slots
 
 
 def test_queue_limit_counts_only_requests_behind_busy_slots(tiny_gpt2_dir: Path):
@@ -85,8 +85,9 @@ def test_queue_limit_counts_only_requests_behind_busy_slots(tiny_gpt2_dir: Path)
 
 
 def test_a_whole_response_is_handed_over_once_and_equals_the_stream(tiny_gpt2_dir: Path):
-    """each_token=False (a whole response): the same outputs — tokens, texts, finish — as a streamed read of
-    the same request, with a stop string too, and the consumer is woken once, when the request is done."""
+    """each_token=False (a whole response): the same tokens, text and finish as a streamed read of the same
+    request, with a stop string too, and the consumer is woken once, when the request is done; without stop
+    strings it is one output carrying every token id (detokenised once), with them one output per token."""
     engine = Engine(load_backbone(tiny_gpt2_dir, "cpu", "float32"), EngineConfig())
     engine.start()
     params = [
@@ -104,23 +105,30 @@ def test_a_whole_response_is_handed_over_once_and_equals_the_stream(tiny_gpt2_di
             except StopAsyncIteration:
                 break
             wakes += not waiting  # the read had to wait for the engine
-            outputs.append((output.token_id, output.text, output.is_finished, output.finish_reason))
+            outputs.append(output)
         return outputs, wakes
+
+    def whole_of(outputs: list) -> tuple:
+        """(token ids, text, finish reason) of a read."""
+        ids = [t for o in outputs for t in (o.token_ids or ([o.token_id] if o.token_id is not None else []))]
+        return ids, "".join(o.text for o in outputs), outputs[-1].finish_reason
 
     async def main() -> int:
         stops = 0
         for p in params:
             streamed, streamed_wakes = await read(True, p)
             whole, whole_wakes = await read(False, p)
-            assert whole == streamed and len(whole) >= 24
+            assert whole_of(whole) == whole_of(streamed) and len(streamed) >= 24
+            assert len(whole) == 1 and len(whole[0].token_ids) == 24
             assert whole_wakes == 1 and streamed_wakes > 10
-            text = "".join(t for _, t, _, _ in streamed)
+            text = whole_of(streamed)[1]
             stop = text[len(text) // 2 : len(text) // 2 + 3]
             if stop.strip():
                 stopped = SamplingParams(**{**p.__dict__, "stop": (stop,)})
                 streamed, _ = await read(True, stopped)
                 whole, whole_wakes = await read(False, stopped)
-                assert whole == streamed and whole[-1][3] == "stop" and whole_wakes == 1
+                assert whole_of(whole) == whole_of(streamed) and whole[-1].finish_reason == "stop"
+                assert [o.token_id for o in whole] == [o.token_id for o in streamed] and whole_wakes == 1
                 stops += 1
         return stops
 
@@ -141,16 +149,13 @@ def test_steps_delivered_while_the_loop_is_behind_share_one_wake_up(tiny_gpt2_di
     monkeypatch.setattr(loop, "call_soon_threadsafe", lambda *a: (wakes.append(a), original(*a))[1])
 
     async def add() -> object:
-        return engine.add(engine.tokenize("hello"), SamplingParams(max_new_tokens=8, ignore_eos=True))
+        return engine.add(engine.tokenize("hello"), SamplingParams(max_new_tokens=5, ignore_eos=True))
 
     request = loop.run_until_complete(add())
-    ids = engine.tokenize(" the cat sat on the mat")[:5]
-    for i, token_id in enumerate(ids):  # five steps, the loop not running in between
-        request.output_token_ids.append(token_id)
-        if i == len(ids) - 1:
-            request.finish("length")
-        engine._deliver_all([(request, engine._output(request, token_id, ""))])
-    assert len(wakes) == 1
+    for _ in range(5):  # five steps, the loop not running in between
+        engine._deliver_all([engine.step()])
+    assert len(wakes) == 1 and request.finish_reason == "length"
+    ids = request.output_token_ids
 
     async def read() -> list[int]:
         return [o.token_id async for o in engine.stream(request)]

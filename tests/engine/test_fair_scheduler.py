@@ -6,6 +6,7 @@ import pytest
 
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from server.engine.step import StepOutput
 
 EOS = 0
 
@@ -28,7 +29,7 @@ def run(s: Scheduler, steps: int, refill=None) -> dict[str, int]:
         for request in batch.finished:
             if refill is not None:
                 refill(request)
-        s.update(batch, [7] * len(batch.sequences))
+        s.update(batch, StepOutput.of(batch.sequences, [7] * len(batch.sequences)))
         for request in batch.sequences:
             served[request.tenant] = served.get(request.tenant, 0) + 1
     return served
@@ -163,9 +164,9 @@ def test_failed_row_finishes_alone_with_error():
     s.add(good)
     s.add(bad)
     batch = s.schedule()
-    s.update(batch, [5, None] if batch.sequences[0] is good else [None, 5])
+    s.update(batch, StepOutput.of(batch.sequences, [5, None] if batch.sequences[0] is good else [None, 5]))
     assert bad.finish_reason == "error" and bad.output_token_ids == []
-    assert good.output_token_ids == [5] and not good.is_finished
+    assert s.rows.token_ids(good.row) == [5] and not good.is_finished
 
 
 def test_tenant_load_counts_running_and_waiting_and_forgets_idle_tenants():
@@ -177,7 +178,7 @@ def test_tenant_load_counts_running_and_waiting_and_forgets_idle_tenants():
     load = s.tenant_load()
     assert (load["a"].num_running, load["a"].num_waiting, load["b"].num_waiting) == (1, 1, 1)
     for _ in range(10):
-        s.update(batch := s.schedule(), [7] * len(batch.sequences))
+        s.update(batch := s.schedule(), StepOutput.of(batch.sequences, [7] * len(batch.sequences)))
     s.schedule()
     assert s.tenant_load() == {} and not s.has_work()
 

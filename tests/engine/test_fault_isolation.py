@@ -17,9 +17,10 @@ from prefix_store.format import Prefix
 from server.engine.backbone import GenerationRules, load_backbone
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.engine import Engine, EngineConfig
-from server.engine.request import Request, SamplingParams, ScheduledBatch
+from server.engine.request import Request, SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
+from server.engine.step import StepInput
 
 RULES = GenerationRules(frozenset({0}), None, 0, None, None, None)
 
@@ -469,7 +470,7 @@ def count_host_syncs():
 
 def test_one_host_sync_per_decode_step_whatever_the_mix(tiny_gpt2_dir: Path):
     backbone = load_backbone(tiny_gpt2_dir, "cpu", "float32")
-    runner = ModelRunner(backbone, max_num_seqs=8, max_model_len=128, max_prefix_tokens=16)
+    runner = ModelRunner(backbone, EngineConfig(max_num_seqs=8, max_model_len=128, max_prefix_tokens=16))
     mix = [
         SamplingParams(max_new_tokens=20),
         SamplingParams(max_new_tokens=20, temperature=0.9),
@@ -477,11 +478,11 @@ def test_one_host_sync_per_decode_step_whatever_the_mix(tiny_gpt2_dir: Path):
         SamplingParams(max_new_tokens=20, temperature=1.2, top_k=5, top_p=0.9, seed=6),
         SamplingParams(max_new_tokens=20, temperature=1e-40),
     ]
-    requests = [Request(f"r{i}", [5, 6, 7 + i], p) for i, p in enumerate(mix)]
-    runner.execute(ScheduledBatch(prefill=requests, decode=[], finished=[]))
+    requests = [Request(f"r{i}", [5, 6, 7 + i], p, row=i) for i, p in enumerate(mix)]
+    runner.execute(StepInput(prefill=requests, decode=[], finished=[]))
     for _ in range(3):
         with count_host_syncs() as calls:
-            out = runner.execute(ScheduledBatch(prefill=[], decode=requests, finished=[]))
+            out = runner.execute(StepInput(prefill=[], decode=requests, finished=[])).tokens(requests)
         assert len(out) == len(requests) and None not in out
         assert calls == ["tolist"], calls
 

@@ -85,3 +85,31 @@ def test_still_one_host_sync_with_penalties_and_logprobs():
     with count_host_syncs() as calls:
         s.sample(torch.randn(3, VOCAB), requests)
     assert calls == ["tolist"], calls
+
+
+def test_array_uniforms_equal_the_per_request_ones():
+    """keyed_uniforms (the persistent batch's arrays of seeds and steps) is step_uniform, bit for bit."""
+    import numpy as np
+
+    from server.engine.sampler import keyed_uniforms, seed_key, step_uniform
+
+    seeds = [0, 1, 77, 2**63 - 1, 123456789]
+    steps = [0, 1, 5, 1023, 64]
+    keys = np.array([seed_key(s) for s in seeds], dtype=np.uint64)
+    got = keyed_uniforms(keys, np.array(steps, dtype=np.int64)).tolist()
+    assert got == [step_uniform(s, t) for s, t in zip(seeds, steps, strict=True)]
+
+
+def test_min_tokens_masks_eos_and_stop_ids_only_of_rows_short_of_it():
+    """vLLM's min_tokens: a row short of it cannot draw EOS (unless it ignores EOS) nor its stop token ids;
+    rows past it, and rows that never asked, are untouched."""
+    logits = torch.zeros(5, VOCAB)
+    logits[:, 0], logits[:, 5], logits[:, 7] = 9.0, 8.0, 7.0  # EOS best, then 5, then 7
+    held = Request("held", [1], SamplingParams(min_tokens=3, stop_token_ids=(5,)))
+    ignoring = Request("ignoring", [1], SamplingParams(min_tokens=3, stop_token_ids=(5,), ignore_eos=True))
+    past = Request("past", [1], SamplingParams(min_tokens=1, stop_token_ids=(5,)))
+    past.output_token_ids.append(7)
+    plain = Request("plain", [1], SamplingParams())
+    many = Request("many", [1], SamplingParams(min_tokens=2, stop_token_ids=tuple(range(1, 8))))
+    out = sampler().sample(logits, [held, ignoring, past, plain, many])
+    assert out.token_ids[:4] == [7, 0, 0, 0] and out.token_ids[4] not in range(8)

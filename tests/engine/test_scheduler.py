@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.step import StepOutput
 
 EOS = 0
 
@@ -25,7 +26,7 @@ def test_admits_in_arrival_order_up_to_slots():
     batch = s.schedule()
     assert [r.request_id for r in batch.prefill] == ["a", "b"]
     assert batch.decode == [] and s.num_waiting == 1
-    s.update(batch, [5, 5])
+    s.update(batch, StepOutput.of(batch.sequences, [5, 5]))
     batch = s.schedule()
     assert [r.request_id for r in batch.decode] == ["a", "b"] and batch.prefill == []
 
@@ -36,7 +37,7 @@ def test_prefill_token_budget_always_admits_one():
     s.add(make("short", num_prompt=2))
     batch = s.schedule()
     assert [r.request_id for r in batch.prefill] == ["long"]
-    s.update(batch, [7])
+    s.update(batch, StepOutput.of(batch.sequences, [7]))
     assert [r.request_id for r in s.schedule().prefill] == ["short"]
 
 
@@ -46,11 +47,11 @@ def test_eos_finishes_without_appending_and_length_finishes():
     s.add(a)
     s.add(b)
     batch = s.schedule()
-    s.update(batch, [EOS, 9])
+    s.update(batch, StepOutput.of(batch.sequences, [EOS, 9]))
     assert a.finish_reason == "stop" and a.output_token_ids == []
     batch = s.schedule()
     assert batch.finished == [a] and batch.decode == [b]
-    s.update(batch, [8])
+    s.update(batch, StepOutput.of(batch.sequences, [8]))
     assert b.finish_reason == "length" and b.output_token_ids == [9, 8]
 
 
@@ -58,8 +59,8 @@ def test_ignore_eos_keeps_going():
     s = scheduler()
     r = make("a", max_new=3, ignore_eos=True)
     s.add(r)
-    s.update(s.schedule(), [EOS])
-    assert r.output_token_ids == [EOS] and not r.is_finished
+    s.update(batch := s.schedule(), StepOutput.of(batch.sequences, [EOS]))
+    assert s.rows.token_ids(r.row) == [EOS] and not r.is_finished  # its tokens live in its row until it ends
 
 
 def test_requests_join_and_leave_every_step():
@@ -67,7 +68,7 @@ def test_requests_join_and_leave_every_step():
     s.add(make("a", max_new=1))
     s.add(make("b", max_new=3))
     batch = s.schedule()
-    s.update(batch, [4, 4])  # a is done after one token
+    s.update(batch, StepOutput.of(batch.sequences, [4, 4]))  # a is done after one token
     s.add(make("c"))
     batch = s.schedule()
     assert [r.request_id for r in batch.finished] == ["a"]
@@ -81,7 +82,7 @@ def test_abort_running_and_waiting():
     running, waiting = make("run"), make("wait")
     s.add(running)
     s.add(waiting)
-    s.update(s.schedule(), [3])
+    s.update(batch := s.schedule(), StepOutput.of(batch.sequences, [3]))
     assert s.abort("run") is running and s.abort("wait") is waiting
     assert s.abort("nope") is None
     batch = s.schedule()
@@ -95,5 +96,48 @@ def test_token_of_request_aborted_during_step_is_dropped():
     s.add(r)
     batch = s.schedule()
     r.finish("abort")
-    s.update(batch, [5])
+    s.update(batch, StepOutput.of(batch.sequences, [5]))
     assert r.output_token_ids == []
+
+
+def test_rows_are_held_until_the_request_leaves_and_finishes_found_without_a_scan():
+    """A running request keeps its row; one that finishes anywhere (EOS here, an abort from the front) is
+    reported to schedule() by its hook, which gives the row back; the next request takes it with fresh state."""
+    s = scheduler(max_num_seqs=2)
+    a, b, c = make("a", max_new=8), make("b", max_new=8), make("c", max_new=8)
+    for r in (a, b, c):
+        s.add(r)
+    batch = s.schedule()
+    rows = {a.row, b.row}
+    assert rows == {0, 1} and c.row == -1
+    progress = s.update(batch, StepOutput.of(batch.sequences, [5, 6]))
+    assert sorted(progress.rows.tolist()) == [0, 1] and progress.finished == []
+    a.finish("abort")  # from the front, between steps
+    assert s.rows.is_done[a.row] and a.output_token_ids == [5]  # its tokens, read from its row once
+    batch = s.schedule()
+    assert batch.finished == [a] and batch.prefill == [c] and c.row == a.row
+    assert s.rows.token_ids(c.row) == [] and not s.rows.is_done[c.row]
+    progress = s.update(batch, StepOutput.of(batch.sequences, [7, EOS]))
+    assert progress.finished == [b] and b.output_token_ids == [6] and b.finish_reason == "stop"
+    assert progress.rows.tolist() == [c.row] and s.rows.token_ids(c.row) == [7]
+
+
+def test_stop_token_ids_finish_with_the_token_kept_by_row():
+    """A row's own stop token ids end it (the token kept, reason stop, before length); the same token ends no
+    row that did not ask for it, and an EOS still ends a row without being kept."""
+    s = scheduler()
+    a, b = make("a", max_new=3, stop_token_ids=(9, 11)), make("b", max_new=3)
+    c = make("c", max_new=2, stop_token_ids=(12,))
+    for r in (a, b, c):
+        s.add(r)
+    batch = s.schedule()
+    s.update(batch, StepOutput.of(batch.sequences, [5, 9, 6]))
+    assert not any(r.is_finished for r in (a, b, c))
+    batch = s.schedule()
+    progress = s.update(batch, StepOutput.of(batch.sequences, [11, 9, 12]))
+    assert a.finish_reason == "stop" and a.output_token_ids == [5, 11]
+    assert c.finish_reason == "stop" and c.output_token_ids == [6, 12]  # its last token: stop, not length
+    assert not b.is_finished and sorted(progress.finished, key=lambda r: r.request_id) == [a, c]
+    batch = s.schedule()
+    s.update(batch, StepOutput.of(batch.sequences, [EOS]))
+    assert b.finish_reason == "stop" and b.output_token_ids == [9, 9]

@@ -65,3 +65,36 @@ def test_min_tokens_is_refused_with_beams_and_over_max_tokens():
         SamplingParams(max_new_tokens=4, min_tokens=5)
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(max_new_tokens=8, min_tokens=2, num_beams=2)
+
+
+def test_whole_responses_equal_streams_with_the_extensions(engine: Engine):
+    """A whole response (read once at its end, detokenised once) equals a streamed read with stop_token_ids
+    (the kept stop token in its ids and text), min_tokens holding off a stop string and a stop token id, and
+    include_stop_str_in_output."""
+    free, _ = _run(engine, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    text = engine._detokenizer.decode(free)
+    stop_text = text[len(text) // 3 : len(text) // 3 + 2]
+    cases = [
+        SamplingParams(max_new_tokens=16, ignore_eos=True, stop_token_ids=(free[4],)),
+        SamplingParams(max_new_tokens=16, ignore_eos=True, stop_token_ids=(free[0],), min_tokens=3),
+        SamplingParams(
+            max_new_tokens=16, ignore_eos=True, stop=(stop_text,), include_stop_str_in_output=True
+        ),
+        SamplingParams(max_new_tokens=16, ignore_eos=True, stop=(stop_text,), min_tokens=12),
+    ]
+
+    async def read(params: SamplingParams, each_token: bool) -> tuple[list[int], str, str | None]:
+        request = engine.add(engine.tokenize(PROMPT), params, each_token=each_token)
+        outputs = [o async for o in engine.stream(request)]
+        ids = [t for o in outputs for t in (o.token_ids or ([o.token_id] if o.token_id is not None else []))]
+        return ids, "".join(o.text for o in outputs), outputs[-1].finish_reason
+
+    async def main() -> None:
+        for params in cases:
+            whole = await read(params, each_token=False)
+            assert whole == await read(params, each_token=True), params
+            assert whole[2] == "stop" or len(whole[0]) == 16
+        ids, whole_text, _ = await read(cases[0], each_token=False)
+        assert ids == free[: free.index(free[4]) + 1] and whole_text == engine._detokenizer.decode(ids)
+
+    asyncio.run(main())

@@ -62,9 +62,9 @@ def _stream(
         original = Engine._deliver_all
         held: list = []
 
-        def deliver_when_done(self, outputs):
-            held.extend(outputs)
-            if any(output.is_finished for _, output in outputs):
+        def deliver_when_done(self, items):  # step records (and single outputs: aborts, errors)
+            held.extend(items)
+            if any(i[1].is_finished if isinstance(i, tuple) else i.progress.finished for i in items):
                 original(self, list(held))
                 held.clear()
 

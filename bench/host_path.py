@@ -1,0 +1,138 @@
+"""The host path: server CPU per generated token where the forward costs almost nothing, beside HF's.
+
+    .venv/bin/python -m bench.host_path                                   # this checkout
+    .venv/bin/python -m bench.host_path --before-root /path/to/other/checkout   # and the same load on that code
+
+A GPT-2 of 1 layer x 64 with a vocabulary of 700 (random weights, bench.throughput's recipe), so a forward at
+256 rows is cheap and what remains is the host's work: 256 concurrent requests x 64 tokens (EOS ignored) over
+16 prefixes round-robin, over HTTP, as whole responses and streamed (SSE). Per round: the server's CPU (its
+process tree, from /proc) per generated token. Beside it, in the same run, HF's batched `generate` of the same
+256 prompts with no prefix on one thread (this process's CPU per token). And the engine's host time per step
+(step minus forward, from /metrics) with 64 and with 256 requests in flight. With --before-root both servers
+are up at once and the rounds interleave, so a drift of a shared machine falls on both alike. The best of
+--repeats rounds is kept. Writes bench/results/host_path.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench.record import write_result
+from bench.sampling import bodies_for, cpu_seconds, engine_seconds, round_trip, start_server
+from bench.throughput import ROOT, build_backbone, workload
+
+
+def hf_cpu_per_token(model_dir: Path, jobs: list[tuple[int, str]], new_tokens: int) -> float:
+    """µs of this process's CPU per token for HF's batched generate of the prompts, no prefix, one thread."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    enc = tokenizer([prompt for _, prompt in jobs], return_tensors="pt", padding=True)
+    best = float("inf")
+    for _ in range(2):
+        started = time.process_time()
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # as the server's ignore_eos: every row generates them all
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        tokens = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+        best = min(best, (time.process_time() - started) / tokens * 1e6)
+    return best
+
+
+def server_round(url: str, pid: int, jobs, new_tokens: int, stream: bool) -> dict:
+    """One round: the server's CPU µs per generated token, tokens/s, and its host ms per step."""
+    bodies = bodies_for("greedy", jobs, new_tokens)
+    if stream:
+        for body in bodies:
+            body["stream"] = True
+    with httpx.Client(base_url=url, timeout=60) as client:
+        before, cpu_before = engine_seconds(client), cpu_seconds(pid)
+        seconds, tokens = asyncio.run(round_trip(url, bodies))
+        cpu = cpu_seconds(pid) - cpu_before
+        steps, step_s, forward_s, _ = (a - b for a, b in zip(engine_seconds(client), before, strict=True))
+    if tokens != len(jobs) * new_tokens:
+        raise RuntimeError(f"{tokens} tokens came back, not {len(jobs) * new_tokens}")
+    return {
+        "server_cpu_us_per_token": cpu / tokens * 1e6,
+        "tokens_per_s": tokens / seconds,
+        "host_ms_per_step": (step_s - forward_s) / steps * 1e3,
+        "forward_ms_per_step": forward_s / steps * 1e3,
+        "steps": steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--before-root", type=Path, help="another checkout to run the same load against")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefixes", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    args.layers, args.width, args.heads, args.vocab = 1, 64, 2, 700
+    roots = {"this": ROOT, **({"before": args.before_root} if args.before_root else {})}
+    jobs = workload(args.requests, args.prefixes)
+    rounds = {
+        "whole": (jobs, False),
+        "streamed": (jobs, True),
+        "whole_64_rows": (jobs[:64], False),
+    }
+    best: dict[str, dict[str, dict]] = {name: {} for name in roots}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        model_dir = build_backbone(Path(tmp) / "model", args.layers, args.width, args.heads, args.vocab)
+        hf = hf_cpu_per_token(model_dir, jobs, args.new_tokens)
+        servers = {
+            name: start_server(stack, model_dir, Path(tmp) / name, args, 1, root)
+            for name, root in roots.items()
+        }
+        for _ in range(args.repeats):
+            for name, server in servers.items():
+                for mode, (mode_jobs, stream) in rounds.items():
+                    figures = server_round(server.url, server.process.pid, mode_jobs, args.new_tokens, stream)
+                    kept = best[name].get(mode)
+                    if kept is None or figures["server_cpu_us_per_token"] < kept["server_cpu_us_per_token"]:
+                        best[name][mode] = figures
+    for by_mode in best.values():
+        for mode in ("whole", "streamed"):
+            by_mode[mode]["x_hf"] = by_mode[mode]["server_cpu_us_per_token"] / hf
+    figures = {"hf_batched_no_prefix_cpu_us_per_token": hf, **best}
+    if "before" in best:
+        figures["before_over_this"] = {
+            mode: best["before"][mode]["server_cpu_us_per_token"]
+            / best["this"][mode]["server_cpu_us_per_token"]
+            for mode in rounds
+        }
+    write_result("host_path", "bench.host_path", figures)
+    print(f"HF batched generate, no prefix: {hf:.1f} µs CPU per token")
+    for name, by_mode in best.items():
+        for mode, f in by_mode.items():
+            ratio = f" ({f['x_hf']:.2f}x HF)" if "x_hf" in f else ""
+            print(
+                f"{name:>6} {mode:>14}: {f['server_cpu_us_per_token']:6.1f} µs/token{ratio}, "
+                f"host {f['host_ms_per_step']:.2f} ms/step, forward {f['forward_ms_per_step']:.2f} ms/step"
+            )
+    for mode, ratio in figures.get("before_over_this", {}).items():
+        print(f"before / this, {mode}: {ratio:.2f}x the CPU per token")
+
+
+if __name__ == "__main__":
+    main()
