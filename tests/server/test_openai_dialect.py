@@ -348,6 +348,11 @@ def test_tokenize_and_detokenize_round_trip(admin, tiny_gpt2_dir: Path) -> None:
     assert admin.post("/tokenize", json={"model": "other/missing", "prompt": "x"}).status_code == 404
 
 
+def test_tokenize_refuses_a_text_no_prompt_could_hold(admin) -> None:
+    # bounded as a generation's prompt: refused by its length before any tokenizing, not 100,000s of tokens
+    _refusal(admin, "/tokenize", {"prompt": "ab " * 200_000}, 422, "characters")
+
+
 def test_a_chat_template_renders_the_whole_conversation(tiny_gpt2_dir: Path) -> None:
     """A backbone whose tokenizer has a chat template: system messages and earlier turns are honoured, and its
     rendering is the prompt (a prefix's prompt template is not applied on top)."""
