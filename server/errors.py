@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 log = logging.getLogger("prefixserve")
 
 _SEND_JSON = "send a JSON object with Content-Type: application/json"
+_NOT_AN_OBJECT = {"model_attributes_type", "dict_type"}
 
 
 class ServiceError(Exception):
@@ -43,6 +44,9 @@ def error_response(
 def _describe(errors: list) -> str:
     if any(err.get("type") == "json_invalid" for err in errors):
         return f"the body is not valid JSON; {_SEND_JSON}"
+    if any(tuple(err.get("loc", ())) == ("body",) and err.get("type") in _NOT_AN_OBJECT for err in errors):
+        # a JSON array or string, or a body sent without that Content-Type (then it is not read as JSON)
+        return f"the body is not a JSON object; {_SEND_JSON}"
     parts = []
     for err in errors[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"

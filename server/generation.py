@@ -34,9 +34,21 @@ log = logging.getLogger("prefixserve.generation")
 MAX_STOP_STRINGS = 16
 StopString = Annotated[str, Field(max_length=1000, description="generation stops before this text")]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What a prompt is tokenized from: a template (None: the text is the whole prompt), the text that fills
+    it, and whether special tokens the text spells are read as those tokens."""
+
+    template: str | None
+    text: str
+    special_tokens: bool
+
+
 # a prompt: the source that the prefix's prompt template takes, or a function of that template (None without
-# one) giving the whole prompt (a chat conversation); it raises ServiceError when it cannot make one
-Prompt = str | Callable[[str | None], str]
+# one) giving what to tokenize (a chat conversation); it raises ServiceError when it cannot make one
+Prompt = str | Callable[[str | None], Encoding]
 
 
 @dataclass(frozen=True)
@@ -269,8 +281,9 @@ async def _queue(
         template = None if prefix is None else prefix.meta.prompt_template
         if isinstance(prompt, str):
             token_ids = await state.prompts.encode(template, prompt, special_tokens)
-        else:  # a whole conversation rendered by its chat template: its own special tokens stay special
-            token_ids = await state.prompts.encode(None, prompt(template), True)
+        else:  # a chat conversation: what its messages make of the prefix's template
+            encoding = prompt(template)
+            token_ids = await state.prompts.encode(encoding.template, encoding.text, encoding.special_tokens)
         num_prefix_tokens = 0 if prefix is None else prefix.num_virtual_tokens
         if fill_context:
             room = _room(engine, len(token_ids), num_prefix_tokens)

@@ -205,11 +205,12 @@ def _prompt(body: ChatBody, tokenizer: Any, model: str, is_prefix: bool) -> gene
             )
         except Exception as exc:  # the template's own checks (e.g. roles must alternate)
             raise _bad(f"messages: the backbone's chat template refused this conversation ({exc})") from None
-        return lambda template: rendered  # the chat template makes the whole prompt
+        # the chat template makes the whole prompt, its own special tokens read as such
+        return lambda template: generation.Encoding(None, rendered, True)
     _single_turn(body)
     source = texts[-1]
 
-    def fill(template: str | None) -> str:
+    def fill(template: str | None) -> generation.Encoding:
         if template is None:
             what = (
                 "the prefix has no prompt_template"
@@ -223,7 +224,7 @@ def _prompt(body: ChatBody, tokenizer: Any, model: str, is_prefix: bool) -> gene
                 f"{what}; use POST /v1/completions with the whole prompt, or a prefix stored with a "
                 "prompt_template holding {source}",
             )
-        return template.replace("{source}", source)
+        return generation.Encoding(template, source, False)  # the user's text as in /v1/completions
 
     return fill
 

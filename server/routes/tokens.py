@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prefix_store.store import StoreUnavailable
 from server import generation
 from server.auth import CurrentPrincipal, Principal
+from server.engine.engine import PromptTooLong
 from server.errors import ServiceError
 from server.routes.completions import _prefix_id
 
@@ -55,6 +56,10 @@ async def _check_model(state: Any, principal: Principal, model: str | None) -> N
 async def tokenize(body: TokenizeBody, principal: CurrentPrincipal, request: Request) -> dict[str, Any]:
     """The prompt's token ids (with the special tokens the server adds to a prompt, unless told not to)."""
     state = request.app.state
+    try:  # as a generation's prompt: a text no prompt could hold is refused by its length, before any work
+        state.prompts.check_length(None, body.prompt)
+    except PromptTooLong as exc:
+        raise ServiceError(422, "prompt_too_long", str(exc)) from exc
     await _check_model(state, principal, body.model)
     engine = state.engine
     if body.add_special_tokens:

@@ -345,6 +345,16 @@ def test_non_json_body_is_422(client: httpx.Client, content: bytes, content_type
 def test_json_that_is_not_an_object_is_422(client: httpx.Client, body: bytes) -> None:
     response = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
     assert_error(response, 422, "invalid_request")
+    assert "not a JSON object" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions", "/v1/chat/completions"])
+def test_json_sent_without_its_content_type_says_to_send_it(client: httpx.Client, path: str) -> None:
+    # curl -d sends a form's Content-Type: the error names what to send, not pydantic's "valid dictionary"
+    body = b'{"model": "x", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}'
+    response = client.post(path, content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert_error(response, 422, "invalid_request")
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])

@@ -100,6 +100,16 @@ def test_chat_equals_completions_on_the_same_source(oai: OpenAI) -> None:
     )
 
 
+def test_chat_user_text_cannot_inject_special_tokens(oai: OpenAI) -> None:
+    # the user's message fills the prompt template as /v1/completions' prompt does: "<|endoftext|>" is text
+    source = "name : Blue<|endoftext|>Spice"
+    chat = oai.chat.completions.create(model=PREFIX, messages=_user(source), max_tokens=3, temperature=0)
+    legacy = oai.completions.create(model=PREFIX, prompt=source, max_tokens=3, temperature=0)
+    special = oai.completions.create(model=PREFIX, prompt="name : Blue Spice", max_tokens=1, temperature=0)
+    assert chat.usage.prompt_tokens == legacy.usage.prompt_tokens > special.usage.prompt_tokens
+    assert chat.choices[0].message.content == legacy.choices[0].text
+
+
 def test_chat_stream_gives_the_whole_answer(oai: OpenAI) -> None:
     whole = oai.chat.completions.create(model=PREFIX, messages=_user(SOURCE), max_tokens=12, temperature=0)
     chunks = list(
@@ -338,11 +348,17 @@ def test_tokenize_and_detokenize_round_trip(admin, tiny_gpt2_dir: Path) -> None:
     assert admin.post("/tokenize", json={"model": "other/missing", "prompt": "x"}).status_code == 404
 
 
+def test_tokenize_refuses_a_text_no_prompt_could_hold(admin) -> None:
+    # bounded as a generation's prompt: refused by its length before any tokenizing, not 100,000s of tokens
+    _refusal(admin, "/tokenize", {"prompt": "ab " * 200_000}, 422, "characters")
+
+
 def test_a_chat_template_renders_the_whole_conversation(tiny_gpt2_dir: Path) -> None:
     """A backbone whose tokenizer has a chat template: system messages and earlier turns are honoured, and its
     rendering is the prompt (a prefix's prompt template is not applied on top)."""
     from transformers import AutoTokenizer
 
+    from server.generation import Encoding
     from server.routes.chat import ChatBody, _prompt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
@@ -360,4 +376,4 @@ def test_a_chat_template_renders_the_whole_conversation(tiny_gpt2_dir: Path) -> 
     prompt = _prompt(body, tokenizer, PREFIX, is_prefix=True)
     assert callable(prompt)
     expected = "system: be brief\nuser: hi\nassistant: hello\nuser: bye\nassistant:"
-    assert prompt(TEMPLATE) == prompt(None) == expected
+    assert prompt(TEMPLATE) == prompt(None) == Encoding(None, expected, special_tokens=True)
