@@ -276,6 +276,72 @@ def sampling() -> list[str]:
     ]
 
 
+def loadgen() -> list[str]:
+    record = load("loadgen")
+    if record is None:
+        return []
+    f = record["figures"]
+    lines = [
+        f"{f['tool']} against `make serve`'s demo (`python -m server.demo`, model `demo/e2e`), concurrent "
+        f"streams, {f['window_s']} s each, synthetic {f['prompt_tokens']}-token prompts, exactly "
+        f"{f['output_tokens']} output tokens asked (`ignore_eos`). A check that the OpenAI dialect holds under a "
+        "real load generator, not a performance figure: every request that finished within the window got all "
+        "its tokens, none failed; "
+        "time-to-first-token at 16 and 64 streams is mostly queueing behind the CPU. GuideLLM's own tables: "
+        "[results/loadgen.md](results/loadgen.md).",
+        "",
+        "| endpoint | streams | requests done / failed | TTFT median (p95), ms | ITL median (p95), ms | output tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for endpoint, runs in f["runs"].items():
+        for run in runs:
+            ttft, itl, requests = run["ttft_ms"], run["itl_ms"], run["requests"]
+            lines.append(
+                f"| `{endpoint}` | {run['concurrency']} | {requests['successful']} / {requests['errored']} | "
+                f"{ttft['median']:.0f} ({ttft['p95']:.0f}) | {itl['median']:.0f} ({itl['p95']:.0f}) | "
+                f"{run['output_tokens_per_second']:.0f} |"
+            )
+    note = record["machine"].get("load_note")
+    return [*lines, "", provenance(record, "loadgen") + (f" <sub>({note})</sub>" if note else "")]
+
+
+def request_cost(name: str, intro: bool = True) -> list[str]:
+    record = load(name)
+    if record is None:
+        return []
+    figures = record["figures"]
+    about = [
+        "The front's own cost: server CPU per request (user + system time over many requests from concurrent "
+        "keep-alive clients), and a light tenant's latency while another tenant floods a small queue with "
+        "requests it re-sends (most refused with 429); each checkout's mean over its rounds (this: the "
+        "checkout that ran the command), beside a base commit, one server at a time.",
+        "",
+    ]
+    lines = [
+        *(about if intro else []),
+        "| checkout | CPU per `GET /healthz`, ms | CPU per refused generate, ms | light alone, ms | light under the flood, ms | ratio | flood served / refused |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for checkout, f in figures.items():
+        lines.append(
+            f"| {checkout} | {f['healthz_cpu_ms']:.2f} | {f['refused_429_cpu_ms']:.2f} | "
+            f"{f['light_alone_ms']:.0f} | {f['light_under_flood_ms']:.0f} | {f['ratio']:.1f}× | "
+            f"{f['flood_served']:.0f} / {f['flood_refused']:.0f} |"
+        )
+    rounds = ", ".join(
+        f"{checkout}: " + " / ".join(f"{r['ratio']:.1f}×" for r in f["rounds"])
+        for checkout, f in figures.items()
+    )
+    return [
+        *lines,
+        "",
+        f"Flood ratio per round: {rounds}. On a shared machine it moves with the load; read the CPU columns "
+        "first.",
+        "",
+        provenance(record, name),
+    ]
+
+
 def render() -> str:
     parts = []
     sections = [
@@ -294,6 +360,12 @@ def render() -> str:
         ("**Store**", store()),
         ("**Fair share between tenants**", fairness()),
         ("**Sampling and streaming next to greedy**", sampling()),
+        (
+            "**The front's cost per request, and a flood's cost to another tenant**",
+            request_cost("request_cost"),
+        ),
+        ("**The same, with `--runner-process`**", request_cost("request_cost-runner-process", intro=False)),
+        ("**OpenAI load generators**", loadgen()),
     ]
     for title, lines in sections:
         if lines:
