@@ -44,6 +44,8 @@ class Encoding:
     template: str | None
     text: str
     special_tokens: bool
+    # False: the text already holds what the tokenizer would add around it (a chat template's rendering)
+    add_special_tokens: bool = True
 
 
 # a prompt: the source that the prefix's prompt template takes, or a function of that template (None without
@@ -283,7 +285,9 @@ async def _queue(
             token_ids = await state.prompts.encode(template, prompt, special_tokens)
         else:  # a chat conversation: what its messages make of the prefix's template
             encoding = prompt(template)
-            token_ids = await state.prompts.encode(encoding.template, encoding.text, encoding.special_tokens)
+            token_ids = await state.prompts.encode(
+                encoding.template, encoding.text, encoding.special_tokens, encoding.add_special_tokens
+            )
         num_prefix_tokens = 0 if prefix is None else prefix.num_virtual_tokens
         if fill_context:
             room = _room(engine, len(token_ids), num_prefix_tokens)

@@ -48,18 +48,28 @@ class Prompts:
                 f"{self.max_model_len} positions can hold ({self.max_chars} characters at most); shorten it"
             )
 
-    async def encode(self, template: str | None, source: str, special_tokens: bool = False) -> list[int]:
-        """Check the length, then tokenize off the event loop in the lane the prompt's length picks."""
+    async def encode(
+        self, template: str | None, source: str, special_tokens: bool = False, add_special_tokens: bool = True
+    ) -> list[int]:
+        """Check the length, then tokenize off the event loop in the lane the prompt's length picks;
+        `add_special_tokens` False: none of the tokenizer's own (BOS, ...) around the text."""
         self.check_length(template, source)
         lane = self._lanes[filled_length(template, source) > SMALL_PROMPT_CHARS]
-        return await lane.run(self._encode, template, source, special_tokens)
+        return await lane.run(self._encode, template, source, special_tokens, add_special_tokens)
 
-    def _encode(self, tokenizer: Any, template: str | None, source: str, special_tokens: bool) -> list[int]:
+    def _encode(
+        self,
+        tokenizer: Any,
+        template: str | None,
+        source: str,
+        special_tokens: bool,
+        add_special_tokens: bool = True,
+    ) -> list[int]:
         filled = source if template is None else template.replace(PLACEHOLDER, source)
         if special_tokens or not self._source_spells_special(template, filled):
-            token_ids = list(tokenizer(filled)["input_ids"])
+            token_ids = list(tokenizer(filled, add_special_tokens=add_special_tokens)["input_ids"])
         else:
-            token_ids = self._encode_parts(tokenizer, template, source)
+            token_ids = self._encode_parts(tokenizer, template, source, add_special_tokens)
         if not token_ids and self.bos_token_id is not None:
             token_ids = [self.bos_token_id]  # what HF generate does with an empty prompt
         return token_ids
@@ -72,7 +82,9 @@ class Prompts:
         in_template = sum(len(self._special_re.findall(part)) for part in parts)
         return len(self._special_re.findall(filled)) > in_template
 
-    def _encode_parts(self, tokenizer: Any, template: str | None, source: str) -> list[int]:
+    def _encode_parts(
+        self, tokenizer: Any, template: str | None, source: str, add_special_tokens: bool
+    ) -> list[int]:
         """The template's special tokens as themselves, every run of text between them (the client's text
         included) tokenized with special tokens read as plain text: how the tokenizer itself splits on them."""
         assert self._special_re is not None
@@ -89,7 +101,7 @@ class Prompts:
                 text, pieces[0] = piece, ""
             text += pieces[0]
         ids += _plain(tokenizer, text)
-        return [*self._head, *ids, *self._tail]
+        return [*self._head, *ids, *self._tail] if add_special_tokens else ids
 
     def close(self) -> None:
         for lane in self._lanes:

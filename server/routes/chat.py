@@ -205,8 +205,9 @@ def _prompt(body: ChatBody, tokenizer: Any, model: str, is_prefix: bool) -> gene
             )
         except Exception as exc:  # the template's own checks (e.g. roles must alternate)
             raise _bad(f"messages: the backbone's chat template refused this conversation ({exc})") from None
-        # the chat template makes the whole prompt, its own special tokens read as such
-        return lambda template: generation.Encoding(None, rendered, True)
+        # the chat template makes the whole prompt, its own special tokens read as such and none added (as HF's
+        # apply_chat_template(tokenize=True) and vLLM tokenize it: a template that spells BOS gets one BOS)
+        return lambda template: generation.Encoding(None, rendered, True, add_special_tokens=False)
     _single_turn(body)
     source = texts[-1]
 

@@ -376,4 +376,8 @@ def test_a_chat_template_renders_the_whole_conversation(tiny_gpt2_dir: Path) -> 
     prompt = _prompt(body, tokenizer, PREFIX, is_prefix=True)
     assert callable(prompt)
     expected = "system: be brief\nuser: hi\nassistant: hello\nuser: bye\nassistant:"
-    assert prompt(TEMPLATE) == prompt(None) == Encoding(None, expected, special_tokens=True)
+    assert (
+        prompt(TEMPLATE)
+        == prompt(None)
+        == Encoding(None, expected, special_tokens=True, add_special_tokens=False)
+    )
