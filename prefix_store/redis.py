@@ -334,8 +334,8 @@ class RedisStore:
             socket_connect_timeout=timeout,
             socket_timeout=timeout,
             socket_keepalive=True,
-            # redis-py's pure-Python reader takes 2.7 ms for a 1 MB prefix in 64 KiB reads, 0.4 ms in 1 MiB
-            # ones (bench/store_bench.py); small replies cost the same either way.
+            # redis-py's pure-Python reader is several times faster on a large prefix in 1 MiB reads than in
+            # 64 KiB ones (bench/store_bench.py); small replies cost the same either way.
             socket_read_size=1 << 20,
             health_check_interval=15,  # PING a connection idle this long before using it
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), retries=3, supported_errors=RETRY_ERRORS),

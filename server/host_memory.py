@@ -5,10 +5,8 @@ the sampler's [rows, vocab] temporaries (a few MB each at 64 rows). glibc's mall
 mmap threshold with a fresh mmap and unmaps it on free, and gives the top of its heap back to the kernel once
 more than its trim threshold is free there. Both start at 128 KiB and move only as blocks are freed, so
 whether a step's tensors land on pages already mapped depends on what was freed before: when they do not,
-every first touch of a 4 KiB page is a page fault and the kernel zeroes the page. Measured (GPT-2 4x256,
-64 rows, vocabulary 8,000, `bench.sampling --modes "top-p only"`): ~4,650 page faults per step with top-p
-sampling (its nucleus pass makes ~20 full-vocabulary temporaries), host time per step 19.2 ms; with the
-settings below, 0 faults and 12.9 ms.
+every first touch of a 4 KiB page is a page fault and the kernel zeroes the page (top-p sampling's nucleus
+pass makes ~20 full-vocabulary temporaries a step; `bench.sampling --modes "top-p only"` shows the cost).
 
 So at start the server fixes both thresholds (mallopt, which also stops their dynamic adjustment): blocks up
 to 32 MiB (the most glibc's heaps take) come from the heap, and up to 1 GiB of free heap top stays mapped.

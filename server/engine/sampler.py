@@ -223,7 +223,7 @@ def top_values(x: torch.Tensor, depth: int, ranked: bool = True) -> tuple[torch.
     tail = torch.arange(span, vocab, device=x.device).expand(rows, -1)
     ids = torch.cat([members, tail], dim=1)
     # members below the smallest of those maxima cannot rank (`depth` maxima are at least as large): sent to -inf,
-    # they make topk's comparisons predictable (~20 % cheaper on CPU); the result is the same
+    # they make topk's comparisons predictable (cheaper on CPU); the result is the same
     candidates = x.gather(1, ids)
     candidates.masked_fill_(candidates < best_maxima.amin(dim=-1, keepdim=True), NEG_INF)
     values, where = candidates.topk(depth, dim=-1, sorted=ranked)
@@ -243,7 +243,7 @@ def by_score_then_id(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
     """x [s, V] -> [s] `x.argmax(dim=-1)` (the first of tied maxima), in two levels: the first block of
     _ARGMAX_BLOCK columns whose max is the row's max, then the first max inside it (argmax over the whole row is
-    not vectorised on CPU: 1.3 vs 0.2 ms at 64 x 8,000). Rows with NaN get an index in range."""
+    not vectorised on CPU). Rows with NaN get an index in range."""
     vocab = x.shape[-1]
     if vocab < 4 * _ARGMAX_BLOCK:
         return x.argmax(dim=-1)
@@ -304,8 +304,7 @@ def nucleus_weights(
     bool: the cut falls below the _NUCLEUS_MEMBERS best tokens of a crowded bin (exact ties, mostly): redo the row
     by a sort). `every_row_cuts`: no row has top_p >= 1 (those keep everything).
 
-    Without sorting the vocabulary (a full sort was most of a top-p step on CPU: 38 ms for 64 x 8,000, one
-    thread). A token is kept when the tokens ranked before it hold less than top_p of the mass, so the kept set
+    Without sorting the vocabulary (a full sort was most of a top-p step on CPU). A token is kept when the tokens ranked before it hold less than top_p of the mass, so the kept set
     is the ranking down to one token, the last kept. A mass histogram by score (_NUCLEUS_BINS bins over the
     row's range of scores, at most _NUCLEUS_SPAN) finds the bin holding it: every token in a better bin is kept,
     every one in a worse bin dropped; the best tokens of that bin are ranked exactly (score, then id) with the

@@ -2,8 +2,7 @@
 
 In one process the front (rendering and writing every stream's events, parsing requests) and the engine's
 forward share one GIL: each torch op releases it and must win it back, so a busy front stretches every step
-(on CPU the engine's thread waited 2-3 ms a step for it with 64 streams; README "Where streaming's cost
-goes"). `RunnerProcess` has the interface the engine uses of a `ModelRunner` (execute, kv_plan,
+(bench/README.md has the measurements). `RunnerProcess` has the interface the engine uses of a `ModelRunner` (execute, kv_plan,
 forward_seconds, ...) and runs the real one in a spawned child that loads the backbone itself. The
 engine thread (scheduling, stop rules, hand-over) stays in the front; per step it sends one StepMessage (step.py)
 — which rows leave, which join (prompt, sampling parameters, prefix); the child decodes every row it holds —
