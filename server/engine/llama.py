@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from prefix_store.families import GenerationRules, family
+from server.engine.decoder_inputs import prepare_prefill, write_decoder_prefix
 from server.engine.kv_cache import KVCache
-from server.engine.transfer import copy_to_device
 
 log = logging.getLogger("prefixserve.engine")
 
@@ -111,41 +111,13 @@ class LlamaBackbone:
         [n, vocab] (float32) at each prompt's last token.
         """
         n = len(token_lists)
-        num_q = max(len(t) for t in token_lists)
-        ids = torch.zeros(n, num_q, dtype=torch.long)
-        positions = torch.zeros(n, num_q, dtype=torch.long)  # padded queries: position 0, never read
-        rows: list[int] = []
-        cols: list[int] = []
-        queries: list[int] = []
-        last: list[int] = []
-        for i, (tokens, num_prefix) in enumerate(zip(token_lists, prefix_lens, strict=True)):
-            ids[i, : len(tokens)] = torch.tensor(tokens)
-            positions[i, : len(tokens)] = torch.arange(num_prefix, num_prefix + len(tokens))
-            rows += [start + i] * len(tokens)
-            cols += range(num_prefix, num_prefix + len(tokens))
-            queries += range(i * num_q, i * num_q + len(tokens))
-            last.append(i * num_q + len(tokens) - 1)
-        ids, positions, rows_t, cols_t, queries_t, last_t = copy_to_device(
-            [
-                ids,
-                positions,
-                torch.tensor(rows),
-                torch.tensor(cols),
-                torch.tensor(queries),
-                torch.tensor(last),
-            ],
-            self.device,
-        )
-        length = max(p + len(t) for p, t in zip(prefix_lens, token_lists, strict=True))
-        # [n, 1, Tq, K]: key j visible to the query at position p iff j <= p
-        mask = (torch.arange(length, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
-        h = self.decoder.embed_tokens(ids)
-        rope = self._rope(h, positions)
-        write = (rows_t, cols_t, queries_t)
-        grouped = self._grouped(mask)
+        x = prepare_prefill(start, token_lists, prefix_lens, self.device)
+        h = self.decoder.embed_tokens(x.ids)
+        rope = self._rope(h, x.positions)
+        grouped = self._grouped(x.mask)
         for index in range(len(self.blocks)):
-            h = self._layer(h, index, cache, write, slice(start, start + n), length, rope, grouped)
-        last_h = h.reshape(n * num_q, -1).index_select(0, last_t)  # [n, D]
+            h = self._layer(h, index, cache, x.write, slice(start, start + n), x.length, rope, grouped)
+        last_h = h.reshape(n * x.ids.shape[1], -1).index_select(0, x.last)  # [n, D]
         return self.lm_head(self.decoder.norm(last_h)).float()
 
     @torch.inference_mode()
@@ -166,9 +138,4 @@ class LlamaBackbone:
         return self.lm_head(self.decoder.norm(h[:, 0])).float()
 
     def write_prefix(self, cache: KVCache, slot: int, targets: dict[str, torch.Tensor]) -> int:
-        """Copy a prefix into the start of its slot; returns P (0 without a prefix)."""
-        decoder = targets.get("decoder")
-        if decoder is None:
-            return 0
-        cache.self_kv[:, :, slot, :, : decoder.shape[3]] = decoder  # [L, 2, Hkv, P, d]
-        return decoder.shape[3]
+        return write_decoder_prefix(cache, slot, targets)

@@ -1,0 +1,59 @@
+"""What the decoder-only families (GPT-2, Llama-style) share around their layers: a prefill step's inputs built on
+the host and copied once, and a prefix written into the start of its slot. The layers themselves stay per family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.kv_cache import KVCache
+from server.engine.transfer import copy_to_device
+
+
+@dataclass(frozen=True)
+class PrefillInputs:
+    ids: torch.Tensor  # [n, Tq] right-padded prompts
+    positions: torch.Tensor  # [n, Tq] from each row's P; padded queries at 0 (never read)
+    write: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cache (rows, cols) [N] and flat query index [N]
+    last: torch.Tensor  # [n] flat index of each prompt's last query
+    length: int  # keys to read: max(P + prompt length)
+    mask: torch.Tensor  # [n, 1, Tq, K]: key j visible to the query at position p iff j <= p
+
+
+def prepare_prefill(
+    start: int, token_lists: list[list[int]], prefix_lens: list[int], device: torch.device
+) -> PrefillInputs:
+    """New sequences in slots [start, start+n) whose prefixes are in the cache: every index is built on the host
+    and copied in one transfer; padded queries compute garbage that is never written to the cache nor read."""
+    n = len(token_lists)
+    num_q = max(len(t) for t in token_lists)
+    ids = torch.zeros(n, num_q, dtype=torch.long)
+    positions = torch.zeros(n, num_q, dtype=torch.long)
+    rows: list[int] = []
+    cols: list[int] = []
+    queries: list[int] = []
+    last: list[int] = []
+    for i, (tokens, num_prefix) in enumerate(zip(token_lists, prefix_lens, strict=True)):
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+        positions[i, : len(tokens)] = torch.arange(num_prefix, num_prefix + len(tokens))
+        rows += [start + i] * len(tokens)
+        cols += range(num_prefix, num_prefix + len(tokens))
+        queries += range(i * num_q, i * num_q + len(tokens))
+        last.append(i * num_q + len(tokens) - 1)
+    ids, positions, rows_t, cols_t, queries_t, last_t = copy_to_device(
+        [ids, positions, torch.tensor(rows), torch.tensor(cols), torch.tensor(queries), torch.tensor(last)],
+        device,
+    )
+    length = max(p + len(t) for p, t in zip(prefix_lens, token_lists, strict=True))
+    mask = (torch.arange(length, device=device)[None, None, :] <= positions[:, :, None])[:, None]
+    return PrefillInputs(ids, positions, (rows_t, cols_t, queries_t), last_t, length, mask)
+
+
+def write_decoder_prefix(cache: KVCache, slot: int, targets: dict[str, torch.Tensor]) -> int:
+    """Copy a prefix's `decoder` target into the start of its slot; returns P (0 without a prefix)."""
+    decoder = targets.get("decoder")
+    if decoder is None:
+        return 0
+    cache.self_kv[:, :, slot, :, : decoder.shape[3]] = decoder  # [L, 2, H_kv, P, d]
+    return decoder.shape[3]
