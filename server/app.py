@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prefix_store.cache import PrefixCache
 from prefix_store.store import open_store
 from server.auth import KnownKeys
+from server.door import Door
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.kv_cache import available_memory, kv_budget
@@ -37,6 +38,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
     )
     state.metrics = Metrics(state)
     state.known_keys = KnownKeys(settings.key_grace_seconds)
+    state.door = Door()
     # --runner-process: the forward passes run in a child that loads the weights; this process needs the
     # backbone's shape, tokenizer and rules only
     backbone = load_backbone(
