@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 
 from prefix_store.cache import PrefixCache
 from prefix_store.store import open_store
@@ -21,7 +22,7 @@ from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.kv_cache import available_memory, kv_budget
 from server.engine.transfer import upload
-from server.errors import FastJSONResponse, install_error_handlers
+from server.errors import FastJSONResponse, error_response, install_error_handlers
 from server.front import FrontMiddleware
 from server.metrics import Metrics
 from server.prompts import Prompts
@@ -118,6 +119,20 @@ def _to_device(prefix: Any, device: torch.device, dtype: torch.dtype) -> dict:
     return {k: upload(v, device, dtype) for k, v in prefix.targets.items()}
 
 
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight (origin, method or header not allowed) answered in JSON."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        message = f"{bytes(response.body).decode()} (--cors-origins lists the allowed origins)"
+        headers = {
+            k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")
+        }
+        return error_response(400, "cors_refused", message, headers)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -179,7 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
         app.add_middleware(  # outermost: a browser's preflight is answered before anything else
-            CORSMiddleware,
+            JSONCORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
