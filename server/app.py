@@ -65,6 +65,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
         kv_cache_bytes=runner.kv_plan.budget_bytes if runner is not None else _kv_budget(settings, backbone),
         max_step_seconds=settings.max_step_seconds,
         cuda_graphs=settings.cuda_graphs,
+        overlap=settings.overlap_steps,
     )
     state.engine = Engine(
         backbone,
