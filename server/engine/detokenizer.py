@@ -123,6 +123,17 @@ class IncrementalText:
             return text
         return self._release(self._pending + new, is_final=False)
 
+    def whole(self, token_ids: list[int]) -> str:
+        """The text of a request's tokens all at once (a whole response): exactly what add() for each and then
+        flush() give. With a byte table and no stop strings, one join and one decode instead of a call per
+        token (the incremental decoder and the held U+FFFD only delay text; they never change it)."""
+        if self._table is None or self.stop or self.num_tokens:
+            return "".join([self.add(t) for t in token_ids]) + self.flush()
+        size = len(self._table)
+        pieces = [self._table[t] if 0 <= t < size else b"" for t in token_ids]
+        self.num_tokens = len(token_ids)
+        return b"".join(pieces).decode("utf-8", "replace")
+
     def flush(self) -> str:
         """Everything not yet handed out (at the end of the request)."""
         if self.is_stopped:

@@ -444,7 +444,7 @@ class Engine:
         if stream.is_collected and output.is_finished and output.error is None:
             output.token_ids = list(stream.request.output_token_ids)
             output.num_output_tokens = len(output.token_ids)
-            output.text = "".join([stream.text.add(t) for t in output.token_ids]) + stream.text.flush()
+            output.text = stream.text.whole(output.token_ids)
         else:
             output = self._with_text(stream.request, stream.text, output)
         stream.is_done = output.is_finished
