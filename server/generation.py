@@ -144,7 +144,10 @@ async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> De
                 return resident
             if await asyncio.to_thread(public_meta, state.store, prefix_id) is None:
                 raise not_found(prefix_id)
-        prefix = await asyncio.to_thread(state.cache.acquire, prefix_id)
+        # resident (the usual case): pinned here, without a hop to a worker thread; a miss loads it in one
+        prefix = state.cache.acquire_resident(prefix_id, _any_meta) or await asyncio.to_thread(
+            state.cache.acquire, prefix_id
+        )
     except PrefixNotFound:
         raise not_found(prefix_id) from None
     except StoreUnavailable as exc:
@@ -153,6 +156,10 @@ async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> De
         state.cache.release(prefix)
         raise not_found(prefix_id)
     return prefix
+
+
+def _any_meta(meta: PrefixMeta) -> bool:
+    return True
 
 
 def _refuse(state: Any, tenant: str, code: str, message: str, retry_after: int) -> ServiceError:
@@ -409,7 +416,7 @@ async def output_batches(state: Any, gen: Generation) -> AsyncIterator[list[Requ
                     f"generation took over {state.settings.request_timeout:g} s and was aborted",
                 )
             good, error = _split_error(batch)
-            num_new = sum(map(_num_tokens, good))
+            num_new = _num_tokens(good)
             if num_new:
                 if _carries_first_token(good):
                     produced = gen.request.first_token_time or time.monotonic()  # sampled (Engine)
@@ -447,15 +454,18 @@ async def output_batches(state: Any, gen: Generation) -> AsyncIterator[list[Requ
             )
 
 
-def _num_tokens(output: RequestOutput) -> int:
-    """Tokens an output carries: one streamed, all of them on a whole response's last output (token_ids)."""
-    return len(output.token_ids) if output.token_ids is not None else int(output.token_id is not None)
+def _num_tokens(outputs: list[RequestOutput]) -> int:
+    """Tokens the outputs carry: one each streamed, all of them on a whole response's last output (token_ids)."""
+    num = 0
+    for output in outputs:
+        num += len(output.token_ids) if output.token_ids is not None else output.token_id is not None
+    return num
 
 
 def _carries_first_token(batch: list[RequestOutput]) -> bool:
     """Whether the first output with tokens in `batch` holds the request's first token."""
     for output in batch:
-        if num := _num_tokens(output):
+        if num := _num_tokens([output]):
             return output.num_output_tokens == num
     return False
 
