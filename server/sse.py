@@ -2,7 +2,8 @@
 
 A streamed request costs the host per event, so the per-token event is a byte template with only its varying
 values encoded (SseTemplate); the events of every output waiting for a request leave in one write (SseChunks);
-and the response is plain ASGI (SseResponse): one send per write, no task group per response.
+and the response is plain ASGI (SseResponse): one send per write, no task group per response, its body
+messages past the layers that watch only a response's start.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import orjson
 from starlette.responses import Response
 
 from server.engine.request import RequestOutput
+from server.front import BODY_SEND
 
 
 def sse(data: Any) -> bytes:
@@ -88,6 +90,8 @@ class SseChunks:
         """The events gathered so far, once `batch` (a generation's outputs) is rendered; None to keep gathering:
         fewer than --stream-interval tokens since the last write (the response's first write excepted) and the
         generation is not finished."""
+        if self.interval == 1:  # the default: every batch's events at once
+            return self.take() if self._events else None
         self._tokens += sum(output.token_id is not None for output in batch)
         if not self._events:
             return None
@@ -119,12 +123,13 @@ class SseResponse(Response):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body_send = scope.get(BODY_SEND, send)  # past the layers that watch only the start (FrontMiddleware)
         gone = asyncio.ensure_future(_disconnected(receive))
         gone.add_done_callback(self._on_gone)
         try:
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await body_send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # a server of ASGI spec 2.4 says the client left by raising from send
             self.on_disconnect()
         finally:
