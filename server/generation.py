@@ -399,7 +399,7 @@ async def output_batches(state: Any, gen: Generation) -> AsyncIterator[list[Requ
     tenant_tokens = metrics.tenant_tokens.labels(tenant)  # the labelled child looked up once per request
     deadline = gen.started + state.settings.request_timeout
     stream = gen.stream
-    timed_out = False
+    timed_out = has_tokens = False
 
     def time_out() -> None:  # one timer per request, not a wait_for (a task and a timer) per token
         nonlocal timed_out
@@ -418,7 +418,8 @@ async def output_batches(state: Any, gen: Generation) -> AsyncIterator[list[Requ
             good, error = _split_error(batch)
             num_new = _num_tokens(good)
             if num_new:
-                if _carries_first_token(good):
+                if not has_tokens:  # the first batch with tokens holds the first token
+                    has_tokens = True
                     produced = gen.request.first_token_time or time.monotonic()  # sampled (Engine)
                     metrics.time_to_first_token.observe(produced - gen.started)
                 metrics.generated_tokens.inc(num_new)
@@ -460,14 +461,6 @@ def _num_tokens(outputs: list[RequestOutput]) -> int:
     for output in outputs:
         num += len(output.token_ids) if output.token_ids is not None else output.token_id is not None
     return num
-
-
-def _carries_first_token(batch: list[RequestOutput]) -> bool:
-    """Whether the first output with tokens in `batch` holds the request's first token."""
-    for output in batch:
-        if num := _num_tokens([output]):
-            return output.num_output_tokens == num
-    return False
 
 
 def _split_error(batch: list[RequestOutput]) -> tuple[list[RequestOutput], RequestOutput | None]:
