@@ -10,7 +10,8 @@ process tree, from /proc) per generated token. Beside it, in the same run, HF's 
 256 prompts with no prefix on one thread (this process's CPU per token). And the engine's host time per step
 (step minus forward, from /metrics) with 64 and with 256 requests in flight. With --before-root both servers
 are up at once and the rounds interleave, so a drift of a shared machine falls on both alike. The best of
---repeats rounds is kept. Writes bench/results/host_path.json.
+--repeats rounds is kept (its event-loop thread's CPU and write system calls per token beside it), and the
+median over the rounds. Writes bench/results/host_path.json.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -55,21 +58,33 @@ def hf_cpu_per_token(model_dir: Path, jobs: list[tuple[int, str]], new_tokens: i
     return best
 
 
+def loop_thread(pid: int) -> tuple[float, int]:
+    """(CPU seconds of the server's main thread, which runs the event loop; its process's write system calls so
+    far: socket writes and log lines) from /proc."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    writes = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/io").read_text().splitlines()
+                  if line.startswith("syscw"))  # fmt: skip
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), writes
+
+
 def server_round(url: str, pid: int, jobs, new_tokens: int, stream: bool) -> dict:
-    """One round: the server's CPU µs per generated token, tokens/s, and its host ms per step."""
+    """One round: the server's CPU µs per generated token (and its event loop's), tokens/s, write system calls
+    per token, and its host ms per step."""
     bodies = bodies_for("greedy", jobs, new_tokens)
     if stream:
         for body in bodies:
             body["stream"] = True
     with httpx.Client(base_url=url, timeout=60) as client:
-        before, cpu_before = engine_seconds(client), cpu_seconds(pid)
+        before, cpu_before, loop_before = engine_seconds(client), cpu_seconds(pid), loop_thread(pid)
         seconds, tokens = asyncio.run(round_trip(url, bodies))
-        cpu = cpu_seconds(pid) - cpu_before
+        cpu, loop = cpu_seconds(pid) - cpu_before, loop_thread(pid)
         steps, step_s, forward_s, _ = (a - b for a, b in zip(engine_seconds(client), before, strict=True))
     if tokens != len(jobs) * new_tokens:
         raise RuntimeError(f"{tokens} tokens came back, not {len(jobs) * new_tokens}")
     return {
         "server_cpu_us_per_token": cpu / tokens * 1e6,
+        "event_loop_cpu_us_per_token": (loop[0] - loop_before[0]) / tokens * 1e6,
+        "writes_per_token": (loop[1] - loop_before[1]) / tokens,
         "tokens_per_s": tokens / seconds,
         "host_ms_per_step": (step_s - forward_s) / steps * 1e3,
         "forward_ms_per_step": forward_s / steps * 1e3,
@@ -97,6 +112,7 @@ def main() -> None:
         "whole_64_rows": (jobs[:64], False),
     }
     best: dict[str, dict[str, dict]] = {name: {} for name in roots}
+    every: dict[str, dict[str, list[float]]] = {name: {mode: [] for mode in rounds} for name in roots}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = build_backbone(Path(tmp) / "model", args.layers, args.width, args.heads, args.vocab)
         hf = hf_cpu_per_token(model_dir, jobs, args.new_tokens)
@@ -108,10 +124,13 @@ def main() -> None:
             for name, server in servers.items():
                 for mode, (mode_jobs, stream) in rounds.items():
                     figures = server_round(server.url, server.process.pid, mode_jobs, args.new_tokens, stream)
+                    every[name][mode].append(figures["server_cpu_us_per_token"])
                     kept = best[name].get(mode)
                     if kept is None or figures["server_cpu_us_per_token"] < kept["server_cpu_us_per_token"]:
                         best[name][mode] = figures
-    for by_mode in best.values():
+    for name, by_mode in best.items():
+        for mode in rounds:  # the median too: on a shared machine the best of a few rounds is a lucky one
+            by_mode[mode]["median_server_cpu_us_per_token"] = statistics.median(every[name][mode])
         for mode in ("whole", "streamed"):
             by_mode[mode]["x_hf"] = by_mode[mode]["server_cpu_us_per_token"] / hf
     figures = {"hf_batched_no_prefix_cpu_us_per_token": hf, **best}
@@ -127,8 +146,10 @@ def main() -> None:
         for mode, f in by_mode.items():
             ratio = f" ({f['x_hf']:.2f}x HF)" if "x_hf" in f else ""
             print(
-                f"{name:>6} {mode:>14}: {f['server_cpu_us_per_token']:6.1f} µs/token{ratio}, "
-                f"host {f['host_ms_per_step']:.2f} ms/step, forward {f['forward_ms_per_step']:.2f} ms/step"
+                f"{name:>6} {mode:>14}: {f['server_cpu_us_per_token']:6.1f} µs/token{ratio} (median "
+                f"{f['median_server_cpu_us_per_token']:.1f}; event loop {f['event_loop_cpu_us_per_token']:.1f}, "
+                f"{f['writes_per_token']:.2f} writes/token), host {f['host_ms_per_step']:.2f} ms/step, "
+                f"forward {f['forward_ms_per_step']:.2f} ms/step"
             )
     for mode, ratio in figures.get("before_over_this", {}).items():
         print(f"before / this, {mode}: {ratio:.2f}x the CPU per token")

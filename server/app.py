@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import time
@@ -169,9 +170,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.engine.runner.cache.num_bytes / 2**20,
             state.engine.config.max_num_seqs,
         )
+        # the start-up heap (modules, the model's and tokenizer's objects) lives as long as the server: out of the
+        # cyclic collector's scans, whose full passes over it would pause the event loop and every stream
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()  # collectable again once this app stops (tests start many apps in one process)
             state.engine.stop()
             state.prompts.close()
             state.store.close()

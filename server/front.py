@@ -25,6 +25,9 @@ from server.logs import request_id_var, sanitise_request_id
 
 log = logging.getLogger("prefixserve")
 
+# The `send` this layer was given, in the scope for the body messages of a streamed response (SseResponse): the
+# layers between here and the routes watch only the start message, so a stream's many writes skip them
+BODY_SEND = "prefixserve.body_send"
 HEALTHZ = SimpleNamespace(path="/healthz")  # what the request counter reads as its route
 CLIENT_CLOSED = 499  # nginx's code for "the client closed the request": counted, never sent to anyone
 
@@ -52,6 +55,8 @@ class FrontMiddleware:
         method = scope["method"]
         if method == "HEAD":  # every GET route answers HEAD: the same headers, no body
             scope = {**scope, "method": "GET"}
+        else:
+            scope[BODY_SEND] = send
         status = [CLIENT_CLOSED, False]  # the response's code, and whether it started
         stamp = [(b"x-request-id", request_id.encode()), (b"x-prefixserve-replica", self.replica)]
 

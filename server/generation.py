@@ -1,4 +1,4 @@
-"""What /v1/generate and /v1/completions share: resolve the prefix, build the request, run it, stream it."""
+"""What the generation routes share: resolve the prefix, build the request, run it, read its outputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import functools
 import json
 import logging
 import os
-import secrets
 import tempfile
 import threading
 import time
@@ -87,7 +86,7 @@ def _identify(state: Any, header: str) -> Caller:
 class Generation:
     request: Request
     prefix_id: str | None
-    stream: AsyncGenerator[RequestOutput, None]
+    stream: AsyncGenerator[list[RequestOutput], None]  # Engine.stream_batches
     started: float = field(default_factory=time.monotonic)
     counts_usage: bool = True  # tenants' tokens count against their quotas; the admin's do not
 
@@ -148,7 +147,10 @@ async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> De
                 return resident
             if await asyncio.to_thread(public_meta, state.store, prefix_id) is None:
                 raise not_found(prefix_id)
-        prefix = await asyncio.to_thread(state.cache.acquire, prefix_id)
+        # resident (the usual case): pinned here, without a hop to a worker thread; a miss loads it in one
+        prefix = state.cache.acquire_resident(prefix_id, _any_meta) or await asyncio.to_thread(
+            state.cache.acquire, prefix_id
+        )
     except PrefixNotFound:
         raise not_found(prefix_id) from None
     except StoreUnavailable as exc:
@@ -157,6 +159,10 @@ async def acquire_prefix(state: Any, principal: Principal, prefix_id: str) -> De
         state.cache.release(prefix)
         raise not_found(prefix_id)
     return prefix
+
+
+def _any_meta(meta: PrefixMeta) -> bool:
+    return True
 
 
 def _refuse(state: Any, tenant: str, code: str, message: str, retry_after: int) -> ServiceError:
@@ -311,7 +317,7 @@ async def _queue(
             trace_id=request_id_var.get(),
             each_token=streamed,
         )
-        stream = engine.stream(request)
+        stream = engine.stream_batches(request)
     except PromptTooLong as exc:
         _release(state, prefix)
         raise ServiceError(422, "prompt_too_long", str(exc)) from exc
@@ -382,12 +388,22 @@ def _release(state: Any, prefix: DevicePrefix | None) -> None:
 
 
 async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
-    """The request's outputs; counts tokens and latency; aborts on timeout or when the consumer goes away."""
+    """The request's outputs one by one (output_batches)."""
+    async for batch in output_batches(state, gen):
+        for output in batch:
+            yield output
+
+
+async def output_batches(state: Any, gen: Generation) -> AsyncIterator[list[RequestOutput]]:
+    """The request's outputs, every one waiting at once in one list; counts tokens and latency (once per list,
+    not per token); aborts on timeout or when the consumer goes away. An error output raises ServiceError
+    after the outputs before it."""
     metrics = state.metrics
     tenant = gen.request.tenant or ADMIN_IDENTITY
+    tenant_tokens = metrics.tenant_tokens.labels(tenant)  # the labelled child looked up once per request
     deadline = gen.started + state.settings.request_timeout
     stream = gen.stream
-    timed_out = False
+    timed_out = has_tokens = False
 
     def time_out() -> None:  # one timer per request, not a wait_for (a task and a timer) per token
         nonlocal timed_out
@@ -396,38 +412,40 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
 
     timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), time_out)
     try:
-        async for output in stream:
+        async for batch in stream:
             if timed_out:
                 raise ServiceError(
                     504,
                     "timeout",
                     f"generation took over {state.settings.request_timeout:g} s and was aborted",
                 )
-            if output.error:
-                if output.error_code == "numerical_error":  # the request's own numbers: it alone failed
-                    raise ServiceError(422, "numerical_error", output.error)
-                raise ServiceError(500, "engine_error", output.error)
-            # a streamed output carries one token; a whole response's last output all of them (token_ids)
-            num_new = (
-                len(output.token_ids) if output.token_ids is not None else int(output.token_id is not None)
-            )
+            good, error = _split_error(batch)
+            num_new = _num_tokens(good)
             if num_new:
-                if output.num_output_tokens == num_new:  # this output carries the first token
+                if not has_tokens:  # the first batch with tokens holds the first token
+                    has_tokens = True
                     produced = gen.request.first_token_time or time.monotonic()  # sampled (Engine)
                     metrics.time_to_first_token.observe(produced - gen.started)
                 metrics.generated_tokens.inc(num_new)
-                metrics.tenant_tokens.labels(tenant).inc(num_new)
-            yield output
-            if output.is_finished:
+                tenant_tokens.inc(num_new)
+            if good:
+                yield good
+            if error is not None:
+                message = error.error or ""
+                if error.error_code == "numerical_error":  # the request's own numbers: it alone failed
+                    raise ServiceError(422, "numerical_error", message)
+                raise ServiceError(500, "engine_error", message)
+            last = batch[-1]
+            if last.is_finished:
                 seconds = time.monotonic() - gen.started
                 metrics.request_latency.observe(seconds)
                 log.info(
                     "generation %s: prefix %s, %d prompt + %d new tokens, %s, %.3f s",
                     gen.request.request_id,
                     gen.prefix_id,
-                    output.num_prompt_tokens,
-                    output.num_output_tokens,
-                    output.finish_reason,
+                    last.num_prompt_tokens,
+                    last.num_output_tokens,
+                    last.finish_reason,
                     seconds,
                 )
                 return
@@ -439,6 +457,22 @@ async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:
             _in_background(
                 state.quotas.count, tenant, 0, len(request.prompt_token_ids) + len(request.output_token_ids)
             )
+
+
+def _num_tokens(outputs: list[RequestOutput]) -> int:
+    """Tokens the outputs carry: one each streamed, all of them on a whole response's last output (token_ids)."""
+    num = 0
+    for output in outputs:
+        num += len(output.token_ids) if output.token_ids is not None else output.token_id is not None
+    return num
+
+
+def _split_error(batch: list[RequestOutput]) -> tuple[list[RequestOutput], RequestOutput | None]:
+    """The outputs before the first error output, and that error (None without one)."""
+    for i, output in enumerate(batch):
+        if output.error:
+            return batch[:i], output
+    return batch, None
 
 
 @dataclass
@@ -495,82 +529,6 @@ def abort_unfinished(state: Any, gens: list[Generation]) -> None:
     for gen in gens:
         if not gen.request.is_finished:
             state.engine.abort(gen.request.request_id)
-
-
-def sse(data: Any) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
-class SseTemplate:
-    """The per-token event of a stream, its JSON encoded once: `SseTemplate(data, *fields)` where `data` holds
-    the mark `SseTemplate.field(name)` for each varying field; `render(*values)` gives exactly
-    `sse(data with the values)`, encoding only the values (json.dumps of the whole object per token was about an
-    eighth of a stream's per-token work on the event loop)."""
-
-    # marks no request can spell (a model name holding one would break the split)
-    _SALT = secrets.token_hex(8)
-
-    @classmethod
-    def field(cls, name: str) -> str:
-        return f"\x00{name}:{cls._SALT}\x00"
-
-    def __init__(self, data: dict, *fields: str):
-        parts = [sse(data)]
-        for name in fields:
-            before, mark, after = parts.pop().partition(json.dumps(self.field(name)))
-            if not mark or json.dumps(self.field(name)) in after:
-                raise ValueError(f"{name!r} must appear once in the template")
-            parts += [before, after]
-        self._parts = parts
-
-    def render(self, *values: str | int) -> str:
-        out = [self._parts[0]]
-        for value, part in zip(values, self._parts[1:], strict=True):
-            # a str as json.dumps encodes it (its C fast path); an int as its digits
-            out += [json.dumps(value) if isinstance(value, str) else str(int(value)), part]
-        return "".join(out)
-
-
-class SseChunks:
-    """Server-sent events of one response, sent as they come, except that events whose successors are
-    already waiting go out together: when the event loop falls behind the engine (many streams, a busy
-    host), a stream catches up in one write (one ASGI send, one socket write) instead of one per token.
-    While the loop keeps up, every event leaves alone and at once — or, with `--stream-interval N`, the first
-    at once (the time to first token is not delayed), then every N tokens' events together (and whatever is
-    left when the generation ends): each write is a socket send and a pass down the ASGI chain, so with many
-    streams fewer, larger writes leave the engine more of the host, at the price of a token's event leaving up
-    to N-1 steps after it was made."""
-
-    def __init__(self, state: Any):
-        self.engine = state.engine
-        self.interval = state.settings.stream_interval
-        self._events: list[str] = []
-        self._tokens = 0  # tokens among the gathered events
-        self._has_sent = False
-
-    def add(self, data: Any) -> None:
-        self._events.append(sse(data))
-
-    def add_rendered(self, event: str) -> None:
-        """An event already in SSE form (SseTemplate.render)."""
-        self._events.append(event)
-
-    def ready(self, gen: Generation, output: RequestOutput) -> str | None:
-        """The events gathered so far, once `output` (just added) is handled; None to keep adding: `gen`'s next
-        output is already waiting, or fewer than --stream-interval tokens are gathered since the last write
-        (the response's first write excepted) and it is not the last."""
-        self._tokens += output.token_id is not None
-        if not self._events or self.engine.has_ready(gen.request):
-            return None
-        if self._has_sent and self._tokens < self.interval and not output.is_finished:
-            return None
-        return self.take()
-
-    def take(self) -> str:
-        chunk = "".join(self._events)
-        self._events.clear()
-        self._tokens, self._has_sent = 0, True
-        return chunk
 
 
 def sampling_params(**kwargs: Any) -> SamplingParams:

@@ -82,7 +82,7 @@ class IncrementalText:
         self.num_tokens = 0
         self.token_ids: list[int] = []
         self._table = table
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = b""  # table path: the bytes of a character not complete yet
         # table path: decoded text ending in U+FFFD, held until a whole character follows
         self._undecided = ""
         self._prefix_offset = 0  # token_ids[prefix_offset:read_offset] decode to text already consumed
@@ -108,7 +108,11 @@ class IncrementalText:
             return ""
         if self._table is not None:
             piece = self._table[token_id] if 0 <= token_id < len(self._table) else b""
-            new = self._undecided + self._utf8.decode(piece, False)
+            # an incremental UTF-8 decoder's step, without its Python wrapper: one call per token
+            data = self._partial + piece
+            text, used = codecs.utf_8_decode(data, "replace", False)
+            self._partial = data[used:]
+            new = self._undecided + text
             # text ending in U+FFFD (bytes that are no character) waits, as in the window path: a stream
             # splits its text exactly where that one does
             self._undecided, new = (new, "") if new.endswith("\ufffd") else ("", new)
@@ -123,12 +127,24 @@ class IncrementalText:
             return text
         return self._release(self._pending + new, is_final=False)
 
+    def whole(self, token_ids: list[int]) -> str:
+        """The text of a request's tokens all at once (a whole response): exactly what add() for each and then
+        flush() give. With a byte table and no stop strings, one join and one decode instead of a call per
+        token (the incremental decoder and the held U+FFFD only delay text; they never change it)."""
+        if self._table is None or self.stop or self.num_tokens:
+            return "".join([self.add(t) for t in token_ids]) + self.flush()
+        size = len(self._table)
+        pieces = [self._table[t] if 0 <= t < size else b"" for t in token_ids]
+        self.num_tokens = len(token_ids)
+        return b"".join(pieces).decode("utf-8", "replace")
+
     def flush(self) -> str:
         """Everything not yet handed out (at the end of the request)."""
         if self.is_stopped:
             return ""
         if self._table is not None:
-            new, self._undecided = self._undecided + self._utf8.decode(b"", True), ""
+            text, self._partial = codecs.utf_8_decode(self._partial, "replace", True)[0], b""
+            new, self._undecided = self._undecided + text, ""
         else:
             new = self._new_text(is_final=True)
         return self._release(self._pending + new, is_final=True)

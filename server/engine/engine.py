@@ -1,7 +1,7 @@
 """The engine: a loop thread running schedule -> execute -> update, and an asyncio front (add, stream, abort).
 
 The loop runs in its own thread so a forward pass never blocks the event loop; the front hands requests
-in under a lock and gets outputs back through per-request asyncio queues.
+in under a lock and gets outputs back through per-request outboxes (_Outbox).
 
 Outputs leave the loop as one record per step (`_Record`: the scheduler's Progress — rows, tokens, output
 lengths as arrays — and the requests that finished), handed to each event loop with one wake-up. There, in
@@ -68,10 +68,34 @@ class EngineUnavailable(RuntimeError):
     """The engine loop is gone (/readyz says why): a new request would wait forever."""
 
 
+class _Outbox:
+    """A stream's outputs not read yet. The reader takes all of them at once: one wake-up (and one write of a
+    streamed response) however many steps' outputs arrived while it was busy, and no future per output."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list[RequestOutput] = []
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, output: RequestOutput) -> None:
+        self.items.append(output)
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[RequestOutput]:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        items, self.items = self.items, []
+        return items
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput]
+    outbox: _Outbox
     text: IncrementalText
     request: Request
     each_token: bool = True  # wake the consumer for every output (streamed), or once it is finished (whole)
@@ -466,7 +490,7 @@ class Engine:
                 self._emit(stream, output)
 
     def _emit(self, stream: _Stream, output: RequestOutput) -> None:
-        """One output to its stream: its text (a stop string finishes the request), then to the queue — at
+        """One output to its stream: its text (a stop string finishes the request), then to the outbox — at
         once for a streamed request, all together when it is finished for a whole one (one task wake-up per
         request, not one per token)."""
         if stream.is_done or stream.is_closed:
@@ -474,17 +498,17 @@ class Engine:
         if stream.is_collected and output.is_finished and output.error is None:
             output.token_ids = list(stream.request.output_token_ids)
             output.num_output_tokens = len(output.token_ids)
-            output.text = "".join([stream.text.add(t) for t in output.token_ids]) + stream.text.flush()
+            output.text = stream.text.whole(output.token_ids)
         else:
             output = self._with_text(stream.request, stream.text, output)
         stream.is_done = output.is_finished
         if stream.each_token:
-            stream.queue.put_nowait(output)
+            stream.outbox.put(output)
             return
         stream.held.append(output)
         if output.is_finished:
             for held in stream.held:
-                stream.queue.put_nowait(held)
+                stream.outbox.put(held)
             stream.held.clear()
 
     def _deliver(self, request: Request, output: RequestOutput) -> None:
@@ -560,7 +584,7 @@ class Engine:
         )
         stream = _Stream(
             asyncio.get_running_loop(),
-            asyncio.Queue(),
+            _Outbox(),
             IncrementalText(
                 self._detokenizer,
                 params.stop,
@@ -599,25 +623,27 @@ class Engine:
 
     async def stream(self, request: Request) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of a request until it finishes. Cancelling the consumer aborts the request."""
+        async for outputs in self.stream_batches(request):
+            for output in outputs:
+                yield output
+
+    async def stream_batches(self, request: Request) -> AsyncGenerator[list[RequestOutput], None]:
+        """Outputs of a request until it finishes, every output waiting at once in one list (one per step
+        while the reader keeps up). Cancelling the consumer aborts the request."""
         stream = self._streams.get(request.request_id)
         if stream is None:
             return
         stream.is_consumed = True
         try:
             while True:
-                output = await stream.queue.get()
-                yield output
-                if output.is_finished:
+                outputs = await stream.outbox.take()
+                yield outputs
+                if outputs[-1].is_finished:  # nothing follows a finished output (_emit)
                     return
         finally:
             if not request.is_finished:
                 self.abort(request.request_id)
             self._unregister(request.request_id)
-
-    def has_ready(self, request: Request) -> bool:
-        """Whether the request's next output is already waiting (stream() would hand it over at once)."""
-        stream = self._streams.get(request.request_id)
-        return stream is not None and not stream.queue.empty()
 
     def _with_text(self, request: Request, text: IncrementalText, output: RequestOutput) -> RequestOutput:
         """Fill in the output's text delta; a stop string finishes the request (its slot frees next step)."""

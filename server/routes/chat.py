@@ -11,20 +11,20 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server import generation
 from server.auth import CurrentPrincipal
+from server.engine.request import RequestOutput
 from server.errors import ServiceError
-from server.routes import openai_fields
+from server.routes import openai_fields, openai_stream
 from server.routes.completions import _prefix_id
 from server.routes.decoding import MAX_LOGPROBS, DecodingOptions, TokenTexts, per_completion, token_texts
 from server.routes.openai_fields import StreamOptions, VllmSampling
+from server.sse import SseResponse
 
 log = logging.getLogger("prefixserve.chat")
 
@@ -143,7 +143,10 @@ async def chat_completions(body: ChatBody, principal: CurrentPrincipal, http_req
     if body.stream:
         options = body.stream_options or StreamOptions()
         head["object"] = "chat.completion.chunk"
-        return StreamingResponse(_chunks(state, gens, head, texts, options), media_type="text/event-stream")
+        return SseResponse(
+            openai_stream.chunks(state, gens, _ChunkShape(head, texts), head, options, len(gens)),
+            lambda: generation.abort_unfinished(state, gens),
+        )
     try:
         results = await asyncio.gather(*(generation.run_to_end(state, g, http_request) for g in gens))
     finally:  # one choice failed (timeout, disconnect): the others must not hold their slots
@@ -264,59 +267,23 @@ def _logprob(output: Any, texts: TokenTexts) -> dict[str, Any]:
     }
 
 
-async def _chunks(
-    state: Any,
-    gens: list[generation.Generation],
-    head: dict,
-    texts: TokenTexts | None,
-    options: StreamOptions,
-) -> AsyncIterator[str]:
-    prompt_tokens = completion_tokens = 0
-    continuous = bool(options.include_usage and options.continuous_usage_stats)
-    chunks = generation.SseChunks(state)  # chunks already waiting leave together
-    try:
-        for index, gen in enumerate(gens):
-            field = generation.SseTemplate.field("text")
-            content_chunk = openai_fields.token_template(
-                _event(head, index, {"content": field}, None, None), continuous
-            )
-            is_first = True
-            async for output in generation.outputs(state, gen):
-                completion_tokens += output.token_id is not None
-                if is_first:
-                    if index == 0:  # the n choices share the prompt
-                        prompt_tokens = output.num_prompt_tokens
-                    chunks.add(_event(head, index, {"role": "assistant", "content": ""}, None, None))
-                    is_first = False
-                logprobs = None
-                if texts is not None and output.token_id is not None:
-                    logprobs = {"content": [_logprob(output, texts)]}
-                if output.is_finished or logprobs is not None:
-                    reason = output.finish_reason if output.is_finished else None
-                    delta = {"content": output.text} if output.text else {}
-                    event = _event(head, index, delta, logprobs, reason)
-                    if continuous:
-                        event["usage"] = openai_fields.usage(prompt_tokens, completion_tokens)
-                    chunks.add(event)
-                elif output.text and continuous:
-                    total = prompt_tokens + completion_tokens
-                    chunks.add_rendered(
-                        content_chunk.render(output.text, prompt_tokens, completion_tokens, total)
-                    )
-                elif output.text:
-                    chunks.add_rendered(content_chunk.render(output.text))
-                if (chunk := chunks.ready(gen, output)) is not None:
-                    yield chunk
-        if options.include_usage:
-            chunks.add(
-                {**head, "choices": [], "usage": openai_fields.usage(prompt_tokens, completion_tokens)}
-            )
-    except ServiceError as exc:
-        chunks.add({"error": {"code": exc.code, "message": exc.message}})
-    finally:
-        generation.abort_unfinished(state, gens)
-    chunks.add("[DONE]")
-    yield chunks.take()
+class _ChunkShape:
+    """A chat chunk: the choice's delta (the role first), logprobs as logprobs.content."""
+
+    def __init__(self, head: dict[str, Any], texts: TokenTexts | None):
+        self.head, self.texts = head, texts
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return None
+
+    def first(self, index: int) -> dict[str, Any] | None:
+        return _event(self.head, index, {"role": "assistant", "content": ""}, None, None)
+
+    def chunk(self, index: int, text: str, logprobs: dict | None, reason: str | None) -> dict[str, Any]:
+        return _event(self.head, index, {"content": text} if text else {}, logprobs, reason)
+
+    def logprobs(self, index: int, output: RequestOutput) -> dict[str, Any] | None:
+        return None if self.texts is None else {"content": [_logprob(output, self.texts)]}
 
 
 def _event(head: dict, index: int, delta: dict, logprobs: dict | None, reason: str | None) -> dict[str, Any]:

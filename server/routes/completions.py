@@ -6,19 +6,17 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field, model_validator
 
 from prefix_store.store import InvalidId, StoreUnavailable, split_id
 from server import generation
 from server.auth import CurrentPrincipal
-from server.engine.request import SamplingParams
+from server.engine.request import RequestOutput, SamplingParams
 from server.errors import ServiceError
-from server.routes import openai_fields
+from server.routes import openai_fields, openai_stream
 from server.routes.decoding import (
     MAX_N,
     DecodingOptions,
@@ -28,6 +26,7 @@ from server.routes.decoding import (
     token_texts,
 )
 from server.routes.openai_fields import StreamOptions, VllmSampling
+from server.sse import SseResponse
 
 log = logging.getLogger("prefixserve.completions")
 
@@ -107,9 +106,11 @@ async def completions(body: CompletionBody, principal: CurrentPrincipal, http_re
     }
     texts = token_texts(state) if body.logprobs is not None else None
     if body.stream:
+        shape = _ChunkShape(head, echoes, texts)
         options = body.stream_options or StreamOptions()
-        return StreamingResponse(
-            _chunks(state, gens, head, echoes, texts, options, body.n), media_type="text/event-stream"
+        return SseResponse(
+            openai_stream.chunks(state, gens, shape, head, options, body.n),
+            lambda: generation.abort_unfinished(state, gens),
         )
     try:
         results = await asyncio.gather(*(generation.run_to_end(state, g, http_request) for g in gens))
@@ -141,56 +142,28 @@ def _usage(results: list[generation.Collected], n: int) -> dict[str, int]:
     return openai_fields.usage(prompt_tokens, completion_tokens)
 
 
-async def _chunks(
-    state: Any,
-    gens: list[generation.Generation],
-    head: dict,
-    echoes: list[str],
-    texts: TokenTexts | None,
-    options: StreamOptions,
-    n: int,
-) -> AsyncIterator[str]:
-    prompt_tokens = completion_tokens = 0  # prompts counted once their first output came
-    continuous = bool(options.include_usage and options.continuous_usage_stats)
-    chunks = generation.SseChunks(state)  # chunks already waiting leave together
-    try:
-        for index, (gen, echo) in enumerate(zip(gens, echoes, strict=True)):
-            legacy = LegacyLogprobs(texts) if texts is not None else None
-            choice = _choice(generation.SseTemplate.field("text"), index, None, None)
-            text_chunk = openai_fields.token_template({**head, "choices": [choice]}, continuous)
-            if echo:
-                yield generation.sse({**head, "choices": [_choice(echo, index, None, None)]})
-            is_first = True
-            async for output in generation.outputs(state, gen):
-                logprobs = legacy.add(output) if legacy is not None and output.token_id is not None else None
-                completion_tokens += output.token_id is not None
-                if is_first and index % n == 0:
-                    prompt_tokens += output.num_prompt_tokens
-                is_first = False
-                if output.is_finished or logprobs is not None:
-                    reason = output.finish_reason if output.is_finished else None
-                    event = {**head, "choices": [_choice(output.text, index, logprobs, reason)]}
-                    if continuous:
-                        event["usage"] = openai_fields.usage(prompt_tokens, completion_tokens)
-                    chunks.add(event)
-                elif output.text and continuous:
-                    total = prompt_tokens + completion_tokens
-                    chunks.add_rendered(
-                        text_chunk.render(output.text, prompt_tokens, completion_tokens, total)
-                    )
-                elif output.text:
-                    chunks.add_rendered(text_chunk.render(output.text))
-                if (chunk := chunks.ready(gen, output)) is not None:
-                    yield chunk
-        if options.include_usage:
-            usage = openai_fields.usage(prompt_tokens, completion_tokens)
-            chunks.add({**head, "choices": [], "usage": usage})
-    except ServiceError as exc:
-        chunks.add({"error": {"code": exc.code, "message": exc.message}})
-    finally:
-        generation.abort_unfinished(state, gens)
-    chunks.add("[DONE]")
-    yield chunks.take()
+class _ChunkShape:
+    """A completions chunk: the choice's text (the prompt first, with echo) and legacy logprobs."""
+
+    def __init__(self, head: dict[str, Any], echoes: list[str], texts: TokenTexts | None):
+        self.head, self.echoes, self.texts = head, echoes, texts
+        self._legacy: tuple[int, LegacyLogprobs] | None = None  # the choice whose logprobs are being built
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return self.chunk(index, self.echoes[index], None, None) if self.echoes[index] else None
+
+    def first(self, index: int) -> dict[str, Any] | None:
+        return None
+
+    def chunk(self, index: int, text: str, logprobs: dict | None, reason: str | None) -> dict[str, Any]:
+        return {**self.head, "choices": [_choice(text, index, logprobs, reason)]}
+
+    def logprobs(self, index: int, output: RequestOutput) -> dict[str, Any] | None:
+        if self.texts is None:
+            return None
+        if self._legacy is None or self._legacy[0] != index:
+            self._legacy = index, LegacyLogprobs(self.texts)
+        return self._legacy[1].add(output)
 
 
 def _choice(text: str, index: int, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:

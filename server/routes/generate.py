@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from server import generation
 from server.errors import FastJSONResponse, ServiceError
 from server.routes.decoding import DecodingOptions, generate_logprob, per_completion, token_texts
+from server.sse import SseChunks, SseResponse, SseTemplate
 
 router = APIRouter(tags=["generation"])
 
@@ -107,7 +107,7 @@ async def generate(body: GenerateBody, caller: CurrentCaller, http_request: Requ
             state.engine.abort(gen.request.request_id)
         raise
     if body.stream:
-        return StreamingResponse(_events(state, gens, body.n > 1), media_type="text/event-stream")
+        return SseResponse(_events(state, gens, body.n > 1), lambda: generation.abort_unfinished(state, gens))
     try:
         results = await asyncio.gather(*(generation.run_to_end(state, g, http_request) for g in gens))
     finally:
@@ -142,38 +142,37 @@ async def generate(body: GenerateBody, caller: CurrentCaller, http_request: Requ
     return FastJSONResponse(response.model_dump(exclude=absent, exclude_none=False))
 
 
-async def _events(state, gens: list[generation.Generation], with_index: bool) -> AsyncIterator[str]:
+async def _events(state, gens: list[generation.Generation], with_index: bool) -> AsyncGenerator[bytes, None]:
     """One event per token (with `index` when n > 1), completions one after another; a last event per
-    completion with finish_reason and usage. Events already waiting leave in one chunk (SseChunks)."""
+    completion with finish_reason and usage. The events of the outputs waiting at once leave in one write."""
     asks_logprobs = gens[0].request.params.logprobs is not None
     texts = token_texts(state) if asks_logprobs else None
-    chunks = generation.SseChunks(state)
-    mark = generation.SseTemplate.field
+    chunks = SseChunks(state.settings.stream_interval)
+    mark = SseTemplate.field
     try:
         for index, gen in enumerate(gens):
             completion_tokens = 0
             where = {"index": index} if with_index else {}
-            token_event = generation.SseTemplate(
-                {**where, "token_id": mark("id"), "text": mark("text")}, "id", "text"
-            )
-            async for output in generation.outputs(state, gen):
-                if output.token_id is not None:
-                    completion_tokens += 1
-                    if texts is not None:
-                        event = {**where, "token_id": output.token_id, "text": output.text}
-                        chunks.add({**event, "logprobs": generate_logprob(output, texts)})
-                    else:
-                        chunks.add_rendered(token_event.render(output.token_id, output.text))
-                if output.is_finished:
-                    usage = {
-                        "prompt_tokens": output.num_prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                    }
-                    # text held back until the end (e.g. before an EOS) rides on the last event
-                    rest = output.text if output.token_id is None else ""
-                    last = {**where, "id": gen.request.request_id, "prefix": gen.prefix_id, "text": rest}
-                    chunks.add({**last, "finish_reason": output.finish_reason, "usage": usage})
-                if (chunk := chunks.ready(gen, output)) is not None:
+            token_event = SseTemplate({**where, "token_id": mark("id"), "text": mark("text")}, "id", "text")
+            async for batch in generation.output_batches(state, gen):
+                for output in batch:
+                    if output.token_id is not None:
+                        completion_tokens += 1
+                        if texts is not None:
+                            event = {**where, "token_id": output.token_id, "text": output.text}
+                            chunks.add({**event, "logprobs": generate_logprob(output, texts)})
+                        else:
+                            chunks.add_rendered(token_event.render(output.token_id, output.text))
+                    if output.is_finished:
+                        usage = {
+                            "prompt_tokens": output.num_prompt_tokens,
+                            "completion_tokens": completion_tokens,
+                        }
+                        # text held back until the end (e.g. before an EOS) rides on the last event
+                        rest = output.text if output.token_id is None else ""
+                        last = {**where, "id": gen.request.request_id, "prefix": gen.prefix_id, "text": rest}
+                        chunks.add({**last, "finish_reason": output.finish_reason, "usage": usage})
+                if (chunk := chunks.ready(batch)) is not None:
                     yield chunk
     except ServiceError as exc:
         chunks.add({"error": {"code": exc.code, "message": exc.message}})

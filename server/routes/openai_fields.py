@@ -98,16 +98,6 @@ def sampling_params(body: Any, max_new_tokens: int, logprobs: int | None) -> Sam
     )
 
 
-def token_template(data: dict, continuous: bool) -> generation.SseTemplate:
-    """A token's chunk: `data` holds SseTemplate.field("text") where its text goes; with continuous_usage_stats
-    the usage so far follows (rendered with the text, prompt, completion and total tokens)."""
-    if not continuous:
-        return generation.SseTemplate(data, "text")
-    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
-    fields = {name: generation.SseTemplate.field(name) for name in counts}
-    return generation.SseTemplate({**data, "usage": fields}, "text", *counts)
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,

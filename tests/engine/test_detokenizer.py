@@ -151,3 +151,24 @@ def test_no_stop_string_before_min_tokens():
     text = IncrementalText(CharTokenizer(), stop=("b",), min_tokens=3)
     out = "".join(feed(text, "abcab"))  # the "b" at token 2 is before the minimum; the one at token 5 stops
     assert text.is_stopped and out == "abca"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bart"])
+def test_whole_is_what_the_deltas_add_up_to(family, tiny_gpt2_dir, tiny_bart_dir):
+    """A whole response's text at once (one join and decode with a byte table) equals its deltas and flush,
+    split characters, special tokens and ids past the vocabulary included; with stop strings too."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir if family == "gpt2" else tiny_bart_dir)
+    table = byte_table(tokenizer)
+    assert table is not None
+    rng = random.Random(1)
+    sample = tokenizer("the café — naïve 東京 🙂 coffee shop")["input_ids"]
+    for ids in [sample, [], *(_random_ids(tokenizer, rng, 40) + [len(tokenizer) + 5] for _ in range(50))]:
+        for stop in (("e",), ()):
+            streamed = IncrementalText(tokenizer, stop, table)
+            deltas = "".join(streamed.add(i) for i in ids) + streamed.flush()
+            assert IncrementalText(tokenizer, stop, table).whole(ids) == deltas
+        windows = IncrementalText(tokenizer, (), None)  # no table: each token in its window, as before
+        in_windows = "".join(windows.add(i) for i in ids) + windows.flush()
+        assert IncrementalText(tokenizer, (), None).whole(ids) == in_windows

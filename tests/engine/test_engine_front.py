@@ -96,17 +96,10 @@ def test_a_whole_response_is_handed_over_once_and_equals_the_stream(tiny_gpt2_di
     ]
 
     async def read(each_token: bool, p: SamplingParams) -> tuple[list[tuple], int]:
+        """The outputs, and how many times the reader was handed some (each wake-up hands over all waiting)."""
         request = engine.add(engine.tokenize("hello world"), p, each_token=each_token)
-        stream, wakes, outputs = engine.stream(request), 0, []
-        while True:
-            waiting = engine.has_ready(request)
-            try:
-                output = await stream.__anext__()
-            except StopAsyncIteration:
-                break
-            wakes += not waiting  # the read had to wait for the engine
-            outputs.append(output)
-        return outputs, wakes
+        batches = [batch async for batch in engine.stream_batches(request)]
+        return [output for batch in batches for output in batch], len(batches)
 
     def whole_of(outputs: list) -> tuple:
         """(token ids, text, finish reason) of a read."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from server.generation import SseTemplate, sse
+from server.sse import SseTemplate, json_str, sse
 
 
 @pytest.mark.parametrize("text", ["hi", 'a"b\\c\n\t\x00', "é😀\u2028", "", "\x00text\x00", "{}[]"])
@@ -24,3 +26,16 @@ def test_a_field_must_appear_exactly_once() -> None:
         SseTemplate({"a": "x"}, "text")
     with pytest.raises(ValueError):
         SseTemplate({"a": mark("text"), "b": mark("text")}, "text")
+
+
+def test_json_str_is_json_dumps() -> None:
+    """orjson where its bytes are json.dumps': every ASCII character, alone and among others; and the rest."""
+    texts = [chr(c) for c in range(128)] + [
+        "".join(chr(c) for c in range(128)),
+        "é",
+        "a😀b",
+        "\u2028",
+        "\ud800",
+    ]
+    for text in texts:
+        assert json_str(text) == json.dumps(text).encode(), repr(text)
