@@ -12,7 +12,9 @@ keys and a prefix per tenant. Measured on each, side by side in one run:
 2. the flood: --max-num-seqs 4 slots and --max-queue 8; --flooders clients of tenant "flood" each send a
    generate again as soon as it is answered (0.1 s after a refusal), from another process; tenant "light"
    sends --light-requests generates of --new-tokens tokens one after another. Reported: light's mean latency
-   alone, under the flood, their ratio (aim <= 2x), and flood's answers (served, refused) meanwhile.
+   alone, under the flood, their ratio (aim <= 2x), and flood's answers (served, refused) meanwhile;
+3. the refused flood: the same clients sending as tenant "capped", whose per-minute quota is used up, so that every
+   one of their requests is refused: what a flooder's refusals alone cost the light tenant (light's ratio).
 The clients speak raw HTTP/1.1 over asyncio streams, so their own cost stays small beside the server's.
 Writes bench/results/request_cost.json (request_cost-runner-process.json with --runner-process).
 """
@@ -111,12 +113,14 @@ async def cost_round(port: int, pid: int, method: str, path: str, body: bytes, k
     return spent / requests * 1e3
 
 
-def flood_process(port: int, key: str, flooders: int, new_tokens: int, ready, stop, counts) -> None:
-    """Tenant flood's clients (another process, so their Python does not delay the light client's)."""
+def flood_process(
+    port: int, key: str, prefix: str, flooders: int, new_tokens: int, ready, stop, counts
+) -> None:
+    """The flooding tenant's clients (another process, so their Python does not delay the light client's)."""
 
     async def client() -> None:
         connection = Connection(port)
-        body = generate_body("flood/p", new_tokens)
+        body = generate_body(prefix, new_tokens)
         while not stop.is_set():
             try:
                 status, _ = await connection.request("POST", "/v1/generate", body, key)
@@ -154,22 +158,33 @@ async def light_latencies(port: int, key: str, count: int, new_tokens: int) -> l
 def flood_round(port: int, keys: dict[str, str], args: argparse.Namespace) -> dict:
     asyncio.run(light_latencies(port, keys["light"], 2, args.new_tokens))  # warm
     alone = asyncio.run(light_latencies(port, keys["light"], args.light_requests, args.new_tokens))
+    under, (served, refused) = _flooded(port, keys["light"], keys["flood"], "flood/p", args)
+    under_refused, (_, refusals) = _flooded(port, keys["light"], keys["capped"], "capped/p", args)
+    alone_ms, under_ms = statistics.mean(alone) * 1e3, statistics.mean(under) * 1e3
+    refused_ms = statistics.mean(under_refused) * 1e3
+    return {"light_alone_ms": alone_ms, "light_under_flood_ms": under_ms, "ratio": under_ms / alone_ms,
+            "flood_served": served, "flood_refused": refused, "light_under_refused_flood_ms": refused_ms,
+            "refused_flood_ratio": refused_ms / alone_ms, "refused_flood_refusals": refusals}  # fmt: skip
+
+
+def _flooded(
+    port: int, light: str, key: str, prefix: str, args: argparse.Namespace
+) -> tuple[list[float], list[int]]:
+    """Light's latencies while `key`'s clients flood, and the flood's answers meanwhile (served, refused)."""
     ctx = multiprocessing.get_context("spawn")
     ready, stop, counts = ctx.Event(), ctx.Event(), ctx.Array("l", 2)
     flood = ctx.Process(
-        target=flood_process, args=(port, keys["flood"], args.flooders, args.new_tokens, ready, stop, counts)
+        target=flood_process, args=(port, key, prefix, args.flooders, args.new_tokens, ready, stop, counts)
     )
     flood.start()
     ready.wait(60)
     time.sleep(args.flood_warmup)
     before = list(counts)
-    under = asyncio.run(light_latencies(port, keys["light"], args.light_requests, args.new_tokens))
+    under = asyncio.run(light_latencies(port, light, args.light_requests, args.new_tokens))
     during = [a - b for a, b in zip(counts, before, strict=True)]
     stop.set()
     flood.join(60)
-    alone_ms, under_ms = statistics.mean(alone) * 1e3, statistics.mean(under) * 1e3
-    return {"light_alone_ms": alone_ms, "light_under_flood_ms": under_ms, "ratio": under_ms / alone_ms,
-            "flood_served": during[0], "flood_refused": during[1]}  # fmt: skip
+    return under, during
 
 
 def set_up(url: str, model_dir: Path) -> dict[str, str]:

@@ -13,15 +13,17 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 
 from prefix_store.cache import PrefixCache
 from prefix_store.store import open_store
 from server.auth import KnownKeys
+from server.door import Door
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.kv_cache import available_memory, kv_budget
 from server.engine.transfer import upload
-from server.errors import FastJSONResponse, install_error_handlers
+from server.errors import FastJSONResponse, error_response, install_error_handlers
 from server.front import FrontMiddleware
 from server.metrics import Metrics
 from server.prompts import Prompts
@@ -38,6 +40,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
     )
     state.metrics = Metrics(state)
     state.known_keys = KnownKeys(settings.key_grace_seconds)
+    state.door = Door()
     # --runner-process: the forward passes run in a child that loads the weights; this process needs the
     # backbone's shape, tokenizer and rules only
     backbone = load_backbone(
@@ -63,6 +66,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
         kv_cache_bytes=runner.kv_plan.budget_bytes if runner is not None else _kv_budget(settings, backbone),
         max_step_seconds=settings.max_step_seconds,
         cuda_graphs=settings.cuda_graphs,
+        overlap=settings.overlap_steps,
     )
     state.engine = Engine(
         backbone,
@@ -115,6 +119,20 @@ def _to_device(prefix: Any, device: torch.device, dtype: torch.dtype) -> dict:
     # runs in a worker thread (PrefixCache.acquire is called through asyncio.to_thread): pinned, non_blocking,
     # on a side stream on CUDA, so the engine's forward is not queued behind the copy
     return {k: upload(v, device, dtype) for k, v in prefix.targets.items()}
+
+
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight (origin, method or header not allowed) answered in JSON."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        message = f"{bytes(response.body).decode()} (--cors-origins lists the allowed origins)"
+        headers = {
+            k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")
+        }
+        return error_response(400, "cors_refused", message, headers)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -183,7 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
         app.add_middleware(  # outermost: a browser's preflight is answered before anything else
-            CORSMiddleware,
+            JSONCORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],

@@ -4,7 +4,8 @@ It gives the request its X-Request-Id (for the response and every log line about
 413; time to arrive: 408), answers a client gone before its body arrived without a 5xx, serves HEAD as GET
 without the body, answers OPTIONS with the methods the path takes (and fixes the `allow` of a 405 to list them
 all), answers the liveness probe (/healthz) itself, tags the replica and counts the request by route and
-status. One layer, no Starlette `Request` objects:
+status, and refuses a tenant's generate that the door (server/door.py) knows is refused now. One layer, no
+Starlette `Request` objects:
 a refused request should cost the server as little as possible.
 """
 
@@ -19,7 +20,7 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from server.errors import BodyTimeout, BodyTooLarge
+from server.errors import BodyTimeout, BodyTooLarge, ServiceError
 from server.logs import request_id_var, sanitise_request_id
 
 log = logging.getLogger("prefixserve")
@@ -80,6 +81,10 @@ class FrontMiddleware:
                 await self._options(scope, tagged_send)
             elif declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 raise BodyTooLarge
+            elif (refused := _door_refusal(scope)) is not None:
+                # a tenant refused now is told so before routing, its body or the store: a flood costs little
+                await _send_json(tagged_send, refused.status, _error(refused), _headers(refused))
+                scope["route"] = SimpleNamespace(path=scope["path"])
             else:
                 await self.app(scope, self._bounded(receive, declared), tagged_send)
         except (BodyTooLarge, BodyTimeout, ClientDisconnect) as exc:
@@ -148,6 +153,19 @@ class FrontMiddleware:
         metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
         if metrics is not None:
             metrics.requests.labels(endpoint, str(code)).inc()
+
+
+def _door_refusal(scope: dict) -> ServiceError | None:
+    door = getattr(scope["app"].state, "door", None) if "app" in scope else None  # None until start-up ends
+    return None if door is None else door.refusal(scope["app"].state, scope)
+
+
+def _error(exc: ServiceError) -> dict:
+    return {"error": {"code": exc.code, "message": exc.message}}
+
+
+def _headers(exc: ServiceError) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
 
 
 def allowed_methods(scope: dict) -> list[str]:

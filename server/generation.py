@@ -75,7 +75,10 @@ def _identify(state: Any, header: str) -> Caller:
     principal = authenticate(
         header, state.settings.admin_key, state.store, getattr(state, "known_keys", None)
     )
-    settings = None if principal.tenant is None else state.quotas.settings(principal.tenant)
+    if principal.tenant is None:
+        return Caller(principal, None)
+    settings = state.quotas.settings(principal.tenant)
+    state.door.remember_key(header[7:].strip(), principal.tenant, settings)  # refusals now cost less
     return Caller(principal, settings)
 
 
@@ -181,6 +184,7 @@ async def _admit(
             return settings, state.quotas.admit(tenant, settings)
         return await asyncio.to_thread(_settings_and_admit, state.quotas, tenant, settings)
     except QuotaExceeded as exc:
+        state.door.remember_quota(tenant, exc.message, exc.retry_after)  # refused again at the door meanwhile
         raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
 
 
@@ -283,7 +287,7 @@ async def _queue(
             f"num_beams {params.num_beams} is over this server's {engine.config.max_num_seqs} sequences per "
             "step (--max-num-seqs): a beam group runs as num_beams sequences",
         )
-    _check_room(state, tenant, settings)  # a refusal costs no prefix load and no tokenizing
+    check_room(state, tenant, settings)  # a refusal costs no prefix load and no tokenizing
     prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
     try:
         template = None if prefix is None else prefix.meta.prompt_template
@@ -339,7 +343,7 @@ def _room(engine: Any, num_prompt_tokens: int, num_prefix_tokens: int) -> int:
     return engine.max_model_len - used
 
 
-def _check_room(state: Any, tenant: str, settings: TenantSettings) -> None:
+def check_room(state: Any, tenant: str, settings: TenantSettings) -> None:
     """Refuse now (429) what engine.add would refuse: the tenant's max_concurrent, or a full queue."""
     try:
         _check_concurrent(state, tenant, settings)

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         "need: streaming to many clients no longer slows the steps. Costs the child's start-up (importing "
         "torch, loading the model) and one message each way per step",
     )
+    overlap_steps: bool = Field(
+        True,
+        description="with --runner-process: schedule and send step k+1 while the child runs step k, and record step "
+        "k's tokens meanwhile (the host's work per step hides behind the forward). A finishing sequence runs one "
+        "step more than it needs (its token dropped) and its slot is taken a step later; beam groups are not "
+        "overlapped. No effect without --runner-process",
+    )
     retain_host_memory: bool = Field(
         True,
         description="keep freed host memory in the C allocator for the next step (glibc: mmap threshold 32 MiB, "

@@ -17,6 +17,9 @@ class EngineConfig:
     max_step_seconds: float = 60.0  # a loop busy this long without finishing a step counts as stuck
     kv_cache_bytes: int | None = None  # KV budget: max_num_seqs is capped to what fits; None = no cap
     cuda_graphs: bool = True  # GPT-2 decode steps as CUDA graphs on CUDA (cuda_graphs.py)
+    # with a runner that takes steps without waiting (the runner process): step k+1 is scheduled and sent
+    # while the runner computes step k, and step k's tokens are recorded meanwhile (engine.py)
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "max_prefix_tokens", "max_queue"):

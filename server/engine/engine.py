@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from server.engine.detokenizer import IncrementalText, byte_table
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Progress, QueueFull, Scheduler, SchedulerConfig
-from server.engine.step import TokenLogprob
+from server.engine.step import StepInput, StepOutput, TokenLogprob
 
 __all__ = ["Engine", "EngineConfig", "EngineUnavailable", "PromptTooLong", "QueueFull"]
 
@@ -131,10 +132,12 @@ class Engine:
         self.backbone = backbone
         self.config = config
         self.is_encoder_decoder = backbone.spec.is_encoder_decoder
-        self.runner = runner or ModelRunner(backbone, config, on_forward)
+        # a ModelRunner in this thread, or a RunnerProcess (worker.py)
+        self.runner: Any = runner or ModelRunner(backbone, config, on_forward)
         if self.runner.kv_plan.num_seqs < config.max_num_seqs:  # the KV budget holds fewer sequences
             config = dataclasses.replace(config, max_num_seqs=self.runner.kv_plan.num_seqs)
         self.config = config
+        self.overlaps = config.overlap and hasattr(self.runner, "submit")
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_seqs,
@@ -142,8 +145,10 @@ class Engine:
                 backbone.rules.eos_token_ids,
                 max_queue=config.max_queue,
                 policy=config.policy,  # type: ignore[arg-type]
+                row_cooldown=self.overlaps,
             )
         )
+        self._in_flight: deque[StepInput] = deque()  # overlapped: steps sent whose answers are not read yet
         self.release_prefix = release_prefix
         # the front detokenizes (on the event loop) with its own copy: a HF fast tokenizer used by two threads
         # at once can fail with "Already borrowed" (prompts are tokenized in worker threads)
@@ -151,13 +156,15 @@ class Engine:
         self._token_bytes = byte_table(self._detokenizer)  # None: not byte-level, decoded in windows
         self.num_generated_tokens = 0
         self.num_steps = 0
+        self.num_overlapped_steps = 0  # steps sent before the answer to the one before was read
         self.step_seconds = 0.0  # wall time of the steps counted in num_steps
         # the stepping thread's CPU time in them: step - cpu = time a step waited (for the GIL, a device, a core)
         self.step_cpu_seconds = 0.0
         self._streams: dict[str, _Stream] = {}
-        self._row_streams: list[_Stream | None] = [None] * config.max_num_seqs  # by scheduler row
+        num_rows = len(self.scheduler.rows.requests)
+        self._row_streams: list[_Stream | None] = [None] * num_rows  # by scheduler row
         # by row: its stream takes an output per token (streamed, stop strings, logprobs; not a collected one)
-        self._is_per_token = np.zeros(config.max_num_seqs, dtype=bool)
+        self._is_per_token = np.zeros(num_rows, dtype=bool)
         # the event loops that have registered streams, and how many each
         self._loops: dict[asyncio.AbstractEventLoop, int] = {}
         # records and outputs per event loop whose hand-over callback is scheduled but has not run (_deliver_all)
@@ -196,6 +203,47 @@ class Engine:
     def step(self) -> _Record | None:
         """One engine step: schedule -> execute -> update. Returns the step's record to deliver."""
         started, cpu_started = time.perf_counter(), time.thread_time()
+        batch = self._schedule()
+        if not batch.sequences:
+            self.runner.execute(batch)  # frees the slots of aborted requests
+            return None
+        try:
+            out = self.runner.execute(batch)
+        except Exception as exc:  # a bad step fails its requests, not the service
+            return self._failed_step(batch.sequences, exc)
+        return self._record(batch, out, started, cpu_started)
+
+    def overlapped_step(self) -> list[_Record]:
+        """Schedule step k and send it, then record step k-1 while the runner computes step k. Rows that
+        finished in step k-1 run once more in step k (their tokens are dropped) and leave in step k+1. A beam
+        group's steps are not overlapped (its search must not run past its end): each is recorded before the
+        next is scheduled."""
+        records = []
+        if self.scheduler.num_beam_groups and self._in_flight:
+            records.append(self._collect(time.perf_counter(), time.thread_time()))
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        batch = self._schedule()
+        self.runner.submit(batch)
+        self._in_flight.append(batch)
+        if len(self._in_flight) > 1:
+            self.num_overlapped_steps += bool(batch.sequences)
+            records.append(self._collect(started, cpu_started))
+        if self.scheduler.num_beam_groups:
+            records.append(self._collect(time.perf_counter(), time.thread_time()))
+        return [r for r in records if r is not None]
+
+    def _collect(self, started: float, cpu_started: float) -> _Record | None:
+        """The oldest step in flight: its answer recorded (None when it ran nothing)."""
+        batch = self._in_flight.popleft()
+        try:
+            out = self.runner.collect()
+        except Exception as exc:  # as in step(): the step's requests fail, not the service
+            return self._failed_step(batch.sequences, exc) if batch.sequences else None
+        if not batch.sequences:
+            return None
+        return self._record(batch, out, started, cpu_started)
+
+    def _schedule(self) -> StepInput:
         with self._lock:
             batch = self.scheduler.schedule()
             for request in batch.finished:  # a left row holds on to nothing (its prefix is released below)
@@ -207,13 +255,9 @@ class Engine:
         for request in batch.finished:
             if request.prefix is not None:
                 self.release_prefix(request.prefix)
-        if not batch.sequences:
-            self.runner.execute(batch)  # frees the slots of aborted requests
-            return None
-        try:
-            out = self.runner.execute(batch)
-        except Exception as exc:  # a bad step fails its requests, not the service
-            return self._failed_step(batch.sequences, exc)
+        return batch
+
+    def _record(self, batch: StepInput, out: StepOutput, started: float, cpu_started: float) -> _Record:
         with self._lock:
             progress = self.scheduler.update(batch, out)
         record = _Record(
@@ -306,11 +350,16 @@ class Engine:
             while True:
                 with self._lock:
                     self._busy_since = None
-                    while not self.scheduler.has_work() and not self._is_stopping:
+                    while not self.scheduler.has_work() and not self._in_flight and not self._is_stopping:
                         self._lock.wait()
                     if self._is_stopping:
                         return
                     self._busy_since = time.monotonic()
+                if self.overlaps:
+                    records = self.overlapped_step() if self.scheduler.has_work() else self._drain()
+                    if records:
+                        self._deliver_all(list(records))
+                    continue
                 record = self.step()
                 if record is not None:
                     self._deliver_all([record])
@@ -318,6 +367,11 @@ class Engine:
             log.critical("engine loop died", exc_info=True)
             self.loop_error = f"{type(exc).__name__}: {exc}"
             self._fail_all(f"engine loop died ({self.loop_error})")
+
+    def _drain(self) -> list[_Record]:
+        """Nothing left to schedule: the last step sent is recorded."""
+        record = self._collect(time.perf_counter(), time.thread_time())
+        return [] if record is None else [record]
 
     def _fail_all(self, message: str) -> None:
         with self._lock:

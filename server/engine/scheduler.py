@@ -50,6 +50,9 @@ class SchedulerConfig:
     policy: Literal["fair", "fifo"] = "fair"  # fifo: arrival order and one global queue limit (benchmarks)
     prefill_token_cost: float = 1.0  # VTC's w_p: service charged per prompt token
     output_token_cost: float = 2.0  # VTC's w_q: service charged per generated token (the paper's 2:1)
+    # a left row is taken again one schedule() later: the answer of a step sent before it left (the engine
+    # overlapping steps) still names it, and must not be read as its next occupant's
+    row_cooldown: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_queue"):
@@ -79,11 +82,14 @@ class Progress:
 
 
 class RunningRows:
-    """The running requests' state by row, in preallocated arrays; a row is taken on join, given back on leave."""
+    """The running requests' state by row, in preallocated arrays; a row is taken on join, given back on leave
+    (with `cooldown`, at the next cool_down(): twice the rows, so that a full batch can turn over)."""
 
-    def __init__(self, max_rows: int):
+    def __init__(self, max_rows: int, cooldown: bool = False):
+        max_rows = 2 * max_rows if cooldown else max_rows
         self.requests: list[Request | None] = [None] * max_rows
         self._free = list(reversed(range(max_rows)))
+        self._cooling: list[int] | None = [] if cooldown else None
         self.num_output = np.zeros(max_rows, dtype=np.int64)
         self.max_new = np.zeros(max_rows, dtype=np.int64)
         self.ignore_eos = np.zeros(max_rows, dtype=bool)
@@ -115,7 +121,13 @@ class RunningRows:
 
     def leave(self, request: Request) -> None:
         self.requests[request.row] = None
-        self._free.append(request.row)
+        (self._free if self._cooling is None else self._cooling).append(request.row)
+
+    def cool_down(self) -> None:
+        """The rows left before the last schedule() can be taken again."""
+        if self._cooling:
+            self._free += self._cooling
+            self._cooling = []
 
     def token_ids(self, row: int) -> list[int]:
         return self.tokens[row, : self.num_output[row]].tolist()
@@ -137,7 +149,10 @@ class Scheduler:
         self.config = config
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, arrival order; only non-empty ones
         self.running: list[Request] = []  # in no particular order: a leaving request's place takes the last
-        self.rows = RunningRows(config.max_num_seqs)
+        self.rows = RunningRows(config.max_num_seqs, config.row_cooldown)
+        self.num_beam_groups = (
+            0  # running requests with num_beams > 1 (the engine does not overlap their steps)
+        )
         self._num_running_slots = 0  # KV slots the running requests hold
         self._finishing: list[Request] = []  # running requests finished since the last schedule()
         self._eos = np.array(sorted(config.eos_token_ids), dtype=np.int64)
@@ -241,6 +256,7 @@ class Scheduler:
     def schedule(self) -> StepInput:
         """Retire the requests that finished, admit who fits. Touches only the rows that leave or join."""
         finished, self._finishing = self._finishing, []
+        self.rows.cool_down()
         for request in finished:
             self._leave(_tenant(request), waiting=False)
             self._retire_row(request)
@@ -276,6 +292,7 @@ class Scheduler:
         self._place[id(request)] = len(self.running)
         self.running.append(request)
         self._num_running_slots += request.params.num_beams
+        self.num_beam_groups += request.params.num_beams > 1
 
     def _retire_row(self, request: Request) -> None:
         """Take a finished request out of the running list (the last one moves into its place) and its row."""
@@ -286,6 +303,7 @@ class Scheduler:
             self._place[id(last)] = place
         self.rows.leave(request)
         self._num_running_slots -= request.params.num_beams
+        self.num_beam_groups -= request.params.num_beams > 1
 
     def _on_finish(self, request: Request) -> None:
         """A running request finished (here, in the front, anywhere): it leaves at the next schedule(), and
@@ -337,16 +355,18 @@ class Scheduler:
     def update(self, batch: StepInput, out: StepOutput) -> Progress:
         """Record the step's tokens by row: append, finish on EOS, a stop token id or length, charge their
         tenants — array operations over the rows; only rows that fail, finish or run a beam group are visited
-        one by one. A row that finished while the step ran (aborted, stopped) drops its token."""
+        one by one. A row that finished while the step ran (aborted, stopped) or has left since (the engine
+        overlapping steps) drops its token."""
         rows, tokens = out.rows, out.token_ids
         running = self.rows
         progress = Progress()
         before = len(self._finishing)
         for row in out.failed:
-            self._row_request(row).finish("error")
+            if running.requests[row] is not None:  # else it left while the step ran (overlapped steps)
+                running.requests[row].finish("error")  # type: ignore[union-attr]
         for row, result in out.beams.items():
-            request = self._row_request(row)
-            if not request.is_finished:
+            request = running.requests[row]
+            if request is not None and not request.is_finished:
                 self._update_beams(request, result)
         if rows.size:
             alive = ~running.is_done[rows]

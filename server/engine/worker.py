@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -98,7 +99,9 @@ class RunnerProcess:
         )
         self.process.start()
         child.close()
-        self._lock = threading.Lock()  # one request-reply on the pipe at a time
+        # the pipe's order: steps are answered in the order sent (`_answers`: whether each one expects a reply)
+        self._pipe = threading.Condition()
+        self._answers: deque[bool] = deque()
         if not self._conn.poll(start_timeout):
             self.close()
             raise RuntimeError(f"the runner process did not start within {start_timeout:g} s")
@@ -137,6 +140,12 @@ class RunnerProcess:
     def execute(self, batch: StepInput) -> StepOutput:
         """ModelRunner.execute, in the child. Raises the step's exception as the child raised it (the engine
         fails the step's requests), or RunnerDied if the child is gone."""
+        self.submit(batch)
+        return self.collect()
+
+    def submit(self, batch: StepInput) -> None:
+        """Send a step to the child without waiting for its answer (collect() reads the answers in order): the
+        engine prepares the next step while the child runs this one."""
         leaving = [r.row for r in batch.finished if r.request_id in self._held]
         self._held.difference_update(r.request_id for r in batch.finished)
         self._held.update(r.request_id for r in batch.prefill)
@@ -147,7 +156,8 @@ class RunnerProcess:
         with self._forgotten_lock:
             forgotten, self._forgotten = self._forgotten, []
         if not batch.sequences and not leaving and not forgotten:
-            return StepOutput()
+            self._answers.append(False)  # nothing to send: collect() answers an empty output
+            return
         # what ModelRunner reports before its forward calls: GPT-2 decodes the running rows, then prefills the
         # joining ones; BART decodes everyone, the joining rows included, in one call
         if self._one_pass:
@@ -158,7 +168,22 @@ class RunnerProcess:
                 self.on_forward(batch.decode)
             if batch.prefill:
                 self.on_forward(batch.prefill)
-        reply = self._call(StepMessage(leaving, joining, forgotten))
+        with self._pipe:
+            try:
+                self._conn.send(StepMessage(leaving, joining, forgotten))
+            except Exception as exc:
+                raise self._gone(exc) from exc
+            self._answers.append(True)
+
+    def collect(self) -> StepOutput:
+        """The answer to the oldest step submitted and not yet collected."""
+        with self._pipe:
+            if not self._answers.popleft():
+                return StepOutput()
+            try:
+                reply = self._recv()
+            finally:
+                self._pipe.notify_all()
         if isinstance(reply, BaseException):
             raise reply
         self.forward_seconds += reply.forward_seconds
@@ -188,7 +213,9 @@ class RunnerProcess:
             self._forgotten.append(key)
 
     def _call(self, message: Any) -> Any:
-        with self._lock:
+        """A request-reply outside the steps, once every submitted step is collected."""
+        with self._pipe:
+            self._pipe.wait_for(lambda: not any(self._answers))
             try:
                 self._conn.send(message)
             except Exception as exc:
@@ -215,13 +242,13 @@ class RunnerProcess:
     def close(self) -> None:
         """Stop the child (it finishes the message it is on) and wait for it; kill it after 10 s. Does not wait
         on a step that never returns (a stuck child): then the child is killed."""
-        if self.process.is_alive() and self._lock.acquire(timeout=5):
+        if self.process.is_alive() and self._pipe.acquire(timeout=5):
             try:
                 self._conn.send(("stop",))
             except (OSError, EOFError, ValueError):
                 pass
             finally:
-                self._lock.release()
+                self._pipe.release()
             self.process.join(10)
         if self.process.is_alive():
             self.process.kill()

@@ -52,6 +52,7 @@ async def revoke_key(tenant: str, key_id: str, request: Request, admin: AdminPri
     if not deleted:
         raise ServiceError(404, "key_not_found", f"tenant {tenant!r} has no key {key_id!r}")
     request.app.state.known_keys.forget(key_id)
+    request.app.state.door.forget_key(key_id)
     return Response(status_code=204)
 
 
@@ -100,6 +101,7 @@ async def put_tenant(
             changes["weight"] = 1.0
         settings = dataclasses.replace(current, **changes)
         await asyncio.to_thread(state.quotas.put, tenant, settings)
+        state.door.forget_tenant(tenant)  # the new settings apply to the next request here
         return await asyncio.to_thread(_describe, state, tenant, settings)
     except StoreUnavailable as exc:
         raise ServiceError(

@@ -85,6 +85,15 @@ async def detokenize(body: DetokenizeBody, principal: CurrentPrincipal, request:
     state = request.app.state
     await _check_model(state, principal, body.model)
     tokenizer = state.engine.backbone.tokenizer
+    if (
+        len(body.tokens) > state.engine.max_model_len
+    ):  # no sequence here is longer: the tokenizer's time is bounded
+        raise ServiceError(
+            422,
+            "invalid_request",
+            f"tokens: {len(body.tokens)} ids are more than this server's max_model_len "
+            f"({state.engine.max_model_len}); detokenize them in parts",
+        )
     vocab = len(tokenizer)
     for i, token in enumerate(body.tokens):
         if not 0 <= token < vocab:

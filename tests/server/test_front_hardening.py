@@ -126,6 +126,11 @@ def test_cors_answers_the_configured_origin_only(server: ServerProcess) -> None:
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == ORIGIN
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    refused = httpx.options(
+        f"{server.url}/v1/generate", headers={"Origin": "https://evil.example", **preflight}
+    )
+    assert_error(refused, 400, "cors_refused")
+    assert "origin" in refused.json()["error"]["message"].lower()
     other = httpx.get(f"{server.url}/healthz", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
     simple = httpx.get(f"{server.url}/healthz", headers={"Origin": ORIGIN})

@@ -344,6 +344,7 @@ def test_tokenize_and_detokenize_round_trip(admin, tiny_gpt2_dir: Path) -> None:
     back = admin.post("/detokenize", json={"model": tiny_gpt2_dir.name, "tokens": body["tokens"]})
     assert back.json() == {"prompt": SOURCE}
     _refusal(admin, "/detokenize", {"tokens": [10**9]}, 422, "tokens[0]")
+    _refusal(admin, "/detokenize", {"tokens": [1] * 100_000}, 422, "max_model_len")
     _refusal(admin, "/tokenize", {"prompt": 5}, 422, "prompt")
     assert admin.post("/tokenize", json={"model": "other/missing", "prompt": "x"}).status_code == 404
 

@@ -1,0 +1,140 @@
+"""Overlapped steps (EngineConfig.overlap): the engine schedules and sends step k before it records step k-1.
+
+The runner process is the runner that overlaps in the server; here a LaggedRunner runs the real ModelRunner in
+this process one step behind (a step runs when its answer is collected, as the child answers in order), so the
+bookkeeping is tested without a child: rows that finished run once more and drop their tokens, a left row is
+not read as its next occupant's, beam groups wait, and every token is what the engine gives without overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from pathlib import Path
+
+import peft_oracle
+from peft_oracle import MAX_NEW, PROMPTS
+from test_engine_exactness import peft_device_prefixes, run_mixed
+
+from server.engine.backbone import load_backbone
+from server.engine.engine import Engine, EngineConfig
+from server.engine.request import SamplingParams
+from server.engine.runner import ModelRunner
+from server.engine.step import StepInput, StepOutput
+
+
+class LaggedRunner:
+    """A ModelRunner that takes steps without running them: each runs when its answer is collected."""
+
+    def __init__(self, backbone, config: EngineConfig):
+        self.runner = ModelRunner(backbone, config)
+        self.kv_plan, self.decode_mode = self.runner.kv_plan, self.runner.decode_mode
+        self.sent: deque[StepInput] = deque()
+        self.most_in_flight = 0
+        self.on_forward = self.runner.on_forward
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+    def execute(self, batch: StepInput) -> StepOutput:
+        return self.runner.execute(batch)
+
+    def submit(self, batch: StepInput) -> None:
+        self.sent.append(batch)
+        self.most_in_flight = max(self.most_in_flight, len(self.sent))
+
+    def collect(self) -> StepOutput:
+        return self.runner.execute(self.sent.popleft())
+
+
+def lagged_engine(backbone, max_num_seqs: int = 5) -> Engine:
+    config = EngineConfig(max_num_seqs=max_num_seqs)
+    engine = Engine(backbone, config, runner=LaggedRunner(backbone, config))
+    assert engine.overlaps
+    return engine
+
+
+def run(engine: Engine, jobs, stagger: bool = True) -> list[list[int]]:
+    engine.start()
+    try:
+        return asyncio.run(run_mixed(engine, jobs, stagger))
+    finally:
+        engine.stop()
+
+
+def plain(backbone, jobs, max_num_seqs: int = 5) -> list[list[int]]:
+    return run(Engine(backbone, EngineConfig(max_num_seqs=max_num_seqs)), jobs, stagger=False)
+
+
+def test_overlapped_steps_give_peft_tokens(peft_case):
+    kind, model_dir, adapters, expected = peft_case
+    backbone = load_backbone(model_dir, peft_oracle.DEVICE, "float32")
+    prefixes = {None: None, **peft_device_prefixes(adapters, peft_oracle.DEVICE)}
+    jobs, keys = [], []
+    for i, prompt in enumerate(PROMPTS):
+        for prefix_id, prefix in prefixes.items():
+            jobs.append((prefix, prompt, SamplingParams(max_new_tokens=MAX_NEW)))
+            keys.append((prefix_id, i))
+    engine = lagged_engine(backbone, max_num_seqs=4)  # fewer rows than jobs: rows turn over
+    got = run(engine, jobs)
+    assert got == [expected[prefix_id][i] for prefix_id, i in keys]
+    assert engine.runner.most_in_flight == 2 and engine.num_overlapped_steps > 0
+
+
+def test_rows_that_finish_and_leave_do_not_leak_into_their_next_occupant(tiny_gpt2_dir: Path):
+    backbone = load_backbone(tiny_gpt2_dir, "cpu", "float32")
+    rng = random.Random(1)
+    jobs = [
+        (None, PROMPTS[i % len(PROMPTS)], SamplingParams(max_new_tokens=rng.randint(1, 9), ignore_eos=True))
+        for i in range(24)
+    ]
+    want = plain(backbone, jobs)
+    got = run(lagged_engine(backbone), jobs)
+    assert got == want
+    assert [len(tokens) for tokens in got] == [job[2].max_new_tokens for job in jobs]  # none ran over
+
+
+def test_sampling_stops_logprobs_and_beams_overlapped(tiny_gpt2_dir: Path):
+    backbone = load_backbone(tiny_gpt2_dir, "cpu", "float32")
+    first = plain(backbone, [(None, PROMPTS[0], SamplingParams(max_new_tokens=6))])[0]
+    jobs = [
+        (None, PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=7)),
+        (None, PROMPTS[1], SamplingParams(max_new_tokens=12, repetition_penalty=1.5, frequency_penalty=0.7)),
+        (None, PROMPTS[0], SamplingParams(max_new_tokens=12, stop_token_ids=(first[2],))),  # stops at its 3rd
+        (None, PROMPTS[2], SamplingParams(max_new_tokens=10, logprobs=2)),
+        (None, PROMPTS[1], SamplingParams(max_new_tokens=8, num_beams=3)),
+        (None, PROMPTS[2], SamplingParams(max_new_tokens=5, min_tokens=5, stop_token_ids=(first[0],))),
+    ]
+    want = plain(backbone, jobs, max_num_seqs=8)
+    assert run(lagged_engine(backbone, max_num_seqs=8), jobs, stagger=False) == want
+    assert want[2] == first[:3]
+
+
+def test_an_abort_mid_flight_frees_the_row(tiny_gpt2_dir: Path):
+    backbone = load_backbone(tiny_gpt2_dir, "cpu", "float32")
+    engine = lagged_engine(backbone, max_num_seqs=2)
+    long = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    short = (None, PROMPTS[1], SamplingParams(max_new_tokens=6))
+
+    async def scenario() -> list[list[int]]:
+        aborted = engine.add(engine.tokenize(PROMPTS[0]), long)
+        stream = engine.stream(aborted)
+        await anext(stream)
+        engine.abort(aborted.request_id)
+        async for _ in stream:
+            pass
+        got = await run_mixed(engine, [short, short], stagger=False)
+        for _ in range(1000):  # finished rows leave at the next step, and the last step's answer is read
+            if engine.num_running == 0 and not engine._in_flight:
+                break
+            await asyncio.sleep(0.01)
+        return got
+
+    engine.start()
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert got == plain(backbone, [short, short], max_num_seqs=2)
+    assert engine.num_running == 0 and not engine._in_flight
