@@ -144,3 +144,20 @@ def test_stream_interval_sends_n_tokens_per_write(tiny_gpt2_dir: Path, tmp_path:
         if path == "/v1/generate":  # an event per token: one write each when live
             assert live_sends >= tokens // completions and sends < live_sends, (path, sends, live_sends)
             assert writes[0].count(b"data: ") == 1, writes[0]  # the first token's event is not held
+
+
+def test_a_stream_is_stamped_and_counted_by_the_front(tiny_gpt2_dir: Path, tmp_path: Path):
+    """SseResponse sends its start through every layer (the request id and replica headers, the request counted
+    with its status) and its body past the ones that watch only the start: the same events reach the client."""
+    settings = Settings(
+        model=str(tiny_gpt2_dir), store=str(tmp_path / "store"), device="cpu", dtype="float32"
+    )
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/generate", json=BODY, headers={"X-Request-Id": "stream-1"})
+        metrics = client.get("/metrics").text
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["x-request-id"] == "stream-1" and response.headers["x-prefixserve-replica"]
+    events = _events(response.text)
+    assert events[-1] == "[DONE]" and sum('"token_id": ' in e for e in events) == BODY["max_new_tokens"]
+    assert 'prefixserve_requests_total{endpoint="/v1/generate",status="200"} 1.0' in metrics
