@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from prefix_store.format import BackboneShape
+from server.engine.decoder_inputs import Attention, PrefillInputs, decode_attention, prepare_prefill
 
 log = logging.getLogger("prefixserve.engine")
 
@@ -58,6 +60,34 @@ class KVCache:
         if self.cross_kv is not None:
             total += self.cross_kv.numel() * self.cross_kv.element_size()
         return total
+
+    def prefill_inputs(
+        self, start: int, token_lists: list[list[int]], prefix_lens: list[int], device: torch.device
+    ) -> PrefillInputs:
+        """Decoder-only prefill of slots [start, start+n)."""
+        return prepare_prefill(start, token_lists, prefix_lens, device)
+
+    def decode_attention(self, positions: torch.Tensor, length: int) -> Attention:
+        """Decoder-only decode of slots [0, B)."""
+        return decode_attention(positions, length)
+
+    def decode_length(self, seq_len: np.ndarray) -> int:
+        """Keys a decode step reads, from the slots' entries written [B]: cache index == position."""
+        return int(seq_len.max()) + 1
+
+    def write(self, layer: int, where: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V [N, H, d] into cache entries (rows, cols) [N] of `layer`."""
+        rows, cols = where
+        kv = self.self_kv[layer]  # [2, S, H, T, d]
+        # integer indices of known length (not a boolean mask): no device -> host wait for the count
+        kv[0][rows, :, cols] = k
+        kv[1][rows, :, cols] = v
+
+    def read(self, layer: int, what: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values [n, H, length, d] of slots `what[0]`, entries [0, what[1]): views, no copy."""
+        slots, length = what
+        kv = self.self_kv[layer]
+        return kv[0, slots, :, :length], kv[1, slots, :, :length]
 
     def clear(self, slot: int, self_len: int, cross_len: int) -> None:
         """Zero a slot's first entries (what its sequence wrote)."""

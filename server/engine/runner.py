@@ -167,7 +167,7 @@ class ModelRunner:
         if self.is_encoder_decoder:
             host.append(torch.from_numpy(b.cross_len[:n].copy()))
         tokens, positions, *cross = copy_to_device(host, self.backbone.device)
-        length = int(b.seq_len[:n].max()) + 1
+        length = self.cache.decode_length(b.seq_len[:n])
         self.on_forward(b.requests[:n])
         started = time.perf_counter()
         if self.is_encoder_decoder:
