@@ -62,6 +62,8 @@ def build_state(settings: Settings) -> SimpleNamespace:
         kv_cache_bytes=runner.kv_plan.budget_bytes if runner is not None else _kv_budget(settings, backbone),
         max_step_seconds=settings.max_step_seconds,
         cuda_graphs=settings.cuda_graphs,
+        kv_layout=settings.kv_layout,
+        kv_block_size=settings.kv_block_size,
     )
     state.engine = Engine(
         backbone,

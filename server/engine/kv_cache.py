@@ -145,6 +145,57 @@ def plan_kv_cache(
     return KVPlan(min(max_num_seqs, num_fit), num_fit, max_positions, bytes_per_seq, budget_bytes)
 
 
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many blocks the KV budget holds (`--kv-layout paged`), and what that is in sequences."""
+
+    num_blocks: int  # allocated, the zero block included
+    block_size: int
+    bytes_per_block: int
+    max_positions: int
+    num_seqs: int  # rows of the running batch: --max-num-seqs (the pool admits by blocks)
+    budget_bytes: int | None  # None: no budget given, as many blocks as --max-num-seqs full slots
+
+    def num_sequences(self, num_positions: int) -> int:
+        """Sequences of `num_positions` own positions the pool holds at once."""
+        return (self.num_blocks - 1) // -(-num_positions // self.block_size)
+
+    def describe(self, max_num_seqs: int) -> str:
+        budget = (
+            "no budget set" if self.budget_bytes is None else f"budget {self.budget_bytes / 2**20:.1f} MiB"
+        )
+        typical = min(256, self.max_positions)
+        return (
+            f"KV pool (paged): {budget} holds {self.num_blocks - 1} blocks of {self.block_size} positions "
+            f"({self.bytes_per_block / 2**10:.1f} KiB each): {self.num_sequences(self.max_positions)} sequences of "
+            f"{self.max_positions} positions, {self.num_sequences(typical)} of {typical}; prefixes stored once in "
+            f"the same blocks; at most {min(max_num_seqs, self.num_seqs)} running (--max-num-seqs)"
+        )
+
+
+def plan_block_pool(
+    bytes_per_block: int, block_size: int, max_positions: int, max_num_seqs: int, budget_bytes: int | None
+) -> PoolPlan:
+    """Blocks for `budget_bytes` (without one: the memory of `max_num_seqs` full slots). Raises KVBudgetError
+    when not even one full-length sequence fits."""
+    per_seq = -(-max_positions // block_size)
+    if budget_bytes is None:
+        return PoolPlan(
+            max_num_seqs * per_seq + 1, block_size, bytes_per_block, max_positions, max_num_seqs, None
+        )
+    num_blocks = budget_bytes // bytes_per_block
+    # the zero block, and one more: a prefix's last block is not shared with its sequence's first
+    if num_blocks < per_seq + 2:
+        need = (per_seq + 2) * bytes_per_block
+        raise KVBudgetError(
+            f"the KV cache budget ({budget_bytes} bytes) cannot hold one sequence of {max_positions} positions "
+            f"in blocks of {block_size} ({need} bytes); raise --kv-cache-bytes "
+            f"(PREFIXSERVE_KV_CACHE_BYTES) to at least {need}, lower --max-model-len, use a smaller --dtype, or "
+            "free memory on the device"
+        )
+    return PoolPlan(num_blocks, block_size, bytes_per_block, max_positions, max_num_seqs, budget_bytes)
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes free on the device now: CUDA's free memory, or the host's MemAvailable on CPU."""
     if device.type == "cuda":

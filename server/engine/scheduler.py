@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from server.engine.block_pool import BlockPool, SeqBlocks
 from server.engine.request import Request, RequestStatus
 from server.engine.step import BeamResult, StepInput, StepOutput, put_ids
 
@@ -132,9 +133,18 @@ def _tenant(request: Request) -> str:
     return request.tenant or ""
 
 
+def _block_need(request: Request) -> tuple[str | None, int, int, int]:
+    """(prefix key, P, own tokens, sequences) a request takes from the block pool: its prompt and every token
+    it may generate, for each beam, reserved at admission (so a running request never runs out)."""
+    own = len(request.prompt_token_ids) + request.params.max_new_tokens
+    return request.prefix_key, request.num_prefix_tokens, own, request.params.num_beams
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, blocks: BlockPool | None = None):
         self.config = config
+        # the paged KV layout: admission also by free blocks; a row's blocks are released when it leaves
+        self.blocks = blocks
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, arrival order; only non-empty ones
         self.running: list[Request] = []  # in no particular order: a leaving request's place takes the last
         self.rows = RunningRows(config.max_num_seqs)
@@ -247,6 +257,7 @@ class Scheduler:
         decode = self.running.copy()
         self._min_active_counter()
         prefill: list[Request] = []
+        blocks: dict[int, list[SeqBlocks]] = {}
         budget = self.config.max_prefill_tokens
         num_free = self.config.max_num_seqs - self._num_running_slots
         while self._num_waiting and num_free > 0:
@@ -255,11 +266,15 @@ class Scheduler:
             num_tokens = len(head.prompt_token_ids)
             if (prefill and num_tokens > budget) or head.params.num_beams > num_free:
                 break  # a beam group waits (first in line) until its k slots are free
+            if self.blocks is not None and not self.blocks.can_admit(*_block_need(head)):
+                break  # first in line waits for blocks to free: nobody overtakes it
             num_free -= head.params.num_beams
             request = self._pop(tenant)
             request.status = RequestStatus.RUNNING
             self._charge(request, self.config.prefill_token_cost * num_tokens)
             self._join_row(request)
+            if self.blocks is not None:
+                blocks[request.row] = self.blocks.admit(request.row, *_block_need(request))
             prefill.append(request)
             budget -= num_tokens
         # waiting requests that were aborted never held a slot: report them as finished, nothing to free
@@ -268,7 +283,7 @@ class Scheduler:
         for request in retired:
             request.status = RequestStatus.FINISHED
             self._order.pop(id(request), None)
-        return StepInput(prefill=prefill, decode=decode, finished=retired)
+        return StepInput(prefill=prefill, decode=decode, finished=retired, blocks=blocks)
 
     def _join_row(self, request: Request) -> None:
         self.rows.join(request)
@@ -284,6 +299,8 @@ class Scheduler:
         if last is not request:
             self.running[place] = last
             self._place[id(last)] = place
+        if self.blocks is not None:
+            self.blocks.release(request.row)
         self.rows.leave(request)
         self._num_running_slots -= request.params.num_beams
 

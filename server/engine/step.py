@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from server.engine.block_pool import SeqBlocks
 from server.engine.request import Request, SamplingParams
 
 
@@ -50,11 +51,13 @@ class TokenLogprob:
 @dataclass
 class StepInput:
     """One engine step: free `finished` (leaving rows), prefill `prefill` (joining rows), decode `decode`
-    (the rows that ran before, in the scheduler's order)."""
+    (the rows that ran before, in the scheduler's order). With the paged KV layout, `blocks` gives each
+    joining row its block tables (one per beam), as the scheduler's block pool granted them."""
 
     prefill: list[Request]
     decode: list[Request]
     finished: list[Request]
+    blocks: dict[int, list[SeqBlocks]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
