@@ -50,6 +50,7 @@ class PagedKVCache:
             dtype=dtype,
         )
         self.device = device
+        self._scratch = self.kv.new_empty(2, 0, *self.kv.shape[3:])  # read's gathered blocks, reused
         # by slot of the persistent batch; compacted with it (remove)
         self.tables = np.zeros((max_slots, max_blocks_per_seq), dtype=np.int64)  # 0-padded (the zero block)
         self.num_prefix = np.zeros(max_slots, dtype=np.int64)  # P
@@ -166,12 +167,18 @@ class PagedKVCache:
         kv[1].view(-1, *kv.shape[3:])[flat] = v
 
     def read(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys, values [n, H, K, d] of rows whose block tables are `tables` [n, nb]: K = nb * block_size."""
+        """Keys, values [n, H, K, d] of rows whose block tables are `tables` [n, nb]: K = nb * block_size.
+        Whole blocks by index_select into a reused buffer (advanced indexing, a gather along dim 1 or a fresh
+        buffer per layer each cost more); the layer's attention reads it before the next layer overwrites it."""
         n, num_blocks = tables.shape
-        kv = self.kv[layer]
-        keys = kv[0][tables].view(n, num_blocks * self.block_size, *kv.shape[3:]).transpose(1, 2)
-        values = kv[1][tables].view(n, num_blocks * self.block_size, *kv.shape[3:]).transpose(1, 2)
-        return keys, values
+        flat = tables.reshape(-1)
+        kv = self.kv[layer]  # [2, num_blocks, B, H, d]
+        if self._scratch.shape[1] < flat.numel():
+            self._scratch = kv.new_empty(2, flat.numel(), *kv.shape[2:])
+        shape = (n, num_blocks * self.block_size, *kv.shape[3:])
+        keys = torch.index_select(kv[0], 0, flat, out=self._scratch[0, : flat.numel()]).view(shape)
+        values = torch.index_select(kv[1], 0, flat, out=self._scratch[1, : flat.numel()]).view(shape)
+        return keys.transpose(1, 2), values.transpose(1, 2)
 
 
 def _mask(
