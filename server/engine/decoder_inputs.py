@@ -25,6 +25,9 @@ class Attention:
     queries: torch.Tensor  # [N] flat index (into [n*T]) of the queries whose K/V are written
     read: Any  # slots: (slot slice, length); blocks: block tables [n, num_blocks]
     mask: torch.Tensor  # [n, 1, T, K] bool: key k visible to query t
+    rows: Any = (
+        None  # blocks, decode: (P, shift, position) [n] each, what the paged kernel reads instead of mask
+    )
 
 
 @dataclass(frozen=True)

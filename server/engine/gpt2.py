@@ -8,7 +8,6 @@ every cache entry j <= p: its own prefix (never masked) and its own earlier toke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from prefix_store.families import GenerationRules, family
 from server.engine.decoder_inputs import Attention, write_decoder_prefix
@@ -47,11 +46,8 @@ class GPT2Backbone:
             k.reshape(n * num_q, heads, head_dim).index_select(0, queries),  # [N, H, d]
             v.reshape(n * num_q, heads, head_dim).index_select(0, queries),
         )
-        keys, values = cache.read(index, attention.read)  # [n, H, K, d]
         q = q.view(n, num_q, heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=attention.mask, scale=block.attn.scaling
-        )
+        out = cache.attend(index, q, attention, attention.mask, block.attn.scaling)  # [n, H, T, d]
         h = block.attn.c_proj(out.transpose(1, 2).reshape(n, num_q, hidden)) + h
         return h + block.mlp(block.ln_2(h))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from prefix_store.format import BackboneShape
 from server.engine.decoder_inputs import Attention, PrefillInputs, decode_attention, prepare_prefill
@@ -88,6 +89,13 @@ class KVCache:
         slots, length = what
         kv = self.self_kv[layer]
         return kv[0, slots, :, :length], kv[1, slots, :, :length]
+
+    def attend(
+        self, layer: int, q: torch.Tensor, attention: Attention, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """SDPA of q [n, H, T, d] over the keys `attention.read` names, visible per `mask`."""
+        keys, values = self.read(layer, attention.read)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     def clear(self, slot: int, self_len: int, cross_len: int) -> None:
         """Zero a slot's first entries (what its sequence wrote)."""

@@ -19,7 +19,6 @@ import logging
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from prefix_store.families import GenerationRules, family
 from server.engine.decoder_inputs import Attention, write_decoder_prefix
@@ -80,10 +79,9 @@ class LlamaBackbone:
             k.transpose(1, 2).reshape(n * num_q, kv_heads, head_dim).index_select(0, queries),
             v.reshape(n * num_q, kv_heads, head_dim).index_select(0, queries),
         )
-        keys, values = cache.read(index, attention.read)  # [n, Hkv, K, d]
         # query head g*groups + r reads key/value head g (HF's repeat_kv): rows [r, t] of head g
         q = q.reshape(n, kv_heads, self.groups * num_q, head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+        out = cache.attend(index, q, attention, mask, attn.scaling)
         out = out.reshape(n, heads, num_q, head_dim).transpose(1, 2).reshape(n, num_q, heads * head_dim)
         h = attn.o_proj(out) + h
         return h + block.mlp(block.post_attention_layernorm(h))

@@ -12,16 +12,20 @@ at k = p + shift, shift = num_prefix_blocks * block_size - P. A query at positio
 P + shift <= k <= p + shift: positions stay PEFT's (real tokens from P), the gap between is masked. Masked
 entries still enter the matmul with weight 0, so every block is zeroed when it is handed out (0 * NaN = NaN).
 
-Reading gathers each row's blocks into a contiguous [n, H, K, d] buffer before SDPA (one copy per layer, the
-simple baseline; bench/kv_capacity.py measures it against the slot cache's views).
+A decode step on CPU in float32 reads the blocks in place (paged_kernel.py: a small C++ kernel built on first
+use). Otherwise (prefill, other devices or dtypes, no compiler) each row's blocks are gathered into a contiguous
+[n, H, K, d] buffer before SDPA: one more copy of what a layer reads. bench/kv_capacity.py measures both against
+the slot cache.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from prefix_store.format import BackboneShape
+from server.engine import paged_kernel
 from server.engine.block_pool import SeqBlocks
 from server.engine.decoder_inputs import Attention, PrefillInputs
 from server.engine.transfer import copy_to_device
@@ -37,6 +41,7 @@ class PagedKVCache:
         max_blocks_per_seq: int,
         device: torch.device,
         dtype: torch.dtype,
+        use_kernel: bool = True,
     ):
         self.block_size = block_size
         self.kv = torch.zeros(
@@ -51,6 +56,10 @@ class PagedKVCache:
         )
         self.device = device
         self._scratch = self.kv.new_empty(2, 0, *self.kv.shape[3:])  # read's gathered blocks, reused
+        # the CPU decode kernel (float32): blocks read in place; None: gathered (every other case)
+        self.kernel = (
+            paged_kernel.load() if use_kernel and device.type == "cpu" and dtype == torch.float32 else None
+        )
         # by slot of the persistent batch; compacted with it (remove)
         self.tables = np.zeros((max_slots, max_blocks_per_seq), dtype=np.int64)  # 0-padded (the zero block)
         self.num_prefix = np.zeros(max_slots, dtype=np.int64)  # P
@@ -149,7 +158,7 @@ class PagedKVCache:
         num_blocks = -(-length // size)
         tables, num_prefix, shift = copy_to_device(
             [
-                torch.from_numpy(a)
+                torch.from_numpy(np.ascontiguousarray(a))
                 for a in (self.tables[:n, :num_blocks], self.num_prefix[:n], self.shift[:n])
             ],
             positions.device,
@@ -158,7 +167,22 @@ class PagedKVCache:
         rows = torch.arange(n, device=positions.device)
         flat = tables[rows, logical // size] * size + logical % size
         mask = _mask(positions[:, None], num_prefix[:, None], shift[:, None], num_blocks * size)
-        return Attention(flat, rows, tables, mask[:, None])  # query i of the [B, 1] batch is flat index i
+        # query i of the [B, 1] batch is flat index i
+        return Attention(flat, rows, tables, mask[:, None], (num_prefix, shift, positions))
+
+    def attend(
+        self, layer: int, q: torch.Tensor, attention: Attention, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Attention of q [n, H_kv, G, d] (G query rows per key/value head) over each row's blocks: a decode step
+        through the kernel where it is built (blocks read in place), else the blocks gathered, then SDPA."""
+        if attention.rows is not None and self.kernel is not None:
+            num_prefix, shift, positions = attention.rows
+            kv = self.kv[layer]
+            # the kernel reads raw pointers: every input contiguous (no-ops here)
+            inputs = [t.contiguous() for t in (q, attention.read, num_prefix, shift, positions)]
+            return self.kernel.paged_decode(inputs[0], kv[0], kv[1], *inputs[1:], scale)
+        keys, values = self.read(layer, attention.read)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     def write(self, layer: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """K/V [N, H, d] into entries `flat` [N] (block * block_size + offset) of `layer`."""

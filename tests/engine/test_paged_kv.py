@@ -23,7 +23,9 @@ from peft_oracle import MAX_NEW, PROMPTS
 from test_engine_exactness import device_prefix, peft_device_prefixes
 
 from prefix_store.format import Prefix
+from server.engine import paged_kernel
 from server.engine.backbone import load_backbone
+from server.engine.block_pool import BlockPool
 from server.engine.engine import Engine, EngineConfig, PromptTooLong
 from server.engine.kv_cache import KVBudgetError
 from server.engine.paged_cache import PagedKVCache
@@ -170,9 +172,15 @@ def random_prefix(backbone, num_tokens: int, seed: int) -> Prefix:
     return Prefix(model_type="gpt2", targets={"decoder": target})
 
 
+@pytest.mark.parametrize("read", ["kernel", "gather"])
 @pytest.mark.parametrize("block_size", [1, 3, 16])
-def test_any_block_size_equals_the_slot_cache(tiny_gpt2_dir: Path, block_size: int):
-    """Prefixes of 1-17 tokens, prompts and outputs crossing many blocks: paged tokens == slot tokens."""
+def test_any_block_size_equals_the_slot_cache(tiny_gpt2_dir: Path, block_size: int, read: str, monkeypatch):
+    """Prefixes of 1-17 tokens, prompts and outputs crossing many blocks: paged tokens == slot tokens, whether
+    decode steps read the blocks in place (the CPU kernel) or gather them."""
+    if read == "gather":
+        monkeypatch.setattr(paged_kernel, "load", lambda: None)
+    elif paged_kernel.load() is None:
+        pytest.skip("the paged decode kernel cannot be built here (no C++ compiler)")
     backbone = load_backbone(tiny_gpt2_dir, "cpu", "float32")
     prefixes = [None] + [device_prefix(f"t/r{n}", random_prefix(backbone, n, n)) for n in (1, 4, 5, 17)]
     jobs = [
@@ -185,3 +193,24 @@ def test_any_block_size_equals_the_slot_cache(tiny_gpt2_dir: Path, block_size: i
         patch.setattr(test_engine_exactness, "EngineConfig", config)
         paged, _ = test_engine_exactness.run_engine(backbone, jobs, max_num_seqs=6)
     assert paged == slots
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_the_decode_kernel_attends_what_the_gather_and_sdpa_attend(groups: int):
+    """Rows with prefixes of 0-9 tokens and own tokens across blocks, 1 or 4 query rows per key/value head."""
+    if paged_kernel.load() is None:
+        pytest.skip("the paged decode kernel cannot be built here (no C++ compiler)")
+    shape = SimpleNamespace(num_layers=1, kv_heads=2, head_dim=8)
+    cache = PagedKVCache(shape, 64, 4, 6, 12, torch.device("cpu"), torch.float32)  # type: ignore[arg-type]
+    cache.kv.normal_(generator=torch.Generator().manual_seed(0))
+    pool = BlockPool(64, 4)
+    lengths = [(0, 1), (3, 4), (4, 9), (9, 2), (1, 30), (7, 13)]  # (P, own tokens written so far)
+    for slot, (num_prefix, _) in enumerate(lengths):
+        cache.join(slot, pool.admit(slot, f"p{slot}" if num_prefix else None, num_prefix, 32)[0])
+    positions = torch.tensor([p + own for p, own in lengths])
+    attention = cache.decode_attention(positions, cache.decode_length(positions.numpy()))
+    q = torch.randn(len(lengths), 2, groups, 8, generator=torch.Generator().manual_seed(1))
+    mask = attention.mask.expand(len(lengths), 1, groups, attention.mask.shape[-1])
+    in_place = cache.attend(0, q, attention, mask, 0.3)
+    gathered = cache.attend(0, q, dataclasses.replace(attention, rows=None), mask, 0.3)
+    torch.testing.assert_close(in_place, gathered, rtol=1e-5, atol=1e-6)
