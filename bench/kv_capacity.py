@@ -6,7 +6,7 @@
 The issue's mix, scaled to a 2-core CPU by --requests: prompts and outputs of 20-300 tokens each (random ids,
 outputs ignore EOS), --max-model-len 1024, 32 tenants whose prefixes are 16-128 tokens, requests round-robin over
 the tenants (so each prefix is used by many requests). The budget is --budget-seqs full-length slots' bytes. Three
-runs, in one process, of the same requests:
+runs, in one process, of the same requests (--repeats times each, interleaved; tokens/s as median and range):
 
 - `slots`: today's cache; the budget caps the running batch at --budget-seqs sequences.
 - `paged`: the pool of the same bytes; a request reserves blocks for its prompt and max_new_tokens, its prefix's
@@ -123,6 +123,11 @@ def run(backbone, prefixes, jobs, config) -> dict[str, Any]:
     return figures
 
 
+def ratio(results: dict[str, Any], name: str) -> float:
+    """Median tokens/s of run `name` over the slot cache's."""
+    return round(results[name]["tokens_per_s"]["median"] / results["slots"]["tokens_per_s"]["median"], 3)
+
+
 def beam_group(block_size: int, max_model_len: int) -> dict[str, Any]:
     """Positions a 4-beam group (prefix 128, prompt 200, 100 new tokens) reserves in each layout."""
     from server.engine.block_pool import BlockPool
@@ -150,10 +155,13 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each layout, interleaved")
     parser.add_argument("--write", action="store_true", help="write bench/results/kv_capacity.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from bench.record import spread
+    from server.engine import paged_kernel
     from server.engine.backbone import load_backbone
     from server.engine.engine import EngineConfig
     from server.engine.kv_cache import KVCache
@@ -174,8 +182,15 @@ def main() -> None:
             "paged": EngineConfig(max_num_seqs=args.max_num_seqs, **common, **paged),
             "paged_same_rows": EngineConfig(max_num_seqs=args.budget_seqs, **common, **paged),
         }
-        run(backbone, prefixes, jobs[:8], configs["slots"])  # warm-up
-        results = {name: run(backbone, prefixes, jobs, config) for name, config in configs.items()}
+        run(backbone, prefixes, jobs[:8], configs["slots"])  # warm-up (and the paged kernel's build)
+        run(backbone, prefixes, jobs[:8], configs["paged"])
+        samples: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+        for _ in range(args.repeats):  # interleaved: a busy machine slows every layout alike
+            for name, config in configs.items():
+                samples[name].append(run(backbone, prefixes, jobs, config))
+        results = {}
+        for name, runs in samples.items():
+            results[name] = runs[-1] | {"tokens_per_s": spread([r["tokens_per_s"] for r in runs])}
     figures = {
         "settings": {
             "layers": args.layers,
@@ -193,15 +208,15 @@ def main() -> None:
             "budget_bytes": budget,
             "budget_full_slots": args.budget_seqs,
             "block_size": args.block_size,
+            "repeats": args.repeats,
         },
         "runs": results,
         "concurrency_x_slots": round(
             results["paged"]["max_concurrent"] / results["slots"]["max_concurrent"], 2
         ),
-        "tokens_per_s_x_slots": round(results["paged"]["tokens_per_s"] / results["slots"]["tokens_per_s"], 3),
-        "same_rows_tokens_per_s_x_slots": round(
-            results["paged_same_rows"]["tokens_per_s"] / results["slots"]["tokens_per_s"], 3
-        ),
+        "tokens_per_s_x_slots": ratio(results, "paged"),
+        "same_rows_tokens_per_s_x_slots": ratio(results, "paged_same_rows"),
+        "paged_decode_kernel": paged_kernel.load() is not None,
         "beam_group_4": beam_group(args.block_size, args.max_model_len),
     }
     print(json.dumps(figures, indent=2))

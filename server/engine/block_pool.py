@@ -12,6 +12,8 @@ admits by it, and the runner's PagedKVCache (paged_cache.py) holds the tensors t
   short; a referenced one never is.
 - A sequence's own blocks are reserved at admission for its prompt and every token it may generate, so a
   running sequence never runs out of blocks (no preemption is needed, and none is built).
+- A beam group's beams share their prompt: its whole blocks are the first beam's, read by every beam; each other
+  beam owns only the block where the prompt ends (copied when the group forks) and the blocks after it.
 """
 
 from __future__ import annotations
@@ -83,31 +85,52 @@ class BlockPool:
 
     # -- admission ----------------------------------------------------------------------------------------
     def num_needed(
-        self, prefix_key: str | None, num_prefix_tokens: int, num_tokens: int, num_seqs: int = 1
+        self,
+        prefix_key: str | None,
+        num_prefix_tokens: int,
+        num_tokens: int,
+        num_seqs: int = 1,
+        num_shared: int = 0,
     ) -> int:
         """Blocks an admission takes now: each sequence's own, plus the prefix's unless it is resident."""
-        own = num_seqs * self.blocks_for(num_tokens)
+        own = self._num_own(num_tokens, num_seqs, num_shared)
         if prefix_key is None or prefix_key in self._prefixes:
             return own
         return own + self.blocks_for(num_prefix_tokens)
 
-    def can_ever_fit(self, num_prefix_tokens: int, num_tokens: int, num_seqs: int = 1) -> bool:
+    def can_ever_fit(
+        self, num_prefix_tokens: int, num_tokens: int, num_seqs: int = 1, num_shared: int = 0
+    ) -> bool:
         """Whether the admission fits the whole pool (nothing else running): else it is refused at the door."""
-        need = self.blocks_for(num_prefix_tokens) + num_seqs * self.blocks_for(num_tokens)
+        need = self.blocks_for(num_prefix_tokens) + self._num_own(num_tokens, num_seqs, num_shared)
         return need <= self.num_usable
 
     def can_admit(
-        self, prefix_key: str | None, num_prefix_tokens: int, num_tokens: int, num_seqs: int = 1
+        self,
+        prefix_key: str | None,
+        num_prefix_tokens: int,
+        num_tokens: int,
+        num_seqs: int = 1,
+        num_shared: int = 0,
     ) -> bool:
         available = self.num_free + self._num_evictable(keep=prefix_key)
-        return self.num_needed(prefix_key, num_prefix_tokens, num_tokens, num_seqs) <= available
+        need = self.num_needed(prefix_key, num_prefix_tokens, num_tokens, num_seqs, num_shared)
+        return need <= available
 
     def admit(
-        self, row: int, prefix_key: str | None, num_prefix_tokens: int, num_tokens: int, num_seqs: int = 1
+        self,
+        row: int,
+        prefix_key: str | None,
+        num_prefix_tokens: int,
+        num_tokens: int,
+        num_seqs: int = 1,
+        num_shared: int = 0,
     ) -> list[SeqBlocks]:
         """Blocks for `num_seqs` sequences of `num_tokens` own tokens each behind one prefix (referenced, loaded
-        into new blocks unless resident). Call can_admit first: raises MemoryError when they do not fit."""
-        if not self.can_admit(prefix_key, num_prefix_tokens, num_tokens, num_seqs):
+        into new blocks unless resident); the first `num_shared` tokens are the same in every sequence (a beam
+        group's prompt): their whole blocks are the first sequence's, referenced by the others, so only the
+        block where they part is each sequence's own. Call can_admit first: raises MemoryError otherwise."""
+        if not self.can_admit(prefix_key, num_prefix_tokens, num_tokens, num_seqs, num_shared):
             raise MemoryError("the block pool cannot hold this admission; check can_admit first")
         prefix_blocks: list[int] = []
         is_new = False
@@ -124,15 +147,16 @@ class BlockPool:
             self._prefixes.move_to_end(prefix_key)
             prefix_blocks = entry.blocks
         sequence = self._sequences[row] = _Sequence(prefix_key)
-        grants: list[SeqBlocks] = []
-        for _ in range(num_seqs):
-            own = self._take(self.blocks_for(num_tokens), prefix_key)
+        first = self._take(self.blocks_for(num_tokens), prefix_key)
+        sequence.own.append(first)
+        fresh = (prefix_blocks if is_new else []) + first
+        grants = [SeqBlocks(prefix_blocks + first, len(prefix_blocks), num_prefix_tokens, is_new, fresh)]
+        shared = first[: num_shared // self.block_size]
+        for _ in range(num_seqs - 1):
+            own = self._take(len(first) - len(shared), prefix_key)
             sequence.own.append(own)
-            fresh = (prefix_blocks if is_new and not grants else []) + own
             grants.append(
-                SeqBlocks(
-                    prefix_blocks + own, len(prefix_blocks), num_prefix_tokens, is_new and not grants, fresh
-                )
+                SeqBlocks(prefix_blocks + shared + own, len(prefix_blocks), num_prefix_tokens, False, own)
             )
         return grants
 
@@ -151,6 +175,11 @@ class BlockPool:
         return 0 if entry is None else entry.num_refs
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _num_own(self, num_tokens: int, num_seqs: int, num_shared: int) -> int:
+        """The first sequence's blocks, and each other's past the whole blocks of the shared tokens."""
+        first = self.blocks_for(num_tokens)
+        return first + (num_seqs - 1) * (first - num_shared // self.block_size)
+
     def _num_evictable(self, keep: str | None) -> int:
         return sum(len(p.blocks) for k, p in self._prefixes.items() if p.num_refs == 0 and k != keep)
 

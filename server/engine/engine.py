@@ -183,7 +183,9 @@ class Engine:
             raise PromptTooLong(f"{problem}; shorten the prompt or lower max_new_tokens")
         pool = self.scheduler.blocks
         num_tokens = num_prompt_tokens + max_new_tokens
-        if pool is not None and not pool.can_ever_fit(num_prefix_tokens, num_tokens, num_beams):
+        if pool is not None and not pool.can_ever_fit(
+            num_prefix_tokens, num_tokens, num_beams, num_prompt_tokens
+        ):
             raise PromptTooLong(
                 f"prefix, prompt and {max_new_tokens} new tokens x {num_beams} sequences need more KV blocks than "
                 f"the pool holds ({pool.num_usable} of {pool.block_size} positions); shorten the prompt, lower "

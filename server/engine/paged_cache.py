@@ -100,11 +100,12 @@ class PagedKVCache:
 
     def copy_own(self, src: list[int], dst: list[int], start: int, end: int) -> None:
         """Slots dst take slots src's own entries for positions [start, end) (beam search), whole blocks at a
-        time: the part of a first block before `start` is the same in both (the group's shared prompt)."""
+        time, from the block holding position `start` (also when start == end: the part of that block before
+        `start` is the group's shared prompt, which a forking beam needs in its own copy of the block)."""
         if not src:
             return
         first = (start + self.shift[src]) // self.block_size
-        stop = -(-(end + self.shift[src]) // self.block_size)
+        stop = np.maximum(-(-(end + self.shift[src]) // self.block_size), first + 1)
         src_blocks = np.concatenate([self.tables[s, a:b] for s, a, b in zip(src, first, stop, strict=True)])
         dst_blocks = np.concatenate([self.tables[d, a:b] for d, a, b in zip(dst, first, stop, strict=True)])
         src_t, dst_t = (

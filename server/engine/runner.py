@@ -336,10 +336,12 @@ class ModelRunner:
             group = self.beams.groups[request.request_id]
             if len(slots) == 1:
                 new = list(range(b.num_slots, b.num_slots + group.num_beams - 1))
-                if isinstance(self.cache, PagedKVCache):  # each beam's own blocks, behind the shared prefix
+                if isinstance(self.cache, PagedKVCache):
                     for slot, grant in zip(new, self._beam_blocks.pop(row), strict=True):
                         self.cache.join(slot, grant)
-                    self.cache.copy_own([first] * len(new), new, int(self.cache.num_prefix[first]), seq_len)
+                    # the prefix and the prompt's whole blocks are shared: only the block where the prompt
+                    # ends is copied
+                    self.cache.copy_own([first] * len(new), new, seq_len, seq_len)
                 else:
                     _copy_kv(self.cache, [first] * len(new), new, 0, seq_len, cross_len)
                 group.gen_start = seq_len

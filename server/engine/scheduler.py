@@ -133,11 +133,13 @@ def _tenant(request: Request) -> str:
     return request.tenant or ""
 
 
-def _block_need(request: Request) -> tuple[str | None, int, int, int]:
-    """(prefix key, P, own tokens, sequences) a request takes from the block pool: its prompt and every token
-    it may generate, for each beam, reserved at admission (so a running request never runs out)."""
-    own = len(request.prompt_token_ids) + request.params.max_new_tokens
-    return request.prefix_key, request.num_prefix_tokens, own, request.params.num_beams
+def _block_need(request: Request) -> tuple[str | None, int, int, int, int]:
+    """(prefix key, P, own tokens, sequences, shared tokens) a request takes from the block pool: its prompt and
+    every token it may generate, for each beam (whose prompt is shared), reserved at admission (so a running
+    request never runs out)."""
+    num_prompt = len(request.prompt_token_ids)
+    own = num_prompt + request.params.max_new_tokens
+    return request.prefix_key, request.num_prefix_tokens, own, request.params.num_beams, num_prompt
 
 
 class Scheduler:

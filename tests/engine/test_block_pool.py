@@ -76,3 +76,17 @@ def test_what_can_never_fit_is_known_before_admission():
     pool = BlockPool(num_blocks=5, block_size=4)
     assert pool.can_ever_fit(4, 12) and not pool.can_ever_fit(4, 13)
     assert not pool.can_ever_fit(0, 8, num_seqs=3)
+
+
+def test_a_beam_group_shares_its_prompt_s_whole_blocks_and_owns_the_rest():
+    pool = BlockPool(num_blocks=40, block_size=4)
+    # prompt of 10 tokens: 2 whole blocks shared, the third (2 prompt tokens) each beam's own; 10 + 6 new = 4 blocks
+    grants = pool.admit(0, "p", 4, 16, num_seqs=4, num_shared=10)
+    first = grants[0].table
+    assert all(g.table[:3] == first[:3] for g in grants)  # the prefix block and the prompt's 2 whole blocks
+    assert len({tuple(g.table[3:]) for g in grants}) == 4 and all(len(g.table) == 5 for g in grants)
+    assert all(g.fresh == g.table[3:] for g in grants[1:])
+    assert pool.num_sequence_blocks == 4 + 3 * 2 == pool.num_needed("q", 0, 16, 4, 10)
+    assert pool.can_ever_fit(4, 16, 4, 10) and not pool.can_ever_fit(4, 16, 30, 10)
+    pool.release(0)
+    assert pool.num_sequence_blocks == 0 and pool.num_free == 38
