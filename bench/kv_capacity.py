@@ -133,12 +133,14 @@ def beam_group(block_size: int, max_model_len: int) -> dict[str, Any]:
     from server.engine.block_pool import BlockPool
 
     pool = BlockPool(10_000, block_size)
-    pool.admit(0, "p", 128, 200 + 100, num_seqs=4)
+    pool.admit(0, "p", 128, 200 + 100, num_seqs=4, num_shared=200)
+    paged = (pool.num_usable - pool.num_free) * block_size
     return {
-        "slots_positions": 4 * max_model_len,
-        "paged_positions": (pool.num_usable - pool.num_free) * block_size,
+        "slots_positions": 4 * max_model_len,  # 4 slots, each with its copy of the prefix and the prompt
+        "paged_positions": paged,
         "paged_prefix_copies": 1,
-        "paged_prompt_copies": 4,  # no copy-on-write yet: each beam holds the prompt in its own blocks
+        "paged_prompt_copies": 1,  # whole blocks shared; the block where the prompt ends is each beam's own
+        "independent_paged_positions": 4 * (pool.blocks_for(128) + pool.blocks_for(300)) * block_size,
     }
 
 

@@ -375,7 +375,7 @@ def kv_capacity() -> list[str]:
         f"Paged / slots at one budget: **{f['concurrency_x_slots']:.2f}×** the running sequences, "
         f"**{f['tokens_per_s_x_slots']:.2f}×** the tokens/s; at the same rows **{f['same_rows_tokens_per_s_x_slots']:.2f}×**. "
         f"A 4-beam group (prefix 128, prompt 200, 100 new tokens) reserves {beam['paged_positions']} positions "
-        f"paged (prefix once, prompt in each beam) vs {beam['slots_positions']} in slots.",
+        f"paged (prefix and prompt once) vs {beam['slots_positions']} in slots.",
         "",
         provenance(record, "kv_capacity"),
     ]
