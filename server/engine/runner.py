@@ -111,8 +111,13 @@ class ModelRunner:
                 f"CUDA graphs, captured on first use per bucket of rows ({', '.join(map(str, self.graphs.buckets))})"
                 f" x keys (multiples of {LENGTH_STEP}); --cuda-graphs false for eager"
             )
-        if self.is_paged and self.backbone.device.type == "cuda":
-            return "eager (CUDA graphs are not built for --kv-layout paged yet)"
+        if isinstance(self.cache, PagedKVCache):
+            read = (
+                "blocks read in place (CPU kernel)"
+                if self.cache.kernel is not None
+                else "blocks gathered into a contiguous buffer"
+            )
+            return f"eager, --kv-layout paged: {read}; CUDA graphs are not built for the paged layout"
         return "eager" + (
             " (CUDA graphs are for GPT-2 on CUDA)"
             if self.backbone.device.type != "cuda" or self.is_encoder_decoder

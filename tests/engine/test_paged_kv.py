@@ -160,7 +160,7 @@ def test_the_start_up_line_says_blocks_and_sequences(tiny_gpt2_dir: Path):
     runner = ModelRunner(backbone, EngineConfig(max_num_seqs=4, max_model_len=64, **PAGED))
     line = runner.kv_plan.describe(4)
     assert "64 blocks of 4 positions" in line and "4 sequences of 64 positions" in line
-    assert runner.decode_mode.startswith("eager")
+    assert runner.decode_mode.startswith("eager, --kv-layout paged: blocks")
 
 
 def random_prefix(backbone, num_tokens: int, seed: int) -> Prefix:
