@@ -9,7 +9,8 @@ the tenants (so each prefix is used by many requests). The budget is --budget-se
 runs, in one process, of the same requests (--repeats times each, interleaved; tokens/s as median and range):
 
 - `slots`: today's cache; the budget caps the running batch at --budget-seqs sequences.
-- `paged`: the pool of the same bytes; a request reserves blocks for its prompt and max_new_tokens, its prefix's
+- `paged`: the pool of the same bytes; a request takes blocks as it grows (preempted and resumed when they run
+  out: the run reports how often), its prefix's
   blocks are shared; the running batch is what the blocks admit (rows capped at --max-num-seqs).
 - `paged_same_rows`: the paged layout capped at the slot cache's running batch (--budget-seqs rows), so its
   tokens/s beside `slots` is the cost of reading through block tables at equal concurrency.
@@ -119,6 +120,7 @@ def run(backbone, prefixes, jobs, config) -> dict[str, Any]:
             "peak_prefix_blocks": peak["prefix_blocks"],
             "peak_sequence_blocks": peak["sequence_blocks"],
             "prefix_evictions": pool.num_evictions,
+            "preemptions": engine.scheduler.num_preemptions,
         }
     return figures
 

@@ -362,13 +362,14 @@ def kv_capacity() -> list[str]:
         f"paged decode kernel: {'yes' if f['paged_decode_kernel'] else 'no (gather)'}; median (range) of "
         f"{st['repeats']} interleaved runs:",
         "",
-        "| layout | most / mean running | tokens/s | prefix blocks (peak) |",
-        "|---|---:|---:|---:|",
+        "| layout | most / mean running | tokens/s | prefix blocks (peak) | preemptions |",
+        "|---|---:|---:|---:|---:|",
     ]
     for label, r in rows:
-        blocks = r.get("peak_prefix_blocks", "—")
+        blocks, preempted = r.get("peak_prefix_blocks", "—"), r.get("preemptions", "—")
         lines.append(
-            f"| {label} | {r['max_concurrent']} / {r['mean_concurrent']} | {rate(r['tokens_per_s'])} | {blocks} |"
+            f"| {label} | {r['max_concurrent']} / {r['mean_concurrent']} | {rate(r['tokens_per_s'])} | {blocks} "
+            f"| {preempted} |"
         )
     lines += [
         "",

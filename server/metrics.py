@@ -73,6 +73,12 @@ class _LiveCollector(Collector):
             yield running
             yield queued
             yield from _block_pool(getattr(engine.runner, "block_pool", None))
+            if getattr(engine.runner, "block_pool", None) is not None:
+                yield CounterMetricFamily(
+                    "prefixserve_kv_preemptions",
+                    "running requests preempted when the pool ran out of blocks (resumed later, same output)",
+                    value=engine.scheduler.num_preemptions,
+                )
 
 
 def _block_pool(pool: Any) -> Iterator[Any]:

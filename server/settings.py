@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     kv_layout: Literal["slots", "paged"] = Field(
         "slots",
         description="slots: every sequence owns a whole slot of --max-model-len positions, its prefix copied in; "
-        "paged: blocks of --kv-block-size positions, a sequence reserves what its prompt and max_new_tokens "
-        "need, and a prefix is stored once as shared read-only blocks (GPT-2, Llama, Qwen2, Mistral; eager "
+        "paged: blocks of --kv-block-size positions taken as a sequence grows (a running request is preempted, "
+        "then resumed, when they run out), and a prefix is stored once as shared read-only blocks (GPT-2, Llama, Qwen2, Mistral; eager "
         "decode, no --runner-process; see docs/design/kv-cache.md)",
     )
     kv_block_size: int = Field(16, ge=1, le=1024, description="positions per KV block with --kv-layout paged")

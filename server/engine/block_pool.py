@@ -10,8 +10,9 @@ admits by it, and the runner's PagedKVCache (paged_cache.py) holds the tensors t
   so the old version is never served), referenced by every running sequence that uses it. An entry nobody
   references stays resident for the next request, and is evicted (least recently used first) when blocks run
   short; a referenced one never is.
-- A sequence's own blocks are reserved at admission for its prompt and every token it may generate, so a
-  running sequence never runs out of blocks (no preemption is needed, and none is built).
+- A sequence's own blocks are taken as it needs them (`grow`, one when it crosses into a new block); when none
+  is left the scheduler preempts a running sequence (scheduler.py). A beam group reserves every block it may
+  use at admission and is never preempted.
 - A beam group's beams share their prompt: its whole blocks are the first beam's, read by every beam; each other
   beam owns only the block where the prompt ends (copied when the group forks) and the blocks after it.
 """
@@ -160,6 +161,16 @@ class BlockPool:
             )
         return grants
 
+    def can_grow(self, num_blocks: int) -> bool:
+        return num_blocks <= self.num_free + self._num_evictable(keep=None)
+
+    def grow(self, row: int, num_blocks: int) -> list[int]:
+        """`num_blocks` more own blocks for a running sequence (no beam group); evicts unreferenced prefixes as
+        needed. Call can_grow first."""
+        blocks = self._take(num_blocks, None)
+        self._sequences[row].own[0].extend(blocks)
+        return blocks
+
     def release(self, row: int) -> None:
         """A sequence (group) left: its own blocks are free, its prefix loses a reference (stays resident)."""
         sequence = self._sequences.pop(row, None)
@@ -179,6 +190,10 @@ class BlockPool:
         """The first sequence's blocks, and each other's past the whole blocks of the shared tokens."""
         first = self.blocks_for(num_tokens)
         return first + (num_seqs - 1) * (first - num_shared // self.block_size)
+
+    def num_evictable(self, keep: str | None) -> int:
+        """Blocks of resident prefixes nobody references (but `keep`'s)."""
+        return self._num_evictable(keep)
 
     def _num_evictable(self, keep: str | None) -> int:
         return sum(len(p.blocks) for k, p in self._prefixes.items() if p.num_refs == 0 and k != keep)

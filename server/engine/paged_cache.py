@@ -64,6 +64,7 @@ class PagedKVCache:
         self.tables = np.zeros((max_slots, max_blocks_per_seq), dtype=np.int64)  # 0-padded (the zero block)
         self.num_prefix = np.zeros(max_slots, dtype=np.int64)  # P
         self.shift = np.zeros(max_slots, dtype=np.int64)  # logical index of position p is p + shift
+        self.num_table = np.zeros(max_slots, dtype=np.int64)  # blocks in the table
 
     @staticmethod
     def bytes_per_block(shape: BackboneShape, block_size: int, dtype: torch.dtype) -> int:
@@ -77,13 +78,20 @@ class PagedKVCache:
     def join(self, slot: int, blocks: SeqBlocks) -> None:
         self.tables[slot] = 0
         self.tables[slot, : len(blocks.table)] = blocks.table
+        self.num_table[slot] = len(blocks.table)
         self.num_prefix[slot] = blocks.num_prefix_tokens
         self.shift[slot] = blocks.num_prefix_blocks * self.block_size - blocks.num_prefix_tokens
 
     def remove(self, slot: int, last: int) -> None:
         """Slot `slot` is freed: the last slot's table moves into it (InputBatch.remove does the same)."""
-        for array in (self.tables, self.num_prefix, self.shift):
+        for array in (self.tables, self.num_prefix, self.shift, self.num_table):
             array[slot] = array[last]
+
+    def append(self, slot: int, blocks: list[int]) -> None:
+        """More blocks at the end of a slot's table (a sequence growing into them)."""
+        count = int(self.num_table[slot])
+        self.tables[slot, count : count + len(blocks)] = blocks
+        self.num_table[slot] = count + len(blocks)
 
     # -- blocks ----------------------------------------------------------------------------------------
     def zero(self, blocks: list[int]) -> None:
@@ -129,6 +137,8 @@ class PagedKVCache:
             ids[i, : lens[i]] = tokens
             positions[i, : lens[i]] = np.arange(prefix_lens[i], prefix_lens[i] + lens[i])
             logical = positions[i, : lens[i]] + self.shift[start + i]
+            # never write past a table (into block 0 or another row's block): the grants must cover the prompt
+            assert logical[-1] // size < self.num_table[start + i], "prefill past the slot's blocks"
             flat.append(self.tables[start + i, logical // size] * size + logical % size)
             queries.append(np.arange(i * num_q, i * num_q + lens[i]))
         slots = slice(start, start + n)
@@ -151,7 +161,12 @@ class PagedKVCache:
 
     def decode_length(self, seq_len: np.ndarray) -> int:
         """Logical keys a decode step of slots [0, B) reads (seq_len [B]: each slot's next position)."""
-        return int((seq_len + self.shift[: seq_len.size]).max()) + 1
+        logical = seq_len + self.shift[: seq_len.size]
+        # the position each slot writes lies in its table (the scheduler grows tables before the step)
+        assert (logical // self.block_size < self.num_table[: seq_len.size]).all(), (
+            "decode past a slot's blocks"
+        )
+        return int(logical.max()) + 1
 
     def decode_attention(self, positions: torch.Tensor, length: int) -> Attention:
         """Slots [0, B) decode one token each at `positions` [B] (device), reading `length` logical keys."""

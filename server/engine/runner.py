@@ -128,6 +128,9 @@ class ModelRunner:
         """Free the leaving rows' slots, then one token for every row the runner holds and every joining row
         (a BeamResult for a beam group; a failed row where its logits were not finite: it failed alone)."""
         self._free(batch.finished)
+        self._free(batch.preempted, keep_state=True)
+        if batch.grown:
+            self._grow(batch.grown)
         self._out, self._chunks = StepOutput(), []
         if not batch.sequences:
             return self._out
@@ -138,7 +141,7 @@ class ModelRunner:
         else:
             if self.batch.num_slots:
                 self._decode()
-            self._prefill(batch.prefill, batch.blocks)
+            self._prefill(batch.prefill, batch.blocks, batch.resumed)
         out = self._out
         if self._chunks:
             out.rows = np.concatenate([rows for rows, _ in self._chunks])
@@ -146,12 +149,16 @@ class ModelRunner:
         out.forward_seconds = self.forward_seconds - forward_before
         return out
 
-    def _free(self, finished: list[Request]) -> None:
+    def _free(self, finished: list[Request], keep_state: bool = False) -> None:
+        """The slots of leaving rows; `keep_state`: preempted rows (paged), whose sampler state (penalty
+        history) serves them again when they resume."""
         b = self.batch
         slots = []
         for request in finished:
             if request.row >= 0:
                 slots += [s for s in b.slots_of(request.row) if b.requests[s] is request]
+            if keep_state:
+                continue
             self.sampler.forget(request.request_id)
             self.beams.forget(request.request_id)
             self._beam_blocks.pop(request.row, None)
@@ -174,10 +181,17 @@ class ModelRunner:
     def _join(self, request: Request, seq_len: int, cross_len: int, last_token: int) -> int:
         return self.batch.append(request, self.sampler.key(request), seq_len, cross_len, last_token)
 
-    def _prefill(self, requests: list[Request], blocks: dict[int, list[SeqBlocks]]) -> None:
-        """Decoder-only: write prefixes, run the prompts, sample each sequence's first token."""
+    def _prefill(
+        self,
+        requests: list[Request],
+        blocks: dict[int, list[SeqBlocks]],
+        resumed: dict[int, list[int]] | None = None,
+    ) -> None:
+        """Decoder-only: write prefixes, run the prompts, sample each sequence's first token. A row resuming
+        after a preemption (paged) runs its prompt and the tokens it generated, and samples its next token."""
         if not requests:
             return
+        resumed = resumed or {}
         start = self.batch.num_slots
         if isinstance(self.cache, PagedKVCache):
             prefix_lens = self._join_blocks(self.cache, start, requests, blocks)
@@ -186,14 +200,23 @@ class ModelRunner:
                 self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
             ]
         pad = self.backbone.rules.pad_token_id or 0  # what a row that failed would feed (it leaves next step)
-        for request, num_prefix in zip(requests, prefix_lens, strict=True):
-            self._join(request, num_prefix + len(request.prompt_token_ids), 0, pad)
+        token_lists = [r.prompt_token_ids + resumed.get(r.row, []) for r in requests]
+        for request, num_prefix, tokens in zip(requests, prefix_lens, token_lists, strict=True):
+            slot = self._join(request, num_prefix + len(tokens), 0, pad)
+            self.batch.num_output[slot] = len(tokens) - len(request.prompt_token_ids)
         self.on_forward(requests)
         started = time.perf_counter()
-        logits = self.backbone.prefill(self.cache, start, [r.prompt_token_ids for r in requests], prefix_lens)
+        logits = self.backbone.prefill(self.cache, start, token_lists, prefix_lens)
         self.forward_seconds += time.perf_counter() - started
         self._choose(logits, start, start + len(requests))
         self._fork_beams()
+
+    def _grow(self, grown: dict[int, list[int]]) -> None:
+        """Paged: rows given more blocks (zeroed) for the positions they write next."""
+        assert isinstance(self.cache, PagedKVCache)
+        self.cache.zero([block for blocks in grown.values() for block in blocks])
+        for row, blocks in grown.items():
+            self.cache.append(self.batch.slots_of(row)[0], blocks)
 
     def _join_blocks(
         self, cache: PagedKVCache, start: int, requests: list[Request], blocks: dict[int, list[SeqBlocks]]

@@ -214,3 +214,63 @@ def test_the_decode_kernel_attends_what_the_gather_and_sdpa_attend(groups: int):
     in_place = cache.attend(0, q, attention, mask, 0.3)
     gathered = cache.attend(0, q, dataclasses.replace(attention, rows=None), mask, 0.3)
     torch.testing.assert_close(in_place, gathered, rtol=1e-5, atol=1e-6)
+
+
+def _tight_engine(backbone, num_blocks: int, max_num_seqs: int = 16, max_model_len: int = 64) -> Engine:
+    per_block = PagedKVCache.bytes_per_block(backbone.shape, 4, torch.float32)
+    config = EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        max_prefix_tokens=16,
+        kv_cache_bytes=(num_blocks + 1) * per_block,
+        **PAGED,
+    )
+    return Engine(backbone, config)
+
+
+@pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)
+def test_preempted_requests_resume_with_the_tokens_they_would_have_had(peft_case):
+    """Blocks are taken as sequences grow: 20 blocks for 25 requests of 12-17 positions (4-5 blocks each) run
+    out mid-decode, so running requests are preempted and resumed (their prefill runs prompt + the tokens they
+    had); every answer is still PEFT's, and every block comes back."""
+    backbone, prefixes, expected = _prefixes_gpt2(peft_case)
+    engine = _tight_engine(backbone, 20)
+    pool = engine.runner.block_pool
+    jobs, keys = [], []
+    for p_index, prompt in enumerate(PROMPTS):
+        for prefix_id, prefix in prefixes.items():
+            jobs.append((prefix, prompt, SamplingParams(max_new_tokens=MAX_NEW)))
+            keys.append((prefix_id, p_index))
+    engine.start()
+    try:
+        results = asyncio.run(test_engine_exactness.run_mixed(engine, jobs, stagger=False))
+    finally:
+        engine.stop()
+    engine.step()
+    assert results == [expected[k][i] for k, i in keys]
+    assert engine.scheduler.num_preemptions > 0
+    assert pool.num_sequence_blocks == 0 and engine.scheduler.rows.requests.count(None) == 16  # rows back
+
+
+def test_preempted_sampled_rows_draw_what_they_draw_uninterrupted(tiny_gpt2_dir: Path):
+    """Seeded sampling with penalties, preempted and resumed in a tight pool == the same requests in slots."""
+    backbone = load_backbone(tiny_gpt2_dir, "cpu", "float32")
+    jobs = [
+        (
+            None,
+            PROMPTS[i % len(PROMPTS)],
+            SamplingParams(
+                max_new_tokens=14, temperature=0.9, top_p=0.95, seed=i, repetition_penalty=1.3, min_tokens=6
+            ),
+        )
+        for i in range(10)
+    ]
+    slots, _ = test_engine_exactness.run_engine(backbone, jobs, max_num_seqs=10, stagger=False)
+    engine = _tight_engine(backbone, 14, max_num_seqs=10, max_model_len=40)
+    engine.start()
+    try:
+        paged = asyncio.run(test_engine_exactness.run_mixed(engine, jobs, stagger=False))
+    finally:
+        engine.stop()
+    assert engine.scheduler.num_preemptions > 0
+    assert paged == slots
