@@ -11,6 +11,10 @@ front rejects requests that cannot fit before they are queued. A beam-search req
 slots: it is admitted only when k slots are free (while it is first in line, nobody overtakes it), and is
 charged k generated tokens per step.
 
+With the paged KV layout (a `BlockPool`, block_pool.py) admission is also by free blocks, running rows take a
+block when they cross into one, and when none is left the tenant furthest over its share (VTC) loses its latest
+request: preempted, it keeps its row and tokens, waits first in its tenant's line and resumes where it was.
+
 Fairness is the virtual token counter (VTC) of Sheng et al., "Fairness in Serving Large Language
 Models" (OSDI 2024): every tenant has a counter of the service it received — prefill tokens x
 `prefill_token_cost` + generated tokens x `output_token_cost`, divided by the tenant's weight — and a
