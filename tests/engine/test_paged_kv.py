@@ -71,7 +71,7 @@ def test_finished_and_aborted_rows_leave_their_blocks_to_others(tiny_gpt2_dir: P
     test_engine_exactness.test_aborted_and_finished_slots_are_reused_correctly(tiny_gpt2_dir)
 
 
-@pytest.mark.parametrize("llama_case", ["llama"], indirect=True)
+@pytest.mark.parametrize("llama_case", ["llama", "qwen2", "mistral"], indirect=True)
 def test_llama_mixed_batches_match_peft(llama_case, paged, monkeypatch):
     monkeypatch.setattr(test_llama, "run_engine", test_engine_exactness.run_engine)
     test_llama.test_mixed_batches_match_peft_token_for_token(llama_case)
