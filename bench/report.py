@@ -368,6 +368,47 @@ def overlap() -> list[str]:
     return [*lines, "", provenance(record, "overlap")]
 
 
+def kv_capacity() -> list[str]:
+    record = load("kv_capacity")
+    if record is None:
+        return []
+    f = record["figures"]
+    st, runs = f["settings"], f["runs"]
+    beam = f["beam_group_4"]
+    rows = [
+        ("slot cache", runs["slots"]),
+        ("paged pool, same bytes", runs["paged"]),
+        ("paged pool, capped at the slot cache's rows", runs["paged_same_rows"]),
+    ]
+    lines = [
+        f"One KV budget ({st['budget_bytes'] / 2**20:.0f} MiB = {st['budget_full_slots']} slots of "
+        f"{st['max_model_len']} positions), GPT-2 shape {st['layers']} layers × {st['width']} wide on "
+        f"{st['device']}, {st['requests']} requests over {st['tenants']} tenants (prefixes {st['prefix_tokens']} "
+        f"tokens, prompts {st['prompt_tokens']}, outputs {st['new_tokens']}), blocks of {st['block_size']}; "
+        f"paged decode kernel: {'yes' if f['paged_decode_kernel'] else 'no (gather)'}; median (range) of "
+        f"{st['repeats']} interleaved runs:",
+        "",
+        "| layout | most / mean running | tokens/s | prefix blocks (peak) | preemptions |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, r in rows:
+        blocks, preempted = r.get("peak_prefix_blocks", "—"), r.get("preemptions", "—")
+        lines.append(
+            f"| {label} | {r['max_concurrent']} / {r['mean_concurrent']} | {rate(r['tokens_per_s'])} | {blocks} "
+            f"| {preempted} |"
+        )
+    lines += [
+        "",
+        f"Paged / slots at one budget: **{f['concurrency_x_slots']:.2f}×** the running sequences, "
+        f"**{f['tokens_per_s_x_slots']:.2f}×** the tokens/s; at the same rows **{f['same_rows_tokens_per_s_x_slots']:.2f}×**. "
+        f"A 4-beam group (prefix 128, prompt 200, 100 new tokens) reserves {beam['paged_positions']} positions "
+        f"paged (prefix and prompt once) vs {beam['slots_positions']} in slots.",
+        "",
+        provenance(record, "kv_capacity"),
+    ]
+    return lines
+
+
 def render() -> str:
     parts = []
     sections = [
@@ -383,6 +424,7 @@ def render() -> str:
         ("**On a GPU: GPT-2-small shape, 256 concurrent requests, CUDA graphs**", throughput("gpu-small")),
         ("**On a GPU: GPT-2-small shape, 256 concurrent requests, eager**", throughput("gpu-small-eager")),
         ("**Prefixes rotating through the device cache**", cache_rotation()),
+        ("**KV capacity: slot cache vs paged pool (`--kv-layout paged`)**", kv_capacity()),
         ("**Store**", store()),
         ("**Fair share between tenants**", fairness()),
         ("**Sampling and streaming next to greedy**", sampling()),

@@ -67,6 +67,8 @@ def build_state(settings: Settings) -> SimpleNamespace:
         max_step_seconds=settings.max_step_seconds,
         cuda_graphs=settings.cuda_graphs,
         overlap=settings.overlap_steps,
+        kv_layout=settings.kv_layout,
+        kv_block_size=settings.kv_block_size,
     )
     state.engine = Engine(
         backbone,

@@ -303,7 +303,7 @@ async def _queue(
             room = _room(engine, len(token_ids), num_prefix_tokens)
             new_tokens = max(1, params.min_tokens, min(params.max_new_tokens, room))
             params = replace(params, max_new_tokens=new_tokens)
-        engine.check_fits(len(token_ids), num_prefix_tokens, params.max_new_tokens)
+        engine.check_fits(len(token_ids), num_prefix_tokens, params.max_new_tokens, params.num_beams)
         # no await from this check to add(): concurrent requests of one tenant cannot both slip under it
         _check_concurrent(state, tenant, settings)
         request = engine.add(

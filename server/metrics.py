@@ -72,6 +72,31 @@ class _LiveCollector(Collector):
                 queued.add_metric([tenant], load.num_waiting)
             yield running
             yield queued
+            yield from _block_pool(getattr(engine.runner, "block_pool", None))
+            if getattr(engine.runner, "block_pool", None) is not None:
+                yield CounterMetricFamily(
+                    "prefixserve_kv_preemptions",
+                    "running requests preempted when the pool ran out of blocks (resumed later, same output)",
+                    value=engine.scheduler.num_preemptions,
+                )
+
+
+def _block_pool(pool: Any) -> Iterator[Any]:
+    """The paged KV pool's blocks (`--kv-layout paged`); nothing with the slot cache."""
+    if pool is None:
+        return
+    for name, value, text in (
+        ("total", pool.num_usable, "KV blocks in the pool (--kv-layout paged)"),
+        ("free", pool.num_free, "KV blocks free"),
+        ("prefixes", pool.num_prefix_blocks, "KV blocks holding resident prefixes, each stored once"),
+        ("sequences", pool.num_sequence_blocks, "KV blocks reserved by running sequences"),
+    ):
+        yield GaugeMetricFamily(f"prefixserve_kv_blocks_{name}", text, value=value)
+    yield CounterMetricFamily(
+        "prefixserve_kv_prefix_evictions",
+        "unreferenced prefixes evicted from the pool",
+        value=pool.num_evictions,
+    )
 
 
 class PublicView(Collector):

@@ -20,6 +20,8 @@ class EngineConfig:
     # with a runner that takes steps without waiting (the runner process): step k+1 is scheduled and sent
     # while the runner computes step k, and step k's tokens are recorded meanwhile (engine.py)
     overlap: bool = True
+    kv_layout: str = "slots"  # "slots" (kv_cache.py) or "paged" (block_pool.py, paged_cache.py)
+    kv_block_size: int = 16  # positions per block (paged)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_model_len", "max_prefix_tokens", "max_queue"):
@@ -29,5 +31,9 @@ class EngineConfig:
             raise ValueError("policy must be 'fair' or 'fifo'")
         if self.max_step_seconds <= 0:
             raise ValueError("max_step_seconds must be > 0")
+        if self.kv_layout not in ("slots", "paged"):
+            raise ValueError("kv_layout must be 'slots' or 'paged'")
+        if self.kv_block_size < 1:
+            raise ValueError("kv_block_size must be >= 1")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 0:
             raise ValueError("kv_cache_bytes must be >= 0")

@@ -1,24 +1,41 @@
-"""What the decoder-only families (GPT-2, Llama-style) share around their layers: a prefill step's inputs built on
-the host and copied once, and a prefix written into the start of its slot. The layers themselves stay per family."""
+"""What the decoder-only families (GPT-2, Llama-style) share around their layers: how a forward's layers write
+and read the KV cache (`Attention`, built once per forward by the cache: slots here, blocks in paged_cache.py),
+a prefill step's inputs built on the host and copied once, and a prefix written into the start of its slot. The
+layers themselves stay per family."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from server.engine.kv_cache import KVCache
 from server.engine.transfer import copy_to_device
+
+if TYPE_CHECKING:
+    from server.engine.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One forward's cache access, the same for every layer: the layer selects the K/V of `queries`, the cache
+    writes them at `write` and returns the keys/values `read` names (the cache's own index formats)."""
+
+    write: Any  # slots: (rows, cols) [N]; blocks: flat entry index [N]
+    queries: torch.Tensor  # [N] flat index (into [n*T]) of the queries whose K/V are written
+    read: Any  # slots: (slot slice, length); blocks: block tables [n, num_blocks]
+    mask: torch.Tensor  # [n, 1, T, K] bool: key k visible to query t
+    rows: Any = (
+        None  # blocks, decode: (P, shift, position) [n] each, what the paged kernel reads instead of mask
+    )
 
 
 @dataclass(frozen=True)
 class PrefillInputs:
     ids: torch.Tensor  # [n, Tq] right-padded prompts
     positions: torch.Tensor  # [n, Tq] from each row's P; padded queries at 0 (never read)
-    write: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cache (rows, cols) [N] and flat query index [N]
     last: torch.Tensor  # [n] flat index of each prompt's last query
-    length: int  # keys to read: max(P + prompt length)
-    mask: torch.Tensor  # [n, 1, Tq, K]: key j visible to the query at position p iff j <= p
+    attention: Attention
 
 
 def prepare_prefill(
@@ -47,7 +64,17 @@ def prepare_prefill(
     )
     length = max(p + len(t) for p, t in zip(prefix_lens, token_lists, strict=True))
     mask = (torch.arange(length, device=device)[None, None, :] <= positions[:, :, None])[:, None]
-    return PrefillInputs(ids, positions, (rows_t, cols_t, queries_t), last_t, length, mask)
+    attention = Attention((rows_t, cols_t), queries_t, (slice(start, start + n), length), mask)
+    return PrefillInputs(ids, positions, last_t, attention)
+
+
+def decode_attention(positions: torch.Tensor, length: int) -> Attention:
+    """Slots [0, B) decode one token each at `positions` [B] (device), reading cache entries [0, length)."""
+    num_rows = positions.shape[0]
+    rows = torch.arange(num_rows, device=positions.device)
+    mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
+    # query i of the [B, 1] batch is flat index i
+    return Attention((rows, positions), rows, (slice(0, num_rows), length), mask)
 
 
 def write_decoder_prefix(cache: KVCache, slot: int, targets: dict[str, torch.Tensor]) -> int:

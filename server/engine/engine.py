@@ -60,6 +60,16 @@ def name_os_thread(name: str) -> None:
         ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
+def _prefix_key(prefix: Any, request_id: str | None) -> str | None:
+    """What identifies a prefix's KV in the paged pool: its stored content's digest, so a replaced prefix is a
+    new key (never served stale). A prefix without one (built in a test) is never shared."""
+    if prefix is None:
+        return None
+    meta = getattr(prefix, "meta", None)
+    digest = getattr(meta, "sha256", None)
+    return f"sha256:{digest}" if digest else f"request:{request_id or uuid.uuid4().hex}"
+
+
 class PromptTooLong(ValueError):
     pass
 
@@ -146,7 +156,8 @@ class Engine:
                 max_queue=config.max_queue,
                 policy=config.policy,  # type: ignore[arg-type]
                 row_cooldown=self.overlaps,
-            )
+            ),
+            getattr(self.runner, "block_pool", None),
         )
         self._in_flight: deque[StepInput] = deque()  # overlapped: steps sent whose answers are not read yet
         self.release_prefix = release_prefix
@@ -187,8 +198,11 @@ class Engine:
             token_ids = [self.backbone.rules.bos_token_id]  # what HF generate does with an empty prompt
         return token_ids
 
-    def check_fits(self, num_prompt_tokens: int, num_prefix_tokens: int, max_new_tokens: int) -> None:
-        """Raise PromptTooLong unless prefix + prompt + new tokens fit the backbone's positions."""
+    def check_fits(
+        self, num_prompt_tokens: int, num_prefix_tokens: int, max_new_tokens: int, num_beams: int = 1
+    ) -> None:
+        """Raise PromptTooLong unless prefix + prompt + new tokens fit the backbone's positions (and, paged,
+        the `num_beams` sequences fit the whole block pool: else they would wait forever)."""
         if num_prompt_tokens == 0:
             raise PromptTooLong(
                 "the prompt is empty and the backbone has no BOS token; send at least one token"
@@ -198,6 +212,16 @@ class Engine:
         )
         if problem is not None:
             raise PromptTooLong(f"{problem}; shorten the prompt or lower max_new_tokens")
+        pool = self.scheduler.blocks
+        num_tokens = num_prompt_tokens + max_new_tokens
+        if pool is not None and not pool.can_ever_fit(
+            num_prefix_tokens, num_tokens, num_beams, num_prompt_tokens
+        ):
+            raise PromptTooLong(
+                f"prefix, prompt and {max_new_tokens} new tokens x {num_beams} sequences need more KV blocks than "
+                f"the pool holds ({pool.num_usable} of {pool.block_size} positions); shorten the prompt, lower "
+                "max_new_tokens or num_beams"
+            )
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> _Record | None:
@@ -579,6 +603,7 @@ class Engine:
             prefix=prefix,
             prefix_id=prefix_id,
             num_prefix_tokens=0 if prefix is None else prefix.num_virtual_tokens,
+            prefix_key=_prefix_key(prefix, request_id),
             tenant=tenant,
             trace_id=trace_id,
         )

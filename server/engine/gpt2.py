@@ -8,10 +8,9 @@ every cache entry j <= p: its own prefix (never masked) and its own earlier toke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from prefix_store.families import GenerationRules, family
-from server.engine.decoder_inputs import prepare_prefill, write_decoder_prefix
+from server.engine.decoder_inputs import Attention, write_decoder_prefix
 from server.engine.kv_cache import KVCache
 
 
@@ -33,30 +32,28 @@ class GPT2Backbone:
         self.device = self.lm_head.weight.device
         self.dtype = self.lm_head.weight.dtype
 
-    def _layer(
-        self, h: torch.Tensor, index: int, cache: KVCache, write: tuple, read: slice, length: int, mask
-    ):
-        """One block. h [n, T, D]; writes the K/V of the queries at flat indices `queries` [N] (into [n*T])
-        at cache (rows, cols) [N], then attends over slots `read`, cache entries [0, length)."""
-        rows, cols, queries = write
+    def _layer(self, h: torch.Tensor, index: int, cache, attention: Attention):
+        """One block. h [n, T, D]; writes the K/V of the queries `attention.queries` [N] (flat, into [n*T])
+        where `attention.write` says, then attends over the keys `attention.read` names."""
         block = self.blocks[index]
         n, num_q, hidden = h.shape
         heads, head_dim = self.shape.num_heads, self.shape.head_dim
         q, k, v = block.attn.c_attn(block.ln_1(h)).split(hidden, dim=2)
-        kv = cache.self_kv[index]  # [2, S, H, T, d]
-        # integer indices of known length (not a boolean mask): no device -> host wait for the count
-        kv[0][rows, :, cols] = k.reshape(n * num_q, heads, head_dim).index_select(0, queries)  # [N, H, d]
-        kv[1][rows, :, cols] = v.reshape(n * num_q, heads, head_dim).index_select(0, queries)
-        q = q.view(n, num_q, heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, kv[0, read, :, :length], kv[1, read, :, :length], attn_mask=mask, scale=block.attn.scaling
+        queries = attention.queries
+        cache.write(
+            index,
+            attention.write,
+            k.reshape(n * num_q, heads, head_dim).index_select(0, queries),  # [N, H, d]
+            v.reshape(n * num_q, heads, head_dim).index_select(0, queries),
         )
+        q = q.view(n, num_q, heads, head_dim).transpose(1, 2)
+        out = cache.attend(index, q, attention, attention.mask, block.attn.scaling)  # [n, H, T, d]
         h = block.attn.c_proj(out.transpose(1, 2).reshape(n, num_q, hidden)) + h
         return h + block.mlp(block.ln_2(h))
 
     @torch.inference_mode()
     def prefill(
-        self, cache: KVCache, start: int, token_lists: list[list[int]], prefix_lens: list[int]
+        self, cache, start: int, token_lists: list[list[int]], prefix_lens: list[int]
     ) -> torch.Tensor:
         """Run new sequences in slots [start, start+n) whose prefixes are already in the cache.
 
@@ -65,26 +62,21 @@ class GPT2Backbone:
         [n, vocab] (float32) at each prompt's last token.
         """
         n = len(token_lists)
-        x = prepare_prefill(start, token_lists, prefix_lens, self.device)
+        x = cache.prefill_inputs(start, token_lists, prefix_lens, self.device)
         h = self.transformer.wte(x.ids) + self.transformer.wpe(x.positions)
         for index in range(len(self.blocks)):
-            h = self._layer(h, index, cache, x.write, slice(start, start + n), x.length, x.mask)
+            h = self._layer(h, index, cache, x.attention)
         last_h = h.reshape(n * x.ids.shape[1], -1).index_select(0, x.last)  # [n, D]
         return self.lm_head(self.transformer.ln_f(last_h)).float()
 
     @torch.inference_mode()
-    def decode(
-        self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, length: int
-    ) -> torch.Tensor:
-        """One token for each of the slots [0, B): tokens/positions [B] on the device; `length` =
-        max(positions) + 1."""
-        num_rows = tokens.shape[0]
-        rows = torch.arange(num_rows, device=self.device)
-        write = (rows, positions, rows)  # query i of the [B, 1] batch is flat index i
-        mask = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+    def decode(self, cache, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """One token for each of the slots [0, B): tokens/positions [B] on the device; `length`: the keys
+        the rows read (the cache's decode_length)."""
+        attention = cache.decode_attention(positions, length)
         h = (self.transformer.wte(tokens) + self.transformer.wpe(positions))[:, None]  # [B, 1, D]
         for index in range(len(self.blocks)):
-            h = self._layer(h, index, cache, write, slice(0, num_rows), length, mask)
+            h = self._layer(h, index, cache, attention)
         return self.lm_head(self.transformer.ln_f(h[:, 0])).float()
 
     def write_prefix(self, cache: KVCache, slot: int, targets: dict[str, torch.Tensor]) -> int:

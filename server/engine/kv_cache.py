@@ -12,9 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from prefix_store.format import BackboneShape
+from server.engine.decoder_inputs import Attention, PrefillInputs, decode_attention, prepare_prefill
 
 log = logging.getLogger("prefixserve.engine")
 
@@ -58,6 +61,41 @@ class KVCache:
         if self.cross_kv is not None:
             total += self.cross_kv.numel() * self.cross_kv.element_size()
         return total
+
+    def prefill_inputs(
+        self, start: int, token_lists: list[list[int]], prefix_lens: list[int], device: torch.device
+    ) -> PrefillInputs:
+        """Decoder-only prefill of slots [start, start+n)."""
+        return prepare_prefill(start, token_lists, prefix_lens, device)
+
+    def decode_attention(self, positions: torch.Tensor, length: int) -> Attention:
+        """Decoder-only decode of slots [0, B)."""
+        return decode_attention(positions, length)
+
+    def decode_length(self, seq_len: np.ndarray) -> int:
+        """Keys a decode step reads, from the slots' entries written [B]: cache index == position."""
+        return int(seq_len.max()) + 1
+
+    def write(self, layer: int, where: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V [N, H, d] into cache entries (rows, cols) [N] of `layer`."""
+        rows, cols = where
+        kv = self.self_kv[layer]  # [2, S, H, T, d]
+        # integer indices of known length (not a boolean mask): no device -> host wait for the count
+        kv[0][rows, :, cols] = k
+        kv[1][rows, :, cols] = v
+
+    def read(self, layer: int, what: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values [n, H, length, d] of slots `what[0]`, entries [0, what[1]): views, no copy."""
+        slots, length = what
+        kv = self.self_kv[layer]
+        return kv[0, slots, :, :length], kv[1, slots, :, :length]
+
+    def attend(
+        self, layer: int, q: torch.Tensor, attention: Attention, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """SDPA of q [n, H, T, d] over the keys `attention.read` names, visible per `mask`."""
+        keys, values = self.read(layer, attention.read)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     def clear(self, slot: int, self_len: int, cross_len: int) -> None:
         """Zero a slot's first entries (what its sequence wrote)."""
@@ -113,6 +151,57 @@ def plan_kv_cache(
             "smaller --dtype, or free memory on the device"
         )
     return KVPlan(min(max_num_seqs, num_fit), num_fit, max_positions, bytes_per_seq, budget_bytes)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many blocks the KV budget holds (`--kv-layout paged`), and what that is in sequences."""
+
+    num_blocks: int  # allocated, the zero block included
+    block_size: int
+    bytes_per_block: int
+    max_positions: int
+    num_seqs: int  # rows of the running batch: --max-num-seqs (the pool admits by blocks)
+    budget_bytes: int | None  # None: no budget given, as many blocks as --max-num-seqs full slots
+
+    def num_sequences(self, num_positions: int) -> int:
+        """Sequences of `num_positions` own positions the pool holds at once."""
+        return (self.num_blocks - 1) // -(-num_positions // self.block_size)
+
+    def describe(self, max_num_seqs: int) -> str:
+        budget = (
+            "no budget set" if self.budget_bytes is None else f"budget {self.budget_bytes / 2**20:.1f} MiB"
+        )
+        typical = min(256, self.max_positions)
+        return (
+            f"KV pool (paged): {budget} holds {self.num_blocks - 1} blocks of {self.block_size} positions "
+            f"({self.bytes_per_block / 2**10:.1f} KiB each): {self.num_sequences(self.max_positions)} sequences of "
+            f"{self.max_positions} positions, {self.num_sequences(typical)} of {typical}; prefixes stored once in "
+            f"the same blocks; at most {min(max_num_seqs, self.num_seqs)} running (--max-num-seqs)"
+        )
+
+
+def plan_block_pool(
+    bytes_per_block: int, block_size: int, max_positions: int, max_num_seqs: int, budget_bytes: int | None
+) -> PoolPlan:
+    """Blocks for `budget_bytes` (without one: the memory of `max_num_seqs` full slots). Raises KVBudgetError
+    when not even one full-length sequence fits."""
+    per_seq = -(-max_positions // block_size)
+    if budget_bytes is None:
+        return PoolPlan(
+            max_num_seqs * per_seq + 1, block_size, bytes_per_block, max_positions, max_num_seqs, None
+        )
+    num_blocks = budget_bytes // bytes_per_block
+    # the zero block, and one more: a prefix's last block is not shared with its sequence's first
+    if num_blocks < per_seq + 2:
+        need = (per_seq + 2) * bytes_per_block
+        raise KVBudgetError(
+            f"the KV cache budget ({budget_bytes} bytes) cannot hold one sequence of {max_positions} positions "
+            f"in blocks of {block_size} ({need} bytes); raise --kv-cache-bytes "
+            f"(PREFIXSERVE_KV_CACHE_BYTES) to at least {need}, lower --max-model-len, use a smaller --dtype, or "
+            "free memory on the device"
+        )
+    return PoolPlan(num_blocks, block_size, bytes_per_block, max_positions, max_num_seqs, budget_bytes)
 
 
 def available_memory(device: torch.device) -> int:

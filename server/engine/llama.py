@@ -19,10 +19,9 @@ import logging
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from prefix_store.families import GenerationRules, family
-from server.engine.decoder_inputs import prepare_prefill, write_decoder_prefix
+from server.engine.decoder_inputs import Attention, write_decoder_prefix
 from server.engine.kv_cache import KVCache
 
 log = logging.getLogger("prefixserve.engine")
@@ -60,13 +59,10 @@ class LlamaBackbone:
                 config.max_position_embeddings,
             )
 
-    def _layer(
-        self, h: torch.Tensor, index: int, cache: KVCache, write: tuple, read: slice, length: int, rope, mask
-    ):
-        """One decoder layer. h [n, T, D]; writes the rotated K and the V of the queries at flat indices
-        `queries` [N] (into [n*T]) at cache (rows, cols) [N], then attends over slots `read`, entries
-        [0, length). rope: (cos, sin) [n, T, d]; mask [n, 1, groups*T, K]."""
-        rows, cols, queries = write
+    def _layer(self, h: torch.Tensor, index: int, cache, attention: Attention, rope, mask):
+        """One decoder layer. h [n, T, D]; writes the rotated K and the V of the queries `attention.queries`
+        [N] (flat, into [n*T]) where `attention.write` says, then attends over the keys `attention.read`
+        names. rope: (cos, sin) [n, T, d]; mask [n, 1, groups*T, K]."""
         block = self.blocks[index]
         attn = block.self_attn
         n, num_q, _ = h.shape
@@ -76,17 +72,16 @@ class LlamaBackbone:
         k = attn.k_proj(x).view(n, num_q, kv_heads, head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(n, num_q, kv_heads, head_dim)
         q, k = self._rotate(q, k, *rope)
-        kv = cache.self_kv[index]  # [2, S, Hkv, T, d]
-        # integer indices of known length (not a boolean mask): no device -> host wait for the count
-        kv[0][rows, :, cols] = (
-            k.transpose(1, 2).reshape(n * num_q, kv_heads, head_dim).index_select(0, queries)
+        queries = attention.queries
+        cache.write(
+            index,
+            attention.write,
+            k.transpose(1, 2).reshape(n * num_q, kv_heads, head_dim).index_select(0, queries),
+            v.reshape(n * num_q, kv_heads, head_dim).index_select(0, queries),
         )
-        kv[1][rows, :, cols] = v.reshape(n * num_q, kv_heads, head_dim).index_select(0, queries)
         # query head g*groups + r reads key/value head g (HF's repeat_kv): rows [r, t] of head g
         q = q.reshape(n, kv_heads, self.groups * num_q, head_dim)
-        out = F.scaled_dot_product_attention(
-            q, kv[0, read, :, :length], kv[1, read, :, :length], attn_mask=mask, scale=attn.scaling
-        )
+        out = cache.attend(index, q, attention, mask, attn.scaling)
         out = out.reshape(n, heads, num_q, head_dim).transpose(1, 2).reshape(n, num_q, heads * head_dim)
         h = attn.o_proj(out) + h
         return h + block.mlp(block.post_attention_layernorm(h))
@@ -102,7 +97,7 @@ class LlamaBackbone:
 
     @torch.inference_mode()
     def prefill(
-        self, cache: KVCache, start: int, token_lists: list[list[int]], prefix_lens: list[int]
+        self, cache, start: int, token_lists: list[list[int]], prefix_lens: list[int]
     ) -> torch.Tensor:
         """Run new sequences in slots [start, start+n) whose prefixes are already in the cache.
 
@@ -111,30 +106,25 @@ class LlamaBackbone:
         [n, vocab] (float32) at each prompt's last token.
         """
         n = len(token_lists)
-        x = prepare_prefill(start, token_lists, prefix_lens, self.device)
+        x = cache.prefill_inputs(start, token_lists, prefix_lens, self.device)
         h = self.decoder.embed_tokens(x.ids)
         rope = self._rope(h, x.positions)
-        grouped = self._grouped(x.mask)
+        grouped = self._grouped(x.attention.mask)
         for index in range(len(self.blocks)):
-            h = self._layer(h, index, cache, x.write, slice(start, start + n), x.length, rope, grouped)
+            h = self._layer(h, index, cache, x.attention, rope, grouped)
         last_h = h.reshape(n * x.ids.shape[1], -1).index_select(0, x.last)  # [n, D]
         return self.lm_head(self.decoder.norm(last_h)).float()
 
     @torch.inference_mode()
-    def decode(
-        self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, length: int
-    ) -> torch.Tensor:
-        """One token for each of the slots [0, B): tokens/positions [B] on the device; `length` =
-        max(positions) + 1."""
-        num_rows = tokens.shape[0]
-        rows = torch.arange(num_rows, device=self.device)
-        write = (rows, positions, rows)  # query i of the [B, 1] batch is flat index i
-        mask = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+    def decode(self, cache, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """One token for each of the slots [0, B): tokens/positions [B] on the device; `length`: the keys
+        the rows read (the cache's decode_length)."""
+        attention = cache.decode_attention(positions, length)
         h = self.decoder.embed_tokens(tokens)[:, None]  # [B, 1, D]
         rope = self._rope(h, positions[:, None])
-        grouped = self._grouped(mask)
+        grouped = self._grouped(attention.mask)
         for index in range(len(self.blocks)):
-            h = self._layer(h, index, cache, write, slice(0, num_rows), length, rope, grouped)
+            h = self._layer(h, index, cache, attention, rope, grouped)
         return self.lm_head(self.decoder.norm(h[:, 0])).float()
 
     def write_prefix(self, cache: KVCache, slot: int, targets: dict[str, torch.Tensor]) -> int:

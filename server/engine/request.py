@@ -108,6 +108,7 @@ class Request:
     prefix: Any = None
     prefix_id: str | None = None
     num_prefix_tokens: int = 0
+    prefix_key: str | None = None  # the prefix's content (paged KV: requests with one key share its blocks)
     tenant: str | None = None
     trace_id: str | None = None  # the HTTP request's X-Request-Id, for log lines about this request
     arrival_time: float = field(default_factory=time.monotonic)

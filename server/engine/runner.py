@@ -18,9 +18,11 @@ import torch
 
 from server.engine.batch import InputBatch
 from server.engine.beam import BeamChoice, BeamSearch, as_tensor
+from server.engine.block_pool import BlockPool, SeqBlocks
 from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import LENGTH_STEP, DecodeGraphs
-from server.engine.kv_cache import KVCache, plan_kv_cache
+from server.engine.kv_cache import KVCache, KVPlan, PoolPlan, plan_block_pool, plan_kv_cache
+from server.engine.paged_cache import PagedKVCache
 from server.engine.request import Request
 from server.engine.sampler import RowsSampled, Sampler
 from server.engine.step import StepInput, StepOutput
@@ -38,19 +40,32 @@ class ModelRunner:
         self.backbone = backbone
         self.is_encoder_decoder = backbone.spec.is_encoder_decoder
         self.max_model_len = min(config.max_model_len, backbone.max_positions)
-        cross_len = config.max_prefix_tokens + backbone.max_positions if self.is_encoder_decoder else 0
-        per_seq = KVCache.bytes_per_slot(backbone.shape, self.max_model_len, cross_len, backbone.dtype)
-        # raises KVBudgetError when not even one full-length sequence fits
-        self.kv_plan = plan_kv_cache(per_seq, self.max_model_len, config.max_num_seqs, config.kv_cache_bytes)
-        self.cache = KVCache(
-            backbone.shape,
-            self.kv_plan.num_seqs,
-            self.max_model_len,
-            cross_len,
-            backbone.device,
-            backbone.dtype,
+        self.is_paged = config.kv_layout == "paged"
+        self.block_pool: BlockPool | None = None
+        self.cache: KVCache | PagedKVCache
+        if self.is_paged:
+            self._init_paged(config)
+        else:
+            cross_len = config.max_prefix_tokens + backbone.max_positions if self.is_encoder_decoder else 0
+            per_seq = KVCache.bytes_per_slot(backbone.shape, self.max_model_len, cross_len, backbone.dtype)
+            # raises KVBudgetError when not even one full-length sequence fits
+            self.kv_plan: KVPlan | PoolPlan = plan_kv_cache(
+                per_seq, self.max_model_len, config.max_num_seqs, config.kv_cache_bytes
+            )
+            self.cache = KVCache(
+                backbone.shape,
+                self.kv_plan.num_seqs,
+                self.max_model_len,
+                cross_len,
+                backbone.device,
+                backbone.dtype,
+            )
+        graphed = (
+            config.cuda_graphs
+            and backbone.device.type == "cuda"
+            and not self.is_encoder_decoder
+            and not self.is_paged
         )
-        graphed = config.cuda_graphs and backbone.device.type == "cuda" and not self.is_encoder_decoder
         self.graphs = DecodeGraphs(backbone, self.cache, self.kv_plan.num_seqs) if graphed else None
         self.sampler = Sampler(backbone.rules, backbone.spec, backbone.device)
         self.beams = BeamSearch(backbone.rules, backbone.spec, backbone.device)
@@ -60,6 +75,33 @@ class ModelRunner:
         self._to_fork: list[tuple[int, BeamChoice]] = []  # chosen, KV not yet forked (see _fork_beams)
         self.on_forward = on_forward or (lambda requests: None)
         self.forward_seconds = 0.0  # time inside the backbone's forward calls (bench: host time per step)
+        self._beam_blocks: dict[int, list[SeqBlocks]] = {}  # paged: a new beam group's other beams' tables
+
+    def _init_paged(self, config: EngineConfig) -> None:
+        """The block pool (the scheduler admits by it) and its tensors. Decoder-only families only."""
+        backbone = self.backbone
+        if self.is_encoder_decoder:
+            raise ValueError(
+                "--kv-layout paged serves decoder-only families (GPT-2, Llama, Qwen2, Mistral); "
+                f"{backbone.spec.model_type} needs --kv-layout slots"
+            )
+        size = config.kv_block_size
+        per_block = PagedKVCache.bytes_per_block(backbone.shape, size, backbone.dtype)
+        self.kv_plan = plan_block_pool(
+            per_block, size, self.max_model_len, config.max_num_seqs, config.kv_cache_bytes
+        )
+        self.block_pool = BlockPool(self.kv_plan.num_blocks, size)
+        # a sequence's table: its prefix's blocks, then its own (at most the model's positions)
+        width = -(-config.max_prefix_tokens // size) + -(-self.max_model_len // size) + 1
+        self.cache = PagedKVCache(
+            backbone.shape,
+            self.kv_plan.num_blocks,
+            size,
+            config.max_num_seqs,
+            width,
+            backbone.device,
+            backbone.dtype,
+        )
 
     @property
     def decode_mode(self) -> str:
@@ -69,6 +111,13 @@ class ModelRunner:
                 f"CUDA graphs, captured on first use per bucket of rows ({', '.join(map(str, self.graphs.buckets))})"
                 f" x keys (multiples of {LENGTH_STEP}); --cuda-graphs false for eager"
             )
+        if isinstance(self.cache, PagedKVCache):
+            read = (
+                "blocks read in place (CPU kernel)"
+                if self.cache.kernel is not None
+                else "blocks gathered into a contiguous buffer"
+            )
+            return f"eager, --kv-layout paged: {read}; CUDA graphs are not built for the paged layout"
         return "eager" + (
             " (CUDA graphs are for GPT-2 on CUDA)"
             if self.backbone.device.type != "cuda" or self.is_encoder_decoder
@@ -79,6 +128,9 @@ class ModelRunner:
         """Free the leaving rows' slots, then one token for every row the runner holds and every joining row
         (a BeamResult for a beam group; a failed row where its logits were not finite: it failed alone)."""
         self._free(batch.finished)
+        self._free(batch.preempted, keep_state=True)
+        if batch.grown:
+            self._grow(batch.grown)
         self._out, self._chunks = StepOutput(), []
         if not batch.sequences:
             return self._out
@@ -89,7 +141,7 @@ class ModelRunner:
         else:
             if self.batch.num_slots:
                 self._decode()
-            self._prefill(batch.prefill)
+            self._prefill(batch.prefill, batch.blocks, batch.resumed)
         out = self._out
         if self._chunks:
             out.rows = np.concatenate([rows for rows, _ in self._chunks])
@@ -97,16 +149,25 @@ class ModelRunner:
         out.forward_seconds = self.forward_seconds - forward_before
         return out
 
-    def _free(self, finished: list[Request]) -> None:
+    def _free(self, finished: list[Request], keep_state: bool = False) -> None:
+        """The slots of leaving rows; `keep_state`: preempted rows (paged), whose sampler state (penalty
+        history) serves them again when they resume."""
         b = self.batch
         slots = []
         for request in finished:
             if request.row >= 0:
                 slots += [s for s in b.slots_of(request.row) if b.requests[s] is request]
+            if keep_state:
+                continue
             self.sampler.forget(request.request_id)
             self.beams.forget(request.request_id)
+            self._beam_blocks.pop(request.row, None)
         # highest first: the last slot, which moves into a freed one, is then never one that leaves
         for slot in sorted(slots, reverse=True):
+            if isinstance(self.cache, PagedKVCache):  # blocks are zeroed when handed out again
+                self.cache.remove(slot, b.num_slots - 1)
+                b.remove(slot)
+                continue
             # what a request wrote is never read by the next one (masked entries still enter the matmul
             # with weight 0, and 0 * NaN is NaN): zero it, and the copy a compaction leaves behind
             self.cache.clear(slot, int(b.seq_len[slot]), int(b.cross_len[slot]))
@@ -120,23 +181,58 @@ class ModelRunner:
     def _join(self, request: Request, seq_len: int, cross_len: int, last_token: int) -> int:
         return self.batch.append(request, self.sampler.key(request), seq_len, cross_len, last_token)
 
-    def _prefill(self, requests: list[Request]) -> None:
-        """GPT-2: write prefixes, run the prompts, sample each sequence's first token."""
+    def _prefill(
+        self,
+        requests: list[Request],
+        blocks: dict[int, list[SeqBlocks]],
+        resumed: dict[int, list[int]] | None = None,
+    ) -> None:
+        """Decoder-only: write prefixes, run the prompts, sample each sequence's first token. A row resuming
+        after a preemption (paged) runs its prompt and the tokens it generated, and samples its next token."""
         if not requests:
             return
+        resumed = resumed or {}
         start = self.batch.num_slots
-        prefix_lens = [
-            self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
-        ]
+        if isinstance(self.cache, PagedKVCache):
+            prefix_lens = self._join_blocks(self.cache, start, requests, blocks)
+        else:
+            prefix_lens = [
+                self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
+            ]
         pad = self.backbone.rules.pad_token_id or 0  # what a row that failed would feed (it leaves next step)
-        for request, num_prefix in zip(requests, prefix_lens, strict=True):
-            self._join(request, num_prefix + len(request.prompt_token_ids), 0, pad)
+        token_lists = [r.prompt_token_ids + resumed.get(r.row, []) for r in requests]
+        for request, num_prefix, tokens in zip(requests, prefix_lens, token_lists, strict=True):
+            slot = self._join(request, num_prefix + len(tokens), 0, pad)
+            self.batch.num_output[slot] = len(tokens) - len(request.prompt_token_ids)
         self.on_forward(requests)
         started = time.perf_counter()
-        logits = self.backbone.prefill(self.cache, start, [r.prompt_token_ids for r in requests], prefix_lens)
+        logits = self.backbone.prefill(self.cache, start, token_lists, prefix_lens)
         self.forward_seconds += time.perf_counter() - started
         self._choose(logits, start, start + len(requests))
         self._fork_beams()
+
+    def _grow(self, grown: dict[int, list[int]]) -> None:
+        """Paged: rows given more blocks (zeroed) for the positions they write next."""
+        assert isinstance(self.cache, PagedKVCache)
+        self.cache.zero([block for blocks in grown.values() for block in blocks])
+        for row, blocks in grown.items():
+            self.cache.append(self.batch.slots_of(row)[0], blocks)
+
+    def _join_blocks(
+        self, cache: PagedKVCache, start: int, requests: list[Request], blocks: dict[int, list[SeqBlocks]]
+    ) -> list[int]:
+        """Paged: the joining rows' tables into slots [start, start+n); their new blocks zeroed, then the
+        prefixes new to the pool written into theirs. Returns each row's P."""
+        grants = [blocks[r.row] for r in requests]
+        cache.zero([block for group in grants for g in group for block in g.fresh])
+        for i, (request, group) in enumerate(zip(requests, grants, strict=True)):
+            first = group[0]
+            cache.join(start + i, first)
+            if first.is_prefix_new:
+                cache.write_prefix(first.table[: first.num_prefix_blocks], _targets(request)["decoder"])
+            if len(group) > 1:
+                self._beam_blocks[request.row] = group[1:]
+        return [group[0].num_prefix_tokens for group in grants]
 
     def _encode(self, requests: list[Request]) -> None:
         """BART: write prefixes, encode the sources; the new rows join the next decode with the start token."""
@@ -167,7 +263,7 @@ class ModelRunner:
         if self.is_encoder_decoder:
             host.append(torch.from_numpy(b.cross_len[:n].copy()))
         tokens, positions, *cross = copy_to_device(host, self.backbone.device)
-        length = int(b.seq_len[:n].max()) + 1
+        length = self.cache.decode_length(b.seq_len[:n])
         self.on_forward(b.requests[:n])
         started = time.perf_counter()
         if self.is_encoder_decoder:
@@ -268,7 +364,14 @@ class ModelRunner:
             group = self.beams.groups[request.request_id]
             if len(slots) == 1:
                 new = list(range(b.num_slots, b.num_slots + group.num_beams - 1))
-                _copy_kv(self.cache, [first] * len(new), new, 0, seq_len, cross_len)
+                if isinstance(self.cache, PagedKVCache):
+                    for slot, grant in zip(new, self._beam_blocks.pop(row), strict=True):
+                        self.cache.join(slot, grant)
+                    # the prefix and the prompt's whole blocks are shared: only the block where the prompt
+                    # ends is copied
+                    self.cache.copy_own([first] * len(new), new, seq_len, seq_len)
+                else:
+                    _copy_kv(self.cache, [first] * len(new), new, 0, seq_len, cross_len)
                 group.gen_start = seq_len
                 for beam, token in enumerate(choice.token_ids[1:], start=1):
                     b.append(request, 0, seq_len, cross_len, token, beam)
@@ -276,7 +379,10 @@ class ModelRunner:
             moves = [(slots[p], slots[j]) for j, p in enumerate(choice.parents) if p != j]
             if moves:
                 src, dst = zip(*moves, strict=True)
-                _copy_kv(self.cache, list(src), list(dst), group.gen_start, seq_len, 0)
+                if isinstance(self.cache, PagedKVCache):
+                    self.cache.copy_own(list(src), list(dst), group.gen_start, seq_len)
+                else:
+                    _copy_kv(self.cache, list(src), list(dst), group.gen_start, seq_len, 0)
 
 
 def _copy_kv(cache: KVCache, src: list[int], dst: list[int], start: int, end: int, cross_len: int) -> None:

@@ -11,6 +11,10 @@ front rejects requests that cannot fit before they are queued. A beam-search req
 slots: it is admitted only when k slots are free (while it is first in line, nobody overtakes it), and is
 charged k generated tokens per step.
 
+With the paged KV layout (a `BlockPool`, block_pool.py) admission is also by free blocks, running rows take a
+block when they cross into one, and when none is left the tenant furthest over its share (VTC) loses its latest
+request: preempted, it keeps its row and tokens, waits first in its tenant's line and resumes where it was.
+
 Fairness is the virtual token counter (VTC) of Sheng et al., "Fairness in Serving Large Language
 Models" (OSDI 2024): every tenant has a counter of the service it received — prefill tokens x
 `prefill_token_cost` + generated tokens x `output_token_cost`, divided by the tenant's weight — and a
@@ -29,6 +33,7 @@ from typing import Literal
 
 import numpy as np
 
+from server.engine.block_pool import BlockPool, SeqBlocks
 from server.engine.request import Request, RequestStatus
 from server.engine.step import BeamResult, StepInput, StepOutput, put_ids
 
@@ -145,8 +150,17 @@ def _tenant(request: Request) -> str:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, blocks: BlockPool | None = None):
         self.config = config
+        # the paged KV layout: admission also by free blocks; a row's blocks are released when it leaves
+        self.blocks = blocks
+        # paged: running rows that take blocks as they grow (not beam groups), their own blocks and prompt length
+        self._is_growing = np.zeros(config.max_num_seqs, dtype=bool)
+        self._num_own_blocks = np.zeros(config.max_num_seqs, dtype=np.int64)
+        self._num_prompt = np.zeros(config.max_num_seqs, dtype=np.int64)
+        self._preempted: dict[int, Request] = {}  # by row (kept while it waits): requests to resume
+        self._finished_preempted: list[Request] = []  # preempted, then finished (aborted, a stop string)
+        self.num_preemptions = 0
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, arrival order; only non-empty ones
         self.running: list[Request] = []  # in no particular order: a leaving request's place takes the last
         self.rows = RunningRows(config.max_num_seqs, config.row_cooldown)
@@ -241,6 +255,9 @@ class Scheduler:
                 return request
         for tenant, queue in self.waiting.items():
             for request in queue:
+                if request.request_id == request_id and self._preempted.get(request.row) is request:
+                    request.finish("abort")  # _on_finish takes it out of the queue and gives its row back
+                    return request
                 if request.request_id == request_id:
                     request.finish("abort")
                     queue.remove(request)
@@ -260,47 +277,165 @@ class Scheduler:
         for request in finished:
             self._leave(_tenant(request), waiting=False)
             self._retire_row(request)
-        decode = self.running.copy()
+        for request in self._finished_preempted:  # their blocks went when they were preempted
+            self.rows.leave(request)
+        step = StepInput(prefill=[], decode=[], finished=finished + self._finished_preempted)
+        self._finished_preempted = []
+        if self.blocks is not None:
+            self._grow(step)
+        step.decode = self.running.copy()
         self._min_active_counter()
-        prefill: list[Request] = []
         budget = self.config.max_prefill_tokens
         num_free = self.config.max_num_seqs - self._num_running_slots
         while self._num_waiting and num_free > 0:
             tenant = self._next_tenant()
             head = self.waiting[tenant][0]
-            num_tokens = len(head.prompt_token_ids)
-            if (prefill and num_tokens > budget) or head.params.num_beams > num_free:
+            num_tokens = len(head.prompt_token_ids) + self._num_resumed(head)
+            if (step.prefill and num_tokens > budget) or head.params.num_beams > num_free:
                 break  # a beam group waits (first in line) until its k slots are free
+            if self.blocks is not None and (head in step.preempted or not self._can_admit(head)):
+                break  # first in line waits for blocks to free: nobody overtakes it
             num_free -= head.params.num_beams
+            need = self._block_need(head) if self.blocks is not None else None
             request = self._pop(tenant)
             request.status = RequestStatus.RUNNING
             self._charge(request, self.config.prefill_token_cost * num_tokens)
-            self._join_row(request)
-            prefill.append(request)
+            if self._preempted.pop(request.row, None) is request:
+                step.resumed[request.row] = self.rows.token_ids(request.row)
+                self._place_running(request)
+            else:
+                self._join_row(request)
+            if need is not None:
+                step.blocks[request.row] = self._admit_blocks(request, need)
+            step.prefill.append(request)
             budget -= num_tokens
         # waiting requests that were aborted never held a slot: report them as finished, nothing to free
-        retired = finished + self._aborted_waiting
+        step.finished += self._aborted_waiting
         self._aborted_waiting = []
-        for request in retired:
+        for request in step.finished:
             request.status = RequestStatus.FINISHED
             self._order.pop(id(request), None)
-        return StepInput(prefill=prefill, decode=decode, finished=retired)
+        return step
+
+    # -- paged: blocks as rows grow, preemption when none is left ---------------------------------------
+    def _num_resumed(self, request: Request) -> int:
+        """Tokens a preempted request generated before: its prefill runs them again after its prompt."""
+        return int(self.rows.num_output[request.row]) if self._preempted.get(request.row) is request else 0
+
+    def _block_need(self, request: Request) -> tuple[str | None, int, int, int, int]:
+        """(prefix key, P, own tokens, sequences, shared tokens) an admission takes from the pool: a beam group
+        every block it may use (prompts shared); any other request its prompt (and what it generated before
+        a preemption) and the position it writes next — later blocks come as it grows."""
+        num_prompt = len(request.prompt_token_ids)
+        if request.params.num_beams > 1:
+            own = num_prompt + request.params.max_new_tokens
+            return request.prefix_key, request.num_prefix_tokens, own, request.params.num_beams, num_prompt
+        own = num_prompt + self._num_resumed(request) + 1
+        return request.prefix_key, request.num_prefix_tokens, own, 1, 0
+
+    def _can_admit(self, request: Request) -> bool:
+        """Blocks for the request, and (while others run) a reserve of 2 % of the pool for them to grow into:
+        admitting up to the last block would preempt at the next block boundary."""
+        assert self.blocks is not None
+        key, num_prefix, own, num_seqs, shared = self._block_need(request)
+        reserve = max(1, self.blocks.num_usable // 50) if self.running else 0
+        need = self.blocks.num_needed(key, num_prefix, own, num_seqs, shared) + reserve
+        return self.blocks.can_admit(key, num_prefix, own, num_seqs, shared) and (
+            need <= self.blocks.num_free + self.blocks.num_evictable(keep=key)
+        )
+
+    def _admit_blocks(self, request: Request, need: tuple[str | None, int, int, int, int]) -> list[SeqBlocks]:
+        """The pool's grant for `need` (_block_need, taken before a resuming request left the queue)."""
+        assert self.blocks is not None
+        grants = self.blocks.admit(request.row, *need)
+        row = request.row
+        self._is_growing[row] = request.params.num_beams == 1
+        self._num_own_blocks[row] = self.blocks.blocks_for(need[2])
+        self._num_prompt[row] = len(request.prompt_token_ids)
+        return grants
+
+    def _grow(self, step: StepInput) -> None:
+        """Each running row about to write into a new block gets one; when the pool has none left, running
+        requests are preempted (the tenant furthest over its share first, its latest request) until it does —
+        or the row itself was preempted. Array tests find the rows; only those are visited."""
+        assert self.blocks is not None
+        rows = self.rows
+        # the next decode writes own entry prompt + num_output - 1: blocks for prompt + num_output entries
+        need = -(-(self._num_prompt + rows.num_output) // self.blocks.block_size)
+        short = np.flatnonzero(self._is_growing & ~rows.is_done & (need > self._num_own_blocks))
+        for row in sorted(short.tolist(), key=lambda r: self._order[id(rows.requests[r])]):
+            while self._is_growing[row] and not self.blocks.can_grow(1):
+                self._preempt(self._victim(), step)
+            if self._is_growing[row]:
+                step.grown[row] = self.blocks.grow(row, 1)
+                self._num_own_blocks[row] += 1
+
+    def _victim(self) -> Request:
+        """The running request to preempt: of the tenant with the most service (VTC), its latest."""
+        candidates = [r for r in self.running if self._is_growing[r.row] and not self.rows.is_done[r.row]]
+        top = max(self.counters[_tenant(r)] for r in candidates)
+        return max(
+            (r for r in candidates if self.counters[_tenant(r)] == top), key=lambda r: self._order[id(r)]
+        )
+
+    def _preempt(self, request: Request, step: StepInput) -> None:
+        """Free a running request's blocks and queue it first in its tenant's line, keeping its row (its tokens
+        so far): when it is admitted again its prefill runs prompt + those tokens, and it goes on where it was."""
+        assert self.blocks is not None
+        row, tenant = request.row, _tenant(request)
+        self._unplace_running(request)
+        self.blocks.release(row)
+        self._is_growing[row] = False
+        self._num_own_blocks[row] = 0
+        self._num_running_slots -= 1
+        load = self.load[tenant]
+        load.num_running -= 1
+        load.num_waiting += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.setdefault(tenant, deque()).appendleft(request)
+        self._num_waiting += 1
+        self._preempted[row] = request
+        step.preempted.append(request)
+        self.num_preemptions += 1
+
+    def _finish_preempted(self, request: Request) -> None:
+        """A preempted request finished while it waited (aborted, a stop string in the front)."""
+        tenant = _tenant(request)
+        queue = self.waiting[tenant]
+        queue.remove(request)
+        if not queue:
+            del self.waiting[tenant]
+        self._num_waiting -= 1
+        self._leave(tenant, waiting=True)
+        del self._preempted[request.row]
+        request.output_token_ids = self.rows.token_ids(request.row)
+        self._finished_preempted.append(request)
 
     def _join_row(self, request: Request) -> None:
         self.rows.join(request)
         request.on_finish = self._on_finish
+        self._place_running(request)
+
+    def _place_running(self, request: Request) -> None:
         self._place[id(request)] = len(self.running)
         self.running.append(request)
         self._num_running_slots += request.params.num_beams
         self.num_beam_groups += request.params.num_beams > 1
 
-    def _retire_row(self, request: Request) -> None:
-        """Take a finished request out of the running list (the last one moves into its place) and its row."""
+    def _unplace_running(self, request: Request) -> None:
+        """Out of the running list: the last one moves into its place."""
         place = self._place.pop(id(request))
         last = self.running.pop()
         if last is not request:
             self.running[place] = last
             self._place[id(last)] = place
+
+    def _retire_row(self, request: Request) -> None:
+        """Take a finished request out of the running list and its row."""
+        self._unplace_running(request)
+        if self.blocks is not None:
+            self.blocks.release(request.row)
+            self._is_growing[request.row] = False
         self.rows.leave(request)
         self._num_running_slots -= request.params.num_beams
         self.num_beam_groups -= request.params.num_beams > 1
@@ -308,6 +443,9 @@ class Scheduler:
     def _on_finish(self, request: Request) -> None:
         """A running request finished (here, in the front, anywhere): it leaves at the next schedule(), and
         its generated tokens become its output_token_ids (a beam group's are set by _update_beams)."""
+        if request.status is RequestStatus.WAITING and self._preempted.get(request.row) is request:
+            self._finish_preempted(request)
+            return
         if request.status is not RequestStatus.RUNNING or self.rows.requests[request.row] is not request:
             return
         self.rows.is_done[request.row] = True

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from server.engine.block_pool import SeqBlocks
 from server.engine.request import Request, SamplingParams
 
 
@@ -50,11 +51,20 @@ class TokenLogprob:
 @dataclass
 class StepInput:
     """One engine step: free `finished` (leaving rows), prefill `prefill` (joining rows), decode `decode`
-    (the rows that ran before, in the scheduler's order)."""
+    (the rows that ran before, in the scheduler's order). With the paged KV layout, `blocks` gives each
+    joining row its block tables (one per beam), as the scheduler's block pool granted them, and the fields
+    below say who was preempted, who grew, who resumes."""
 
     prefill: list[Request]
     decode: list[Request]
     finished: list[Request]
+    blocks: dict[int, list[SeqBlocks]] = field(default_factory=dict)
+    # paged: rows preempted this step (their slots go, their sampler state stays), rows given one more block
+    # for the position they write next (block ids to append to their tables), and joining rows that resume
+    # after a preemption (the tokens they generated before: their prefill runs prompt + these)
+    preempted: list[Request] = field(default_factory=list)
+    grown: dict[int, list[int]] = field(default_factory=dict)
+    resumed: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

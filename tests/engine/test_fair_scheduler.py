@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.request import Request, SamplingParams
+from server.engine.request import Request, RequestStatus, SamplingParams
 from server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 from server.engine.step import StepOutput
 
@@ -191,3 +191,63 @@ def test_abort_waiting_frees_its_place_at_once():
     s.abort("w")
     s.add(make("w2", "a"))  # the aborted one no longer holds the place
     assert [r.request_id for r in s.schedule().finished] == ["w"]
+
+
+def test_blocks_are_shared_fairly_when_they_run_short():
+    """The paged layout admits by free blocks: a tenant queueing long requests (each reserving 8 of the pool's
+    32 blocks) gets no more of the service than one queueing short ones (1 block each) — blocks that free up go
+    to the tenant furthest under its share, and the short tenant is never starved."""
+    from server.engine.block_pool import BlockPool
+
+    pool = BlockPool(num_blocks=33, block_size=4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=64, eos_token_ids=frozenset({EOS})), pool)
+    counter = iter(range(10**9))
+
+    def add(tenant: str) -> None:
+        long = tenant == "hog"
+        s.add(
+            make(f"{tenant}-{next(counter)}", tenant, num_prompt=16 if long else 2, max_new=16 if long else 2)
+        )
+
+    for _ in range(64):
+        add("hog")
+        add("light")
+    served = run(s, 300, refill=lambda request: add(request.tenant))
+    assert pool.num_free + pool.num_sequence_blocks == 32  # every block accounted for
+    assert served["light"] > 0.8 * served["hog"], served  # VTC: service evened out, not blocks grabbed
+
+
+def test_a_preempted_request_waits_first_in_line_and_can_be_aborted_or_stopped_while_it_waits():
+    """Paged: rows take blocks as they grow; when none is left the tenant with the most service loses its
+    latest request, which keeps its row and tokens, waits first in its tenant's line, and resumes with them.
+    Finished while waiting (abort, a stop string in the front), it gives its row back."""
+    from server.engine.block_pool import BlockPool
+
+    pool = BlockPool(num_blocks=9, block_size=4)  # 8 usable
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, eos_token_ids=frozenset({EOS})), pool)
+    requests = [make(f"r{i}", "t", num_prompt=3, max_new=12) for i in range(4)]
+    for request in requests:
+        s.add(request)
+    preempted: list[Request] = []
+    while not preempted:  # 4 rows of 1 block each grow to 3 (3 prompt + 6 tokens): 12 > 8
+        batch = s.schedule()
+        preempted += batch.preempted
+        s.update(batch, StepOutput.of(batch.sequences, [7] * len(batch.sequences)))
+    assert preempted and s.num_preemptions == len(preempted)
+    assert len(preempted) == 2  # the latest request, then the one short of a block itself
+    for request in preempted:
+        assert request.status is RequestStatus.WAITING and s.rows.requests[request.row] is request
+        assert request in s.waiting["t"] and s.rows.num_output[request.row] > 0  # tokens kept
+    assert s.waiting["t"][0] is preempted[-1]  # first in line
+    aborted, stopped = preempted
+    s.abort(aborted.request_id)
+    stopped.finish("stop")  # a stop string the front found in a token it had streamed
+    batch = s.schedule()
+    assert aborted in batch.finished and stopped in batch.finished
+    for request in preempted:
+        assert s.rows.requests[request.row] is None and request.output_token_ids == [7] * 6
+    while s.has_work():
+        s.update(batch, StepOutput.of(batch.sequences, [7] * len(batch.sequences)))
+        batch = s.schedule()
+    assert all(r.is_finished for r in requests)
+    assert pool.num_sequence_blocks == 0 and s.rows.requests.count(None) == 8

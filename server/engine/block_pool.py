@@ -1,0 +1,209 @@
+"""The paged KV memory's bookkeeping (`--kv-layout paged`): fixed-size blocks, a free list, a block table per
+sequence, and every resident prefix stored once as shared read-only blocks. Pure Python, no torch: the scheduler
+admits by it, and the runner's PagedKVCache (paged_cache.py) holds the tensors these block ids index.
+
+- Block 0 is never handed out: it stays zero and pads every block table, so a table's unused entries read
+  finite zeros, masked.
+- A sequence's table is `[its prefix's blocks | its own blocks]`. Its own tokens start in a fresh block after
+  the prefix's, so a prefix block is written once, when the prefix is loaded, and never again.
+- A prefix's blocks belong to the pool's entry for it, keyed by its content (a replaced prefix has a new key,
+  so the old version is never served), referenced by every running sequence that uses it. An entry nobody
+  references stays resident for the next request, and is evicted (least recently used first) when blocks run
+  short; a referenced one never is.
+- A sequence's own blocks are taken as it needs them (`grow`, one when it crosses into a new block); when none
+  is left the scheduler preempts a running sequence (scheduler.py). A beam group reserves every block it may
+  use at admission and is never preempted.
+- A beam group's beams share their prompt: its whole blocks are the first beam's, read by every beam; each other
+  beam owns only the block where the prompt ends (copied when the group forks) and the blocks after it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SeqBlocks:
+    """One sequence's blocks, as the runner needs them when it joins (a beam group has one per beam)."""
+
+    table: list[int]  # the prefix's blocks, then the sequence's own
+    num_prefix_blocks: int
+    num_prefix_tokens: int  # P: real tokens' positions start here
+    is_prefix_new: bool  # the prefix's blocks were just taken: the runner writes the prefix into them
+    fresh: list[int]  # blocks new to this step (own, and the prefix's when new): zeroed before use
+
+
+@dataclass
+class _Prefix:
+    blocks: list[int]
+    num_refs: int = 0
+
+
+@dataclass
+class _Sequence:
+    prefix_key: str | None
+    own: list[list[int]] = field(default_factory=list)  # per beam
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2 or block_size < 1:
+            raise ValueError(
+                "a block pool needs at least 2 blocks (block 0 is the zero block) of >= 1 position"
+            )
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free = list(range(num_blocks - 1, 0, -1))  # popped from the end: low ids first
+        self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # least recently used first
+        self._sequences: dict[int, _Sequence] = {}  # by scheduler row
+        self.num_evictions = 0
+
+    # -- accounting (read by metrics and the start-up line) --------------------------------------------
+    @property
+    def num_usable(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_prefix_blocks(self) -> int:
+        """Blocks held by resident prefixes, referenced or not (each stored once)."""
+        return sum(len(p.blocks) for p in self._prefixes.values())
+
+    @property
+    def num_sequence_blocks(self) -> int:
+        return self.num_usable - self.num_free - self.num_prefix_blocks
+
+    @property
+    def num_resident_prefixes(self) -> int:
+        return len(self._prefixes)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- admission ----------------------------------------------------------------------------------------
+    def num_needed(
+        self,
+        prefix_key: str | None,
+        num_prefix_tokens: int,
+        num_tokens: int,
+        num_seqs: int = 1,
+        num_shared: int = 0,
+    ) -> int:
+        """Blocks an admission takes now: each sequence's own, plus the prefix's unless it is resident."""
+        own = self._num_own(num_tokens, num_seqs, num_shared)
+        if prefix_key is None or prefix_key in self._prefixes:
+            return own
+        return own + self.blocks_for(num_prefix_tokens)
+
+    def can_ever_fit(
+        self, num_prefix_tokens: int, num_tokens: int, num_seqs: int = 1, num_shared: int = 0
+    ) -> bool:
+        """Whether the admission fits the whole pool (nothing else running): else it is refused at the door."""
+        need = self.blocks_for(num_prefix_tokens) + self._num_own(num_tokens, num_seqs, num_shared)
+        return need <= self.num_usable
+
+    def can_admit(
+        self,
+        prefix_key: str | None,
+        num_prefix_tokens: int,
+        num_tokens: int,
+        num_seqs: int = 1,
+        num_shared: int = 0,
+    ) -> bool:
+        available = self.num_free + self._num_evictable(keep=prefix_key)
+        need = self.num_needed(prefix_key, num_prefix_tokens, num_tokens, num_seqs, num_shared)
+        return need <= available
+
+    def admit(
+        self,
+        row: int,
+        prefix_key: str | None,
+        num_prefix_tokens: int,
+        num_tokens: int,
+        num_seqs: int = 1,
+        num_shared: int = 0,
+    ) -> list[SeqBlocks]:
+        """Blocks for `num_seqs` sequences of `num_tokens` own tokens each behind one prefix (referenced, loaded
+        into new blocks unless resident); the first `num_shared` tokens are the same in every sequence (a beam
+        group's prompt): their whole blocks are the first sequence's, referenced by the others, so only the
+        block where they part is each sequence's own. Call can_admit first: raises MemoryError otherwise."""
+        if not self.can_admit(prefix_key, num_prefix_tokens, num_tokens, num_seqs, num_shared):
+            raise MemoryError("the block pool cannot hold this admission; check can_admit first")
+        prefix_blocks: list[int] = []
+        is_new = False
+        if prefix_key is None:
+            num_prefix_tokens = 0
+        else:
+            entry = self._prefixes.get(prefix_key)
+            if entry is None:
+                is_new = True
+                entry = self._prefixes[prefix_key] = _Prefix(
+                    self._take(self.blocks_for(num_prefix_tokens), prefix_key)
+                )
+            entry.num_refs += 1
+            self._prefixes.move_to_end(prefix_key)
+            prefix_blocks = entry.blocks
+        sequence = self._sequences[row] = _Sequence(prefix_key)
+        first = self._take(self.blocks_for(num_tokens), prefix_key)
+        sequence.own.append(first)
+        fresh = (prefix_blocks if is_new else []) + first
+        grants = [SeqBlocks(prefix_blocks + first, len(prefix_blocks), num_prefix_tokens, is_new, fresh)]
+        shared = first[: num_shared // self.block_size]
+        for _ in range(num_seqs - 1):
+            own = self._take(len(first) - len(shared), prefix_key)
+            sequence.own.append(own)
+            grants.append(
+                SeqBlocks(prefix_blocks + shared + own, len(prefix_blocks), num_prefix_tokens, False, own)
+            )
+        return grants
+
+    def can_grow(self, num_blocks: int) -> bool:
+        return num_blocks <= self.num_free + self._num_evictable(keep=None)
+
+    def grow(self, row: int, num_blocks: int) -> list[int]:
+        """`num_blocks` more own blocks for a running sequence (no beam group); evicts unreferenced prefixes as
+        needed. Call can_grow first."""
+        blocks = self._take(num_blocks, None)
+        self._sequences[row].own[0].extend(blocks)
+        return blocks
+
+    def release(self, row: int) -> None:
+        """A sequence (group) left: its own blocks are free, its prefix loses a reference (stays resident)."""
+        sequence = self._sequences.pop(row, None)
+        if sequence is None:
+            return
+        for own in sequence.own:
+            self._free.extend(reversed(own))
+        if sequence.prefix_key is not None:
+            self._prefixes[sequence.prefix_key].num_refs -= 1
+
+    def references(self, prefix_key: str) -> int:
+        entry = self._prefixes.get(prefix_key)
+        return 0 if entry is None else entry.num_refs
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _num_own(self, num_tokens: int, num_seqs: int, num_shared: int) -> int:
+        """The first sequence's blocks, and each other's past the whole blocks of the shared tokens."""
+        first = self.blocks_for(num_tokens)
+        return first + (num_seqs - 1) * (first - num_shared // self.block_size)
+
+    def num_evictable(self, keep: str | None) -> int:
+        """Blocks of resident prefixes nobody references (but `keep`'s)."""
+        return self._num_evictable(keep)
+
+    def _num_evictable(self, keep: str | None) -> int:
+        return sum(len(p.blocks) for k, p in self._prefixes.items() if p.num_refs == 0 and k != keep)
+
+    def _take(self, num: int, keep: str | None) -> list[int]:
+        """`num` free blocks, evicting unreferenced prefixes (least recently used first, never `keep`)."""
+        while len(self._free) < num:
+            victim = next(k for k, p in self._prefixes.items() if p.num_refs == 0 and k != keep)
+            self._free.extend(reversed(self._prefixes.pop(victim).blocks))
+            self.num_evictions += 1
+        taken = self._free[len(self._free) - num :][::-1]
+        del self._free[len(self._free) - num :]
+        return taken

@@ -1,0 +1,231 @@
+"""The paged KV cache's tensors (`--kv-layout paged`, decoder-only families): the blocks block_pool.py hands out,
+and the block table of every slot of the persistent batch. It answers the layers the way the slot cache
+(kv_cache.py) does: `prefill_inputs` / `decode_attention` build a forward's `Attention` once, `write` and `read`
+serve each layer.
+
+Layout: kv [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]. A block's entries are contiguous,
+so one layer's keys are a flat table [num_blocks * block_size, H, d] that writes index by entry.
+
+A row reads its table's blocks side by side ("logical" key index k). Its prefix's P entries are k in [0, P); its
+own tokens start in a fresh block, at k = num_prefix_blocks * block_size, so the token at position p (>= P) sits
+at k = p + shift, shift = num_prefix_blocks * block_size - P. A query at position p sees key k iff k < P or
+P + shift <= k <= p + shift: positions stay PEFT's (real tokens from P), the gap between is masked. Masked
+entries still enter the matmul with weight 0, so every block is zeroed when it is handed out (0 * NaN = NaN).
+
+A decode step on CPU in float32 reads the blocks in place (paged_kernel.py: a small C++ kernel built on first
+use). Otherwise (prefill, other devices or dtypes, no compiler) each row's blocks are gathered into a contiguous
+[n, H, K, d] buffer before SDPA: one more copy of what a layer reads. bench/kv_capacity.py measures both against
+the slot cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prefix_store.format import BackboneShape
+from server.engine import paged_kernel
+from server.engine.block_pool import SeqBlocks
+from server.engine.decoder_inputs import Attention, PrefillInputs
+from server.engine.transfer import copy_to_device
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        shape: BackboneShape,
+        num_blocks: int,
+        block_size: int,
+        max_slots: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        use_kernel: bool = True,
+    ):
+        self.block_size = block_size
+        self.kv = torch.zeros(
+            shape.num_layers,
+            2,
+            num_blocks,
+            block_size,
+            shape.kv_heads,
+            shape.head_dim,
+            device=device,
+            dtype=dtype,
+        )
+        self.device = device
+        self._scratch = self.kv.new_empty(2, 0, *self.kv.shape[3:])  # read's gathered blocks, reused
+        # the CPU decode kernel (float32): blocks read in place; None: gathered (every other case)
+        self.kernel = (
+            paged_kernel.load() if use_kernel and device.type == "cpu" and dtype == torch.float32 else None
+        )
+        # by slot of the persistent batch; compacted with it (remove)
+        self.tables = np.zeros((max_slots, max_blocks_per_seq), dtype=np.int64)  # 0-padded (the zero block)
+        self.num_prefix = np.zeros(max_slots, dtype=np.int64)  # P
+        self.shift = np.zeros(max_slots, dtype=np.int64)  # logical index of position p is p + shift
+        self.num_table = np.zeros(max_slots, dtype=np.int64)  # blocks in the table
+
+    @staticmethod
+    def bytes_per_block(shape: BackboneShape, block_size: int, dtype: torch.dtype) -> int:
+        return shape.num_layers * 2 * shape.kv_heads * shape.head_dim * block_size * dtype.itemsize
+
+    @property
+    def num_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    # -- slots: joined and removed with the persistent batch -------------------------------------------------
+    def join(self, slot: int, blocks: SeqBlocks) -> None:
+        self.tables[slot] = 0
+        self.tables[slot, : len(blocks.table)] = blocks.table
+        self.num_table[slot] = len(blocks.table)
+        self.num_prefix[slot] = blocks.num_prefix_tokens
+        self.shift[slot] = blocks.num_prefix_blocks * self.block_size - blocks.num_prefix_tokens
+
+    def remove(self, slot: int, last: int) -> None:
+        """Slot `slot` is freed: the last slot's table moves into it (InputBatch.remove does the same)."""
+        for array in (self.tables, self.num_prefix, self.shift, self.num_table):
+            array[slot] = array[last]
+
+    def append(self, slot: int, blocks: list[int]) -> None:
+        """More blocks at the end of a slot's table (a sequence growing into them)."""
+        count = int(self.num_table[slot])
+        self.tables[slot, count : count + len(blocks)] = blocks
+        self.num_table[slot] = count + len(blocks)
+
+    # -- blocks ----------------------------------------------------------------------------------------
+    def zero(self, blocks: list[int]) -> None:
+        if blocks:
+            self.kv[:, :, torch.tensor(blocks, device=self.device)] = 0
+
+    def write_prefix(self, blocks: list[int], decoder: torch.Tensor) -> None:
+        """A prefix's `decoder` target [L, 2, H_kv, P, d] into its (zeroed) blocks, entry j at block j // B."""
+        num_layers, _, heads, num_tokens, head_dim = decoder.shape
+        padded = decoder.new_zeros(num_layers, 2, len(blocks) * self.block_size, heads, head_dim)
+        padded[:, :, :num_tokens] = decoder.transpose(2, 3)
+        index = torch.tensor(blocks, device=self.device)
+        self.kv[:, :, index] = padded.view(num_layers, 2, len(blocks), self.block_size, heads, head_dim)
+
+    def copy_own(self, src: list[int], dst: list[int], start: int, end: int) -> None:
+        """Slots dst take slots src's own entries for positions [start, end) (beam search), whole blocks at a
+        time, from the block holding position `start` (also when start == end: the part of that block before
+        `start` is the group's shared prompt, which a forking beam needs in its own copy of the block)."""
+        if not src:
+            return
+        first = (start + self.shift[src]) // self.block_size
+        stop = np.maximum(-(-(end + self.shift[src]) // self.block_size), first + 1)
+        src_blocks = np.concatenate([self.tables[s, a:b] for s, a, b in zip(src, first, stop, strict=True)])
+        dst_blocks = np.concatenate([self.tables[d, a:b] for d, a, b in zip(dst, first, stop, strict=True)])
+        src_t, dst_t = (
+            torch.from_numpy(src_blocks).to(self.device),
+            torch.from_numpy(dst_blocks).to(self.device),
+        )
+        self.kv[:, :, dst_t] = self.kv[:, :, src_t]  # gathered into a new tensor first: overlap is safe
+
+    # -- one forward's access ----------------------------------------------------------------------------
+    def prefill_inputs(
+        self, start: int, token_lists: list[list[int]], prefix_lens: list[int], device: torch.device
+    ) -> PrefillInputs:
+        """New sequences in slots [start, start+n) (joined, prefix blocks written): built on the host, one copy."""
+        n, size = len(token_lists), self.block_size
+        num_q = max(len(t) for t in token_lists)
+        lens = np.array([len(t) for t in token_lists], dtype=np.int64)
+        ids = np.zeros((n, num_q), dtype=np.int64)
+        positions = np.zeros((n, num_q), dtype=np.int64)
+        flat, queries = [], []
+        for i, tokens in enumerate(token_lists):
+            ids[i, : lens[i]] = tokens
+            positions[i, : lens[i]] = np.arange(prefix_lens[i], prefix_lens[i] + lens[i])
+            logical = positions[i, : lens[i]] + self.shift[start + i]
+            # never write past a table (into block 0 or another row's block): the grants must cover the prompt
+            assert logical[-1] // size < self.num_table[start + i], "prefill past the slot's blocks"
+            flat.append(self.tables[start + i, logical // size] * size + logical % size)
+            queries.append(np.arange(i * num_q, i * num_q + lens[i]))
+        slots = slice(start, start + n)
+        num_blocks = int(-(-(lens + prefix_lens + self.shift[slots]).max() // size))
+        last = np.arange(n) * num_q + lens - 1
+        host = [
+            ids,
+            positions,
+            np.concatenate(flat),
+            np.concatenate(queries),
+            last,
+            self.tables[slots, :num_blocks],
+        ]
+        host += [self.num_prefix[slots], self.shift[slots]]
+        ids_t, positions_t, flat_t, queries_t, last_t, tables, num_prefix, shift = copy_to_device(
+            [torch.from_numpy(np.ascontiguousarray(a)) for a in host], device
+        )
+        mask = _mask(positions_t, num_prefix[:, None], shift[:, None], num_blocks * size)[:, None]
+        return PrefillInputs(ids_t, positions_t, last_t, Attention(flat_t, queries_t, tables, mask))
+
+    def decode_length(self, seq_len: np.ndarray) -> int:
+        """Logical keys a decode step of slots [0, B) reads (seq_len [B]: each slot's next position)."""
+        logical = seq_len + self.shift[: seq_len.size]
+        # the position each slot writes lies in its table (the scheduler grows tables before the step)
+        assert (logical // self.block_size < self.num_table[: seq_len.size]).all(), (
+            "decode past a slot's blocks"
+        )
+        return int(logical.max()) + 1
+
+    def decode_attention(self, positions: torch.Tensor, length: int) -> Attention:
+        """Slots [0, B) decode one token each at `positions` [B] (device), reading `length` logical keys."""
+        n, size = positions.shape[0], self.block_size
+        num_blocks = -(-length // size)
+        tables, num_prefix, shift = copy_to_device(
+            [
+                torch.from_numpy(np.ascontiguousarray(a))
+                for a in (self.tables[:n, :num_blocks], self.num_prefix[:n], self.shift[:n])
+            ],
+            positions.device,
+        )
+        logical = positions + shift
+        rows = torch.arange(n, device=positions.device)
+        flat = tables[rows, logical // size] * size + logical % size
+        mask = _mask(positions[:, None], num_prefix[:, None], shift[:, None], num_blocks * size)
+        # query i of the [B, 1] batch is flat index i
+        return Attention(flat, rows, tables, mask[:, None], (num_prefix, shift, positions))
+
+    def attend(
+        self, layer: int, q: torch.Tensor, attention: Attention, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Attention of q [n, H_kv, G, d] (G query rows per key/value head) over each row's blocks: a decode step
+        through the kernel where it is built (blocks read in place), else the blocks gathered, then SDPA."""
+        if attention.rows is not None and self.kernel is not None:
+            num_prefix, shift, positions = attention.rows
+            kv = self.kv[layer]
+            # the kernel reads raw pointers: every input contiguous (no-ops here)
+            inputs = [t.contiguous() for t in (q, attention.read, num_prefix, shift, positions)]
+            return self.kernel.paged_decode(inputs[0], kv[0], kv[1], *inputs[1:], scale)
+        keys, values = self.read(layer, attention.read)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+    def write(self, layer: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V [N, H, d] into entries `flat` [N] (block * block_size + offset) of `layer`."""
+        kv = self.kv[layer]  # [2, num_blocks, B, H, d]
+        kv[0].view(-1, *kv.shape[3:])[flat] = k
+        kv[1].view(-1, *kv.shape[3:])[flat] = v
+
+    def read(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values [n, H, K, d] of rows whose block tables are `tables` [n, nb]: K = nb * block_size.
+        Whole blocks by index_select into a reused buffer (advanced indexing, a gather along dim 1 or a fresh
+        buffer per layer each cost more); the layer's attention reads it before the next layer overwrites it."""
+        n, num_blocks = tables.shape
+        flat = tables.reshape(-1)
+        kv = self.kv[layer]  # [2, num_blocks, B, H, d]
+        if self._scratch.shape[1] < flat.numel():
+            self._scratch = kv.new_empty(2, flat.numel(), *kv.shape[2:])
+        shape = (n, num_blocks * self.block_size, *kv.shape[3:])
+        keys = torch.index_select(kv[0], 0, flat, out=self._scratch[0, : flat.numel()]).view(shape)
+        values = torch.index_select(kv[1], 0, flat, out=self._scratch[1, : flat.numel()]).view(shape)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+def _mask(
+    positions: torch.Tensor, num_prefix: torch.Tensor, shift: torch.Tensor, num_keys: int
+) -> torch.Tensor:
+    """[n, T, K] bool: the query at position p (positions [n, T]) sees logical key k iff k < P or
+    P + shift <= k <= p + shift (num_prefix, shift [n, 1])."""
+    keys = torch.arange(num_keys, device=positions.device)[None, None, :]
+    own = (keys >= (num_prefix + shift)[:, :, None]) & (keys <= (positions + shift)[:, :, None])
+    return (keys < num_prefix[:, :, None]) | own

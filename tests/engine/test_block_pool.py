@@ -1,0 +1,92 @@
+"""The paged KV memory's bookkeeping: free list, tables, shared prefix blocks, LRU eviction. No torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine.block_pool import BlockPool
+
+
+def test_a_sequence_gets_its_prefix_blocks_then_fresh_own_blocks():
+    pool = BlockPool(num_blocks=11, block_size=4)
+    (grant,) = pool.admit(0, "p", num_prefix_tokens=5, num_tokens=9)
+    assert grant.num_prefix_blocks == 2 and grant.num_prefix_tokens == 5
+    assert len(grant.table) == 2 + 3 and 0 not in grant.table  # block 0 is never handed out
+    assert grant.is_prefix_new and sorted(grant.fresh) == sorted(grant.table)
+    assert (pool.num_free, pool.num_prefix_blocks, pool.num_sequence_blocks) == (5, 2, 3)
+
+
+def test_a_prefix_used_by_many_sequences_is_stored_once():
+    pool = BlockPool(num_blocks=40, block_size=4)
+    grants = [pool.admit(row, "p", 8, 4)[0] for row in range(8)]
+    assert {tuple(g.table[:2]) for g in grants} == {tuple(grants[0].table[:2])}
+    assert [g.is_prefix_new for g in grants] == [True] + [False] * 7
+    assert all(g.fresh == g.table[2:] for g in grants[1:])  # only the first writes the prefix
+    assert pool.num_prefix_blocks == 2 and pool.num_sequence_blocks == 8
+    assert pool.references("p") == 8
+    own = [b for g in grants for b in g.table[2:]]
+    assert len(set(own)) == len(own)  # own blocks are never shared
+
+
+def test_release_frees_own_blocks_and_keeps_the_prefix_resident():
+    pool = BlockPool(num_blocks=10, block_size=4)
+    pool.admit(0, "p", 4, 8)
+    pool.release(0)
+    assert pool.references("p") == 0 and pool.num_prefix_blocks == 1
+    assert pool.num_free == 8
+    (again,) = pool.admit(1, "p", 4, 8)
+    assert not again.is_prefix_new  # still resident: not written again
+
+
+def test_unreferenced_prefixes_are_evicted_least_recently_used_first_and_referenced_never():
+    pool = BlockPool(num_blocks=7, block_size=4)  # 6 usable
+    for row, key in enumerate(["a", "b", "c"]):
+        pool.admit(row, key, 8, 4)  # 2 prefix blocks + 1 own each
+        pool.release(row)
+    # "a" was evicted to make room for "c"; "b" and "c" are resident and unreferenced
+    assert pool.num_evictions == 1 and pool.num_resident_prefixes == 2
+    pool.admit(10, "b", 8, 4)  # referenced again (most recently used)
+    assert pool.can_admit("d", 8, 4)  # "c" can go
+    pool.admit(11, "d", 8, 4)
+    assert pool.references("b") == 1 and pool.num_evictions == 2
+    assert not pool.can_admit("e", 8, 4)  # only referenced prefixes and sequences remain
+    with pytest.raises(MemoryError):
+        pool.admit(12, "e", 8, 4)
+
+
+def test_admission_counts_a_resident_prefix_as_not_evictable_for_its_own_user():
+    pool = BlockPool(num_blocks=6, block_size=4)  # 5 usable
+    pool.admit(0, "p", 12, 4)  # 3 + 1
+    pool.release(0)
+    assert pool.can_admit("p", 12, 8)  # 2 own from the 2 free blocks, the prefix stays
+    assert not pool.can_admit("p", 12, 12)  # would need to evict its own prefix
+
+
+def test_beam_groups_get_one_table_per_beam_sharing_the_prefix():
+    pool = BlockPool(num_blocks=20, block_size=4)
+    grants = pool.admit(0, "p", 4, 6, num_seqs=3)
+    assert len(grants) == 3 and {g.table[0] for g in grants} == {grants[0].table[0]}
+    assert [g.is_prefix_new for g in grants] == [True, False, False]
+    assert pool.num_sequence_blocks == 6
+    pool.release(0)
+    assert pool.num_sequence_blocks == 0 and pool.references("p") == 0
+
+
+def test_what_can_never_fit_is_known_before_admission():
+    pool = BlockPool(num_blocks=5, block_size=4)
+    assert pool.can_ever_fit(4, 12) and not pool.can_ever_fit(4, 13)
+    assert not pool.can_ever_fit(0, 8, num_seqs=3)
+
+
+def test_a_beam_group_shares_its_prompt_s_whole_blocks_and_owns_the_rest():
+    pool = BlockPool(num_blocks=40, block_size=4)
+    # prompt of 10 tokens: 2 whole blocks shared, the third (2 prompt tokens) each beam's own; 10 + 6 new = 4 blocks
+    grants = pool.admit(0, "p", 4, 16, num_seqs=4, num_shared=10)
+    first = grants[0].table
+    assert all(g.table[:3] == first[:3] for g in grants)  # the prefix block and the prompt's 2 whole blocks
+    assert len({tuple(g.table[3:]) for g in grants}) == 4 and all(len(g.table) == 5 for g in grants)
+    assert all(g.fresh == g.table[3:] for g in grants[1:])
+    assert pool.num_sequence_blocks == 4 + 3 * 2 == pool.num_needed("q", 0, 16, 4, 10)
+    assert pool.can_ever_fit(4, 16, 4, 10) and not pool.can_ever_fit(4, 16, 30, 10)
+    pool.release(0)
+    assert pool.num_sequence_blocks == 0 and pool.num_free == 38

@@ -1,0 +1,68 @@
+"""prefix-serve with `--kv-layout paged` as a process, over HTTP: PEFT-exact for concurrent requests sharing
+prefixes, the pool's blocks on /metrics, a replaced prefix never served stale, and what the paged layout does
+not run refused at start."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from peft_oracle import MAX_NEW, PROMPTS, make_peft_adapter, peft_generate
+from pydantic import ValidationError
+from serving import running_server, upload_peft
+
+from server.settings import Settings
+
+PAGED = ["--kv-layout", "paged", "--kv-block-size", "4", "--max-num-seqs", "16"]
+
+
+def metric(text: str, name: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def generate_all(url: str, jobs: list[tuple[str, str]]) -> list[list[int]]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def one(prefix_id: str, prompt: str) -> list[int]:
+            body = {"prefix": prefix_id, "prompt": prompt, "max_new_tokens": MAX_NEW}
+            response = await client.post("/v1/generate", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()["token_ids"]
+
+        return await asyncio.gather(*(one(*job) for job in jobs))
+
+
+def test_paged_server_is_peft_exact_stores_prefixes_once_and_never_serves_stale(
+    tiny_gpt2_dir: Path, tmp_path: Path
+):
+    first = make_peft_adapter(tiny_gpt2_dir, "gpt2", 5, tmp_path / "first", seed=1)
+    second = make_peft_adapter(tiny_gpt2_dir, "gpt2", 9, tmp_path / "second", seed=2)
+    want = {
+        name: peft_generate(tiny_gpt2_dir, "gpt2", path, PROMPTS, MAX_NEW)
+        for name, path in (("first", first), ("second", second))
+    }
+    with running_server(tiny_gpt2_dir, str(tmp_path / "store"), tmp_path, args=PAGED) as server:
+        assert "KV pool (paged)" in server.log() and "blocks of 4 positions" in server.log()
+        client = httpx.Client(base_url=server.url, timeout=60)
+        assert upload_peft(client, "t/a", first).status_code == 201
+        assert upload_peft(client, "t/b", second).status_code == 201
+        jobs = [("t/a" if i % 2 else "t/b", PROMPTS[i % len(PROMPTS)]) for i in range(20)]
+        got = asyncio.run(generate_all(server.url, jobs))
+        expected = [
+            want["first" if p == "t/a" else "second"][i % len(PROMPTS)] for i, (p, _) in enumerate(jobs)
+        ]
+        assert got == expected
+        text = client.get("/metrics").text
+        assert metric(text, "prefixserve_kv_blocks_prefixes") == 2 + 3  # 5 and 9 tokens, each stored once
+        assert metric(text, "prefixserve_kv_blocks_total") > metric(text, "prefixserve_kv_blocks_free")
+        # t/a replaced by the second adapter: a new content, new blocks, never the old ones
+        assert upload_peft(client, "t/a", second).status_code == 200
+        body = {"prefix": "t/a", "prompt": PROMPTS[0], "max_new_tokens": MAX_NEW}
+        assert client.post("/v1/generate", json=body).json()["token_ids"] == want["second"][0]
+
+
+def test_paged_layout_and_runner_process_are_refused_together():
+    with pytest.raises(ValidationError, match="--runner-process"):
+        Settings(kv_layout="paged", runner_process=True)
