@@ -6,14 +6,11 @@ layers themselves stay per family."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from server.engine.transfer import copy_to_device
-
-if TYPE_CHECKING:
-    from server.engine.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -77,8 +74,9 @@ def decode_attention(positions: torch.Tensor, length: int) -> Attention:
     return Attention((rows, positions), rows, (slice(0, num_rows), length), mask)
 
 
-def write_decoder_prefix(cache: KVCache, slot: int, targets: dict[str, torch.Tensor]) -> int:
-    """Copy a prefix's `decoder` target into the start of its slot; returns P (0 without a prefix)."""
+def write_decoder_prefix(cache: Any, slot: int, targets: dict[str, torch.Tensor]) -> int:
+    """Copy a prefix's `decoder` target into the start of its slot of `cache` (a KVCache: kv_cache.py imports
+    this module, so not the other way round); returns P (0 without a prefix)."""
     decoder = targets.get("decoder")
     if decoder is None:
         return 0
