@@ -2,8 +2,9 @@
 
 A flooding tenant's refused requests must cost the others little. The full path (server/generation.py) decides
 every refusal first; the door only remembers, for MEMORY_SECONDS, which key is whose (with the tenant's
-settings read alongside) and when a per-minute quota refused that tenant. With that it asks the engine what
-the full path asks before any work: room in the queue, the tenant's max_concurrent. The door never admits: a
+settings read alongside), when a per-minute quota refused that tenant, and when the queue or its max_concurrent
+did. For a tenant refused so, it asks the engine again what the full path asks before any work: room in the
+queue, the tenant's max_concurrent (a tenant not refused lately is not asked twice). The door never admits: a
 request it does not refuse takes the full path, which checks its key in the store as always. So a key revoked
 on another replica is refused here with 429 rather than 401 for at most MEMORY_SECONDS, and served never.
 """
@@ -45,6 +46,7 @@ class Door:
         self.clock = clock
         self._keys: dict[str, _Key] = {}
         self._quota: dict[str, _QuotaRefusal] = {}
+        self._no_room: dict[str, float] = {}  # tenant -> when the queue or its max_concurrent last refused it
 
     def remember_key(self, key: str, tenant: str, settings: TenantSettings) -> None:
         """The full path verified `key` as `tenant`'s in the store and read its settings."""
@@ -57,6 +59,10 @@ class Door:
         now = self.clock()
         self._quota[tenant] = _QuotaRefusal(message, now + retry_after, now)
 
+    def remember_no_room(self, tenant: str) -> None:
+        """The full path (or the door) refused `tenant` for a full queue or its max_concurrent."""
+        self._no_room[tenant] = self.clock()
+
     def forget_key(self, key_id: str) -> None:
         """A key revoked through this replica: the door stops recognising it at once."""
         for key in [k for k in self._keys if k[len(KEY_PREFIX) :].partition("_")[0] == key_id]:
@@ -65,6 +71,7 @@ class Door:
     def forget_tenant(self, tenant: str) -> None:
         """New settings for `tenant` (PUT /v1/tenants): the full path reads them on its next request."""
         self._quota.pop(tenant, None)
+        self._no_room.pop(tenant, None)
         for key in [k for k, entry in self._keys.items() if entry.tenant == tenant]:
             del self._keys[key]
 
@@ -81,8 +88,10 @@ class Door:
             state.metrics.tenant_refusals.labels(entry.tenant, "quota_exceeded").inc()
             retry_after = {"Retry-After": str(max(1, math.ceil(quota.until - now)))}
             return ServiceError(429, "quota_exceeded", quota.message, retry_after)
+        if now - self._no_room.get(entry.tenant, -MEMORY_SECONDS - 1) > MEMORY_SECONDS:
+            return None
         try:
-            check_room(state, entry.tenant, entry.settings)
+            check_room(state, entry.tenant, entry.settings)  # refreshes the memory when it refuses again
         except ServiceError as exc:
             return exc
         return None

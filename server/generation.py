@@ -344,13 +344,16 @@ def _room(engine: Any, num_prompt_tokens: int, num_prefix_tokens: int) -> int:
 
 
 def check_room(state: Any, tenant: str, settings: TenantSettings) -> None:
-    """Refuse now (429) what engine.add would refuse: the tenant's max_concurrent, or a full queue."""
+    """Refuse now (429) what engine.add would refuse: the tenant's max_concurrent, or a full queue. A refusal is
+    remembered by the door, which refuses the tenant's next requests the same way before their body is read."""
     try:
         _check_concurrent(state, tenant, settings)
         state.engine.check_room(tenant, settings.weight)
     except QuotaExceeded as exc:
+        state.door.remember_no_room(tenant)
         raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
     except QueueFull as exc:
+        state.door.remember_no_room(tenant)
         raise _refuse(state, tenant, exc.code, str(exc), 1) from exc
 
 
