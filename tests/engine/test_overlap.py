@@ -14,8 +14,10 @@ from collections import deque
 from pathlib import Path
 
 import peft_oracle
+import pytest
 from peft_oracle import MAX_NEW, PROMPTS
-from test_engine_exactness import peft_device_prefixes, run_mixed
+from test_engine_exactness import device_prefix, peft_device_prefixes, run_mixed
+from test_fault_isolation import poisoned
 
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
@@ -80,6 +82,45 @@ def test_overlapped_steps_give_peft_tokens(peft_case):
     got = run(engine, jobs)
     assert got == [expected[prefix_id][i] for prefix_id, i in keys]
     assert engine.runner.most_in_flight == 2 and engine.num_overlapped_steps > 0
+
+
+@pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)
+def test_a_hostile_tenant_s_poisoned_rows_fail_alone_when_overlapped(peft_case):
+    """NaN/Inf prefixes (what the upload check refuses, here straight to the engine) in the same overlapped steps
+    as PEFT-parity requests, with few rows so that poisoned rows' rows are taken again by good ones."""
+    kind, model_dir, adapters, expected = peft_case
+    backbone = load_backbone(model_dir, "cpu", "float32")
+    good = peft_device_prefixes(adapters)
+    bad = [device_prefix(f"evil/{v}", poisoned(backbone, v)) for v in (float("nan"), float("inf"))]
+    greedy = SamplingParams(max_new_tokens=MAX_NEW)
+    jobs, keys = [], []
+    for i, prompt in enumerate(PROMPTS):
+        jobs.append((bad[i % 2], prompt, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.8, seed=3)))
+        keys.append(("bad", i))
+        for prefix_id, prefix in good.items():
+            jobs.append((prefix, prompt, greedy))
+            keys.append((prefix_id, i))
+    engine = lagged_engine(backbone, max_num_seqs=4)
+
+    async def everything():
+        async def one(prefix, prompt, params):
+            request = engine.add(engine.tokenize(prompt), params, prefix, prefix.id)
+            return [o async for o in engine.stream(request)]
+
+        return await asyncio.gather(*(one(*job) for job in jobs))
+
+    engine.start()
+    try:
+        outputs = asyncio.run(everything())
+    finally:
+        engine.stop()
+    for (prefix_id, i), outs in zip(keys, outputs, strict=True):
+        tokens = [o.token_id for o in outs if o.token_id is not None]
+        if prefix_id == "bad":
+            assert outs[-1].error_code == "numerical_error" and tokens == []
+        else:
+            assert tokens == expected[prefix_id][i] and outs[-1].error is None
+    assert engine.num_overlapped_steps > 0
 
 
 def test_rows_that_finish_and_leave_do_not_leak_into_their_next_occupant(tiny_gpt2_dir: Path):
