@@ -72,6 +72,12 @@ class _LiveCollector(Collector):
                 queued.add_metric([tenant], load.num_waiting)
             yield running
             yield queued
+            yield CounterMetricFamily(
+                "prefixserve_share_preemptions",
+                "running requests preempted so that a tenant with nothing running got a row at once (resumed "
+                "later, same output)",
+                value=engine.scheduler.num_share_preemptions,
+            )
             yield from _block_pool(getattr(engine.runner, "block_pool", None))
             if getattr(engine.runner, "block_pool", None) is not None:
                 yield CounterMetricFamily(

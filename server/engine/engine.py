@@ -156,6 +156,11 @@ class Engine:
                 max_queue=config.max_queue,
                 policy=config.policy,  # type: ignore[arg-type]
                 row_cooldown=self.overlaps,
+                # a preempted row resumes by recomputing its prompt and tokens: the runner here does that for
+                # decoder-only families (the runner process and BART's encoder do not)
+                preempt_for_share=config.policy == "fair"
+                and not self.is_encoder_decoder
+                and not hasattr(self.runner, "submit"),
             ),
             getattr(self.runner, "block_pool", None),
         )
@@ -273,6 +278,8 @@ class Engine:
             for request in batch.finished:  # a left row holds on to nothing (its prefix is released below)
                 if request.row >= 0:
                     self._row_streams[request.row] = None
+            if len(self._row_streams) < self.scheduler.rows.capacity:  # the scheduler's rows grew
+                self._grow_rows(self.scheduler.rows.capacity)
             for request in batch.prefill:  # the joining rows' streams, by row
                 stream = self._row_streams[request.row] = self._streams.get(request.request_id)
                 self._is_per_token[request.row] = stream is not None and not stream.is_collected
@@ -280,6 +287,10 @@ class Engine:
             if request.prefix is not None:
                 self.release_prefix(request.prefix)
         return batch
+
+    def _grow_rows(self, num_rows: int) -> None:
+        self._row_streams += [None] * (num_rows - len(self._row_streams))
+        self._is_per_token = np.pad(self._is_per_token, (0, num_rows - self._is_per_token.size))
 
     def _record(self, batch: StepInput, out: StepOutput, started: float, cpu_started: float) -> _Record:
         with self._lock:

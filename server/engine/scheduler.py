@@ -18,9 +18,12 @@ request: preempted, it keeps its row and tokens, waits first in its tenant's lin
 Fairness is the virtual token counter (VTC) of Sheng et al., "Fairness in Serving Large Language
 Models" (OSDI 2024): every tenant has a counter of the service it received — prefill tokens x
 `prefill_token_cost` + generated tokens x `output_token_cost`, divided by the tenant's weight — and a
-free slot goes to the backlogged tenant with the smallest counter (ties: the earliest request). A
+free slot goes to the backlogged tenant with the smallest counter (ties: fewer running, then earliest). A
 tenant that becomes active again is lifted to the smallest counter among active tenants, so idle time
-is not banked. The waiting queue is shared, but when it is full only a tenant holding more than its
+is not banked. VTC alone keeps a light tenant waiting for the next turnover of a flood's rows; so when every
+row is taken and a tenant with nothing running waits (its weighted share being at least one row), the tenant
+furthest over its share loses its latest request, preempted as above, and the waiting one joins at once
+(`preempt_for_share`). The waiting queue is shared, but when it is full only a tenant holding more than its
 weighted share of it is refused; a tenant within its share is always queued.
 """
 
@@ -58,6 +61,9 @@ class SchedulerConfig:
     # a left row is taken again one schedule() later: the answer of a step sent before it left (the engine
     # overlapping steps) still names it, and must not be read as its next occupant's
     row_cooldown: bool = False
+    # every row taken and a tenant with nothing running waits: preempt the tenant furthest over its share (the
+    # runner must resume a preempted row by recomputing it: decoder-only families, in the engine's process)
+    preempt_for_share: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_queue"):
@@ -107,7 +113,13 @@ class RunningRows:
         self.tenants: list[str] = []
         self._tenant_index: dict[str, int] = {}
 
+    @property
+    def capacity(self) -> int:
+        return len(self.requests)
+
     def join(self, request: Request) -> None:
+        if not self._free:  # preempted requests keep their rows while they wait: rows may outnumber slots
+            self._grow()
         row = request.row = self._free.pop()
         params = request.params
         self.requests[row] = request
@@ -123,6 +135,16 @@ class RunningRows:
         if params.max_new_tokens > self.tokens.shape[1]:
             width = max(params.max_new_tokens, 2 * self.tokens.shape[1])
             self.tokens = np.pad(self.tokens, ((0, 0), (0, width - self.tokens.shape[1])))
+
+    def _grow(self) -> None:
+        """Twice the rows: the arrays padded, the new rows free."""
+        n = len(self.requests)
+        self.requests += [None] * n
+        self._free = list(reversed(range(n, 2 * n)))
+        for name in ("num_output", "max_new", "ignore_eos", "is_beam", "is_done", "tenant", "has_stop_ids"):
+            setattr(self, name, _padded(getattr(self, name), 2 * n))
+        self.tokens = _padded(self.tokens, 2 * n)
+        self.stop_ids = _padded(self.stop_ids, 2 * n, fill=-1)
 
     def leave(self, request: Request) -> None:
         self.requests[request.row] = None
@@ -145,6 +167,12 @@ class RunningRows:
         return index
 
 
+def _padded(array: np.ndarray, rows: int, fill: int = 0) -> np.ndarray:
+    """`array` with rows appended up to `rows` (filled with `fill`)."""
+    pad = [(0, rows - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
+    return np.pad(array, pad, constant_values=fill)
+
+
 def _tenant(request: Request) -> str:
     return request.tenant or ""
 
@@ -155,15 +183,16 @@ class Scheduler:
         # the paged KV layout: admission also by free blocks; a row's blocks are released when it leaves
         self.blocks = blocks
         # paged: running rows that take blocks as they grow (not beam groups), their own blocks and prompt length
-        self._is_growing = np.zeros(config.max_num_seqs, dtype=bool)
-        self._num_own_blocks = np.zeros(config.max_num_seqs, dtype=np.int64)
-        self._num_prompt = np.zeros(config.max_num_seqs, dtype=np.int64)
+        self.rows = RunningRows(config.max_num_seqs, config.row_cooldown)
+        self._is_growing = np.zeros(self.rows.capacity, dtype=bool)
+        self._num_own_blocks = np.zeros(self.rows.capacity, dtype=np.int64)
+        self._num_prompt = np.zeros(self.rows.capacity, dtype=np.int64)
         self._preempted: dict[int, Request] = {}  # by row (kept while it waits): requests to resume
         self._finished_preempted: list[Request] = []  # preempted, then finished (aborted, a stop string)
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # paged: the blocks ran out
+        self.num_share_preemptions = 0  # every row taken and a starved tenant waited (preempt_for_share)
         self.waiting: dict[str, deque[Request]] = {}  # per tenant, arrival order; only non-empty ones
         self.running: list[Request] = []  # in no particular order: a leaving request's place takes the last
-        self.rows = RunningRows(config.max_num_seqs, config.row_cooldown)
         self.num_beam_groups = (
             0  # running requests with num_beams > 1 (the engine does not overlap their steps)
         )
@@ -283,9 +312,12 @@ class Scheduler:
         self._finished_preempted = []
         if self.blocks is not None:
             self._grow(step)
-        step.decode = self.running.copy()
         self._min_active_counter()
+        starved = self._make_room_for_starved(step) if self.config.preempt_for_share else None
+        step.decode = self.running.copy()
         budget = self.config.max_prefill_tokens
+        if starved is not None:
+            budget -= self._admit(starved, step)
         num_free = self.config.max_num_seqs - self._num_running_slots
         while self._num_waiting and num_free > 0:
             tenant = self._next_tenant()
@@ -293,22 +325,10 @@ class Scheduler:
             num_tokens = len(head.prompt_token_ids) + self._num_resumed(head)
             if (step.prefill and num_tokens > budget) or head.params.num_beams > num_free:
                 break  # a beam group waits (first in line) until its k slots are free
-            if self.blocks is not None and (head in step.preempted or not self._can_admit(head)):
+            if head in step.preempted or (self.blocks is not None and not self._can_admit(head)):
                 break  # first in line waits for blocks to free: nobody overtakes it
             num_free -= head.params.num_beams
-            need = self._block_need(head) if self.blocks is not None else None
-            request = self._pop(tenant)
-            request.status = RequestStatus.RUNNING
-            self._charge(request, self.config.prefill_token_cost * num_tokens)
-            if self._preempted.pop(request.row, None) is request:
-                step.resumed[request.row] = self.rows.token_ids(request.row)
-                self._place_running(request)
-            else:
-                self._join_row(request)
-            if need is not None:
-                step.blocks[request.row] = self._admit_blocks(request, need)
-            step.prefill.append(request)
-            budget -= num_tokens
+            budget -= self._admit(tenant, step)
         # waiting requests that were aborted never held a slot: report them as finished, nothing to free
         step.finished += self._aborted_waiting
         self._aborted_waiting = []
@@ -316,6 +336,62 @@ class Scheduler:
             request.status = RequestStatus.FINISHED
             self._order.pop(id(request), None)
         return step
+
+    def _admit(self, tenant: str, step: StepInput) -> int:
+        """The head of `tenant`'s line joins the batch (a preempted one resumes); returns its prefill tokens."""
+        head = self.waiting[tenant][0]
+        num_tokens = len(head.prompt_token_ids) + self._num_resumed(head)
+        need = self._block_need(head) if self.blocks is not None else None
+        request = self._pop(tenant)
+        request.status = RequestStatus.RUNNING
+        self._charge(request, self.config.prefill_token_cost * num_tokens)
+        if self._preempted.pop(request.row, None) is request:
+            step.resumed[request.row] = self.rows.token_ids(request.row)
+            self._place_running(request)
+        else:
+            self._join_row(request)
+        if need is not None:
+            step.blocks[request.row] = self._admit_blocks(request, need)
+        step.prefill.append(request)
+        return num_tokens
+
+    # -- fair share of the rows: a tenant with nothing running does not wait for a turnover ------------
+    def _make_room_for_starved(self, step: StepInput) -> str | None:
+        """When every row is taken and a waiting tenant has none though its weighted share is at least one, the
+        tenant furthest over its share (VTC) loses its latest request, preempted as when blocks run out; returns
+        the starved tenant (its head joins at once), or None."""
+        if not self._num_waiting or self._num_running_slots < self.config.max_num_seqs:
+            return None
+        total = sum(self.weights.get(t, 1.0) for t in self.load)
+        rows = self.config.max_num_seqs / max(total, 1e-9)  # rows per unit of weight
+        starved = [
+            t
+            for t, queue in self.waiting.items()
+            if self.load[t].num_running == 0
+            and rows * self.weights.get(t, 1.0) >= 1
+            and queue[0].params.num_beams == 1
+            and queue[0] not in step.preempted
+            and (self.blocks is None or self._can_admit(queue[0]))
+        ]
+        if not starved:
+            return None
+        tenant = min(starved, key=lambda t: (self.counters[t], self._order[id(self.waiting[t][0])]))
+        # over its share of the rows, and served at least as much as the starved tenant (VTC's order holds)
+        over = [
+            r
+            for r in self.running
+            if r.params.num_beams == 1
+            and not self.rows.is_done[r.row]
+            and self.load[_tenant(r)].num_running > rows * self.weights.get(_tenant(r), 1.0)
+            and self.counters[_tenant(r)] >= self.counters[tenant]
+        ]
+        if not over:
+            return None
+        top = max(self.counters[_tenant(r)] for r in over)
+        victim = max((r for r in over if self.counters[_tenant(r)] == top), key=lambda r: self._order[id(r)])
+        self._preempt(victim, step)
+        self.num_share_preemptions += 1
+        return tenant
 
     # -- paged: blocks as rows grow, preemption when none is left ---------------------------------------
     def _num_resumed(self, request: Request) -> int:
@@ -366,6 +442,7 @@ class Scheduler:
         for row in sorted(short.tolist(), key=lambda r: self._order[id(rows.requests[r])]):
             while self._is_growing[row] and not self.blocks.can_grow(1):
                 self._preempt(self._victim(), step)
+                self.num_preemptions += 1
             if self._is_growing[row]:
                 step.grown[row] = self.blocks.grow(row, 1)
                 self._num_own_blocks[row] += 1
@@ -379,14 +456,16 @@ class Scheduler:
         )
 
     def _preempt(self, request: Request, step: StepInput) -> None:
-        """Free a running request's blocks and queue it first in its tenant's line, keeping its row (its tokens
-        so far): when it is admitted again its prefill runs prompt + those tokens, and it goes on where it was."""
-        assert self.blocks is not None
+        """Free a running request's slot (and blocks) and queue it first in its tenant's line, keeping its row (its
+        tokens so far): when it is admitted again its prefill runs prompt + those tokens, and it goes on where it
+        was."""
         row, tenant = request.row, _tenant(request)
         self._unplace_running(request)
-        self.blocks.release(row)
-        self._is_growing[row] = False
-        self._num_own_blocks[row] = 0
+        if self.blocks is not None:
+            self.blocks.release(row)  # a block it grew this step included: the runner is not told of it
+            step.grown.pop(row, None)
+            self._is_growing[row] = False
+            self._num_own_blocks[row] = 0
         self._num_running_slots -= 1
         load = self.load[tenant]
         load.num_running -= 1
@@ -396,7 +475,6 @@ class Scheduler:
         self._num_waiting += 1
         self._preempted[row] = request
         step.preempted.append(request)
-        self.num_preemptions += 1
 
     def _finish_preempted(self, request: Request) -> None:
         """A preempted request finished while it waited (aborted, a stop string in the front)."""
@@ -413,6 +491,11 @@ class Scheduler:
 
     def _join_row(self, request: Request) -> None:
         self.rows.join(request)
+        if self._is_growing.size < self.rows.capacity:  # the rows grew (preempted requests keep theirs)
+            rows = self.rows.capacity
+            self._is_growing = _padded(self._is_growing, rows)
+            self._num_own_blocks = _padded(self._num_own_blocks, rows)
+            self._num_prompt = _padded(self._num_prompt, rows)
         request.on_finish = self._on_finish
         self._place_running(request)
 
@@ -461,8 +544,9 @@ class Scheduler:
 
         if self.config.policy == "fifo":
             return min(self.waiting, key=arrival)
-        # a linear scan over backlogged tenants: fine for hundreds; a heap is the next step for thousands
-        return min(self.waiting, key=lambda t: (self.counters[t], arrival(t)))
+        # a linear scan over backlogged tenants: fine for hundreds; a heap is the next step for thousands.
+        # Ties (a returning tenant is lifted to the smallest counter) go to the tenant running fewer requests.
+        return min(self.waiting, key=lambda t: (self.counters[t], self.load[t].num_running, arrival(t)))
 
     def _pop(self, tenant: str) -> Request:
         queue = self.waiting[tenant]

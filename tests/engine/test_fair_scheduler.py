@@ -251,3 +251,68 @@ def test_a_preempted_request_waits_first_in_line_and_can_be_aborted_or_stopped_w
         batch = s.schedule()
     assert all(r.is_finished for r in requests)
     assert pool.num_sequence_blocks == 0 and s.rows.requests.count(None) == 8
+
+
+def test_a_tenant_with_nothing_running_gets_a_row_at_once_from_the_tenant_over_its_share():
+    """Every row is the flood's when a light request arrives: VTC alone would keep it waiting for the next
+    turnover; with preempt_for_share the flood's latest request is preempted (it keeps its tokens, waits first
+    in its line and resumes with them) and the light request joins in the same step."""
+    s = scheduler(max_num_seqs=4, max_queue=1000, preempt_for_share=True)
+    refill = keep_backlogged(s, {"flood": 1.0}, depth=50, max_new=40)
+    run(s, 10, refill)
+    latest = max(s.running, key=lambda r: s._order[id(r)])
+    light = make("light", "light", max_new=4)
+    s.add(light)
+    batch = s.schedule()
+    assert batch.prefill == [light] and batch.preempted == [latest] and latest not in batch.decode
+    assert latest.status is RequestStatus.WAITING and s.waiting["flood"][0] is latest
+    assert s.num_share_preemptions == 1 and s.num_preemptions == 0  # the blocks' counter is the pool's
+    had = s.rows.token_ids(latest.row)
+    assert len(had) == 10
+    s.update(batch, StepOutput.of(batch.sequences, [7] * len(batch.sequences)))
+    resumed = None
+    for _ in range(10):  # light finishes (4 tokens): its row goes back to the preempted request first
+        batch = s.schedule()
+        if latest in batch.prefill:
+            resumed = batch.resumed[latest.row]
+            break
+        s.update(batch, StepOutput.of(batch.sequences, [7] * len(batch.sequences)))
+    assert light.is_finished and resumed == had
+    assert s.num_share_preemptions == 1  # the flood alone again: nobody is starved
+
+
+def test_no_share_preemption_when_the_tenant_already_runs_or_its_share_is_under_one_row():
+    s = scheduler(max_num_seqs=4, max_queue=1000, preempt_for_share=True)
+    refill = keep_backlogged(s, {"flood": 1.0}, depth=50, max_new=40)
+    run(s, 3, refill)
+    for i in range(3):  # a fourth and fifth tenant: 4 rows over 5 tenants is under one row each
+        s.add(make(f"t{i}", f"t{i}", max_new=40))
+    s.add(make("u", "u", max_new=40))
+    run(s, 5, refill)
+    assert s.num_share_preemptions == 0
+    s2 = scheduler(max_num_seqs=2, max_queue=1000, preempt_for_share=True)
+    refill2 = keep_backlogged(s2, {"a": 1.0, "b": 1.0}, depth=20, max_new=30)
+    run(s2, 200, refill2)  # both tenants run: a turnover is theirs to share, no preemption churn
+    assert s2.num_share_preemptions == 0
+
+
+def test_rows_grow_when_preempted_requests_keep_theirs():
+    """Paged: a preempted request keeps its row while it waits; another tenant's request admitted meanwhile
+    needs one more row than there are slots (the rows grow instead of failing the step)."""
+    from server.engine.block_pool import BlockPool
+
+    pool = BlockPool(num_blocks=9, block_size=4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, eos_token_ids=frozenset({EOS})), pool)
+    s.add(make("a0", "a", num_prompt=3, max_new=30))
+    s.add(make("a1", "a", num_prompt=3, max_new=30))
+    added = []
+    for _ in range(80):
+        batch = s.schedule()
+        if batch.preempted and not added:
+            added.append(make("b0", "b", num_prompt=1, max_new=2))
+            s.add(added[0])
+        s.update(batch, StepOutput.of(batch.sequences, [7] * len(batch.sequences)))
+        if not s.has_work():
+            break
+    assert added and added[0].is_finished and not s.has_work()
+    assert s.rows.capacity == 4 and pool.num_sequence_blocks == 0
