@@ -301,11 +301,7 @@ class Scheduler:
                 break  # a beam group waits (first in line) until its k slots are free
             if self.blocks is not None and (head in step.preempted or not self._can_admit(head)):
                 break  # first in line waits for blocks to free: nobody overtakes it
-            if (
-                self.blocks is not None
-                and head.group is not None
-                and self._preempted.get(head.row) is not head
-            ):
+            if self._forks(head):
                 num_choices = self._num_choices(tenant, head, num_free)
                 self._admit_choices(tenant, num_choices, step)
                 num_free -= num_choices
@@ -377,6 +373,15 @@ class Scheduler:
         self._is_growing[row] = request.params.num_beams == 1
         self._num_own_blocks[row] = self.blocks.blocks_for(num_tokens)
         self._num_prompt[row] = len(request.prompt_token_ids)
+
+    def _forks(self, head: Request) -> bool:
+        """Paged: the head is the first of choices of one request queued together (not a resuming one)."""
+        return (
+            self.blocks is not None
+            and head.group is not None
+            and head.params.num_beams == 1
+            and self._preempted.get(head.row) is not head
+        )
 
     def _num_choices(self, tenant: str, head: Request, num_free: int) -> int:
         """How many choices of head's request, queued behind it, join with it (head included): as many as rows
