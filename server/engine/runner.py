@@ -5,7 +5,9 @@ as a view with no gather. When a sequence leaves, the last slot's live entries m
 copy of one sequence); a joining sequence copies its prefix once into its slot. Nothing else is copied,
 except for beam search (beam.py): a beam group's prompt is run once, then its KV (prefix, prompt; BART's
 cross entries too) is copied into the group's other k-1 slots, and after each step a beam that continues
-another beam copies only the generated part [prefix + prompt, seq_len) from that beam's slot.
+another beam copies only the generated part [prefix + prompt, seq_len) from that beam's slot. Paged, the choices of
+one request admitted together run their prompt once: the others copy the block where it ends and sample their
+first token from its last logits.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ charged k generated tokens per step.
 
 With the paged KV layout (a `BlockPool`, block_pool.py) admission is also by free blocks, running rows take a
 block when they cross into one, and when none is left the tenant furthest over its share (VTC) loses its latest
-request: preempted, it keeps its row and tokens, waits first in its tenant's line and resumes where it was.
+request: preempted, it keeps its row and tokens, waits first in its tenant's line and resumes where it was. The
+choices of one request (`n` > 1, queued together) join together as rows and blocks allow: the first runs the
+prompt, the others fork from it (`StepInput.forks`) and share its whole blocks.
 
 Fairness is the virtual token counter (VTC) of Sheng et al., "Fairness in Serving Large Language
 Models" (OSDI 2024): every tenant has a counter of the service it received — prefill tokens x
