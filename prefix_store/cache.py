@@ -119,6 +119,11 @@ class PrefixCache:
             self.stats.hits += 1
             return entry
 
+    def pin(self, entry: DevicePrefix) -> None:
+        """One more pin on a prefix already pinned (each is released once)."""
+        with self._lock:
+            entry.pins += 1
+
     def release(self, entry: DevicePrefix) -> None:
         with self._lock:
             entry.pins -= 1

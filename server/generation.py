@@ -214,6 +214,26 @@ async def start(
     lowered to the positions the prompt leaves; `special_tokens`: special tokens spelled in the prompt are
     those tokens (else plain text); `settings`: the tenant's, when already read (identify). Raises
     ServiceError (400, 404, 422, 429, 503)."""
+    (gen,) = await start_choices(
+        state, principal, prefix_id, prompt, [params], streamed, fill_context, special_tokens, settings
+    )
+    return gen
+
+
+async def start_choices(
+    state: Any,
+    principal: Principal,
+    prefix_id: str | None,
+    prompt: Prompt,
+    choices: list[SamplingParams],
+    streamed: bool = True,
+    fill_context: bool = False,
+    special_tokens: bool = False,
+    settings: TenantSettings | None = None,
+) -> list[Generation]:
+    """start() for the n choices of one request (a sampling setting each): each is counted and checked as a
+    request, the prompt is tokenized once, and they are queued together or not at all, so that the engine
+    admits them together (paged: the prompt runs once and its blocks are shared)."""
     if getattr(state, "draining", False):
         raise ServiceError(
             503, "draining", "this replica is shutting down; retry on another one", {"Retry-After": "1"}
@@ -226,7 +246,7 @@ async def start(
     state.num_starting = getattr(state, "num_starting", 0) + 1  # the drain waits for these too
     try:
         return await _start(
-            state, principal, prefix_id, prompt, params, streamed, fill_context, special_tokens, settings
+            state, principal, prefix_id, prompt, choices, streamed, fill_context, special_tokens, settings
         )
     finally:
         state.num_starting -= 1
@@ -237,34 +257,37 @@ async def _start(
     principal: Principal,
     prefix_id: str | None,
     prompt: Prompt,
-    params: SamplingParams,
+    choices: list[SamplingParams],
     streamed: bool,
     fill_context: bool,
     special_tokens: bool,
     known_settings: TenantSettings | None,
-) -> Generation:
+) -> list[Generation]:
     tenant = principal.identity
-    settings, is_counted = await _admit(state, principal, tenant, known_settings)
+    num_counted = 0
     try:
-        gen = await _queue(
+        for _ in choices:
+            settings, is_counted = await _admit(state, principal, tenant, known_settings)
+            num_counted += is_counted
+        gens = await _queue(
             state,
             principal,
             tenant,
             settings,
             prefix_id,
             prompt,
-            params,
+            choices,
             streamed,
             fill_context,
             special_tokens,
         )
     except BaseException:
-        if is_counted:  # refused after all: the request does not count against the quota
-            _in_background(state.quotas.count, tenant, -1, 0)
+        if num_counted:  # refused after all: the requests do not count against the quota
+            _in_background(state.quotas.count, tenant, -num_counted, 0)
         raise
-    if not is_counted and not principal.is_admin:  # no per-minute quota: counted for the usage figures
-        _in_background(state.quotas.count, tenant, 1, 0)
-    return gen
+    if num_counted < len(choices) and not principal.is_admin:  # no per-minute quota: counted for usage
+        _in_background(state.quotas.count, tenant, len(choices) - num_counted, 0)
+    return gens
 
 
 async def _queue(
@@ -274,21 +297,24 @@ async def _queue(
     settings: TenantSettings,
     prefix_id: str | None,
     prompt: Prompt,
-    params: SamplingParams,
+    choices: list[SamplingParams],
     streamed: bool,
     fill_context: bool,
     special_tokens: bool,
-) -> Generation:
+) -> list[Generation]:
     engine = state.engine
-    if params.num_beams > engine.config.max_num_seqs:
+    num_beams = choices[0].num_beams
+    if num_beams > engine.config.max_num_seqs:
         raise ServiceError(
             422,
             "invalid_sampling",
-            f"num_beams {params.num_beams} is over this server's {engine.config.max_num_seqs} sequences per "
+            f"num_beams {num_beams} is over this server's {engine.config.max_num_seqs} sequences per "
             "step (--max-num-seqs): a beam group runs as num_beams sequences",
         )
-    check_room(state, tenant, settings)  # a refusal costs no prefix load and no tokenizing
+    check_room(state, tenant, settings, len(choices))  # a refusal costs no prefix load and no tokenizing
     prefix = await acquire_prefix(state, principal, prefix_id) if prefix_id is not None else None
+    for _ in choices[1:]:  # a pin per choice: each releases its own when it finishes
+        _pin(state, prefix)
     try:
         template = None if prefix is None else prefix.meta.prompt_template
         if isinstance(prompt, str):
@@ -301,40 +327,45 @@ async def _queue(
         num_prefix_tokens = 0 if prefix is None else prefix.num_virtual_tokens
         if fill_context:
             room = _room(engine, len(token_ids), num_prefix_tokens)
-            new_tokens = max(1, params.min_tokens, min(params.max_new_tokens, room))
-            params = replace(params, max_new_tokens=new_tokens)
-        engine.check_fits(len(token_ids), num_prefix_tokens, params.max_new_tokens, params.num_beams)
+            choices = [
+                replace(p, max_new_tokens=max(1, p.min_tokens, min(p.max_new_tokens, room))) for p in choices
+            ]
+        engine.check_fits(len(token_ids), num_prefix_tokens, choices[0].max_new_tokens, num_beams)
         # no await from this check to add(): concurrent requests of one tenant cannot both slip under it
-        _check_concurrent(state, tenant, settings)
-        request = engine.add(
+        _check_concurrent(state, tenant, settings, len(choices))
+        requests = engine.add_choices(
             token_ids,
-            params,
+            choices,
             prefix,
             prefix_id,
             tenant,
             weight=settings.weight,
-            request_id=new_request_id(),
+            request_ids=[new_request_id() for _ in choices],
             trace_id=request_id_var.get(),
             each_token=streamed,
         )
-        stream = engine.stream_batches(request)
+        streams = [engine.stream_batches(request) for request in requests]
     except PromptTooLong as exc:
-        _release(state, prefix)
+        _release(state, prefix, len(choices))
         raise ServiceError(422, "prompt_too_long", str(exc)) from exc
     except QuotaExceeded as exc:
-        _release(state, prefix)
+        _release(state, prefix, len(choices))
         raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
     except QueueFull as exc:
-        _release(state, prefix)
+        _release(state, prefix, len(choices))
         raise _refuse(state, tenant, exc.code, str(exc), 1) from exc
     except EngineUnavailable as exc:  # /readyz says 503 too: a balancer takes this replica out
-        _release(state, prefix)
+        _release(state, prefix, len(choices))
         raise ServiceError(503, "engine_unavailable", str(exc), {"Retry-After": "1"}) from exc
     except BaseException:
-        _release(state, prefix)
+        _release(state, prefix, len(choices))
         raise
-    state.metrics.tenant_requests.labels(tenant).inc()
-    return Generation(request, prefix_id, stream, counts_usage=not principal.is_admin)
+    state.metrics.tenant_requests.labels(tenant).inc(len(choices))
+    counts_usage = not principal.is_admin
+    return [
+        Generation(request, prefix_id, stream, counts_usage=counts_usage)
+        for request, stream in zip(requests, streams, strict=True)
+    ]
 
 
 def _room(engine: Any, num_prompt_tokens: int, num_prefix_tokens: int) -> int:
@@ -343,12 +374,13 @@ def _room(engine: Any, num_prompt_tokens: int, num_prefix_tokens: int) -> int:
     return engine.max_model_len - used
 
 
-def check_room(state: Any, tenant: str, settings: TenantSettings) -> None:
-    """Refuse now (429) what engine.add would refuse: the tenant's max_concurrent, or a full queue. A refusal is
-    remembered by the door, which refuses the tenant's next requests the same way before their body is read."""
+def check_room(state: Any, tenant: str, settings: TenantSettings, num: int = 1) -> None:
+    """Refuse now (429) what engine.add would refuse for `num` requests: the tenant's max_concurrent, or a full
+    queue. A refusal is remembered by the door, which refuses the tenant's next requests the same way before
+    their body is read."""
     try:
-        _check_concurrent(state, tenant, settings)
-        state.engine.check_room(tenant, settings.weight)
+        _check_concurrent(state, tenant, settings, num)
+        state.engine.check_room(tenant, settings.weight, num)
     except QuotaExceeded as exc:
         state.door.remember_no_room(tenant)
         raise _refuse(state, tenant, "quota_exceeded", exc.message, exc.retry_after) from None
@@ -357,11 +389,12 @@ def check_room(state: Any, tenant: str, settings: TenantSettings) -> None:
         raise _refuse(state, tenant, exc.code, str(exc), 1) from exc
 
 
-def _check_concurrent(state: Any, tenant: str, settings: TenantSettings) -> None:
+def _check_concurrent(state: Any, tenant: str, settings: TenantSettings, num: int = 1) -> None:
+    """Refuse unless `num` more requests stay within the tenant's max_concurrent."""
     if settings.max_concurrent is not None:
         load = state.engine.tenant_load().get(tenant)
         num_active = 0 if load is None else load.num_running + load.num_waiting
-        state.quotas.check_concurrent(tenant, settings, num_active)
+        state.quotas.check_concurrent(tenant, settings, num_active + num - 1)
 
 
 def _in_background(fn: Any, *args: Any) -> None:
@@ -385,9 +418,15 @@ def tokenize(engine: Any, prompt: str) -> list[int]:
         return engine.tokenize(prompt)
 
 
-def _release(state: Any, prefix: DevicePrefix | None) -> None:
+def _pin(state: Any, prefix: DevicePrefix | None) -> None:
     if prefix is not None:
-        state.cache.release(prefix)
+        state.cache.pin(prefix)
+
+
+def _release(state: Any, prefix: DevicePrefix | None, num: int = 1) -> None:
+    if prefix is not None:
+        for _ in range(num):
+            state.cache.release(prefix)
 
 
 async def outputs(state: Any, gen: Generation) -> AsyncIterator[RequestOutput]:

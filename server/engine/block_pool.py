@@ -15,6 +15,9 @@ admits by it, and the runner's PagedKVCache (paged_cache.py) holds the tensors t
   use at admission and is never preempted.
 - A beam group's beams share their prompt: its whole blocks are the first beam's, read by every beam; each other
   beam owns only the block where the prompt ends (copied when the group forks) and the blocks after it.
+- The choices of one request (`n` > 1) admitted together (`admit_choices`) share their prompt's whole blocks,
+  counted by the choices that hold them and freed with the last; each choice owns the block where the prompt
+  ends (the first choice's is written by the prefill, the others' are copies) and the blocks after it.
 """
 
 from __future__ import annotations
@@ -41,9 +44,18 @@ class _Prefix:
 
 
 @dataclass
+class _Shared:
+    """Whole prompt blocks the choices of one request read (never written after their prefill)."""
+
+    blocks: list[int]
+    num_refs: int
+
+
+@dataclass
 class _Sequence:
     prefix_key: str | None
     own: list[list[int]] = field(default_factory=list)  # per beam
+    shared: _Shared | None = None  # a choice's prompt blocks, shared with its request's other choices
 
 
 class BlockPool:
@@ -161,6 +173,37 @@ class BlockPool:
             )
         return grants
 
+    def admit_choices(
+        self,
+        rows: list[int],
+        prefix_key: str | None,
+        num_prefix_tokens: int,
+        num_tokens: int,
+        num_shared: int,
+    ) -> list[SeqBlocks]:
+        """Blocks for the choices of one request, one row each, admitted together: `num_tokens` own tokens
+        each, the first `num_shared` (the prompt) the same in all. The prompt's whole blocks are shared (freed
+        with the last choice that holds them); each row owns the rest, the first row's written by the prefill,
+        the others' from the block where the prompt ends a copy of it. Call can_admit first (num_seqs =
+        len(rows))."""
+        grants = self.admit(rows[0], prefix_key, num_prefix_tokens, num_tokens)
+        if len(rows) == 1:
+            return grants
+        num_prefix_blocks = grants[0].num_prefix_blocks
+        first = self._sequences[rows[0]]
+        blocks = first.own[0]
+        shared = _Shared(blocks[: num_shared // self.block_size], len(rows))
+        first.own[0], first.shared = blocks[len(shared.blocks) :], shared
+        prefix_blocks = grants[0].table[:num_prefix_blocks]
+        for row in rows[1:]:
+            own = self._take(len(first.own[0]), prefix_key)
+            self._sequences[row] = _Sequence(prefix_key, [own], shared)
+            if prefix_key is not None:
+                self._prefixes[prefix_key].num_refs += 1
+            table = prefix_blocks + shared.blocks + own
+            grants.append(SeqBlocks(table, num_prefix_blocks, grants[0].num_prefix_tokens, False, own))
+        return grants
+
     def can_grow(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free + self._num_evictable(keep=None)
 
@@ -178,6 +221,10 @@ class BlockPool:
             return
         for own in sequence.own:
             self._free.extend(reversed(own))
+        if sequence.shared is not None:
+            sequence.shared.num_refs -= 1
+            if sequence.shared.num_refs == 0:
+                self._free.extend(reversed(sequence.shared.blocks))
         if sequence.prefix_key is not None:
             self._prefixes[sequence.prefix_key].num_refs -= 1
 

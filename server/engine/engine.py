@@ -585,11 +585,11 @@ class Engine:
         with self._lock:
             return self.scheduler.tenant_load()
 
-    def check_room(self, tenant: str | None, weight: float = 1.0) -> None:
-        """Raise QueueFull if a request of `tenant` would be refused now: lets the front refuse before it
+    def check_room(self, tenant: str | None, weight: float = 1.0, num: int = 1) -> None:
+        """Raise QueueFull if `num` requests of `tenant` would be refused now: lets the front refuse before it
         tokenizes and loads a prefix (add() checks again)."""
         with self._lock:
-            self.scheduler._check_room(tenant or "", weight)
+            self.scheduler.check_room(tenant or "", weight, num)
 
     def add(
         self,
@@ -607,18 +607,59 @@ class Engine:
         Raises QueueFull (the queue is full and the tenant holds its share), EngineUnavailable (the loop
         died). Read it with stream(): an output per token as it comes, or (`each_token` False, for a whole
         response) all of them at the end."""
-        request = Request(
-            request_id=request_id or uuid.uuid4().hex,
-            prompt_token_ids=prompt_token_ids,
-            params=params,
-            prefix=prefix,
-            prefix_id=prefix_id,
-            num_prefix_tokens=0 if prefix is None else prefix.num_virtual_tokens,
-            prefix_key=_prefix_key(prefix, request_id),
-            tenant=tenant,
-            trace_id=trace_id,
+        ids = None if request_id is None else [request_id]
+        (request,) = self.add_choices(
+            prompt_token_ids, [params], prefix, prefix_id, tenant, ids, weight, trace_id, each_token
         )
-        stream = _Stream(
+        return request
+
+    def add_choices(
+        self,
+        prompt_token_ids: list[int],
+        choices: list[SamplingParams],
+        prefix: Any = None,
+        prefix_id: str | None = None,
+        tenant: str | None = None,
+        request_ids: list[str] | None = None,
+        weight: float = 1.0,
+        trace_id: str | None = None,
+        each_token: bool = True,
+    ) -> list[Request]:
+        """add() for the n choices of one request (one prompt, one prefix pinned once per choice, a sampling
+        setting each): queued together or not at all, so that they are admitted together (paged: the prompt
+        runs once and its blocks are shared)."""
+        ids = request_ids or [uuid.uuid4().hex for _ in choices]
+        group = ids[0] if len(choices) > 1 else None
+        key = _prefix_key(prefix, ids[0])  # one key: the choices share the prefix's blocks
+        requests = [
+            Request(
+                request_id=request_id,
+                prompt_token_ids=prompt_token_ids,
+                params=params,
+                prefix=prefix,
+                prefix_id=prefix_id,
+                num_prefix_tokens=0 if prefix is None else prefix.num_virtual_tokens,
+                prefix_key=key,
+                tenant=tenant,
+                group=group,
+                trace_id=trace_id,
+            )
+            for request_id, params in zip(ids, choices, strict=True)
+        ]
+        streams = [self._new_stream(request, each_token) for request in requests]
+        with self._lock:  # the loop sets loop_error before it fails what the scheduler holds (_fail_all)
+            if self.loop_error is not None:
+                raise EngineUnavailable(f"engine loop died ({self.loop_error}); this replica cannot generate")
+            self.scheduler.check_room(tenant or "", weight, len(requests))
+            for request, stream in zip(requests, streams, strict=True):
+                self.scheduler.add(request, weight)
+                self._register(stream)
+            self._lock.notify_all()
+        return requests
+
+    def _new_stream(self, request: Request, each_token: bool) -> _Stream:
+        params = request.params
+        return _Stream(
             asyncio.get_running_loop(),
             _Outbox(),
             IncrementalText(
@@ -635,13 +676,6 @@ class Engine:
             and params.logprobs is None
             and params.num_beams == 1,
         )
-        with self._lock:  # the loop sets loop_error before it fails what the scheduler holds (_fail_all)
-            if self.loop_error is not None:
-                raise EngineUnavailable(f"engine loop died ({self.loop_error}); this replica cannot generate")
-            self.scheduler.add(request, weight)
-            self._register(stream)
-            self._lock.notify_all()
-        return request
 
     def _register(self, stream: _Stream) -> None:
         self._streams[stream.request.request_id] = stream

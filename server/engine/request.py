@@ -110,6 +110,9 @@ class Request:
     num_prefix_tokens: int = 0
     prefix_key: str | None = None  # the prefix's content (paged KV: requests with one key share its blocks)
     tenant: str | None = None
+    # the first choice's request id for every choice of one request with n > 1 (queued together): choices
+    # waiting together are admitted together and, paged, run their prompt once and share its blocks
+    group: str | None = None
     trace_id: str | None = None  # the HTTP request's X-Request-Id, for log lines about this request
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(

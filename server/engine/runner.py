@@ -5,7 +5,9 @@ as a view with no gather. When a sequence leaves, the last slot's live entries m
 copy of one sequence); a joining sequence copies its prefix once into its slot. Nothing else is copied,
 except for beam search (beam.py): a beam group's prompt is run once, then its KV (prefix, prompt; BART's
 cross entries too) is copied into the group's other k-1 slots, and after each step a beam that continues
-another beam copies only the generated part [prefix + prompt, seq_len) from that beam's slot.
+another beam copies only the generated part [prefix + prompt, seq_len) from that beam's slot. Paged, the choices of
+one request admitted together run their prompt once: the others copy the block where it ends and sample their
+first token from its last logits.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ class ModelRunner:
         else:
             if self.batch.num_slots:
                 self._decode()
-            self._prefill(batch.prefill, batch.blocks, batch.resumed)
+            self._prefill(batch.prefill, batch.blocks, batch.resumed, batch.forks)
         out = self._out
         if self._chunks:
             out.rows = np.concatenate([rows for rows, _ in self._chunks])
@@ -186,12 +188,17 @@ class ModelRunner:
         requests: list[Request],
         blocks: dict[int, list[SeqBlocks]],
         resumed: dict[int, list[int]] | None = None,
+        forks: dict[int, int] | None = None,
     ) -> None:
         """Decoder-only: write prefixes, run the prompts, sample each sequence's first token. A row resuming
-        after a preemption (paged) runs its prompt and the tokens it generated, and samples its next token."""
+        after a preemption (paged) runs its prompt and the tokens it generated, and samples its next token. A
+        forking choice (paged, `forks`) runs nothing: it joins after the rows that run, takes the last prompt
+        block of the row it forks from, and samples its first token from that row's logits."""
         if not requests:
             return
-        resumed = resumed or {}
+        resumed, forks = resumed or {}, forks or {}
+        if forks:  # the rows that run first, then the forking choices: logits' rows follow the slots
+            requests = [r for r in requests if r.row not in forks] + [r for r in requests if r.row in forks]
         start = self.batch.num_slots
         if isinstance(self.cache, PagedKVCache):
             prefix_lens = self._join_blocks(self.cache, start, requests, blocks)
@@ -204,12 +211,34 @@ class ModelRunner:
         for request, num_prefix, tokens in zip(requests, prefix_lens, token_lists, strict=True):
             slot = self._join(request, num_prefix + len(tokens), 0, pad)
             self.batch.num_output[slot] = len(tokens) - len(request.prompt_token_ids)
-        self.on_forward(requests)
+        num_run = len(requests) - len(forks)
+        self.on_forward(requests[:num_run])
         started = time.perf_counter()
-        logits = self.backbone.prefill(self.cache, start, token_lists, prefix_lens)
+        logits = self.backbone.prefill(self.cache, start, token_lists[:num_run], prefix_lens[:num_run])
         self.forward_seconds += time.perf_counter() - started
+        if forks:
+            logits = self._fork_choices(logits, start, requests[num_run:], forks)
         self._choose(logits, start, start + len(requests))
         self._fork_beams()
+
+    def _fork_choices(
+        self, logits: torch.Tensor, start: int, forking: list[Request], forks: dict[int, int]
+    ) -> torch.Tensor:
+        """Paged: the forking choices (slots after the rows that ran) take the block where the prompt of the
+        row they fork from ends (its whole blocks they share) and its last logits. Returns logits [ran +
+        forking, V]: each forking choice then samples as it would alone, from the same numbers."""
+        assert isinstance(self.cache, PagedKVCache)
+        b = self.batch
+        ran = {int(b.rows[slot]): slot for slot in range(start, start + logits.shape[0])}
+        sources = [ran[forks[r.row]] for r in forking]
+        by_source: dict[int, list[int]] = {}
+        for target, source in enumerate(sources, start=start + logits.shape[0]):
+            by_source.setdefault(source, []).append(target)
+        for source, targets in by_source.items():  # a request's choices: one prefix, one prompt, one length
+            seq_len = int(b.seq_len[source])
+            self.cache.copy_own([source] * len(targets), targets, seq_len, seq_len)
+        picked = logits.index_select(0, as_tensor([s - start for s in sources], logits.device))
+        return torch.cat([logits, picked])
 
     def _grow(self, grown: dict[int, list[int]]) -> None:
         """Paged: rows given more blocks (zeroed) for the positions they write next."""

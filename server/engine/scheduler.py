@@ -13,7 +13,9 @@ charged k generated tokens per step.
 
 With the paged KV layout (a `BlockPool`, block_pool.py) admission is also by free blocks, running rows take a
 block when they cross into one, and when none is left the tenant furthest over its share (VTC) loses its latest
-request: preempted, it keeps its row and tokens, waits first in its tenant's line and resumes where it was.
+request: preempted, it keeps its row and tokens, waits first in its tenant's line and resumes where it was. The
+choices of one request (`n` > 1, queued together) join together as rows and blocks allow: the first runs the
+prompt, the others fork from it (`StepInput.forks`) and share its whole blocks.
 
 Fairness is the virtual token counter (VTC) of Sheng et al., "Fairness in Serving Large Language
 Models" (OSDI 2024): every tenant has a counter of the service it received — prefill tokens x
@@ -239,18 +241,24 @@ class Scheduler:
         self.waiting.setdefault(tenant, deque()).append(request)
         self._num_waiting += 1
 
-    def _check_room(self, tenant: str, weight: float) -> None:
+    def check_room(self, tenant: str, weight: float, num: int = 1) -> None:
+        """Raise QueueFull unless `num` more requests of `tenant` would all be queued now."""
+        self._check_room(tenant, weight, num - 1)
+
+    def _check_room(self, tenant: str, weight: float, num_before: int = 0) -> None:
+        """Room for one more request of `tenant` after `num_before` more of its own."""
         # requests that free slots will take at the next step are not queued behind anyone
         free_slots = max(0, self.config.max_num_seqs - self._num_running_slots)
         limit = self.config.max_queue + free_slots
-        if self._num_waiting < limit:
+        num_waiting = self._num_waiting + num_before
+        if num_waiting < limit:
             return
         if self.config.policy == "fifo":
-            raise QueueFull(f"{self._num_waiting} requests are waiting; retry shortly", "queue_full")
+            raise QueueFull(f"{num_waiting} requests are waiting; retry shortly", "queue_full")
         share = self.queue_share(tenant, weight)
-        held = len(self.waiting.get(tenant, ()))
+        held = len(self.waiting.get(tenant, ())) + num_before
         # within its share a tenant is always queued; the hard cap only guards against weights changing
-        if held < share and self._num_waiting < 2 * limit:
+        if held < share and num_waiting < 2 * limit:
             return
         raise QueueFull(
             f"the queue is full and this tenant holds {held} of its {share} waiting places; retry shortly"
@@ -327,6 +335,12 @@ class Scheduler:
                 break  # a beam group waits (first in line) until its k slots are free
             if head in step.preempted or (self.blocks is not None and not self._can_admit(head)):
                 break  # first in line waits for blocks to free: nobody overtakes it
+            if self._forks(head):
+                num_choices = self._num_choices(tenant, head, num_free)
+                self._admit_choices(tenant, num_choices, step)
+                num_free -= num_choices
+                budget -= num_tokens
+                continue
             num_free -= head.params.num_beams
             budget -= self._admit(tenant, step)
         # waiting requests that were aborted never held a slot: report them as finished, nothing to free
@@ -398,22 +412,25 @@ class Scheduler:
         """Tokens a preempted request generated before: its prefill runs them again after its prompt."""
         return int(self.rows.num_output[request.row]) if self._preempted.get(request.row) is request else 0
 
-    def _block_need(self, request: Request) -> tuple[str | None, int, int, int, int]:
+    def _block_need(self, request: Request, num_choices: int = 1) -> tuple[str | None, int, int, int, int]:
         """(prefix key, P, own tokens, sequences, shared tokens) an admission takes from the pool: a beam group
         every block it may use (prompts shared); any other request its prompt (and what it generated before
-        a preemption) and the position it writes next — later blocks come as it grows."""
+        a preemption) and the position it writes next — later blocks come as it grows; `num_choices` choices
+        of one request admitted together, each that, their prompt shared."""
         num_prompt = len(request.prompt_token_ids)
+        if num_choices > 1:
+            return request.prefix_key, request.num_prefix_tokens, num_prompt + 1, num_choices, num_prompt
         if request.params.num_beams > 1:
             own = num_prompt + request.params.max_new_tokens
             return request.prefix_key, request.num_prefix_tokens, own, request.params.num_beams, num_prompt
         own = num_prompt + self._num_resumed(request) + 1
         return request.prefix_key, request.num_prefix_tokens, own, 1, 0
 
-    def _can_admit(self, request: Request) -> bool:
+    def _can_admit(self, request: Request, num_choices: int = 1) -> bool:
         """Blocks for the request, and (while others run) a reserve of 2 % of the pool for them to grow into:
         admitting up to the last block would preempt at the next block boundary."""
         assert self.blocks is not None
-        key, num_prefix, own, num_seqs, shared = self._block_need(request)
+        key, num_prefix, own, num_seqs, shared = self._block_need(request, num_choices)
         reserve = max(1, self.blocks.num_usable // 50) if self.running else 0
         need = self.blocks.num_needed(key, num_prefix, own, num_seqs, shared) + reserve
         return self.blocks.can_admit(key, num_prefix, own, num_seqs, shared) and (
@@ -424,11 +441,55 @@ class Scheduler:
         """The pool's grant for `need` (_block_need, taken before a resuming request left the queue)."""
         assert self.blocks is not None
         grants = self.blocks.admit(request.row, *need)
+        self._track_blocks(request, need[2])
+        return grants
+
+    def _track_blocks(self, request: Request, num_tokens: int) -> None:
+        """A joining row's blocks as _grow reads them: `num_tokens` own positions granted."""
+        assert self.blocks is not None
         row = request.row
         self._is_growing[row] = request.params.num_beams == 1
-        self._num_own_blocks[row] = self.blocks.blocks_for(need[2])
+        self._num_own_blocks[row] = self.blocks.blocks_for(num_tokens)
         self._num_prompt[row] = len(request.prompt_token_ids)
-        return grants
+
+    def _forks(self, head: Request) -> bool:
+        """Paged: the head is the first of choices of one request queued together (not a resuming one)."""
+        return (
+            self.blocks is not None
+            and head.group is not None
+            and head.params.num_beams == 1
+            and self._preempted.get(head.row) is not head
+        )
+
+    def _num_choices(self, tenant: str, head: Request, num_free: int) -> int:
+        """How many choices of head's request, queued behind it, join with it (head included): as many as rows
+        and blocks allow (head alone fits). A preempted choice is never among them: preemptions wait in front."""
+        queue = self.waiting[tenant]
+        num = 1
+        while num < min(len(queue), num_free) and queue[num].group == head.group:
+            num += 1
+        while num > 1 and not self._can_admit(head, num):
+            num -= 1
+        return num
+
+    def _admit_choices(self, tenant: str, num: int, step: StepInput) -> None:
+        """`num` choices of one request from the front of the tenant's line, admitted together: the first runs
+        the prompt (charged once), the others fork from it (`step.forks`) and share the prompt's whole blocks."""
+        assert self.blocks is not None
+        choices = [self._pop(tenant) for _ in range(num)]
+        first = choices[0]
+        key, num_prefix, own, _, num_shared = self._block_need(first, num)
+        self._charge(first, self.config.prefill_token_cost * len(first.prompt_token_ids))
+        for request in choices:
+            request.status = RequestStatus.RUNNING
+            self._join_row(request)
+        grants = self.blocks.admit_choices([r.row for r in choices], key, num_prefix, own, num_shared)
+        for request, grant in zip(choices, grants, strict=True):
+            step.blocks[request.row] = [grant]
+            self._track_blocks(request, own)
+            if request is not first:
+                step.forks[request.row] = first.row
+        step.prefill += choices
 
     def _grow(self, step: StepInput) -> None:
         """Each running row about to write into a new block gets one; when the pool has none left, running

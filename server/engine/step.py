@@ -65,6 +65,9 @@ class StepInput:
     preempted: list[Request] = field(default_factory=list)
     grown: dict[int, list[int]] = field(default_factory=dict)
     resumed: dict[int, list[int]] = field(default_factory=dict)
+    # paged: joining choices of one request that run no prefill of their own, by row -> the row whose prefill
+    # they share (its last logits give their first token; the block where its prompt ends is copied into theirs)
+    forks: dict[int, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

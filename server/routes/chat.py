@@ -124,12 +124,10 @@ async def chat_completions(body: ChatBody, principal: CurrentPrincipal, http_req
         log.info("chat completion for user %r", body.user)
     gens: list[generation.Generation] = []
     try:
-        for one in per_completion(params, body.n):
-            gens.append(
-                await generation.start(
-                    state, principal, prefix_id, prompt, one, bool(body.stream), fill_context=limit is None
-                )
-            )
+        choices = per_completion(params, body.n)
+        gens = await generation.start_choices(
+            state, principal, prefix_id, prompt, choices, bool(body.stream), fill_context=limit is None
+        )
     except ServiceError:
         generation.abort_unfinished(state, gens)
         raise

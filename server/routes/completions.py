@@ -92,9 +92,9 @@ async def completions(body: CompletionBody, principal: CurrentPrincipal, http_re
     echoes: list[str] = []
     try:
         for prompt in prompts:
-            for params in per_completion(_params(body), body.n):
-                gens.append(await generation.start(state, principal, prefix_id, prompt, params, body.stream))
-                echoes.append(prompt if body.echo else "")
+            each = per_completion(_params(body), body.n)
+            gens += await generation.start_choices(state, principal, prefix_id, prompt, each, body.stream)
+            echoes += [prompt if body.echo else ""] * body.n
     except ServiceError:
         generation.abort_unfinished(state, gens)
         raise

@@ -89,19 +89,16 @@ async def generate(body: GenerateBody, caller: CurrentCaller, http_request: Requ
     )
     gens: list[generation.Generation] = []
     try:
-        for completion_params in per_completion(params, body.n):
-            gens.append(
-                await generation.start(
-                    state,
-                    principal,
-                    body.prefix,
-                    body.prompt,
-                    completion_params,
-                    body.stream,
-                    special_tokens=body.special_tokens,
-                    settings=caller.settings,
-                )
-            )
+        gens = await generation.start_choices(
+            state,
+            principal,
+            body.prefix,
+            body.prompt,
+            per_completion(params, body.n),
+            body.stream,
+            special_tokens=body.special_tokens,
+            settings=caller.settings,
+        )
     except ServiceError:
         for gen in gens:
             state.engine.abort(gen.request.request_id)

@@ -90,3 +90,27 @@ def test_a_beam_group_shares_its_prompt_s_whole_blocks_and_owns_the_rest():
     assert pool.can_ever_fit(4, 16, 4, 10) and not pool.can_ever_fit(4, 16, 30, 10)
     pool.release(0)
     assert pool.num_sequence_blocks == 0 and pool.num_free == 38
+
+
+def test_the_choices_of_a_request_share_the_prompt_s_whole_blocks_until_the_last_leaves():
+    pool = BlockPool(num_blocks=40, block_size=4)
+    # prompt of 10 tokens + the position written next: 2 whole blocks shared, the third each choice's own
+    assert pool.can_admit("p", 4, 11, num_seqs=4, num_shared=10)
+    grants = pool.admit_choices([3, 5, 7, 9], "p", 4, 11, 10)
+    first = grants[0].table
+    assert all(g.table[:3] == first[:3] for g in grants)  # the prefix block and the prompt's 2 whole blocks
+    assert len({g.table[3] for g in grants}) == 4 and all(len(g.table) == 4 for g in grants)
+    assert [g.is_prefix_new for g in grants] == [True, False, False, False]
+    assert all(g.fresh == g.table[3:] for g in grants[1:])
+    assert pool.num_sequence_blocks == 2 + 4 * 1 == pool.num_needed("q", 0, 11, 4, 10)
+    assert pool.references("p") == 4
+    pool.release(3)  # the first choice leaves (or is preempted): the others still read the shared blocks
+    assert pool.num_sequence_blocks == 2 + 3 and pool.references("p") == 3
+    pool.grow(5, 2)  # a choice grows alone
+    assert pool.num_sequence_blocks == 2 + 3 + 2
+    for row in (5, 7):
+        pool.release(row)
+    assert pool.num_sequence_blocks == 2 + 1
+    pool.release(9)  # the last one frees them
+    assert pool.num_sequence_blocks == 0 and pool.num_free == 39 - 1 and pool.references("p") == 0
+    assert len(set(pool._free)) == len(pool._free)  # no block given back twice

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from server.engine.block_pool import BlockPool
 from server.engine.request import Request, SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 from server.engine.step import StepOutput
 
 EOS = 0
@@ -141,3 +144,41 @@ def test_stop_token_ids_finish_with_the_token_kept_by_row():
     batch = s.schedule()
     s.update(batch, StepOutput.of(batch.sequences, [EOS]))
     assert b.finish_reason == "stop" and b.output_token_ids == [9, 9]
+
+
+def choices(group: str, n: int, tenant: str | None = None, num_prompt: int = 6) -> list[Request]:
+    requests = [make(f"{group}-{i}", num_prompt=num_prompt, max_new=2) for i in range(n)]
+    for request in requests:
+        request.group, request.tenant = group, tenant
+    return requests
+
+
+def test_paged_choices_join_together_as_rows_allow_and_fork_from_the_first():
+    """5 choices, 3 free rows: 3 join (one prefill, 2 forks, the prompt's whole block shared), then the other 2."""
+    s = Scheduler(SchedulerConfig(max_num_seqs=3, eos_token_ids=frozenset({EOS})), BlockPool(40, 4))
+    group = choices("g", 5)
+    for request in group:
+        s.add(request)
+    step = s.schedule()
+    assert step.prefill == group[:3]
+    assert step.forks == {group[1].row: group[0].row, group[2].row: group[0].row}
+    tables = [step.blocks[r.row][0].table for r in group[:3]]
+    assert tables[0][0] == tables[1][0] == tables[2][0] and len({t[1] for t in tables}) == 3
+    assert s.counters[""] == 6  # the prompt ran once
+    s.update(step, StepOutput.of(step.prefill, [5, 5, 5]))
+    s.update(step, StepOutput.of(step.prefill, [6, 6, 6]))  # length: they leave at the next step
+    step = s.schedule()
+    assert step.prefill == group[3:] and step.forks == {group[4].row: group[3].row}
+    assert s.blocks is not None and s.blocks.num_sequence_blocks == 1 + 2
+
+
+def test_choices_queue_together_or_not_at_all_and_the_slot_layout_runs_them_alone():
+    s = scheduler(max_num_seqs=2, max_queue=4)
+    s.check_room("", 1.0, 6)  # 4 waiting places + 2 free rows
+    with pytest.raises(QueueFull):
+        s.check_room("", 1.0, 7)
+    group = choices("g", 2)
+    for request in group:
+        s.add(request)
+    step = s.schedule()
+    assert step.prefill == group and not step.forks and not step.blocks

@@ -1,6 +1,6 @@
 """prefix-serve with `--kv-layout paged` as a process, over HTTP: PEFT-exact for concurrent requests sharing
-prefixes, the pool's blocks on /metrics, a replaced prefix never served stale, and what the paged layout does
-not run refused at start."""
+prefixes, the pool's blocks on /metrics, a replaced prefix never served stale, n choices sharing their prompt
+(OpenAI's client), and what the paged layout does not run refused at start."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from openai import OpenAI
 from peft_oracle import MAX_NEW, PROMPTS, make_peft_adapter, peft_generate
 from pydantic import ValidationError
 from serving import running_server, upload_peft
@@ -66,3 +67,37 @@ def test_paged_server_is_peft_exact_stores_prefixes_once_and_never_serves_stale(
 def test_paged_layout_and_runner_process_are_refused_together():
     with pytest.raises(ValidationError, match="--runner-process"):
         Settings(kv_layout="paged", runner_process=True)
+
+
+def test_openai_n_choices_share_their_prompt_and_each_is_what_it_is_alone(
+    tiny_gpt2_dir: Path, tmp_path: Path
+):
+    """n = 4 through /v1/generate (greedy: PEFT's ids, each choice) and OpenAI's client on /v1/completions
+    (seeded sampling with logprobs and a penalty, whole and streamed): choice i == the request alone with seed
+    + i. Every block is back afterwards."""
+    adapter = make_peft_adapter(tiny_gpt2_dir, "gpt2", 5, tmp_path / "a", seed=1)
+    want = peft_generate(tiny_gpt2_dir, "gpt2", adapter, PROMPTS, MAX_NEW)
+    with running_server(tiny_gpt2_dir, str(tmp_path / "store"), tmp_path, args=PAGED) as server:
+        client = httpx.Client(base_url=server.url, timeout=60)
+        assert upload_peft(client, "t/a", adapter).status_code == 201
+        for i, prompt in enumerate(PROMPTS[:3]):
+            body = {"prefix": "t/a", "prompt": prompt, "max_new_tokens": MAX_NEW, "n": 4}
+            response = client.post("/v1/generate", json=body).json()
+            assert [c["token_ids"] for c in response["choices"]] == [want[i]] * 4
+        oai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        sampled = {"model": "t/a", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0.9, "logprobs": 2}
+        sampled["presence_penalty"] = 0.5
+        group = oai.completions.create(**sampled, n=4, seed=7)
+        each = [oai.completions.create(**sampled, seed=7 + i).choices[0] for i in range(4)]
+        assert [c.text for c in group.choices] == [c.text for c in each]
+        assert [c.logprobs.tokens for c in group.choices] == [c.logprobs.tokens for c in each]
+        for ours, theirs in zip(group.choices, each, strict=True):
+            assert ours.logprobs.token_logprobs == pytest.approx(theirs.logprobs.token_logprobs, abs=1e-5)
+        assert len({c.text for c in group.choices}) > 1
+        streamed = ["", "", "", ""]
+        for chunk in oai.completions.create(**sampled, n=4, seed=7, stream=True):
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.text
+        assert streamed == [c.text for c in group.choices]
+        text = client.get("/metrics").text
+        assert metric(text, "prefixserve_kv_blocks_sequences") == 0
