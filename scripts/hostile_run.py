@@ -495,11 +495,13 @@ def probe_listing(run: Run) -> None:
                     problems[f"admin tenant=a-b limit={limit}"] = facts
             models = [m["id"] for m in c.get("/v1/models", headers=auth(a_key)).json()["data"]]
             prefix_models = [m for m in models if "/" in m]
+            models_public = "zz/pub" in prefix_models
         store = "embedded" if server is run.a else "redis"
         report("1", f"listing, {store} store", not problems,
                f"{len(ids) + 1} ids with - . _ digits, pages 1,2,3,7 (admin all, tenant key, admin ?tenant=a-b): "
                + ("every prefix once, in id order" if not problems else f"{len(problems)} walks wrong")
-               + f"; tenant key's listing includes public: {includes_public}; /v1/models in id order: "
+               + f"; tenant key's listing includes public: {includes_public}, its /v1/models: {models_public}; "
+               "/v1/models in id order: "
                f"{prefix_models == sorted(prefix_models)}",
                problems=problems, seconds=round(time.monotonic() - started, 1))  # fmt: skip
 
@@ -696,6 +698,7 @@ def probe_huge_prompts(run: Run) -> None:
     huge = (PROMPT + " | ") * (1_000_000 // (len(PROMPT) + 3) + 1)
     huge = huge[:1_000_000]
     rss_before = server.proc_status()
+    steps_before, cpu_before = metrics(server), cpu_seconds(server.pid)
     done = threading.Event()
     peak = [rss_before["VmRSS"]]
 
@@ -729,6 +732,7 @@ def probe_huge_prompts(run: Run) -> None:
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         heavies = [answer for answers in pool.map(one_heavy, range(6)) for answer in answers]
     done.set()
+    steps_after, cpu_heavy = metrics(server), cpu_seconds(server.pid) - cpu_before
     lighter.join(120)
     sampler.join(10)
     time.sleep(3)
@@ -760,16 +764,25 @@ def probe_huge_prompts(run: Run) -> None:
     heavy_codes = sorted({(s, code) for s, code, _ in heavies}, key=str)
     light_alone, light_during = statistics.median(alone), max(during)
     growth_mb = (rss_after["VmRSS"] - rss_before["VmRSS"]) / 1024
-    # "A step or two" on a loaded 2-core CPU: a few times a 2-token request, never seconds.
-    light_ok = light_during <= max(4 * light_alone, light_alone + 0.5)
+    # The issue saw 13 s; the bar here is half a second over alone, on a loaded 2-core CPU. The facts say how
+    # many engine steps the extra wait is worth.
+    light_ok = light_during <= light_alone + 0.5
+    steps = steps_after.get("prefixserve_engine_steps_total", 0) - steps_before.get(
+        "prefixserve_engine_steps_total", 0
+    )
+    step_s = steps_after.get("prefixserve_engine_step_seconds_total", 0) - steps_before.get(
+        "prefixserve_engine_step_seconds_total", 0
+    )
+    mean_step_ms = step_s / steps * 1e3 if steps else float("nan")
     ok = (heavy_codes == [(422, "prompt_too_long")] and light_ok and growth_mb < 150
           and all(r.status_code == 422 for r in templates.values()) and big_template.status_code == 422
           and all(s == 422 for s, _, _ in other_paths.values()))  # fmt: skip
     report("3", "six 1,000,000-character prompts vs another tenant", ok,
            f"{len(heavies)} heavy prompts over {HEAVY_SECONDS:g} s from 6 clients: {heavy_codes}, each in "
-           f"{max(s for _, _, s in heavies):.2f} s max; light 2-token alone "
-           f"median {light_alone * 1e3:.0f} ms, during max {light_during * 1e3:.0f} ms "
-           f"(median {statistics.median(during) * 1e3:.0f}, n={len(during)}); RSS {rss_before['VmRSS'] / 1024:.0f} -> "
+           f"{max(s for _, _, s in heavies):.2f} s max, server CPU {cpu_heavy / len(heavies) * 1e3:.1f} ms each; "
+           f"light 2-token alone median {light_alone * 1e3:.0f} ms, during median "
+           f"{statistics.median(during) * 1e3:.0f} / max {light_during * 1e3:.0f} ms (n={len(during)}; mean engine "
+           f"step meanwhile {mean_step_ms:.1f} ms); RSS {rss_before['VmRSS'] / 1024:.0f} -> "
            f"peak {peak[0] / 1024:.0f} -> {rss_after['VmRSS'] / 1024:.0f} MB 3 s after; other paths "
            f"{ {k: (v[0], v[1]) for k, v in other_paths.items()} }; templates "
            f"{ {k: (r.status_code, error_code(r)) for k, r in templates.items()} }; 1 MB template "
@@ -1588,7 +1601,8 @@ def probe_log_and_5xx(run: Run, server: Server) -> None:
     expected_errors = [e for e in errors if "is unreachable" in e or "lost the change feed" in e]
     unexpected = [e for e in errors if e not in expected_errors]
     report("new", f"server {server.name}: 5xx answered and ERROR lines over the whole run",
-           statuses.get("500", 0) == 0 and not unexpected,
+           # B answers 503 store_unavailable during item 2's outage by design; nothing else may be a 5xx
+           not [k for k in statuses if k.startswith("5") and not (k == "503" and server.name == "B")] and not unexpected,
            f"requests by status {dict(sorted(statuses.items()))}; {len(errors)} ERROR/Traceback lines "
            f"({len(expected_errors)} about the Redis outage)",
            unexpected=unexpected[:10])  # fmt: skip
@@ -1705,7 +1719,8 @@ def print_table(total: float) -> None:
     print("| item | probe | verdict | s | facts |")
     print("|---|---|---|---|---|")
     for f in FINDINGS:
-        print(f"| {f.item} | {f.probe} | {f.verdict} | {f.seconds:g} | {f.summary.replace('|', '/')} |")
+        cells = [f.item, f.probe, f.verdict, f"{f.seconds:g}", f.summary]
+        print("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")  # markdown-safe
 
 
 if __name__ == "__main__":
