@@ -1525,6 +1525,7 @@ def probe_header_limits(run: Run) -> None:
         s.close()
     time.sleep(1.0)
     rss_after = server.proc_status()
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=2)  # connects, never sends a byte
     slow = socket.create_connection(("127.0.0.1", server.port), timeout=2)
     slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     started, how = time.monotonic(), "still open"
@@ -1546,13 +1547,21 @@ def probe_header_limits(run: Run) -> None:
                 how = "reset"
                 break
     slow_s = time.monotonic() - started
+    with idle:
+        idle.setblocking(False)
+        try:
+            idle_state = "closed" if idle.recv(1) == b"" else "answered"
+        except BlockingIOError:
+            idle_state = "still open"
+        except OSError:
+            idle_state = "reset"
     alive = httpx.get(f"{server.url}/healthz").status_code
     held_mb = (rss_held - rss_before) / 1024
     report("new", "unfinished and slow request headers", held_mb < 64 and how != "still open" and alive == 200,
            f"8 connections each 32 MB into one header: RSS {rss_before / 1024:.0f} -> {rss_held / 1024:.0f} MB held "
            f"(+{held_mb:.0f}), {rss_after['VmRSS'] / 1024:.0f} MB after they closed (peak {rss_after['VmHWM'] / 1024:.0f}); "
            f"a header sent at 1 byte/s: {how} after {slow_s:.0f} s (--body-timeout {BODY_TIMEOUT_A:g} counts from "
-           f"the end of the headers)")  # fmt: skip
+           f"the end of the headers); a connection that sends nothing: {idle_state} after {slow_s:.0f} s")  # fmt: skip
 
 
 def probe_many_tenants(run: Run, count: int = 60) -> None:
