@@ -1,6 +1,6 @@
 """The hostile battery of issue 29, rerunnable: attack a real prefix-serve as a hostile but legitimate user.
 
-    .venv/bin/python scripts/hostile_run.py                      # everything, about 8-10 minutes on 2 cores
+    .venv/bin/python scripts/hostile_run.py                      # everything: about 3 minutes on a busy 2-core CPU
     .venv/bin/python scripts/hostile_run.py --out /tmp/hostile.json --only 1,2,new
 
 It starts its own servers from this checkout (`python -m server`, the demo backbone, CPU), its own
