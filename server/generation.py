@@ -556,6 +556,10 @@ async def run_to_end(state: Any, gen: Generation, http_request: HttpRequest) -> 
         return task.result()
     task.cancel()
     state.engine.abort(gen.request.request_id)
+    # No response is written to a closed connection, so no access line: this is the request's one line.
+    log.info(
+        "client disconnected while waiting for its answer: generation %s aborted", gen.request.request_id
+    )
     raise ServiceError(499, "client_closed", "the client disconnected")
 
 

@@ -271,6 +271,31 @@ def test_a_client_gone_mid_body_is_no_5xx_and_one_line(
     assert new_log.count("client disconnected") == 1
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/generate", {"prefix": "alpha/p", "prompt": "hello", "max_new_tokens": 100, "ignore_eos": True}),
+        ("/v1/completions", {"model": "alpha/p", "prompt": "hello", "max_tokens": 100, "ignore_eos": True}),
+    ],
+)
+def test_a_client_gone_while_waiting_is_499_and_one_line(
+    server: ServerProcess, admin: httpx.Client, path: str, body: dict
+) -> None:
+    """The whole body arrives, then the client leaves before its (unstreamed) answer: no response is ever
+    written, so no access line either; the disconnect must still say so, once, with the request id."""
+    log_before = len(server.log())
+    gone_before = _requests_counted(admin, path, 499)
+    data = json.dumps(body).encode()
+    _raw(server, _head("POST", path, len(data), "application/json"), data).close()
+    assert wait_until(lambda: _requests_counted(admin, path, 499) > gone_before, CEILING)
+    assert _requests_counted(admin, path, 500) == 0
+    new_log = server.log()[log_before:]
+    assert "Traceback" not in new_log and "ERROR" not in new_log
+    lines = [line for line in new_log.splitlines() if "client disconnected" in line]
+    assert len(lines) == 1, new_log
+    assert "request_id=" in lines[0]
+
+
 def test_a_slow_body_is_cut_off_with_408(server: ServerProcess, admin: httpx.Client) -> None:
     sock = _raw(server, _head("PUT", "/v1/prefixes/alpha/slow", 1000, "application/octet-stream"), b"x")
     started = time.monotonic()
