@@ -62,9 +62,21 @@ def serve(settings: Settings) -> None:
         # uvloop and httptools (uvicorn[standard]) when importable: the per-request cost of the HTTP stack
         # is mostly theirs, and asyncio's loop with the pure-Python h11 parser costs several times more
         loop="auto",
-        http="auto",
+        http=_http_protocol(settings.body_timeout),
     )
     DrainingServer(config, app, settings.drain_timeout).run()
+
+
+def _http_protocol(head_timeout: float) -> Any:
+    """httptools' protocol with bounded request heads (http_head.py); without httptools, uvicorn's h11 (whose
+    parser refuses heads over 16 KiB itself)."""
+    import importlib.util
+
+    if importlib.util.find_spec("httptools") is None:
+        return "auto"
+    from server.http_head import bounded_head
+
+    return bounded_head(head_timeout)
 
 
 def _http_stack() -> str:

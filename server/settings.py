@@ -127,7 +127,8 @@ class Settings(BaseSettings):
         60.0,
         gt=0,
         description="seconds a request's whole body may take to arrive, counted from its headers; a slower "
-        "body is answered 408 body_timeout and its connection closed (a 64 MiB upload needs about 1.1 MB/s)",
+        "body is answered 408 body_timeout and its connection closed (a 64 MiB upload needs about 1.1 MB/s). "
+        "The request line and headers (at most 64 KiB) get as long from their first byte: 408 head_timeout",
     )
     cors_origins: str = Field(
         "",

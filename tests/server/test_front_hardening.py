@@ -7,6 +7,7 @@ Nothing asserts a duration tightly: the flood test only bounds another tenant's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -342,3 +343,68 @@ def test_a_missing_foreign_prefix_costs_what_a_private_one_does(tmp_path: Path, 
     assert reads == ["beta/secret"]  # found: one record read and parsed
     assert generation.public_meta(store, "beta/missing") is None
     assert reads[1:] == ["beta/missing", "stand-in"]  # missing: the stand-in record read and parsed instead
+
+
+# -- request heads: bounded in size and time (the battery's "unfinished and slow request headers") ------------
+def _answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    answer = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _json_error(answer: bytes) -> dict:
+    return json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+
+
+def test_a_head_that_never_ends_is_refused_at_64_kib(server: ServerProcess) -> None:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=CEILING)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+    sent = 0
+    with contextlib.suppress(OSError):  # the server closes the connection while more is sent
+        for _ in range(64):  # up to 32 MiB of one header, as the hostile run sent
+            sock.sendall(b"a" * (512 << 10))
+            sent += 512 << 10
+    answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert _json_error(answer)["code"] == "headers_too_large"
+    assert sent < 32 << 20  # cut off long before the 32 MiB
+
+
+def test_a_slow_head_is_cut_off_with_408_and_an_idle_connection_closed(server: ServerProcess) -> None:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=CEILING)
+    started = time.monotonic()
+    with contextlib.suppress(OSError):
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 1000:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)  # forever at this rate: the deadline is BODY_TIMEOUT
+            if time.monotonic() - started > CEILING:
+                break
+    answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert _json_error(answer)["code"] == "head_timeout"
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=CEILING)
+    started = time.monotonic()
+    assert _answer(idle) == b""  # nothing sent, nothing answered: closed
+    assert time.monotonic() - started < CEILING
+
+
+def test_bounded_heads_leave_big_bodies_and_keep_alive_alone(
+    server: ServerProcess, alpha: httpx.Client
+) -> None:
+    """The head's count stops where the head ends: a body far over 64 KiB in the same packets is no head."""
+    body = json.dumps({"prefix": "alpha/p", "prompt": "x " * 200_000, "max_new_tokens": 1}).encode()
+    assert len(body) > 256 << 10
+    sock = _raw(server, _head("POST", "/v1/generate", len(body), "application/json"), body)
+    answer = b""
+    with sock:
+        while not answer.rstrip().endswith(b"}") and (chunk := sock.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 422") and _json_error(answer)["code"] == "prompt_too_long", answer[
+        :300
+    ]
+    big_header = {"x-pad": "a" * (48 << 10)}  # under the bound: served
+    for _ in range(3):  # keep-alive: one connection, three requests
+        assert alpha.get("/healthz", headers=big_header).status_code == 200
