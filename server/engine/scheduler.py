@@ -326,7 +326,8 @@ class Scheduler:
         """(prefix key, P, own tokens, sequences, shared tokens) an admission takes from the pool: a beam group
         every block it may use (prompts shared); any other request its prompt (and what it generated before
         a preemption) and the position it writes next — later blocks come as it grows."""
-        num_prompt = len(request.prompt_token_ids)
+        assert self.blocks is not None
+        num_prompt = self.blocks.num_own_prompt(len(request.prompt_token_ids))
         if request.params.num_beams > 1:
             own = num_prompt + request.params.max_new_tokens
             return request.prefix_key, request.num_prefix_tokens, own, request.params.num_beams, num_prompt
@@ -351,7 +352,7 @@ class Scheduler:
         row = request.row
         self._is_growing[row] = request.params.num_beams == 1
         self._num_own_blocks[row] = self.blocks.blocks_for(need[2])
-        self._num_prompt[row] = len(request.prompt_token_ids)
+        self._num_prompt[row] = self.blocks.num_own_prompt(len(request.prompt_token_ids))
         return grants
 
     def _grow(self, step: StepInput) -> None:
