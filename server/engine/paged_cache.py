@@ -1,7 +1,7 @@
 """The paged KV cache's tensors (`--kv-layout paged`): the blocks block_pool.py hands out, and the block table of
-every slot of the persistent batch (BART: two, its decoder's and its cross entries'). It answers the layers the way the slot cache
-(kv_cache.py) does: `prefill_inputs` / `decode_attention` build a forward's `Attention` once, `write` and `read`
-serve each layer.
+every slot of the persistent batch (BART: two, its decoder's and its cross entries'). It answers the layers the
+way the slot cache (kv_cache.py) does: `prefill_inputs` / `decode_attention` build a forward's `Attention` once,
+`write` and `read` serve each layer (BART's cross entries: `cross_where`, `write_cross`, `cross_attention`).
 
 Layout: kv [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]. A block's entries are contiguous,
 so one layer's keys are a flat table [num_blocks * block_size, H, d] that writes index by entry.

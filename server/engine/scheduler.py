@@ -386,6 +386,7 @@ class Scheduler:
         row, tenant = request.row, _tenant(request)
         self._unplace_running(request)
         self.blocks.release(row)
+        step.grown.pop(row, None)  # grown earlier in this schedule(): that block went back with the rest
         self._is_growing[row] = False
         self._num_own_blocks[row] = 0
         self._num_running_slots -= 1

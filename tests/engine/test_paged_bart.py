@@ -24,9 +24,10 @@ from test_engine_exactness import device_prefix, peft_device_prefixes, random_na
 from prefix_store.format import Prefix
 from server.engine import paged_kernel
 from server.engine.backbone import load_backbone
+from server.engine.block_pool import BlockPool
 from server.engine.engine import Engine, EngineConfig, PromptTooLong
 from server.engine.kv_cache import KVBudgetError
-from server.engine.paged_cache import PagedKVCache
+from server.engine.paged_cache import PagedKVCache, split_encoder_decoder
 from server.engine.request import SamplingParams
 from server.engine.runner import ModelRunner
 from server.metrics import _LiveCollector
@@ -63,6 +64,27 @@ def _peft_jobs(prefixes, repeats: int = 1):
                 jobs.append((prefix, prompt, SamplingParams(max_new_tokens=MAX_NEW)))
                 keys.append((prefix_id, p_index))
     return jobs, keys
+
+
+def test_a_grant_splits_into_a_decoder_table_and_a_cross_table():
+    """Prefix [decoder 5 -> 2 blocks | cross 3 -> 1 block], own [source 6 -> 2 blocks | start token + 2 -> 1]."""
+    pool = BlockPool(32, 4, is_encoder_decoder=True)
+    num_prefix, num_own = pool.prefix_tokens(5, 3), pool.num_own_prompt(6) + 2
+    assert (num_prefix, num_own) == (8 + 3, 8 + 1 + 2)
+    (grant,) = pool.admit(0, "p", num_prefix, num_own)
+    prefix, own = grant.table[:3], grant.table[3:]
+    assert len(own) == 3 and pool.num_prefix_blocks == 3 and pool.num_sequence_blocks == 3
+    decoder, cross = split_encoder_decoder(grant, 4, 6, 5, 3)
+    assert (decoder.table, decoder.num_prefix_blocks, decoder.num_prefix_tokens) == (
+        prefix[:2] + own[2:],
+        2,
+        5,
+    )
+    assert (cross.table, cross.num_prefix_blocks, cross.num_prefix_tokens) == (prefix[2:] + own[:2], 1, 3)
+    # a prefix with cross entries only: no decoder part
+    (grant,) = pool.admit(1, "q", pool.prefix_tokens(0, 3), num_own)
+    decoder, cross = split_encoder_decoder(grant, 4, 6, 0, 3)
+    assert decoder.num_prefix_blocks == 0 and cross.table == grant.table[:1] + grant.table[1:3]
 
 
 @bart
