@@ -73,8 +73,8 @@ class Settings(BaseSettings):
         "slots",
         description="slots: every sequence owns a whole slot of --max-model-len positions, its prefix copied in; "
         "paged: blocks of --kv-block-size positions taken as a sequence grows (a running request is preempted, "
-        "then resumed, when they run out), and a prefix is stored once as shared read-only blocks (GPT-2, Llama, Qwen2, Mistral; eager "
-        "decode, no --runner-process; see docs/design/kv-cache.md)",
+        "then resumed, when they run out), and a prefix is stored once as shared read-only blocks (every family; BART's "
+        "cross entries in the same blocks; eager decode, no --runner-process; see docs/design/kv-cache.md)",
     )
     kv_block_size: int = Field(16, ge=1, le=1024, description="positions per KV block with --kv-layout paged")
     cuda_graphs: bool = Field(

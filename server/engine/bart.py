@@ -4,19 +4,26 @@
             encoder positions are not shifted.
 - decoder:  like GPT-2 — slot layout `[prefix | decoder tokens]`, cache index == position, so decoder
             positions start at P (what PEFT does for seq2seq prefix-tuning).
-- cross:    cross slot layout `[cross prefix | encoder K/V]`, visible to every decoder query.
-New sequences are encoded once (encode()), then join the decode batch with decoder_start_token_id.
+- cross:    cross layout `[cross prefix | encoder K/V]`, visible to every decoder query.
+New sequences are encoded once (encode()), then join the decode batch with decoder_start_token_id. The layers
+reach the KV cache only through its calls (`decode_attention` / `prefill_inputs`, `cross_attention`, `write`,
+`attend`, `cross_where`, `write_cross`, `attend_cross`), so the slot cache (kv_cache.py) and the paged one
+(paged_cache.py) serve them alike. A request resumed after a preemption (paged) runs its generated tokens through
+the decoder again (prefill_decoder) after its source is encoded again.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prefix_store.families import GenerationRules, family
 from prefix_store.families.spec import BackboneError
+from server.engine.decoder_inputs import Attention
 from server.engine.kv_cache import KVCache
+from server.engine.paged_cache import PagedKVCache
 from server.engine.transfer import copy_to_device
 
 
@@ -77,7 +84,7 @@ class BartBackbone:
     @torch.inference_mode()
     def encode(
         self,
-        cache: KVCache,
+        cache: KVCache | PagedKVCache,
         start: int,
         token_lists: list[list[int]],
         encoder_prefixes: list[torch.Tensor | None],
@@ -85,11 +92,10 @@ class BartBackbone:
     ) -> list[int]:
         """Encode new sources into slots [start, start+n): fills each slot's cross K/V after its cross prefix
         (already written, `cross_lens[i]` entries). Returns the cross lengths (prefix + source)."""
-        assert cache.cross_kv is not None
         device = self.device
         n = len(token_lists)
         src_len = max(len(t) for t in token_lists)
-        prefix, prefix_lens = _pad_prefixes(encoder_prefixes, cache.self_kv)
+        prefix, prefix_lens = _pad_prefixes(encoder_prefixes, self.model.lm_head.weight)
         num_prefix = 0 if prefix is None else prefix.shape[4]
         # built on the host, copied once: ids, key mask, and where each real source token's cross K/V goes
         ids = torch.full((n, src_len), self.rules.pad_token_id, dtype=torch.long)
@@ -104,9 +110,8 @@ class BartBackbone:
             rows += [start + i] * len(tokens)
             cols += range(cross_lens[i], cross_lens[i] + len(tokens))
             queries += range(i * src_len, i * src_len + len(tokens))
-        ids, key_valid, rows_t, cols_t, queries_t = copy_to_device(
-            [ids, key_valid, torch.tensor(rows), torch.tensor(cols), torch.tensor(queries)], device
-        )
+        ids, key_valid, queries_t = copy_to_device([ids, key_valid, torch.tensor(queries)], device)
+        where = cache.cross_where(np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64), device)
         steps = torch.arange(src_len, device=device)
         mask = key_valid.bool()[
             :, None, None, :
@@ -129,64 +134,74 @@ class BartBackbone:
 
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.encoder_attn
-            kv = cache.cross_kv[index]  # [2, S, H, C, d]
-            kv[0][rows_t, :, cols_t] = self._flat_heads(attn.k_proj(h)).index_select(
-                0, queries_t
-            )  # [N, H, d]
-            kv[1][rows_t, :, cols_t] = self._flat_heads(attn.v_proj(h)).index_select(0, queries_t)
+            cache.write_cross(
+                index,
+                where,
+                self._flat_heads(attn.k_proj(h)).index_select(0, queries_t),  # [N, H, d]
+                self._flat_heads(attn.v_proj(h)).index_select(0, queries_t),
+            )
         return [c + len(t) for c, t in zip(cross_lens, token_lists, strict=True)]
+
+    def _decoder_layers(
+        self, h: torch.Tensor, cache: KVCache | PagedKVCache, attention: Attention, cross: Attention
+    ) -> torch.Tensor:
+        """h [n, T, D] through the decoder layers: each writes the self-attention K/V of the queries
+        `attention.queries` (flat, into [n*T]) where `attention.write` says, attends over the keys
+        `attention.read` names, then over the rows' cross entries."""
+        queries = attention.queries
+        for index, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            k, v = self._flat_heads(attn.k_proj(h)), self._flat_heads(attn.v_proj(h))  # [n*T, H, d]
+            cache.write(index, attention.write, k.index_select(0, queries), v.index_select(0, queries))
+            q = self._heads(attn.q_proj(h))
+            out = cache.attend(index, q, attention, attention.mask, attn.scaling)  # [n, H, T, d]
+            h = layer.self_attn_layer_norm(h + attn.out_proj(self._merge(out)))
+
+            attn = layer.encoder_attn
+            out = cache.attend_cross(index, self._heads(attn.q_proj(h)), cross, attn.scaling)
+            h = layer.encoder_attn_layer_norm(h + attn.out_proj(self._merge(out)))
+            h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+        return h
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs [n, T] at positions [n, T] -> [n, T, D]."""
+        h = self.decoder.embed_tokens(ids) + self._positions(self.decoder.embed_positions, positions)
+        return self.decoder.layernorm_embedding(h)
 
     @torch.inference_mode()
     def decode(
         self,
-        cache: KVCache,
+        cache: KVCache | PagedKVCache,
         tokens: torch.Tensor,
         positions: torch.Tensor,
         length: int,
         cross_lens: torch.Tensor,
         cross_length: int,
     ) -> torch.Tensor:
-        """One decoder token for each slot [0, B). tokens/positions/cross_lens [B]. Returns logits [B, vocab]."""
-        assert cache.cross_kv is not None
-        device = self.device
-        num_rows = tokens.shape[0]
-        rows = torch.arange(num_rows, device=device)
-        self_mask = (torch.arange(length, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-        cross_mask = (torch.arange(cross_length, device=device)[None, :] < cross_lens[:, None])[
-            :, None, None, :
-        ]
-        h = self.decoder.embed_tokens(tokens[:, None]) + self._positions(
-            self.decoder.embed_positions, positions[:, None]
-        )
-        h = self.decoder.layernorm_embedding(h)  # [B, 1, D]
-        for index, layer in enumerate(self.decoder.layers):
-            attn = layer.self_attn
-            q, k, v = self._heads(attn.q_proj(h)), self._heads(attn.k_proj(h)), self._heads(attn.v_proj(h))
-            kv = cache.self_kv[index]
-            kv[0][rows, :, positions] = k[:, :, 0]
-            kv[1][rows, :, positions] = v[:, :, 0]
-            out = F.scaled_dot_product_attention(
-                q,
-                kv[0, :num_rows, :, :length],
-                kv[1, :num_rows, :, :length],
-                attn_mask=self_mask,
-                scale=attn.scaling,
-            )
-            h = layer.self_attn_layer_norm(h + attn.out_proj(self._merge(out)))
-
-            attn = layer.encoder_attn
-            ckv = cache.cross_kv[index]
-            out = F.scaled_dot_product_attention(
-                self._heads(attn.q_proj(h)),
-                ckv[0, :num_rows, :, :cross_length],
-                ckv[1, :num_rows, :, :cross_length],
-                attn_mask=cross_mask,
-                scale=attn.scaling,
-            )
-            h = layer.encoder_attn_layer_norm(h + attn.out_proj(self._merge(out)))
-            h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+        """One decoder token for each slot [0, B). tokens/positions/cross_lens [B]; `length`: the keys the rows
+        read (the cache's decode_length). Returns logits [B, vocab]."""
+        attention = cache.decode_attention(positions, length)
+        cross = cache.cross_attention(0, cross_lens, cross_length)
+        h = self._decoder_layers(self._embed(tokens[:, None], positions[:, None]), cache, attention, cross)
         logits = self.model.lm_head(h[:, 0]) + self.model.final_logits_bias
         return logits.float()
+
+    @torch.inference_mode()
+    def prefill_decoder(
+        self,
+        cache: KVCache | PagedKVCache,
+        start: int,
+        token_lists: list[list[int]],
+        prefix_lens: list[int],
+        cross_lens: list[int],
+    ) -> None:
+        """Write the decoder K/V of `token_lists` (the start token and all but the last generated token) of slots
+        [start, start+n), encoded and joined, from each row's P: a resumed request's decoder as it was. The
+        step's decode then feeds each row's last token and samples its next one."""
+        x = cache.prefill_inputs(start, token_lists, prefix_lens, self.device)
+        lens = copy_to_device([torch.tensor(cross_lens)], self.device)[0]
+        cross = cache.cross_attention(start, lens, max(cross_lens))
+        self._decoder_layers(self._embed(x.ids, x.positions), cache, x.attention, cross)
 
     def write_prefix(self, cache: KVCache, slot: int, targets: dict[str, torch.Tensor]) -> tuple[int, int]:
         """Copy decoder and cross prefixes into the slot; returns (P_decoder, P_cross)."""

@@ -18,6 +18,10 @@ admits by it, and the runner's PagedKVCache (paged_cache.py) holds the tensors t
 - The choices of one request (`n` > 1) admitted together (`admit_choices`) share their prompt's whole blocks,
   counted by the choices that hold them and freed with the last; each choice owns the block where the prompt
   ends (the first choice's is written by the prefill, the others' are copies) and the blocks after it.
+- Encoder-decoder (BART): a prefix's blocks are `[its decoder entries | its cross entries]`, each part from a
+  block's start, and a sequence's own blocks `[its source's cross entries | its decoder's]`: the cross part is
+  taken whole at admission (fixed once encoded), the decoder part grows. `prefix_tokens` and `num_own_prompt`
+  say what a prefix and a prompt take, so admission, growth and beams count both parts with the same arithmetic.
 """
 
 from __future__ import annotations
@@ -59,13 +63,14 @@ class _Sequence:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, is_encoder_decoder: bool = False):
         if num_blocks < 2 or block_size < 1:
             raise ValueError(
                 "a block pool needs at least 2 blocks (block 0 is the zero block) of >= 1 position"
             )
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.is_encoder_decoder = is_encoder_decoder
         self._free = list(range(num_blocks - 1, 0, -1))  # popped from the end: low ids first
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # least recently used first
         self._sequences: dict[int, _Sequence] = {}  # by scheduler row
@@ -95,6 +100,20 @@ class BlockPool:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def prefix_tokens(self, num_decoder: int, num_cross: int) -> int:
+        """A prefix's entries as admission counts them (its `num_prefix_tokens`): decoder-only its P; encoder-decoder
+        its decoder entries padded to whole blocks, then its cross entries (a part it lacks takes none)."""
+        if not self.is_encoder_decoder:
+            return num_decoder
+        return self.blocks_for(num_decoder) * self.block_size + num_cross
+
+    def num_own_prompt(self, num_prompt: int) -> int:
+        """A sequence's own entries its prompt takes. Encoder-decoder: the source's cross entries in whole blocks,
+        then the decoder's start token (the tokens it generates follow, as a decoder-only prompt's do)."""
+        if not self.is_encoder_decoder:
+            return num_prompt
+        return self.blocks_for(num_prompt) * self.block_size + 1
 
     # -- admission ----------------------------------------------------------------------------------------
     def num_needed(

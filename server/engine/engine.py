@@ -218,15 +218,30 @@ class Engine:
         if problem is not None:
             raise PromptTooLong(f"{problem}; shorten the prompt or lower max_new_tokens")
         pool = self.scheduler.blocks
-        num_tokens = num_prompt_tokens + max_new_tokens
+        # the door knows P only: a BART prefix is counted with cross entries too (a PEFT one has none)
         if pool is not None and not pool.can_ever_fit(
-            num_prefix_tokens, num_tokens, num_beams, num_prompt_tokens
+            pool.prefix_tokens(num_prefix_tokens, num_prefix_tokens),
+            pool.num_own_prompt(num_prompt_tokens) + max_new_tokens,
+            num_beams,
+            pool.num_own_prompt(num_prompt_tokens),
         ):
             raise PromptTooLong(
                 f"prefix, prompt and {max_new_tokens} new tokens x {num_beams} sequences need more KV blocks than "
                 f"the pool holds ({pool.num_usable} of {pool.block_size} positions); shorten the prompt, lower "
                 "max_new_tokens or num_beams"
             )
+
+    def _num_prefix_tokens(self, prefix: Any) -> int:
+        """A request's prefix entries as admission counts them: P, or (paged, encoder-decoder) its decoder and
+        cross entries as the block pool holds them."""
+        if prefix is None:
+            return 0
+        pool = self.scheduler.blocks
+        if pool is None or not self.is_encoder_decoder:
+            return prefix.num_virtual_tokens
+        targets = prefix.targets
+        num_decoder, num_cross = (targets[n].shape[3] if n in targets else 0 for n in ("decoder", "cross"))
+        return pool.prefix_tokens(num_decoder, num_cross)
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> _Record | None:
@@ -638,7 +653,7 @@ class Engine:
                 params=params,
                 prefix=prefix,
                 prefix_id=prefix_id,
-                num_prefix_tokens=0 if prefix is None else prefix.num_virtual_tokens,
+                num_prefix_tokens=self._num_prefix_tokens(prefix),
                 prefix_key=key,
                 tenant=tenant,
                 group=group,

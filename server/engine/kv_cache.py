@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from prefix_store.format import BackboneShape
 from server.engine.decoder_inputs import Attention, PrefillInputs, decode_attention, prepare_prefill
+from server.engine.transfer import copy_to_device
 
 log = logging.getLogger("prefixserve.engine")
 
@@ -97,6 +99,37 @@ class KVCache:
         keys, values = self.read(layer, attention.read)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
+    # -- BART's cross entries: written by the encoder, read by every decoder layer ---------------------------
+    def cross_where(self, rows: np.ndarray, cols: np.ndarray, device: torch.device) -> tuple:
+        """Where the cross K/V of slots `rows` at cross entries `cols` [N] go (write_cross's index)."""
+        return tuple(copy_to_device([torch.from_numpy(rows), torch.from_numpy(cols)], device))
+
+    def write_cross(self, layer: int, where: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Cross K/V [N, H, d] into cross entries `where` (cross_where) of `layer`."""
+        assert self.cross_kv is not None
+        rows, cols = where
+        kv = self.cross_kv[layer]  # [2, S, H, C, d]
+        kv[0][rows, :, cols] = k
+        kv[1][rows, :, cols] = v
+
+    def cross_attention(self, start: int, cross_lens: torch.Tensor, cross_length: int) -> Attention:
+        """Slots [start, start+n) read their first `cross_lens` [n] (device) cross entries, at most cross_length."""
+        n = cross_lens.shape[0]
+        mask = (torch.arange(cross_length, device=cross_lens.device)[None, :] < cross_lens[:, None])[
+            :, None, None, :
+        ]
+        rows = torch.arange(n, device=cross_lens.device)
+        return Attention(None, rows, (slice(start, start + n), cross_length), mask)
+
+    def attend_cross(self, layer: int, q: torch.Tensor, attention: Attention, scale: float) -> torch.Tensor:
+        """SDPA of q [n, H, T, d] over the slots' cross entries (cross_attention)."""
+        assert self.cross_kv is not None
+        slots, length = attention.read
+        kv = self.cross_kv[layer]
+        return F.scaled_dot_product_attention(
+            q, kv[0, slots, :, :length], kv[1, slots, :, :length], attn_mask=attention.mask, scale=scale
+        )
+
     def clear(self, slot: int, self_len: int, cross_len: int) -> None:
         """Zero a slot's first entries (what its sequence wrote)."""
         self.self_kv[:, :, slot, :, :self_len] = 0
@@ -163,45 +196,68 @@ class PoolPlan:
     max_positions: int
     num_seqs: int  # rows of the running batch: --max-num-seqs (the pool admits by blocks)
     budget_bytes: int | None  # None: no budget given, as many blocks as --max-num-seqs full slots
+    # encoder-decoder: a sequence of n positions also holds its source's n cross entries in the pool
+    is_encoder_decoder: bool = False
 
     def num_sequences(self, num_positions: int) -> int:
-        """Sequences of `num_positions` own positions the pool holds at once."""
-        return (self.num_blocks - 1) // -(-num_positions // self.block_size)
+        """Sequences of `num_positions` own positions (and as long a source) the pool holds at once."""
+        parts = 2 if self.is_encoder_decoder else 1
+        return (self.num_blocks - 1) // (parts * -(-num_positions // self.block_size))
 
     def describe(self, max_num_seqs: int) -> str:
         budget = (
             "no budget set" if self.budget_bytes is None else f"budget {self.budget_bytes / 2**20:.1f} MiB"
         )
         typical = min(256, self.max_positions)
+        full, short = f"{self.max_positions}", f"{typical}"
+        stored = "prefixes stored once in"
+        if self.is_encoder_decoder:  # n source positions (cross entries) and n decoder positions
+            full, short = f"{full} source + {full} decoder", f"{typical} + {typical}"
+            stored = "prefixes (decoder and cross entries) stored once and the sources' cross entries in"
         return (
             f"KV pool (paged): {budget} holds {self.num_blocks - 1} blocks of {self.block_size} positions "
             f"({self.bytes_per_block / 2**10:.1f} KiB each): {self.num_sequences(self.max_positions)} sequences of "
-            f"{self.max_positions} positions, {self.num_sequences(typical)} of {typical}; prefixes stored once in "
-            f"the same blocks; at most {min(max_num_seqs, self.num_seqs)} running (--max-num-seqs)"
+            f"{full} positions, {self.num_sequences(typical)} of {short}; {stored} the same blocks; at most "
+            f"{min(max_num_seqs, self.num_seqs)} running (--max-num-seqs)"
         )
 
 
 def plan_block_pool(
-    bytes_per_block: int, block_size: int, max_positions: int, max_num_seqs: int, budget_bytes: int | None
+    bytes_per_block: int,
+    block_size: int,
+    max_positions: int,
+    max_num_seqs: int,
+    budget_bytes: int | None,
+    is_encoder_decoder: bool = False,
 ) -> PoolPlan:
     """Blocks for `budget_bytes` (without one: the memory of `max_num_seqs` full slots). Raises KVBudgetError
-    when not even one full-length sequence fits."""
-    per_seq = -(-max_positions // block_size)
+    when not even one full-length sequence fits (encoder-decoder: with a full-length source's cross entries)."""
+    parts = 2 if is_encoder_decoder else 1
+    per_seq = parts * -(-max_positions // block_size)
     if budget_bytes is None:
         return PoolPlan(
-            max_num_seqs * per_seq + 1, block_size, bytes_per_block, max_positions, max_num_seqs, None
+            max_num_seqs * per_seq + 1,
+            block_size,
+            bytes_per_block,
+            max_positions,
+            max_num_seqs,
+            None,
+            is_encoder_decoder,
         )
     num_blocks = budget_bytes // bytes_per_block
-    # the zero block, and one more: a prefix's last block is not shared with its sequence's first
-    if num_blocks < per_seq + 2:
-        need = (per_seq + 2) * bytes_per_block
+    # the zero block, and one more per part: a prefix's last block is not shared with its sequence's first
+    if num_blocks < per_seq + 1 + parts:
+        need = (per_seq + 1 + parts) * bytes_per_block
+        what = "and a source of as many " if is_encoder_decoder else ""
         raise KVBudgetError(
             f"the KV cache budget ({budget_bytes} bytes) cannot hold one sequence of {max_positions} positions "
-            f"in blocks of {block_size} ({need} bytes); raise --kv-cache-bytes "
+            f"{what}in blocks of {block_size} ({need} bytes); raise --kv-cache-bytes "
             f"(PREFIXSERVE_KV_CACHE_BYTES) to at least {need}, lower --max-model-len, use a smaller --dtype, or "
             "free memory on the device"
         )
-    return PoolPlan(num_blocks, block_size, bytes_per_block, max_positions, max_num_seqs, budget_bytes)
+    return PoolPlan(
+        num_blocks, block_size, bytes_per_block, max_positions, max_num_seqs, budget_bytes, is_encoder_decoder
+    )
 
 
 def available_memory(device: torch.device) -> int:

@@ -1,7 +1,7 @@
-"""The paged KV cache's tensors (`--kv-layout paged`, decoder-only families): the blocks block_pool.py hands out,
-and the block table of every slot of the persistent batch. It answers the layers the way the slot cache
-(kv_cache.py) does: `prefill_inputs` / `decode_attention` build a forward's `Attention` once, `write` and `read`
-serve each layer.
+"""The paged KV cache's tensors (`--kv-layout paged`): the blocks block_pool.py hands out, and the block table of
+every slot of the persistent batch (BART: two, its decoder's and its cross entries'). It answers the layers the
+way the slot cache (kv_cache.py) does: `prefill_inputs` / `decode_attention` build a forward's `Attention` once,
+`write` and `read` serve each layer (BART's cross entries: `cross_where`, `write_cross`, `cross_attention`).
 
 Layout: kv [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]. A block's entries are contiguous,
 so one layer's keys are a flat table [num_blocks * block_size, H, d] that writes index by entry.
@@ -12,6 +12,10 @@ at k = p + shift, shift = num_prefix_blocks * block_size - P. A query at positio
 P + shift <= k <= p + shift: positions stay PEFT's (real tokens from P), the gap between is masked. Masked
 entries still enter the matmul with weight 0, so every block is zeroed when it is handed out (0 * NaN = NaN).
 
+BART's cross entries live in the same blocks: a slot's cross table is [its cross prefix's blocks | its source's],
+with the same logical layout (the cross prefix is k in [0, P_c), source token j at k = P_c + shift_c + j), read by
+every decoder query as if it stood at "position" P_c + source length - 1.
+
 A decode step on CPU in float32 reads the blocks in place (paged_kernel.py: a small C++ kernel built on first
 use). Otherwise (prefill, other devices or dtypes, no compiler) each row's blocks are gathered into a contiguous
 [n, H, K, d] buffer before SDPA: one more copy of what a layer reads. bench/kv_capacity.py measures both against
@@ -19,6 +23,8 @@ the slot cache.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +48,7 @@ class PagedKVCache:
         device: torch.device,
         dtype: torch.dtype,
         use_kernel: bool = True,
+        max_cross_blocks: int = 0,
     ):
         self.block_size = block_size
         self.kv = torch.zeros(
@@ -65,6 +72,11 @@ class PagedKVCache:
         self.num_prefix = np.zeros(max_slots, dtype=np.int64)  # P
         self.shift = np.zeros(max_slots, dtype=np.int64)  # logical index of position p is p + shift
         self.num_table = np.zeros(max_slots, dtype=np.int64)  # blocks in the table
+        # encoder-decoder: the cross table [cross prefix's blocks | source's], P_c and its shift, by slot
+        self.cross_tables = np.zeros((max_slots, max(max_cross_blocks, 1)), dtype=np.int64)
+        self.cross_prefix = np.zeros(max_slots, dtype=np.int64)
+        self.cross_shift = np.zeros(max_slots, dtype=np.int64)
+        self.num_cross_table = np.zeros(max_slots, dtype=np.int64)
 
     @staticmethod
     def bytes_per_block(shape: BackboneShape, block_size: int, dtype: torch.dtype) -> int:
@@ -75,16 +87,25 @@ class PagedKVCache:
         return self.kv.numel() * self.kv.element_size()
 
     # -- slots: joined and removed with the persistent batch -------------------------------------------------
-    def join(self, slot: int, blocks: SeqBlocks) -> None:
-        self.tables[slot] = 0
-        self.tables[slot, : len(blocks.table)] = blocks.table
-        self.num_table[slot] = len(blocks.table)
-        self.num_prefix[slot] = blocks.num_prefix_tokens
-        self.shift[slot] = blocks.num_prefix_blocks * self.block_size - blocks.num_prefix_tokens
+    def join(self, slot: int, blocks: SeqBlocks, cross: SeqBlocks | None = None) -> None:
+        """A slot's table (and, encoder-decoder, its cross table: see split_encoder_decoder)."""
+        _set(slot, blocks, self.block_size, self.tables, self.num_table, self.num_prefix, self.shift)
+        if cross is not None:
+            arrays = (self.cross_tables, self.num_cross_table, self.cross_prefix, self.cross_shift)
+            _set(slot, cross, self.block_size, *arrays)
 
     def remove(self, slot: int, last: int) -> None:
         """Slot `slot` is freed: the last slot's table moves into it (InputBatch.remove does the same)."""
-        for array in (self.tables, self.num_prefix, self.shift, self.num_table):
+        for array in (
+            self.tables,
+            self.num_prefix,
+            self.shift,
+            self.num_table,
+            self.cross_tables,
+            self.cross_prefix,
+            self.cross_shift,
+            self.num_cross_table,
+        ):
             array[slot] = array[last]
 
     def append(self, slot: int, blocks: list[int]) -> None:
@@ -200,6 +221,45 @@ class PagedKVCache:
         keys, values = self.read(layer, attention.read)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
+    # -- BART's cross entries: written once by the encoder, read by every decoder layer -------------------------
+    def cross_where(self, rows: np.ndarray, cols: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Flat entries (write_cross's index) of slots `rows`' cross entries `cols` [N] (P_c + source index)."""
+        logical = cols + self.cross_shift[rows]
+        # never write past a cross table: the grants cover the whole source
+        assert (logical // self.block_size < self.num_cross_table[rows]).all(), "encode past the cross blocks"
+        flat = (
+            self.cross_tables[rows, logical // self.block_size] * self.block_size + logical % self.block_size
+        )
+        return copy_to_device([torch.from_numpy(np.ascontiguousarray(flat))], device)[0]
+
+    def write_cross(self, layer: int, where: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.write(layer, where, k, v)  # cross entries are entries of the same blocks
+
+    def cross_attention(self, start: int, cross_lens: torch.Tensor, cross_length: int) -> Attention:
+        """Slots [start, start+n) read their cross entries (cross_lens [n] on the device: P_c + source). Every
+        query of a row sees the same keys, so the decode kernel serves any number of them (a resumed prefill)."""
+        n = cross_lens.shape[0]
+        slots = slice(start, start + n)
+        num_blocks = int(self.num_cross_table[slots].max())
+        tables, num_prefix, shift = copy_to_device(
+            [
+                torch.from_numpy(np.ascontiguousarray(a))
+                for a in (
+                    self.cross_tables[slots, :num_blocks],
+                    self.cross_prefix[slots],
+                    self.cross_shift[slots],
+                )
+            ],
+            cross_lens.device,
+        )
+        last = cross_lens - 1  # the "position" every query of the row stands at
+        mask = _mask(last[:, None], num_prefix[:, None], shift[:, None], num_blocks * self.block_size)
+        rows = torch.arange(n, device=cross_lens.device)
+        return Attention(None, rows, tables, mask[:, None], (num_prefix, shift, last))
+
+    def attend_cross(self, layer: int, q: torch.Tensor, attention: Attention, scale: float) -> torch.Tensor:
+        return self.attend(layer, q, attention, attention.mask, scale)
+
     def write(self, layer: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """K/V [N, H, d] into entries `flat` [N] (block * block_size + offset) of `layer`."""
         kv = self.kv[layer]  # [2, num_blocks, B, H, d]
@@ -219,6 +279,38 @@ class PagedKVCache:
         keys = torch.index_select(kv[0], 0, flat, out=self._scratch[0, : flat.numel()]).view(shape)
         values = torch.index_select(kv[1], 0, flat, out=self._scratch[1, : flat.numel()]).view(shape)
         return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+def split_encoder_decoder(
+    blocks: SeqBlocks, block_size: int, num_source: int, num_decoder_prefix: int, num_cross_prefix: int
+) -> tuple[SeqBlocks, SeqBlocks]:
+    """An encoder-decoder sequence's grant (block_pool.py: prefix [decoder | cross], own [source | decoder]) as its
+    decoder table and its cross table."""
+    prefix, own = blocks.table[: blocks.num_prefix_blocks], blocks.table[blocks.num_prefix_blocks :]
+    num_decoder = -(-num_decoder_prefix // block_size)
+    num_cross = -(-num_source // block_size)
+    decoder_prefix, cross_prefix = prefix[:num_decoder], prefix[num_decoder:]
+    decoder = SeqBlocks(
+        decoder_prefix + own[num_cross:], len(decoder_prefix), num_decoder_prefix, blocks.is_prefix_new, []
+    )
+    cross = SeqBlocks(cross_prefix + own[:num_cross], len(cross_prefix), num_cross_prefix, False, [])
+    return decoder, cross
+
+
+def _set(
+    slot: int,
+    blocks: SeqBlocks,
+    block_size: int,
+    tables: np.ndarray,
+    num_table: np.ndarray,
+    num_prefix: np.ndarray,
+    shift: np.ndarray,
+) -> None:
+    tables[slot] = 0
+    tables[slot, : len(blocks.table)] = blocks.table
+    num_table[slot] = len(blocks.table)
+    num_prefix[slot] = blocks.num_prefix_tokens
+    shift[slot] = blocks.num_prefix_blocks * block_size - blocks.num_prefix_tokens
 
 
 def _mask(

@@ -24,7 +24,7 @@ from server.engine.block_pool import BlockPool, SeqBlocks
 from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import LENGTH_STEP, DecodeGraphs
 from server.engine.kv_cache import KVCache, KVPlan, PoolPlan, plan_block_pool, plan_kv_cache
-from server.engine.paged_cache import PagedKVCache
+from server.engine.paged_cache import PagedKVCache, split_encoder_decoder
 from server.engine.request import Request
 from server.engine.sampler import RowsSampled, Sampler
 from server.engine.step import StepInput, StepOutput
@@ -33,6 +33,13 @@ from server.engine.transfer import copy_to_device
 
 def _targets(request: Request) -> dict[str, torch.Tensor]:
     return {} if request.prefix is None else request.prefix.targets
+
+
+def _prefix_lens(request: Request) -> tuple[int, int]:
+    """BART: (P of its decoder prefix, P of its cross prefix), 0 for a target the prefix lacks."""
+    targets = _targets(request)
+    decoder, cross = targets.get("decoder"), targets.get("cross")
+    return (0 if decoder is None else decoder.shape[3], 0 if cross is None else cross.shape[3])
 
 
 class ModelRunner:
@@ -80,21 +87,25 @@ class ModelRunner:
         self._beam_blocks: dict[int, list[SeqBlocks]] = {}  # paged: a new beam group's other beams' tables
 
     def _init_paged(self, config: EngineConfig) -> None:
-        """The block pool (the scheduler admits by it) and its tensors. Decoder-only families only."""
+        """The block pool (the scheduler admits by it) and its tensors: every family's self-attention entries,
+        and BART's cross entries (its cross prefix's and its source's) in the same blocks."""
         backbone = self.backbone
-        if self.is_encoder_decoder:
-            raise ValueError(
-                "--kv-layout paged serves decoder-only families (GPT-2, Llama, Qwen2, Mistral); "
-                f"{backbone.spec.model_type} needs --kv-layout slots"
-            )
         size = config.kv_block_size
         per_block = PagedKVCache.bytes_per_block(backbone.shape, size, backbone.dtype)
         self.kv_plan = plan_block_pool(
-            per_block, size, self.max_model_len, config.max_num_seqs, config.kv_cache_bytes
+            per_block,
+            size,
+            self.max_model_len,
+            config.max_num_seqs,
+            config.kv_cache_bytes,
+            self.is_encoder_decoder,
         )
-        self.block_pool = BlockPool(self.kv_plan.num_blocks, size)
-        # a sequence's table: its prefix's blocks, then its own (at most the model's positions)
-        width = -(-config.max_prefix_tokens // size) + -(-self.max_model_len // size) + 1
+        self.block_pool = BlockPool(self.kv_plan.num_blocks, size, self.is_encoder_decoder)
+        # a sequence's table: its prefix's blocks, then its own (at most the model's positions); a cross table:
+        # the cross prefix's, then the source's (at most max_model_len tokens)
+        num_prefix = -(-config.max_prefix_tokens // size)
+        width = num_prefix + -(-self.max_model_len // size) + 1
+        cross_width = num_prefix + -(-self.max_model_len // size) if self.is_encoder_decoder else 0
         self.cache = PagedKVCache(
             backbone.shape,
             self.kv_plan.num_blocks,
@@ -103,6 +114,7 @@ class ModelRunner:
             width,
             backbone.device,
             backbone.dtype,
+            max_cross_blocks=cross_width,
         )
 
     @property
@@ -138,7 +150,7 @@ class ModelRunner:
             return self._out
         forward_before = self.forward_seconds
         if self.is_encoder_decoder:
-            self._encode(batch.prefill)
+            self._encode(batch.prefill, batch.blocks, batch.resumed)
             self._decode()
         else:
             if self.batch.num_slots:
@@ -256,21 +268,57 @@ class ModelRunner:
         cache.zero([block for group in grants for g in group for block in g.fresh])
         for i, (request, group) in enumerate(zip(requests, grants, strict=True)):
             first = group[0]
-            cache.join(start + i, first)
+            self._join_table(cache, start + i, request, first)
             if first.is_prefix_new:
-                cache.write_prefix(first.table[: first.num_prefix_blocks], _targets(request)["decoder"])
+                self._write_prefix(cache, request, first)
             if len(group) > 1:
                 self._beam_blocks[request.row] = group[1:]
         return [group[0].num_prefix_tokens for group in grants]
 
-    def _encode(self, requests: list[Request]) -> None:
-        """BART: write prefixes, encode the sources; the new rows join the next decode with the start token."""
+    def _join_table(self, cache: PagedKVCache, slot: int, request: Request, blocks: SeqBlocks) -> None:
+        """Paged: a slot's table; BART's grant split into its decoder table and its cross table."""
+        if not self.is_encoder_decoder:
+            cache.join(slot, blocks)
+            return
+        decoder, cross = split_encoder_decoder(
+            blocks, cache.block_size, len(request.prompt_token_ids), *_prefix_lens(request)
+        )
+        cache.join(slot, decoder, cross)
+
+    def _write_prefix(self, cache: PagedKVCache, request: Request, blocks: SeqBlocks) -> None:
+        """Paged: a prefix new to the pool into its blocks (BART: [decoder | cross], a part each)."""
+        targets = _targets(request)
+        prefix_blocks = blocks.table[: blocks.num_prefix_blocks]
+        if not self.is_encoder_decoder:
+            cache.write_prefix(prefix_blocks, targets["decoder"])
+            return
+        num_decoder = -(-_prefix_lens(request)[0] // cache.block_size)
+        for name, part in (("decoder", prefix_blocks[:num_decoder]), ("cross", prefix_blocks[num_decoder:])):
+            if name in targets:
+                cache.write_prefix(part, targets[name])
+
+    def _encode(
+        self,
+        requests: list[Request],
+        blocks: dict[int, list[SeqBlocks]] | None = None,
+        resumed: dict[int, list[int]] | None = None,
+    ) -> None:
+        """BART: write prefixes, encode the sources; the new rows join the next decode with the start token. A
+        row resuming after a preemption (paged) runs its start token and generated tokens but the last through
+        the decoder, and joins feeding the last: the decode goes on from the same position and step."""
         if not requests:
             return
+        resumed = resumed or {}
+        # resuming rows first: their decoder prefill covers slots [start, start + m)
+        requests = sorted(requests, key=lambda r: not resumed.get(r.row))
         start = self.batch.num_slots
-        written = [
-            self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
-        ]
+        if isinstance(self.cache, PagedKVCache):
+            self._join_blocks(self.cache, start, requests, blocks or {})
+            written = [_prefix_lens(r) for r in requests]
+        else:
+            written = [
+                self.backbone.write_prefix(self.cache, start + i, _targets(r)) for i, r in enumerate(requests)
+            ]
         started = time.perf_counter()
         cross_lens = self.backbone.encode(
             self.cache,
@@ -279,10 +327,23 @@ class ModelRunner:
             [_targets(r).get("encoder") for r in requests],
             [num_cross for _, num_cross in written],
         )
-        self.forward_seconds += time.perf_counter() - started
         start_token = self.backbone.rules.decoder_start_token_id
-        for request, (num_decoder, _), cross_len in zip(requests, written, cross_lens, strict=True):
-            self._join(request, num_decoder, cross_len, start_token)
+        decoder_lists = [[start_token, *resumed.get(r.row, [])] for r in requests]
+        num_resumed = sum(len(tokens) > 1 for tokens in decoder_lists)
+        if num_resumed:
+            self.backbone.prefill_decoder(
+                self.cache,
+                start,
+                [tokens[:-1] for tokens in decoder_lists[:num_resumed]],
+                [num_decoder for num_decoder, _ in written[:num_resumed]],
+                cross_lens[:num_resumed],
+            )
+        self.forward_seconds += time.perf_counter() - started
+        for request, (num_decoder, _), cross_len, tokens in zip(
+            requests, written, cross_lens, decoder_lists, strict=True
+        ):
+            slot = self._join(request, num_decoder + len(tokens) - 1, cross_len, tokens[-1])
+            self.batch.num_output[slot] = len(tokens) - 1
 
     def _decode(self) -> None:
         """One token for every slot: the inputs are slices of the persistent batch."""
@@ -395,7 +456,7 @@ class ModelRunner:
                 new = list(range(b.num_slots, b.num_slots + group.num_beams - 1))
                 if isinstance(self.cache, PagedKVCache):
                     for slot, grant in zip(new, self._beam_blocks.pop(row), strict=True):
-                        self.cache.join(slot, grant)
+                        self._join_table(self.cache, slot, request, grant)
                     # the prefix and the prompt's whole blocks are shared: only the block where the prompt
                     # ends is copied
                     self.cache.copy_own([first] * len(new), new, seq_len, seq_len)

@@ -417,7 +417,8 @@ class Scheduler:
         every block it may use (prompts shared); any other request its prompt (and what it generated before
         a preemption) and the position it writes next — later blocks come as it grows; `num_choices` choices
         of one request admitted together, each that, their prompt shared."""
-        num_prompt = len(request.prompt_token_ids)
+        assert self.blocks is not None
+        num_prompt = self.blocks.num_own_prompt(len(request.prompt_token_ids))
         if num_choices > 1:
             return request.prefix_key, request.num_prefix_tokens, num_prompt + 1, num_choices, num_prompt
         if request.params.num_beams > 1:
@@ -450,12 +451,14 @@ class Scheduler:
         row = request.row
         self._is_growing[row] = request.params.num_beams == 1
         self._num_own_blocks[row] = self.blocks.blocks_for(num_tokens)
-        self._num_prompt[row] = len(request.prompt_token_ids)
+        self._num_prompt[row] = self.blocks.num_own_prompt(len(request.prompt_token_ids))
 
     def _forks(self, head: Request) -> bool:
-        """Paged: the head is the first of choices of one request queued together (not a resuming one)."""
+        """Paged: the head is the first of choices of one request queued together (not a resuming one; BART's
+        choices run alone: its runner does not fork an encoded source)."""
         return (
             self.blocks is not None
+            and not self.blocks.is_encoder_decoder
             and head.group is not None
             and head.params.num_beams == 1
             and self._preempted.get(head.row) is not head

@@ -316,3 +316,23 @@ def test_rows_grow_when_preempted_requests_keep_theirs():
             break
     assert added and added[0].is_finished and not s.has_work()
     assert s.rows.capacity == 4 and pool.num_sequence_blocks == 0
+
+
+def test_a_row_grown_then_preempted_in_one_schedule_is_not_told_to_grow():
+    """Rows grow earliest first; the victim of a later row's shortage may be one grown a moment before in the same
+    schedule(): it is preempted (its blocks, the new one too, go back) and the step does not list it as grown."""
+    from server.engine.block_pool import BlockPool
+
+    pool = BlockPool(num_blocks=7, block_size=4)  # 6 usable: 3 + 2 at admission, 1 kept in reserve
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, eos_token_ids=frozenset({EOS})), pool)
+    first = make("b", "busy", num_prompt=8, max_new=12)  # more service (a longer prompt), admitted first
+    second = make("a", "light", num_prompt=4, max_new=12)
+    s.add(first)
+    s.add(second)
+    preempted: list[Request] = []
+    while not preempted:  # both cross into a new block at their 5th token: one block for two
+        batch = s.schedule()
+        preempted += batch.preempted
+        s.update(batch, StepOutput.of(batch.sequences, [7] * len(batch.sequences)))
+    assert preempted == [first] and first.row not in batch.grown and second.row in batch.grown
+    assert pool.num_free + pool.num_sequence_blocks == 6

@@ -44,11 +44,7 @@ def paged(monkeypatch):
 
 
 def test_mixed_batches_match_peft_token_for_token(peft_case, paged):
-    if peft_case[0] == "bart":
-        with pytest.raises(ValueError, match="--kv-layout slots"):
-            ModelRunner(load_backbone(peft_case[1], "cpu", "float32"), EngineConfig(**PAGED))
-        return
-    test_engine_exactness.test_mixed_batches_match_peft_token_for_token(peft_case)
+    test_engine_exactness.test_mixed_batches_match_peft_token_for_token(peft_case)  # BART: test_paged_bart.py
 
 
 @pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)

@@ -1,10 +1,11 @@
 """prefix-serve with `--kv-layout paged` as a process, over HTTP: PEFT-exact for concurrent requests sharing
-prefixes, the pool's blocks on /metrics, a replaced prefix never served stale, n choices sharing their prompt
-(OpenAI's client), and what the paged layout does not run refused at start."""
+prefixes (GPT-2 and BART), the pool's blocks on /metrics, a replaced prefix never served stale, n choices sharing
+their prompt (OpenAI's client), and what the paged layout does not run refused at start."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -62,6 +63,35 @@ def test_paged_server_is_peft_exact_stores_prefixes_once_and_never_serves_stale(
         assert upload_peft(client, "t/a", second).status_code == 200
         body = {"prefix": "t/a", "prompt": PROMPTS[0], "max_new_tokens": MAX_NEW}
         assert client.post("/v1/generate", json=body).json()["token_ids"] == want["second"][0]
+
+
+def test_paged_bart_server_is_peft_exact_and_holds_prefixes_and_sources_in_one_pool(
+    tiny_bart_dir: Path, tmp_path: Path
+):
+    """BART: decoder prefixes stored once, every source's cross entries in the same pool, PEFT's tokens."""
+    adapters = {
+        "t/a": make_peft_adapter(tiny_bart_dir, "bart", 5, tmp_path / "a", seed=3),
+        "t/b": make_peft_adapter(tiny_bart_dir, "bart", 9, tmp_path / "b", seed=4),
+    }
+    want = {
+        name: peft_generate(tiny_bart_dir, "bart", path, PROMPTS, MAX_NEW) for name, path in adapters.items()
+    }
+    with running_server(tiny_bart_dir, str(tmp_path / "store"), tmp_path, args=PAGED) as server:
+        assert "KV pool (paged)" in server.log() and "source +" in server.log()
+        client = httpx.Client(base_url=server.url, timeout=60)
+        for name, path in adapters.items():
+            assert upload_peft(client, name, path).status_code == 201
+        jobs = [("t/a" if i % 2 else "t/b", PROMPTS[i % len(PROMPTS)]) for i in range(20)]
+        got = asyncio.run(generate_all(server.url, jobs))
+        assert got == [want[name][i % len(PROMPTS)] for i, (name, _) in enumerate(jobs)]
+        text = client.get("/metrics").text
+        assert metric(text, "prefixserve_kv_blocks_prefixes") == 2 + 3  # decoder entries only, each once
+        for _ in range(50):  # the last rows give their blocks (sources and decoders) back at the next step
+            if metric(client.get("/metrics").text, "prefixserve_kv_blocks_sequences") == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("blocks held after every request finished")
 
 
 def test_paged_layout_and_runner_process_are_refused_together():
