@@ -75,7 +75,7 @@ def build_state(settings: Settings) -> SimpleNamespace:
     # --runner-process: the weights are not here; prefixes stay on the host and cross to the runner's process.
     # --kv-layout paged: the targets the pool holds stay on the host, their blocks are their only device copy
     prefix_device = torch.device("cpu") if settings.runner_process else backbone.device
-    pooled = getattr(state.engine.runner, "pooled_targets", frozenset())
+    pooled: frozenset[str] = getattr(state.engine.runner, "pooled_targets", frozenset())
     state.cache = PrefixCache(
         state.store, lambda p: _to_device(p, prefix_device, backbone.dtype, pooled), settings.cache_bytes
     )
