@@ -19,6 +19,7 @@ from prefix_store.format import Prefix, save_prefix
 from prefix_store.local import LocalStore
 from prefix_store.store import make_meta
 from server.app import _to_device
+from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.request import SamplingParams
 
@@ -165,3 +166,41 @@ def test_a_replaced_prefix_is_served_fresh_beside_its_old_version_s_blocks(peft_
         engine.stop()
     assert again == [expected["t/a3"][0]] and pool.num_prefix_loads == 2  # the new version's blocks, reused
     assert old[0].meta.sha256 != new[0].meta.sha256
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)
+def test_on_cuda_a_paged_prefix_is_on_the_device_only_as_blocks(peft_case, tmp_path: Path):
+    """Loading prefixes into the server's cache allocates no device memory (pinned host copies); the pool's
+    blocks are written from them, and every answer is PEFT's on the same device."""
+    from peft_oracle import peft_generate
+
+    kind, model_dir, adapters, _ = peft_case
+    backbone = load_backbone(model_dir, "cuda", "float32")
+    engine = Engine(
+        backbone, EngineConfig(max_num_seqs=8, **PAGED), release_prefix=lambda p: cache.release(p)
+    )
+    pooled = engine.runner.pooled_targets
+    store = LocalStore(tmp_path)
+    cache = PrefixCache(store, lambda p: _to_device(p, backbone.device, backbone.dtype, pooled), 1 << 20)
+    for prefix_id, prefix in _prefixes_gpt2(peft_case)[1].items():
+        data = save_prefix(Prefix("gpt2", prefix.targets))
+        store.put(make_meta(prefix_id, Prefix("gpt2", prefix.targets), data, "native", False), data)
+    before = torch.cuda.memory_allocated()
+    acquired = {prefix_id: cache.acquire(prefix_id) for prefix_id in adapters}
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    assert all(p.targets["decoder"].is_pinned() for p in acquired.values())
+    jobs, want = [], []
+    for prefix_id, path in adapters.items():
+        oracle = peft_generate(model_dir, kind, path, PROMPTS, MAX_NEW, device="cuda")
+        for prompt, ids in zip(PROMPTS, oracle, strict=True):
+            jobs.append(("t", acquired[prefix_id], prompt, SamplingParams(max_new_tokens=MAX_NEW)))
+            want.append(ids)
+    engine.start()
+    try:
+        results = asyncio.run(run_tenants(engine, jobs))
+    finally:
+        engine.stop()
+    assert results == want and engine.runner.block_pool.num_prefix_loads == len(adapters)
