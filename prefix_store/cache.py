@@ -1,4 +1,5 @@
-"""The device cache: prefixes resident on the serving device, under a byte budget, LRU-evicted.
+"""The device cache: prefixes resident on the serving device, under a byte budget, LRU-evicted. (With the paged
+KV layout the server keeps the targets the pool holds on the host here: their device copy is the pool's blocks.)
 
 A request pins its prefix from admission to its last token, so eviction never pulls tensors from under a
 running request. A replaced or deleted prefix is invalidated: requests already running finish with the
@@ -21,7 +22,7 @@ from prefix_store.store import PrefixMeta, PrefixStore
 
 @dataclass(eq=False)
 class DevicePrefix:
-    """A prefix on the serving device, in the backbone's dtype."""
+    """A prefix on the serving device, in the backbone's dtype (the pooled targets on the host: paged layout)."""
 
     meta: PrefixMeta
     targets: dict[str, torch.Tensor]  # each [num_layers, 2, num_heads, P, head_dim]

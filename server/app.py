@@ -22,7 +22,7 @@ from server.door import Door
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.kv_cache import available_memory, kv_budget
-from server.engine.transfer import upload
+from server.engine.transfer import stage, upload
 from server.errors import FastJSONResponse, error_response, install_error_handlers
 from server.front import FrontMiddleware
 from server.metrics import Metrics
@@ -48,11 +48,6 @@ def build_state(settings: Settings) -> SimpleNamespace:
     )
     state.store = open_store(settings.store, settings.store_timeout, grace_seconds=settings.key_grace_seconds)
     state.quotas = Quotas(state.store)
-    # --runner-process: the weights are not here; prefixes stay on the host and cross to the runner's process
-    prefix_device = torch.device("cpu") if settings.runner_process else backbone.device
-    state.cache = PrefixCache(
-        state.store, lambda p: _to_device(p, prefix_device, backbone.dtype), settings.cache_bytes
-    )
     runner = _runner_process(settings, state.metrics.on_forward) if settings.runner_process else None
     if runner is not None:
         backbone.rules = runner.rules  # the generation rules of the loaded model (the same files)
@@ -73,10 +68,24 @@ def build_state(settings: Settings) -> SimpleNamespace:
     state.engine = Engine(
         backbone,
         config,
-        release_prefix=state.cache.release,
+        release_prefix=lambda prefix: state.cache.release(prefix),
         on_forward=state.metrics.on_forward,
         runner=runner,
     )
+    # --runner-process: the weights are not here; prefixes stay on the host and cross to the runner's process.
+    # --kv-layout paged: the targets the pool holds stay on the host, their blocks are their only device copy
+    prefix_device = torch.device("cpu") if settings.runner_process else backbone.device
+    pooled: frozenset[str] = getattr(state.engine.runner, "pooled_targets", frozenset())
+    state.cache = PrefixCache(
+        state.store, lambda p: _to_device(p, prefix_device, backbone.dtype, pooled), settings.cache_bytes
+    )
+    if pooled:
+        log.info(
+            "prefix cache (--cache-bytes) %.1f MiB of host memory: prefixes' %s copied into the KV pool when "
+            "they enter it, no device copy kept beside their blocks",
+            settings.cache_bytes / 2**20,
+            " and ".join(sorted(pooled)),
+        )
     state.prompts = Prompts(backbone.tokenizer, backbone.rules.bos_token_id, state.engine.max_model_len)
     log.info("%s", state.engine.runner.kv_plan.describe(settings.max_num_seqs))
     log.info("decode steps: %s", state.engine.runner.decode_mode)
@@ -91,8 +100,11 @@ def build_state(settings: Settings) -> SimpleNamespace:
 
 
 def _kv_budget(settings: Settings, backbone: Any) -> int:
-    """--kv-cache-bytes, or the documented share of the memory left now that the model is loaded (logged)."""
-    return kv_budget(settings.kv_cache_bytes, settings.cache_bytes, backbone.device, available_memory)
+    """--kv-cache-bytes, or the documented share of the memory left now that the model is loaded (logged), less
+    the prefix cache where it lives on the device (not under --kv-layout paged on CUDA: it is on the host)."""
+    on_host = settings.kv_layout == "paged" and backbone.device.type == "cuda"
+    reserved = 0 if on_host else settings.cache_bytes
+    return kv_budget(settings.kv_cache_bytes, reserved, backbone.device, available_memory)
 
 
 def _runner_process(settings: Settings, on_forward: Any) -> Any:
@@ -117,10 +129,16 @@ def _runner_process(settings: Settings, on_forward: Any) -> Any:
     return runner
 
 
-def _to_device(prefix: Any, device: torch.device, dtype: torch.dtype) -> dict:
+def _to_device(
+    prefix: Any, device: torch.device, dtype: torch.dtype, pooled: frozenset[str] = frozenset()
+) -> dict:
     # runs in a worker thread (PrefixCache.acquire is called through asyncio.to_thread): pinned, non_blocking,
-    # on a side stream on CUDA, so the engine's forward is not queued behind the copy
-    return {k: upload(v, device, dtype) for k, v in prefix.targets.items()}
+    # on a side stream on CUDA, so the engine's forward is not queued behind the copy. `pooled` targets stay on
+    # the host (pinned on CUDA): the paged runner copies them into blocks when the prefix enters the pool
+    return {
+        k: stage(v, device, dtype) if k in pooled else upload(v, device, dtype)
+        for k, v in prefix.targets.items()
+    }
 
 
 class JSONCORSMiddleware(CORSMiddleware):

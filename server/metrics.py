@@ -24,16 +24,27 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterator[Any]:
         cache, engine = self.state.cache, self.state.engine
         if cache is not None:
+            pool = getattr(getattr(engine, "runner", None), "block_pool", None)
+            # --kv-layout paged: the cache holds host copies; a prefix's device copy is its blocks in the pool
+            where = (
+                " (host copies: --kv-layout paged keeps prefixes on the device as KV blocks only)"
+                if pool
+                else ""
+            )
             for name, value, text in (
-                ("hits", cache.stats.hits, "requests whose prefix was resident"),
+                ("hits", cache.stats.hits, "requests whose prefix was in the prefix cache"),
                 ("misses", cache.stats.misses, "requests whose prefix was loaded from the store"),
                 ("evictions", cache.stats.evictions, "prefixes evicted to stay within the byte budget"),
             ):
-                yield CounterMetricFamily(f"prefixserve_prefix_cache_{name}", text, value=value)
+                yield CounterMetricFamily(f"prefixserve_prefix_cache_{name}", text + where, value=value)
             yield GaugeMetricFamily(
-                "prefixserve_prefix_cache_bytes", "bytes of resident prefixes", value=cache.num_bytes
+                "prefixserve_prefix_cache_bytes",
+                "bytes of prefixes in the prefix cache" + where,
+                value=cache.num_bytes,
             )
-            yield GaugeMetricFamily("prefixserve_prefix_cache_entries", "resident prefixes", value=len(cache))
+            yield GaugeMetricFamily(
+                "prefixserve_prefix_cache_entries", "prefixes in the prefix cache" + where, value=len(cache)
+            )
         if engine is not None:
             yield GaugeMetricFamily(
                 "prefixserve_queue_depth", "requests waiting for a slot", value=engine.num_waiting
@@ -95,14 +106,28 @@ def _block_pool(pool: Any) -> Iterator[Any]:
         ("total", pool.num_usable, "KV blocks in the pool (--kv-layout paged)"),
         ("free", pool.num_free, "KV blocks free"),
         ("prefixes", pool.num_prefix_blocks, "KV blocks holding resident prefixes, each stored once"),
+        (
+            "evictable",
+            pool.num_evictable_blocks,
+            "KV blocks of resident prefixes no running request references (of _prefixes): given to others, least "
+            "recently used first, when the free ones run out",
+        ),
         ("sequences", pool.num_sequence_blocks, "KV blocks reserved by running sequences"),
     ):
         yield GaugeMetricFamily(f"prefixserve_kv_blocks_{name}", text, value=value)
-    yield CounterMetricFamily(
-        "prefixserve_kv_prefix_evictions",
-        "unreferenced prefixes evicted from the pool",
-        value=pool.num_evictions,
+    yield GaugeMetricFamily(
+        "prefixserve_kv_prefixes", "prefixes resident in the pool", value=pool.num_resident_prefixes
     )
+    for name, value, text in (
+        ("evictions", pool.num_evictions, "unreferenced prefixes evicted from the pool"),
+        (
+            "loads",
+            pool.num_prefix_loads,
+            "admissions that wrote their prefix into the pool (a host-to-device copy)",
+        ),
+        ("hits", pool.num_prefix_hits, "admissions whose prefix was resident in the pool (nothing copied)"),
+    ):
+        yield CounterMetricFamily(f"prefixserve_kv_prefix_{name}", text, value=value)
 
 
 class PublicView(Collector):

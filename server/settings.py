@@ -62,12 +62,18 @@ class Settings(BaseSettings):
         le=1e30,
         description="largest |value| accepted in an uploaded prefix (422 value_out_of_range beyond it)",
     )
-    cache_bytes: int = Field(1 << 30, ge=0, description="device cache budget for resident prefixes, in bytes")
+    cache_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="prefix cache budget in bytes: resident prefixes on the device; with --kv-layout paged host "
+        "copies only (a prefix's device copy is its blocks in the KV pool, under --kv-cache-bytes)",
+    )
     kv_cache_bytes: int | None = Field(
         None,
         ge=0,
         description="KV cache budget in bytes; --max-num-seqs is capped to the sequences that fit. Default: 80% "
-        "of the memory free after loading the model, less --cache-bytes",
+        "of the memory free after loading the model, less --cache-bytes (not with --kv-layout paged on CUDA: "
+        "that cache is then on the host)",
     )
     kv_layout: Literal["slots", "paged"] = Field(
         "slots",

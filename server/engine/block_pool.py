@@ -75,6 +75,10 @@ class BlockPool:
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # least recently used first
         self._sequences: dict[int, _Sequence] = {}  # by scheduler row
         self.num_evictions = 0
+        # admissions that wrote their prefix into new blocks (a host-to-device copy), and those whose prefix was
+        # resident (its blocks referenced, nothing copied)
+        self.num_prefix_loads = 0
+        self.num_prefix_hits = 0
 
     # -- accounting (read by metrics and the start-up line) --------------------------------------------
     @property
@@ -88,7 +92,8 @@ class BlockPool:
     @property
     def num_prefix_blocks(self) -> int:
         """Blocks held by resident prefixes, referenced or not (each stored once)."""
-        return sum(len(p.blocks) for p in self._prefixes.values())
+        # list(): one C-level copy, so a scrape on another thread never iterates while the engine admits
+        return sum(len(p.blocks) for p in list(self._prefixes.values()))
 
     @property
     def num_sequence_blocks(self) -> int:
@@ -97,6 +102,11 @@ class BlockPool:
     @property
     def num_resident_prefixes(self) -> int:
         return len(self._prefixes)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Blocks of resident prefixes no running sequence references: taken (LRU) when the free ones run out."""
+        return self._num_evictable(None)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -176,6 +186,8 @@ class BlockPool:
                     self._take(self.blocks_for(num_prefix_tokens), prefix_key)
                 )
             entry.num_refs += 1
+            self.num_prefix_loads += is_new
+            self.num_prefix_hits += not is_new
             self._prefixes.move_to_end(prefix_key)
             prefix_blocks = entry.blocks
         sequence = self._sequences[row] = _Sequence(prefix_key)
@@ -251,6 +263,11 @@ class BlockPool:
         entry = self._prefixes.get(prefix_key)
         return 0 if entry is None else entry.num_refs
 
+    def prefix_blocks(self, prefix_key: str) -> list[int] | None:
+        """A resident prefix's blocks (a copy), or None when it is not in the pool."""
+        entry = self._prefixes.get(prefix_key)
+        return None if entry is None else list(entry.blocks)
+
     # -- internals ---------------------------------------------------------------------------------------
     def _num_own(self, num_tokens: int, num_seqs: int, num_shared: int) -> int:
         """The first sequence's blocks, and each other's past the whole blocks of the shared tokens."""
@@ -262,7 +279,7 @@ class BlockPool:
         return self._num_evictable(keep)
 
     def _num_evictable(self, keep: str | None) -> int:
-        return sum(len(p.blocks) for k, p in self._prefixes.items() if p.num_refs == 0 and k != keep)
+        return sum(len(p.blocks) for k, p in list(self._prefixes.items()) if p.num_refs == 0 and k != keep)
 
     def _take(self, num: int, keep: str | None) -> list[int]:
         """`num` free blocks, evicting unreferenced prefixes (least recently used first, never `keep`)."""

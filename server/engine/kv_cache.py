@@ -217,8 +217,9 @@ class PoolPlan:
         return (
             f"KV pool (paged): {budget} holds {self.num_blocks - 1} blocks of {self.block_size} positions "
             f"({self.bytes_per_block / 2**10:.1f} KiB each): {self.num_sequences(self.max_positions)} sequences of "
-            f"{full} positions, {self.num_sequences(typical)} of {short}; {stored} the same blocks; at most "
-            f"{min(max_num_seqs, self.num_seqs)} running (--max-num-seqs)"
+            f"{full} positions, {self.num_sequences(typical)} of {short}; {stored} the same blocks (each prefix "
+            "its only device copy: any block running sequences do not hold; unreferenced ones given back least "
+            f"recently used first); at most {min(max_num_seqs, self.num_seqs)} running (--max-num-seqs)"
         )
 
 
@@ -295,8 +296,9 @@ def kv_budget(
     free = available(device)
     budget = default_kv_budget(free, prefix_cache_bytes)
     log.info(
-        "KV cache budget %.1f MiB: %d%% of the %.1f MiB free on %s after loading the model, less the %.1f MiB "
-        "prefix cache (--cache-bytes); set --kv-cache-bytes to choose",
+        "KV cache budget %.1f MiB: %d%% of the %.1f MiB free on %s after loading the model, less %.1f MiB for "
+        "the prefix cache (--cache-bytes; none where it is on the host: --kv-layout paged on CUDA); set "
+        "--kv-cache-bytes to choose",
         budget / 2**20,
         round(DEFAULT_KV_SHARE * 100),
         free / 2**20,

@@ -36,6 +36,10 @@ from server.engine.block_pool import SeqBlocks
 from server.engine.decoder_inputs import Attention, PrefillInputs
 from server.engine.transfer import copy_to_device
 
+# the prefix targets the pool holds as blocks: kept on the host by the prefix cache, so a prefix has one device
+# copy, in the pool (app.py)
+POOLED_TARGETS = frozenset({"decoder", "cross"})
+
 
 class PagedKVCache:
     def __init__(
@@ -120,7 +124,9 @@ class PagedKVCache:
             self.kv[:, :, torch.tensor(blocks, device=self.device)] = 0
 
     def write_prefix(self, blocks: list[int], decoder: torch.Tensor) -> None:
-        """A prefix's `decoder` target [L, 2, H_kv, P, d] into its (zeroed) blocks, entry j at block j // B."""
+        """A prefix's `decoder` target [L, 2, H_kv, P, d] into its (zeroed) blocks, entry j at block j // B. The
+        target is the host copy (pinned on CUDA: no host wait): the blocks are the prefix's only device copy."""
+        decoder = decoder.to(self.device, self.kv.dtype, non_blocking=True)
         num_layers, _, heads, num_tokens, head_dim = decoder.shape
         padded = decoder.new_zeros(num_layers, 2, len(blocks) * self.block_size, heads, head_dim)
         padded[:, :, :num_tokens] = decoder.transpose(2, 3)

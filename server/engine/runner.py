@@ -24,7 +24,7 @@ from server.engine.block_pool import BlockPool, SeqBlocks
 from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import LENGTH_STEP, DecodeGraphs
 from server.engine.kv_cache import KVCache, KVPlan, PoolPlan, plan_block_pool, plan_kv_cache
-from server.engine.paged_cache import PagedKVCache, split_encoder_decoder
+from server.engine.paged_cache import POOLED_TARGETS, PagedKVCache, split_encoder_decoder
 from server.engine.request import Request
 from server.engine.sampler import RowsSampled, Sampler
 from server.engine.step import StepInput, StepOutput
@@ -51,6 +51,8 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len, backbone.max_positions)
         self.is_paged = config.kv_layout == "paged"
         self.block_pool: BlockPool | None = None
+        # prefix targets whose only device copy is the pool's blocks (the prefix cache keeps them on the host)
+        self.pooled_targets = POOLED_TARGETS if self.is_paged else frozenset()
         self.cache: KVCache | PagedKVCache
         if self.is_paged:
             self._init_paged(config)

@@ -47,3 +47,10 @@ def upload(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> to
     on_device.record_stream(torch.cuda.current_stream(device))
     stream.synchronize()
     return on_device
+
+
+def stage(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A prefix tensor kept on the host for the paged pool (the runner copies it into blocks when the prefix
+    enters the pool): cast here, pinned when `device` is CUDA so that copy runs without a host wait."""
+    host = tensor.to("cpu", dtype)
+    return host.pin_memory() if device.type == "cuda" else host

@@ -114,3 +114,37 @@ def test_the_choices_of_a_request_share_the_prompt_s_whole_blocks_until_the_last
     pool.release(9)  # the last one frees them
     assert pool.num_sequence_blocks == 0 and pool.num_free == 39 - 1 and pool.references("p") == 0
     assert len(set(pool._free)) == len(pool._free)  # no block given back twice
+
+
+def test_loads_hits_and_evictable_blocks_are_counted():
+    pool = BlockPool(num_blocks=20, block_size=4)
+    pool.admit(0, "a", 8, 4)  # written into new blocks
+    pool.admit(1, "a", 8, 4)  # resident: referenced, nothing written
+    pool.admit(2, "b", 4, 4)
+    assert (pool.num_prefix_loads, pool.num_prefix_hits, pool.num_evictable_blocks) == (2, 1, 0)
+    pool.release(0)
+    assert pool.num_evictable_blocks == 0  # "a" is still referenced by row 1
+    pool.release(1)
+    assert pool.num_evictable_blocks == 2 and pool.num_prefix_blocks == 3
+    pool.admit(3, None, 0, 4)  # no prefix: neither a load nor a hit
+    assert (pool.num_prefix_loads, pool.num_prefix_hits) == (2, 1)
+
+
+def test_a_tenant_cycling_many_prefixes_never_takes_a_referenced_one_s_blocks():
+    """One row holds prefix "v" while another tenant cycles 40 distinct prefixes through a pool that holds three
+    at a time: theirs evict each other (least recently used first), "v"'s blocks stay its own throughout."""
+    pool = BlockPool(num_blocks=12, block_size=4)  # 11 usable
+    (victim,) = pool.admit(0, "v", 8, 8)  # 2 prefix + 2 own
+    v_blocks = victim.table[:2]
+    for i in range(40):
+        key = f"h{i % 20}"
+        assert pool.can_admit(key, 8, 4)
+        (grant,) = pool.admit(1, key, 8, 4)  # 2 prefix + 1 own, evicting others' as needed
+        assert not set(grant.table) & set(victim.table)
+        pool.release(1)
+        assert pool.references("v") == 1
+    assert pool.num_evictions > 0 and pool.num_prefix_loads == 41  # every cycled prefix was evicted by then
+    (again,) = pool.admit(2, "v", 8, 4)
+    assert again.table[:2] == v_blocks and not again.is_prefix_new
+    # 5 blocks held (row 0's 2 + 2, row 2's 1): 6 free or evictable, "v"'s 2 not among them
+    assert pool.can_admit("x", 4 * 5, 4) and not pool.can_admit("x", 4 * 6, 4)

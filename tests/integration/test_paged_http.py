@@ -59,10 +59,19 @@ def test_paged_server_is_peft_exact_stores_prefixes_once_and_never_serves_stale(
         text = client.get("/metrics").text
         assert metric(text, "prefixserve_kv_blocks_prefixes") == 2 + 3  # 5 and 9 tokens, each stored once
         assert metric(text, "prefixserve_kv_blocks_total") > metric(text, "prefixserve_kv_blocks_free")
-        # t/a replaced by the second adapter: a new content, new blocks, never the old ones
+        # each prefix copied into the pool once; every other request found its blocks there
+        assert metric(text, "prefixserve_kv_prefix_loads_total") == 2
+        assert metric(text, "prefixserve_kv_prefix_hits_total") >= 18
+        assert "host copies" in next(
+            line for line in text.splitlines() if "HELP prefixserve_prefix_cache_bytes" in line
+        )
+        assert "prefix cache (--cache-bytes)" in server.log() and "no device copy" in server.log()
+        # t/a replaced by the second adapter: a new content, never the old blocks (the pool keys by content: t/b's,
+        # resident, are the same values and are read without a copy)
         assert upload_peft(client, "t/a", second).status_code == 200
         body = {"prefix": "t/a", "prompt": PROMPTS[0], "max_new_tokens": MAX_NEW}
         assert client.post("/v1/generate", json=body).json()["token_ids"] == want["second"][0]
+        assert metric(client.get("/metrics").text, "prefixserve_kv_prefix_loads_total") == 2
 
 
 def test_paged_bart_server_is_peft_exact_and_holds_prefixes_and_sources_in_one_pool(
