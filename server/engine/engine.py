@@ -156,11 +156,9 @@ class Engine:
                 max_queue=config.max_queue,
                 policy=config.policy,  # type: ignore[arg-type]
                 row_cooldown=self.overlaps,
-                # a preempted row resumes by recomputing its prompt and tokens: the runner here does that for
-                # decoder-only families (the runner process and BART's encoder do not)
-                preempt_for_share=config.policy == "fair"
-                and not self.is_encoder_decoder
-                and not hasattr(self.runner, "submit"),
+                # a preempted row resumes by recomputing its prompt and tokens: the runners do that for the
+                # decoder-only families (BART's slot layout does not re-encode a source)
+                preempt_for_share=config.policy == "fair" and not self.is_encoder_decoder,
             ),
             getattr(self.runner, "block_pool", None),
         )

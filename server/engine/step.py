@@ -121,13 +121,16 @@ class JoiningRow:
     prompt_token_ids: list[int]
     params: SamplingParams
     prefix: Any = None  # (key, {name: wire tensor} or None) or None for the bare backbone
+    resumed: tuple[int, ...] = ()  # resuming after a preemption: the tokens it generated before
 
 
 @dataclass(frozen=True)
 class StepMessage:
-    """A StepInput on the pipe to the runner's process: rows that leave and join (the child decodes every
-    row it holds); `forgotten`: prefix keys the child may drop."""
+    """A StepInput on the pipe to the runner's process: rows that leave, are preempted (their sampler state
+    stays for when they rejoin) and join (the child decodes every row it holds); `forgotten`: prefix keys the
+    child may drop."""
 
     leaving: list[int]
     joining: list[JoiningRow]
     forgotten: list[int]
+    preempted: list[int] = field(default_factory=list)

@@ -147,15 +147,23 @@ class RunnerProcess:
         """Send a step to the child without waiting for its answer (collect() reads the answers in order): the
         engine prepares the next step while the child runs this one."""
         leaving = [r.row for r in batch.finished if r.request_id in self._held]
+        preempted = [r.row for r in batch.preempted if r.request_id in self._held]
         self._held.difference_update(r.request_id for r in batch.finished)
         self._held.update(r.request_id for r in batch.prefill)
         joining = [
-            JoiningRow(r.row, r.request_id, r.prompt_token_ids, r.params, self._prefix(r.prefix))
+            JoiningRow(
+                r.row,
+                r.request_id,
+                r.prompt_token_ids,
+                r.params,
+                self._prefix(r.prefix),
+                tuple(batch.resumed.get(r.row, ())),
+            )
             for r in batch.prefill
         ]
         with self._forgotten_lock:
             forgotten, self._forgotten = self._forgotten, []
-        if not batch.sequences and not leaving and not forgotten:
+        if not batch.sequences and not leaving and not preempted and not forgotten:
             self._answers.append(False)  # nothing to send: collect() answers an empty output
             return
         # what ModelRunner reports before its forward calls: GPT-2 decodes the running rows, then prefills the
@@ -170,7 +178,7 @@ class RunnerProcess:
                 self.on_forward(batch.prefill)
         with self._pipe:
             try:
-                self._conn.send(StepMessage(leaving, joining, forgotten))
+                self._conn.send(StepMessage(leaving, joining, forgotten, preempted))
             except Exception as exc:
                 raise self._gone(exc) from exc
             self._answers.append(True)
@@ -307,6 +315,9 @@ class _Child:
         self.runner = runner
         self.backbone = backbone
         self.requests: dict[int, Request] = {}  # row -> the mirror of the request the runner holds there
+        self.preempted: dict[
+            int, Request
+        ] = {}  # row -> a preempted request's mirror, until it rejoins or leaves
         self.prefixes: dict[int, SimpleNamespace] = {}  # key -> an object with the device `targets`
 
     def run(self, conn: Any) -> None:
@@ -332,12 +343,21 @@ class _Child:
         """One StepMessage: the runner's StepOutput with this process's CPU time, or the step's exception."""
         started = time.thread_time()
         self._forget(message.forgotten)
-        finished = [self.requests.pop(row) for row in message.leaving if row in self.requests]
+        # a row preempted earlier that finished while it waited leaves too: its sampler state goes
+        finished = [
+            self.requests.pop(row, None) or self.preempted.pop(row)
+            for row in message.leaving
+            if row in self.requests or row in self.preempted
+        ]
+        preempted = [self.requests.pop(row) for row in message.preempted if row in self.requests]
+        self.preempted.update((r.row, r) for r in preempted)
         try:
             prefill = [self._join(row) for row in message.joining]
+            resumed = {row.row: list(row.resumed) for row in message.joining if row.resumed}
             # the runner decodes every row it holds: `decode` only says whether there are any
             decode = list(self.requests.values()) if len(self.requests) > len(prefill) else []
-            out = self.runner.execute(StepInput(prefill, decode, finished))
+            step = StepInput(prefill, decode, finished, preempted=preempted, resumed=resumed)
+            out = self.runner.execute(step)
         except Exception as exc:  # as in one process: the step's requests fail; they leave at the next step
             log.exception("runner step failed")
             return _picklable(exc)
@@ -356,6 +376,7 @@ class _Child:
                 self.prefixes[key] = SimpleNamespace(targets=targets)
             prefix = self.prefixes[key]
         request = Request(row.request_id, row.prompt_token_ids, row.params, prefix, row=row.row)
+        self.preempted.pop(row.row, None)
         self.requests[row.row] = request
         return request
 

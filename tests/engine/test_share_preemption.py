@@ -15,6 +15,8 @@ import pytest
 from peft_oracle import MAX_NEW, PROMPTS
 from test_engine_exactness import device_prefix, peft_device_prefixes, run_engine
 from test_fault_isolation import poisoned
+from test_overlap import LaggedRunner
+from test_runner_process import process_engine
 
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
@@ -27,11 +29,12 @@ async def flood_and_light(engine: Engine, flood: list, light: list) -> tuple[lis
     """The flood's jobs queued at once (tenant "flood"); the light tenant's one after another, each two steps
     after the one before finished (a client's think time: the flood takes the row it left), so that every one
     arrives while the flood holds every row."""
+    step = engine.overlapped_step if engine.overlaps else engine.step  # overlapped: one step in flight
     flooded = [
         engine.add(engine.tokenize(prompt), params, prefix, prefix.id if prefix else None, tenant="flood")
         for prefix, prompt, params in flood
     ]
-    engine.step()
+    step()
     lights: list[Request] = []
     idle = 0
     for _ in range(2000):
@@ -45,16 +48,18 @@ async def flood_and_light(engine: Engine, flood: list, light: list) -> tuple[lis
                     engine.tokenize(prompt), params, prefix, prefix.id if prefix else None, tenant="light"
                 )
             )
-            engine.step()
+            step()
             load = engine.scheduler.tenant_load()
             assert lights[-1].status is not RequestStatus.WAITING, (
                 f"the light request waited for a row: {load}"
             )
             continue
-        engine.step()
+        step()
     assert len(lights) == len(light) and engine.scheduler.load["flood"].num_waiting, "the flood ran dry"
     while engine.scheduler.has_work():
-        engine.step()
+        step()
+    if engine.overlaps:
+        engine._drain()
     return flooded, lights
 
 
@@ -89,6 +94,36 @@ def test_a_light_tenant_is_served_at_once_and_every_answer_is_still_peft(peft_ca
         assert engine.runner.block_pool.num_sequence_blocks == 0
 
 
+@pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)
+@pytest.mark.parametrize("runner", ["overlapped", "process"])
+def test_preemption_for_share_with_steps_in_flight_and_in_the_runner_process(peft_case, runner):
+    """Overlapped steps (the victim's token of the step in flight is recorded after it was preempted) and the
+    runner process (preempted and resumed rows cross the pipe): every answer is still PEFT's."""
+    kind, model_dir, adapters, expected = peft_case
+    prefixes = peft_device_prefixes(adapters)
+    ids = sorted(prefixes)
+    greedy = SamplingParams(max_new_tokens=MAX_NEW)
+    flood_keys = [(p, i) for i in range(len(PROMPTS)) for p in [None, *ids[:2]]] * 3
+    light_keys = [(p, i) for i in range(len(PROMPTS)) for p in ids[2:]]
+    flood = [(prefixes.get(p), PROMPTS[i], greedy) for p, i in flood_keys]
+    light = [(prefixes[p], PROMPTS[i], greedy) for p, i in light_keys]
+    if runner == "overlapped":
+        backbone = load_backbone(model_dir, "cpu", "float32")
+        config = EngineConfig(max_num_seqs=4)
+        engine = Engine(backbone, config, runner=LaggedRunner(backbone, config))
+    else:
+        engine = process_engine(model_dir, max_num_seqs=4)
+    try:
+        assert engine.scheduler.config.preempt_for_share
+        flooded, lights = asyncio.run(flood_and_light(engine, flood, light))
+    finally:
+        if runner == "process":
+            engine.runner.close()
+    for (prefix_id, i), request in zip(flood_keys + light_keys, flooded + lights, strict=True):
+        assert request.output_token_ids == expected[prefix_id][i], (prefix_id, i)
+    assert engine.scheduler.num_share_preemptions >= len(lights) // 2
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_preempted_sampled_requests_draw_what_they_draw_alone(tiny_gpt2_dir: Path, layout):
     """Seeded sampling with penalties and min_tokens: the flood's preempted and resumed requests, and the light
@@ -107,7 +142,7 @@ def test_preempted_sampled_requests_draw_what_they_draw_alone(tiny_gpt2_dir: Pat
 
 
 def test_bart_and_fifo_do_not_preempt(tiny_bart_dir: Path, tiny_gpt2_dir: Path):
-    """BART's runner cannot resume a row by recomputing it, and the fifo policy has no shares: neither
+    """BART's slot layout cannot resume a row by recomputing it, and the fifo policy has no shares: neither
     preempts (the light tenant waits for a turnover, as before)."""
     bart = Engine(load_backbone(tiny_bart_dir, "cpu", "float32"), EngineConfig(max_num_seqs=2))
     fifo = Engine(load_backbone(tiny_gpt2_dir, "cpu", "float32"), EngineConfig(max_num_seqs=2, policy="fifo"))
