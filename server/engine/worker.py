@@ -345,7 +345,7 @@ class _Child:
         self._forget(message.forgotten)
         # a row preempted earlier that finished while it waited leaves too: its sampler state goes
         finished = [
-            self.requests.pop(row, None) or self.preempted.pop(row)
+            (self.requests if row in self.requests else self.preempted).pop(row)
             for row in message.leaving
             if row in self.requests or row in self.preempted
         ]
