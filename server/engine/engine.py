@@ -157,8 +157,9 @@ class Engine:
                 policy=config.policy,  # type: ignore[arg-type]
                 row_cooldown=self.overlaps,
                 # a preempted row resumes by recomputing its prompt and tokens: the runners do that for the
-                # decoder-only families (BART's slot layout does not re-encode a source)
-                preempt_for_share=config.policy == "fair" and not self.is_encoder_decoder,
+                # decoder-only families, and for BART with the paged layout (its slots do not re-encode a source)
+                preempt_for_share=config.policy == "fair"
+                and (not self.is_encoder_decoder or config.kv_layout == "paged"),
             ),
             getattr(self.runner, "block_pool", None),
         )

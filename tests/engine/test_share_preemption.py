@@ -63,9 +63,11 @@ async def flood_and_light(engine: Engine, flood: list, light: list) -> tuple[lis
     return flooded, lights
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)
+@pytest.mark.parametrize(
+    ("peft_case", "layout"), [("gpt2", "slots"), ("gpt2", "paged"), ("bart", "paged")], indirect=["peft_case"]
+)
 def test_a_light_tenant_is_served_at_once_and_every_answer_is_still_peft(peft_case, layout):
+    """BART resumes by encoding its source again (paged only: its slot layout does not preempt)."""
     kind, model_dir, adapters, expected = peft_case
     backbone = load_backbone(model_dir, "cpu", "float32")
     prefixes = peft_device_prefixes(adapters)
@@ -141,7 +143,7 @@ def test_preempted_sampled_requests_draw_what_they_draw_alone(tiny_gpt2_dir: Pat
     assert engine.scheduler.num_share_preemptions >= 2
 
 
-def test_bart_and_fifo_do_not_preempt(tiny_bart_dir: Path, tiny_gpt2_dir: Path):
+def test_bart_slots_and_fifo_do_not_preempt(tiny_bart_dir: Path, tiny_gpt2_dir: Path):
     """BART's slot layout cannot resume a row by recomputing it, and the fifo policy has no shares: neither
     preempts (the light tenant waits for a turnover, as before)."""
     bart = Engine(load_backbone(tiny_bart_dir, "cpu", "float32"), EngineConfig(max_num_seqs=2))
