@@ -309,7 +309,8 @@ def request_cost(name: str, intro: bool = True) -> list[str]:
     record = load(name)
     if record is None:
         return []
-    figures = record["figures"]
+    figures = dict(record["figures"])
+    floor = figures.pop("batch_floor", None)
     about = [
         "The front's own cost: server CPU per request (user + system time over many requests from concurrent "
         "keep-alive clients), and a light tenant's latency while another tenant floods a small queue with "
@@ -342,6 +343,16 @@ def request_cost(name: str, intro: bool = True) -> list[str]:
         "",
         f"Flood ratio per round: {rounds}. On a shared machine it moves with the load; read the CPU columns "
         "first.",
+        *(
+            [
+                "",
+                f"What sharing the batch alone costs the light request (this checkout, in-process, no HTTP): "
+                f"{floor['light_alone_ms']:.0f} ms alone, {floor['light_beside_3_rows_ms']:.0f} ms beside 3 "
+                f"running rows ({floor['ratio']:.2f}×).",
+            ]
+            if floor
+            else []
+        ),
         "",
         provenance(record, name),
     ]

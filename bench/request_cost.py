@@ -14,7 +14,9 @@ keys and a prefix per tenant. Measured on each, side by side in one run:
    sends --light-requests generates of --new-tokens tokens one after another. Reported: light's mean latency
    alone, under the flood, their ratio (aim <= 2x), and flood's answers (served, refused) meanwhile;
 3. the refused flood: the same clients sending as tenant "capped", whose per-minute quota is used up, so that every
-   one of their requests is refused: what a flooder's refusals alone cost the light tenant (light's ratio).
+   one of their requests is refused: what a flooder's refusals alone cost the light tenant (light's ratio);
+4. the batch floor (this checkout only, in-process, no HTTP): the light request decoded alone and beside 3 running
+   rows, what sharing the batch costs it on this CPU before any HTTP traffic or flood client.
 The clients speak raw HTTP/1.1 over asyncio streams, so their own cost stays small beside the server's.
 Writes bench/results/request_cost.json (request_cost-runner-process.json with --runner-process).
 """
@@ -247,6 +249,35 @@ def measure(checkout: Path, model_dir: Path, workdir: Path, args: argparse.Names
         }
 
 
+def batch_floor(model_dir: Path, new_tokens: int, repeats: int = 4) -> dict:
+    """What sharing the batch alone costs the light request, with no HTTP and no flood client: this checkout's
+    engine in this process, the light request decoded alone and beside 3 running rows (4 slots full), median ms."""
+    from server.engine.backbone import load_backbone
+    from server.engine.engine import Engine, EngineConfig
+    from server.engine.request import SamplingParams
+
+    backbone = load_backbone(model_dir, "cpu", "float32")
+
+    async def light_ms(others: int) -> float:
+        engine = Engine(backbone, EngineConfig(max_num_seqs=4, max_model_len=256))
+        long = SamplingParams(max_new_tokens=250 - 24, ignore_eos=True)
+        for _ in range(others):
+            engine.add(engine.tokenize(PROMPT), long, tenant="flood")
+        engine.step()
+        times = []
+        for _ in range(repeats):
+            params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+            request = engine.add(engine.tokenize(PROMPT), params, tenant="light")
+            started = time.perf_counter()
+            while not request.is_finished:
+                engine.step()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1e3
+
+    alone, beside = asyncio.run(light_ms(0)), asyncio.run(light_ms(3))
+    return {"light_alone_ms": alone, "light_beside_3_rows_ms": beside, "ratio": beside / alone}
+
+
 def export(rev: str, into: Path) -> Path:
     """The commit's files (no .git) in `into`: a server from before this checkout's changes."""
     into.mkdir(parents=True)
@@ -288,6 +319,7 @@ def main() -> None:
             for name, checkout in checkouts.items():
                 runs[name].append(measure(checkout, model_dir, workdir, args))
                 print(name, json.dumps({k: round(v, 3) for k, v in runs[name][-1].items()}), flush=True)
+        floor = batch_floor(model_dir, args.new_tokens)
     figures = {
         name: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]} | {"rounds": rounds}
         for name, rounds in runs.items()
@@ -295,6 +327,8 @@ def main() -> None:
     print(f"{'':28}" + "".join(f"{name:>22}" for name in figures))
     for key in runs["this"][0]:
         print(f"{key:28}" + "".join(f"{f[key]:>22.3f}" for f in figures.values()))
+    print("batch floor (this checkout, in-process):", json.dumps(floor))
+    figures["batch_floor"] = floor
     name = "request_cost-runner-process" if args.runner_process else "request_cost"
     write_result(name, "bench.request_cost", figures)
 
