@@ -154,10 +154,12 @@ class BlockPool:
         num_tokens: int,
         num_seqs: int = 1,
         num_shared: int = 0,
+        reserve: int = 0,
     ) -> bool:
+        """Whether the admission's blocks, and `reserve` more, are free or evictable now."""
         available = self.num_free + self._num_evictable(keep=prefix_key)
         need = self.num_needed(prefix_key, num_prefix_tokens, num_tokens, num_seqs, num_shared)
-        return need <= available
+        return need + reserve <= available
 
     def admit(
         self,
@@ -274,11 +276,8 @@ class BlockPool:
         first = self.blocks_for(num_tokens)
         return first + (num_seqs - 1) * (first - num_shared // self.block_size)
 
-    def num_evictable(self, keep: str | None) -> int:
-        """Blocks of resident prefixes nobody references (but `keep`'s)."""
-        return self._num_evictable(keep)
-
     def _num_evictable(self, keep: str | None) -> int:
+        """Blocks of resident prefixes nobody references (but `keep`'s)."""
         return sum(len(p.blocks) for k, p in list(self._prefixes.items()) if p.num_refs == 0 and k != keep)
 
     def _take(self, num: int, keep: str | None) -> list[int]:

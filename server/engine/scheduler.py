@@ -433,10 +433,7 @@ class Scheduler:
         assert self.blocks is not None
         key, num_prefix, own, num_seqs, shared = self._block_need(request, num_choices)
         reserve = max(1, self.blocks.num_usable // 50) if self.running else 0
-        need = self.blocks.num_needed(key, num_prefix, own, num_seqs, shared) + reserve
-        return self.blocks.can_admit(key, num_prefix, own, num_seqs, shared) and (
-            need <= self.blocks.num_free + self.blocks.num_evictable(keep=key)
-        )
+        return self.blocks.can_admit(key, num_prefix, own, num_seqs, shared, reserve)
 
     def _admit_blocks(self, request: Request, need: tuple[str | None, int, int, int, int]) -> list[SeqBlocks]:
         """The pool's grant for `need` (_block_need, taken before a resuming request left the queue)."""
