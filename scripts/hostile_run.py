@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -42,7 +41,9 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from own_redis import OwnRedis, free_port  # noqa: E402  (the tests' own redis-server: start, pause, kill)
 
 ADMIN_KEY = "hostile-admin-" + "k" * 24
 STORE_TIMEOUT = 2.0  # the documented default, which server B runs with
@@ -78,52 +79,6 @@ def report(item: str, probe: str, ok: bool | None, summary: str, **facts: Any) -
 
 
 # -- processes -----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OwnRedis:
-    """A redis-server on a free loopback port with docker-compose's durability settings, to pause and kill."""
-
-    def __init__(self, data_dir: Path):
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir)]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.3) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def signal(self, sig: int) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, sig)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
 
 
 class Server:
@@ -378,6 +333,7 @@ class Run:
     def __init__(self, workdir: Path, model: Path, args: argparse.Namespace):
         self.workdir, self.model, self.args = workdir, model, args
         self.prefixes = Prefixes(model)
+        (workdir / "redis").mkdir(parents=True, exist_ok=True)
         self.redis = OwnRedis(workdir / "redis")
         self._a: Server | None = None
         self._b: Server | None = None
@@ -622,12 +578,12 @@ def probe_redis_outage(run: Run) -> None:
 
         warm()
         log_before = server.log()
-        run.redis.signal(signal.SIGSTOP)
+        run.redis.pause()
         paused = outage_checks("acme/cold")
         time.sleep(0.5)
         log_paused = server.log()[len(log_before) :]
         unreachable_lines = log_paused.count("is unreachable")
-        run.redis.signal(signal.SIGCONT)
+        run.redis.resume()
         started = time.monotonic()
         while c.get("/readyz").status_code != 200 and time.monotonic() - started < 20:
             time.sleep(0.1)
