@@ -121,6 +121,7 @@ def _runner_process(settings: Settings, on_forward: Any) -> Any:
         prefix_cache_bytes=settings.cache_bytes,
         cuda_graphs=settings.cuda_graphs,
         retain_host_memory=settings.retain_host_memory,
+        torch_threads=settings.torch_threads,
         log_level=settings.log_level,
         log_format=settings.log_format,
     )

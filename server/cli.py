@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from server.host_memory import retain_freed_memory
+from server.host_threads import set_forward_threads
 from server.settings import Settings
 
 SECRET_FIELDS = {"admin_key"}  # env only: a key on the command line shows in `ps`
@@ -51,6 +52,7 @@ def serve(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     if settings.retain_host_memory:  # before the model loads: its tensors take the same allocator
         logging.getLogger("prefixserve").info("%s", retain_freed_memory(os.environ))
+    logging.getLogger("prefixserve").info("%s", set_forward_threads(settings.torch_threads, os.environ))
     app = create_app(settings)
     logging.getLogger("prefixserve").info("%s", _http_stack())
     config = uvicorn.Config(

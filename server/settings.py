@@ -102,6 +102,14 @@ class Settings(BaseSettings):
         "step more than it needs (its token dropped) and its slot is taken a step later; beam groups are not "
         "overlapped. No effect without --runner-process",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="intra-op threads of the forward on the host (torch.set_num_threads), in this process and in "
+        "--runner-process's child. Default: OMP_NUM_THREADS when set, else the CPUs this process may run on less "
+        "one (at least 1), so that the HTTP front keeps a core and a flood it answers does not stall the steps",
+    )
     retain_host_memory: bool = Field(
         True,
         description="keep freed host memory in the C allocator for the next step (glibc: mmap threshold 32 MiB, "

@@ -72,6 +72,7 @@ class RunnerSpec:
     prefix_cache_bytes: int
     cuda_graphs: bool
     retain_host_memory: bool
+    torch_threads: int | None = None
     log_level: str = "info"
     log_format: str = "text"
 
@@ -278,6 +279,9 @@ def _serve(conn: Any, spec: RunnerSpec) -> None:
         from server.host_memory import retain_freed_memory
 
         log.info("runner process: %s", retain_freed_memory(os.environ))
+    from server.host_threads import set_forward_threads
+
+    log.info("runner process: %s", set_forward_threads(spec.torch_threads, os.environ))
     try:
         runner, backbone = _build(spec)
     except Exception as exc:  # the front raises it: the server does not start, and says why

@@ -74,6 +74,9 @@ def test_runner_process_serves_the_same_tokens_and_a_hostile_tenant_changes_none
         assert f"forward passes run in process {child}" in s.log()
         # the KV budget is planned where the weights are: the child measures the memory left after loading them
         assert "KV cache budget" in s.log() and "KV cache: budget" in s.log()
+        # both processes size the forward's threads the same way (here OMP_NUM_THREADS=1, set by serving.py)
+        assert "forward threads: 1 (OMP_NUM_THREADS)" in s.log()
+        assert "runner process: forward threads: 1 (OMP_NUM_THREADS)" in s.log()
         with httpx.Client(base_url=s.url, timeout=120) as client:
             assert put_native(client, "good/p", good).status_code == 201
             assert put_native(client, "evil/p", evil).status_code == 201
