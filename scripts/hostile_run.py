@@ -93,9 +93,7 @@ class Server:
 
     def launch(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIXSERVE_")}
-        env.update(
-            PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PREFIXSERVE_ADMIN_KEY=ADMIN_KEY
-        )
+        env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", PREFIXSERVE_ADMIN_KEY=ADMIN_KEY)
         command = [sys.executable, "-m", "server", "--model", str(self.model), "--store", self.store]
         command += ["--port", str(self.port), "--device", "cpu", *self.args]
         with open(self.log_path, "wb") as log:
