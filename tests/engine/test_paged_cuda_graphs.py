@@ -24,7 +24,7 @@ import torch
 from peft_oracle import MAX_NEW, PROMPTS, peft_generate
 from test_cuda_graphs import padded_engine
 from test_engine_exactness import device_prefix, peft_device_prefixes, run_mixed
-from test_fault_isolation import poisoned
+from test_fault_isolation import count_host_syncs, poisoned
 from test_forward_no_host_wait import HostWaits
 from test_paged_kv import PAGED, _prefixes_gpt2, _tight_engine, random_prefix
 
@@ -137,18 +137,27 @@ def test_padded_steps_equal_eager_paged_and_peft_with_preemption_and_a_hostile_t
     assert all(k % LENGTH_STEP == 0 or k == graphs.max_positions for _, _, k in seen)  # table width: 84 keys
 
 
+class FromHost(HostWaits):
+    """HostWaits, and tensors made from Python data (torch.tensor: a host copy a graph would bake in)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.lift_fresh.default:
+            self.found.append(str(func))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 def test_the_captured_region_never_waits_copies_from_the_host_or_writes_a_real_block_for_a_pad_row(
     tiny_gpt2_dir: Path, monkeypatch
 ):
-    """Each padded step's `_run` (what a graph captures) dispatches no op that waits on the device and builds
-    nothing from host data; the fill before it is the step's one copy. Between the two, the pool changes only
+    """Each padded step's `_run` (what a graph captures) calls nothing that waits on the device (no .item, .cpu,
+    .tolist, bool/int, nonzero or boolean-mask indexing) and builds nothing from host data; the fill before it is the step's one copy. Between the two, the pool changes only
     at each real row's write position and in the scratch block; the zero block stays zero."""
     monkeypatch.setattr(paged_kernel, "load", lambda: None)
     backbone = load_backbone(tiny_gpt2_dir, "cpu", "float32")
     engine = padded_engine(backbone, EngineConfig(max_num_seqs=6, **PAGED))
     graphs, cache = engine.runner.graphs, engine.runner.cache
     assert isinstance(graphs, PagedDecodeGraphs) and isinstance(cache, PagedKVCache)
-    mode, checked = HostWaits(), []
+    mode, checked = FromHost(), []
 
     def no_host_copy(*args, **kwargs):
         raise AssertionError("a host -> device copy inside the captured region")
@@ -162,8 +171,9 @@ def test_the_captured_region_never_waits_copies_from_the_host_or_writes_a_real_b
             for module in (cuda_graphs, paged_cache):
                 patch.setattr(module, "copy_to_device", no_host_copy)
             patch.setattr(torch, "from_numpy", no_host_copy)
-            with mode:
+            with mode, count_host_syncs() as syncs:
                 run_graph(rows, keys)
+        assert syncs == []
         changed = (cache.kv != before).flatten(4).any(-1).any(0).any(0)  # [blocks, block_size]
         written = set()
         for slot in range(num_rows):
