@@ -80,13 +80,15 @@ class Settings(BaseSettings):
         description="slots: every sequence owns a whole slot of --max-model-len positions, its prefix copied in; "
         "paged: blocks of --kv-block-size positions taken as a sequence grows (a running request is preempted, "
         "then resumed, when they run out), and a prefix is stored once as shared read-only blocks (every family; BART's "
-        "cross entries in the same blocks; eager decode, no --runner-process; see docs/design/kv-cache.md)",
+        "cross entries in the same blocks; decode steps as CUDA graphs on CUDA with --cuda-graphs, the block tables in "
+        "fixed buffers (not yet run on a GPU), eager on CPU; no --runner-process; see docs/design/kv-cache.md)",
     )
     kv_block_size: int = Field(16, ge=1, le=1024, description="positions per KV block with --kv-layout paged")
     cuda_graphs: bool = Field(
         True,
         description="on CUDA, replay decode steps (GPT-2, Llama, Qwen2, Mistral) as CUDA graphs (captured per batch/length bucket on "
-        "first use); false = launch every kernel eagerly. BART and CPU always run eagerly",
+        "first use), with either --kv-layout (paged: block tables, prefix lengths and offsets in fixed buffers, one block of "
+        "--kv-cache-bytes kept for pad rows); false = launch every kernel eagerly. Prefill, BART and CPU always run eagerly",
     )
     runner_process: bool = Field(
         False,

@@ -11,6 +11,12 @@ Each (rows, keys) bucket is captured on first use (warm-up, then capture, on a s
 one memory pool and one static logits buffer, so the pool holds about one step's activations, not one per
 graph; logits are copied out so the next replay cannot overwrite them. BART's decode and every prefill run
 eagerly; `capture=False` runs the same padded shapes eagerly (what the CPU tests check for exactness).
+
+`--kv-layout paged` (PagedDecodeGraphs): every row's block table, P and shift are step inputs too, so they live in
+a fixed buffer (StaticBlockTables) filled in place before each replay, with one host-to-device copy. The keys
+bucket bounds the blocks each row gathers (keys / block_size table columns, zero-block padded). Pad rows get
+P = 0, shift 0 and a table naming only the cache's scratch block (past the pool's blocks, in no sequence's table):
+their write at position 0 lands there, and they read it and the zero block, so a pad row touches no real block.
 Design: docs/design/engine.md; figures: bench/README.md.
 """
 
@@ -20,7 +26,13 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from server.engine.decoder_inputs import Attention
+from server.engine.paged_cache import PagedKVCache
+from server.engine.transfer import copy_to_device
 
 log = logging.getLogger("prefixserve.engine")
 
@@ -34,14 +46,15 @@ def batch_buckets(max_rows: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """`__call__(tokens, positions, length)` = `backbone.decode(cache, ...)` for rows [0, B), via graphs."""
+    """`__call__(tokens, positions, length)` = `backbone.decode(cache, ...)` for rows [0, B), via graphs (the slot
+    layout; PagedDecodeGraphs below for the paged one)."""
 
     def __init__(self, backbone, cache, max_rows: int, capture: bool = True):
         self.backbone = backbone
         self.cache = cache
         self.capture = capture
         self.buckets = batch_buckets(max_rows)
-        self.max_positions = cache.self_kv.shape[4]
+        self.max_positions = self._max_keys()
         device = backbone.device
         self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
@@ -63,6 +76,7 @@ class DecodeGraphs:
         if rows > num_rows:  # pad rows: token 0 at position 0 (see the module docstring)
             self.tokens[num_rows:rows].zero_()
             self.positions[num_rows:rows].zero_()
+        self._fill(num_rows, rows, keys)
         if not self.capture:
             self._run(rows, keys)
         else:
@@ -70,7 +84,14 @@ class DecodeGraphs:
             graph.replay()
         return self.logits[:num_rows].clone()
 
+    def _max_keys(self) -> int:
+        return self.cache.self_kv.shape[4]
+
+    def _fill(self, num_rows: int, rows: int, keys: int) -> None:
+        """The step's other inputs into their fixed buffers (the slot layout has none)."""
+
     def _run(self, rows: int, keys: int) -> None:
+        """The captured region: device work only, reading the fixed buffers (no host copy, no host wait)."""
         logits = self.backbone.decode(self.cache, self.tokens[:rows], self.positions[:rows], keys)
         self.logits[:rows].copy_(logits)
 
@@ -89,3 +110,68 @@ class DecodeGraphs:
         self.graphs[(rows, keys)] = graph
         log.debug("captured a decode graph for %d rows x %d keys", rows, keys)
         return graph
+
+
+class PagedDecodeGraphs(DecodeGraphs):
+    """DecodeGraphs for `--kv-layout paged`: the block tables, P and shift of rows [0, B) are fixed buffers too."""
+
+    def __init__(self, backbone, cache: PagedKVCache, max_rows: int, capture: bool = True):
+        super().__init__(backbone, cache, max_rows, capture)
+        self.tables = StaticBlockTables(cache, max_rows)
+
+    def _max_keys(self) -> int:
+        return self.cache.tables.shape[1] * self.cache.block_size
+
+    def _fill(self, num_rows: int, rows: int, keys: int) -> None:
+        self.tables.fill(num_rows, rows, -(-keys // self.cache.block_size))
+
+    def _run(self, rows: int, keys: int) -> None:
+        logits = self.backbone.decode(self.tables, self.tokens[:rows], self.positions[:rows], keys)
+        self.logits[:rows].copy_(logits)
+
+
+class StaticBlockTables:
+    """A paged decode step's per-row inputs in one fixed device buffer, passed to `backbone.decode` as its cache:
+    `decode_attention` reads the buffer (device ops only), `write` and `attend` act on the cache's blocks."""
+
+    def __init__(self, cache: PagedKVCache, max_rows: int):
+        if cache.scratch_block is None:
+            raise ValueError(
+                "a graph-replayed paged decode needs the cache's scratch block (has_scratch_block)"
+            )
+        self.cache = cache
+        self.scratch_block: int = cache.scratch_block
+        width = cache.tables.shape[1]
+        # [max_rows, 2 + width]: P, shift, then the block table (zero-block padded)
+        self.rows = torch.zeros(max_rows, 2 + width, dtype=torch.long, device=cache.device)
+
+    def fill(self, num_rows: int, rows: int, num_blocks: int) -> None:
+        """Rows [0, num_rows) from the cache's host arrays, pad rows [num_rows, rows) reading and writing the
+        scratch block only; `num_blocks` table columns (the keys bucket's). One copy (pinned on CUDA)."""
+        cache = self.cache
+        host = np.zeros((rows, 2 + num_blocks), dtype=np.int64)
+        host[:num_rows, 0] = cache.num_prefix[:num_rows]
+        host[:num_rows, 1] = cache.shift[:num_rows]
+        host[:num_rows, 2:] = cache.tables[:num_rows, :num_blocks]
+        host[num_rows:, 2] = self.scratch_block
+        (on_device,) = copy_to_device([torch.from_numpy(host)], cache.device)
+        self.rows[:rows, : 2 + num_blocks].copy_(on_device)
+
+    def decode_attention(self, positions: torch.Tensor, length: int) -> Attention:
+        """Rows [0, B) at `positions` [B] read `length` logical keys (the keys bucket): their first
+        ceil(length / block_size) table columns, as `fill` wrote them."""
+        num_blocks = -(-length // self.cache.block_size)
+        rows = self.rows[: positions.shape[0]]
+        return self.cache.block_attention(
+            rows[:, 2 : 2 + num_blocks], rows[:, 0], rows[:, 1], positions, in_place=False
+        )
+
+    def write(self, layer: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.cache.write(layer, flat, k, v)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, attention: Attention, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """SDPA of q [n, H_kv, G, d] over each row's gathered blocks (a fresh buffer: see PagedKVCache.read)."""
+        keys, values = self.cache.read(layer, attention.read, reuse=False)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)

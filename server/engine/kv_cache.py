@@ -230,9 +230,11 @@ def plan_block_pool(
     max_num_seqs: int,
     budget_bytes: int | None,
     is_encoder_decoder: bool = False,
+    num_reserved: int = 0,
 ) -> PoolPlan:
-    """Blocks for `budget_bytes` (without one: the memory of `max_num_seqs` full slots). Raises KVBudgetError
-    when not even one full-length sequence fits (encoder-decoder: with a full-length source's cross entries)."""
+    """Blocks for `budget_bytes` (without one: the memory of `max_num_seqs` full slots), less `num_reserved`
+    allocated beside the pool (the CUDA graphs' scratch block). Raises KVBudgetError when not even one full-length
+    sequence fits (encoder-decoder: with a full-length source's cross entries)."""
     parts = 2 if is_encoder_decoder else 1
     per_seq = parts * -(-max_positions // block_size)
     if budget_bytes is None:
@@ -245,10 +247,10 @@ def plan_block_pool(
             None,
             is_encoder_decoder,
         )
-    num_blocks = budget_bytes // bytes_per_block
+    num_blocks = budget_bytes // bytes_per_block - num_reserved
     # the zero block, and one more per part: a prefix's last block is not shared with its sequence's first
     if num_blocks < per_seq + 1 + parts:
-        need = (per_seq + 1 + parts) * bytes_per_block
+        need = (per_seq + 1 + parts + num_reserved) * bytes_per_block
         what = "and a source of as many " if is_encoder_decoder else ""
         raise KVBudgetError(
             f"the KV cache budget ({budget_bytes} bytes) cannot hold one sequence of {max_positions} positions "

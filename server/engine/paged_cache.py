@@ -19,7 +19,9 @@ every decoder query as if it stood at "position" P_c + source length - 1.
 A decode step on CPU in float32 reads the blocks in place (paged_kernel.py: a small C++ kernel built on first
 use). Otherwise (prefill, other devices or dtypes, no compiler) each row's blocks are gathered into a contiguous
 [n, H, K, d] buffer before SDPA: one more copy of what a layer reads. bench/kv_capacity.py measures both against
-the slot cache.
+the slot cache. A decode step replayed as a CUDA graph (cuda_graphs.py) reads its tables, P and shift from fixed
+buffers (StaticBlockTables) and gathers too; its pad rows write the scratch block, one block past the pool's that
+no table of a sequence names.
 """
 
 from __future__ import annotations
@@ -53,12 +55,15 @@ class PagedKVCache:
         dtype: torch.dtype,
         use_kernel: bool = True,
         max_cross_blocks: int = 0,
+        has_scratch_block: bool = False,
     ):
         self.block_size = block_size
+        # block `num_blocks`, past the pool's: where pad rows of a graph-replayed step write (None: no such rows)
+        self.scratch_block = num_blocks if has_scratch_block else None
         self.kv = torch.zeros(
             shape.num_layers,
             2,
-            num_blocks,
+            num_blocks + has_scratch_block,
             block_size,
             shape.kv_heads,
             shape.head_dim,
@@ -197,8 +202,8 @@ class PagedKVCache:
 
     def decode_attention(self, positions: torch.Tensor, length: int) -> Attention:
         """Slots [0, B) decode one token each at `positions` [B] (device), reading `length` logical keys."""
-        n, size = positions.shape[0], self.block_size
-        num_blocks = -(-length // size)
+        n = positions.shape[0]
+        num_blocks = -(-length // self.block_size)
         tables, num_prefix, shift = copy_to_device(
             [
                 torch.from_numpy(np.ascontiguousarray(a))
@@ -206,12 +211,26 @@ class PagedKVCache:
             ],
             positions.device,
         )
+        return self.block_attention(tables, num_prefix, shift, positions, in_place=True)
+
+    def block_attention(
+        self,
+        tables: torch.Tensor,
+        num_prefix: torch.Tensor,
+        shift: torch.Tensor,
+        positions: torch.Tensor,
+        in_place: bool,
+    ) -> Attention:
+        """One query per row at `positions` [n] through block `tables` [n, nb], P and shift [n] (all on the device;
+        device ops only, so a CUDA graph can capture it). `in_place`: the CPU kernel may read the blocks."""
+        size = self.block_size
         logical = positions + shift
-        rows = torch.arange(n, device=positions.device)
+        rows = torch.arange(positions.shape[0], device=positions.device)
         flat = tables[rows, logical // size] * size + logical % size
-        mask = _mask(positions[:, None], num_prefix[:, None], shift[:, None], num_blocks * size)
+        mask = _mask(positions[:, None], num_prefix[:, None], shift[:, None], tables.shape[1] * size)
         # query i of the [B, 1] batch is flat index i
-        return Attention(flat, rows, tables, mask[:, None], (num_prefix, shift, positions))
+        kernel_rows = (num_prefix, shift, positions) if in_place else None
+        return Attention(flat, rows, tables, mask[:, None], kernel_rows)
 
     def attend(
         self, layer: int, q: torch.Tensor, attention: Attention, mask: torch.Tensor, scale: float
@@ -272,13 +291,19 @@ class PagedKVCache:
         kv[0].view(-1, *kv.shape[3:])[flat] = k
         kv[1].view(-1, *kv.shape[3:])[flat] = v
 
-    def read(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, tables: torch.Tensor, reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys, values [n, H, K, d] of rows whose block tables are `tables` [n, nb]: K = nb * block_size.
         Whole blocks by index_select into a reused buffer (advanced indexing, a gather along dim 1 or a fresh
-        buffer per layer each cost more); the layer's attention reads it before the next layer overwrites it."""
+        buffer per layer each cost more); the layer's attention reads it before the next layer overwrites it.
+        `reuse=False` (a step a CUDA graph captures): a fresh buffer from the graph's pool, because the reused
+        one is replaced when an eager step needs more and the graph would go on writing the freed one."""
         n, num_blocks = tables.shape
         flat = tables.reshape(-1)
         kv = self.kv[layer]  # [2, num_blocks, B, H, d]
+        if not reuse:
+            shape = (n, num_blocks * self.block_size, *kv.shape[3:])
+            keys, values = kv[0].index_select(0, flat).view(shape), kv[1].index_select(0, flat).view(shape)
+            return keys.transpose(1, 2), values.transpose(1, 2)
         if self._scratch.shape[1] < flat.numel():
             self._scratch = kv.new_empty(2, flat.numel(), *kv.shape[2:])
         shape = (n, num_blocks * self.block_size, *kv.shape[3:])

@@ -22,7 +22,7 @@ from server.engine.batch import InputBatch
 from server.engine.beam import BeamChoice, BeamSearch, as_tensor
 from server.engine.block_pool import BlockPool, SeqBlocks
 from server.engine.config import EngineConfig
-from server.engine.cuda_graphs import LENGTH_STEP, DecodeGraphs
+from server.engine.cuda_graphs import LENGTH_STEP, DecodeGraphs, PagedDecodeGraphs
 from server.engine.kv_cache import KVCache, KVPlan, PoolPlan, plan_block_pool, plan_kv_cache
 from server.engine.paged_cache import POOLED_TARGETS, PagedKVCache, split_encoder_decoder
 from server.engine.request import Request
@@ -42,6 +42,12 @@ def _prefix_lens(request: Request) -> tuple[int, int]:
     return (0 if decoder is None else decoder.shape[3], 0 if cross is None else cross.shape[3])
 
 
+def uses_graphs(config: EngineConfig, backbone) -> bool:
+    """Decode steps as CUDA graphs: asked for (--cuda-graphs), on CUDA, a decoder-only family (BART decodes
+    eagerly), in either KV layout."""
+    return config.cuda_graphs and backbone.device.type == "cuda" and not backbone.spec.is_encoder_decoder
+
+
 class ModelRunner:
     def __init__(
         self, backbone, config: EngineConfig, on_forward: Callable[[list[Request]], None] | None = None
@@ -55,7 +61,7 @@ class ModelRunner:
         self.pooled_targets = POOLED_TARGETS if self.is_paged else frozenset()
         self.cache: KVCache | PagedKVCache
         if self.is_paged:
-            self._init_paged(config)
+            self._init_paged(config, uses_graphs(config, backbone))
         else:
             cross_len = config.max_prefix_tokens + backbone.max_positions if self.is_encoder_decoder else 0
             per_seq = KVCache.bytes_per_slot(backbone.shape, self.max_model_len, cross_len, backbone.dtype)
@@ -71,13 +77,7 @@ class ModelRunner:
                 backbone.device,
                 backbone.dtype,
             )
-        graphed = (
-            config.cuda_graphs
-            and backbone.device.type == "cuda"
-            and not self.is_encoder_decoder
-            and not self.is_paged
-        )
-        self.graphs = DecodeGraphs(backbone, self.cache, self.kv_plan.num_seqs) if graphed else None
+        self.graphs = self._decode_graphs(config)
         self.sampler = Sampler(backbone.rules, backbone.spec, backbone.device)
         self.beams = BeamSearch(backbone.rules, backbone.spec, backbone.device)
         self.batch = InputBatch(self.kv_plan.num_seqs)
@@ -88,9 +88,10 @@ class ModelRunner:
         self.forward_seconds = 0.0  # time inside the backbone's forward calls (bench: host time per step)
         self._beam_blocks: dict[int, list[SeqBlocks]] = {}  # paged: a new beam group's other beams' tables
 
-    def _init_paged(self, config: EngineConfig) -> None:
+    def _init_paged(self, config: EngineConfig, graphed: bool) -> None:
         """The block pool (the scheduler admits by it) and its tensors: every family's self-attention entries,
-        and BART's cross entries (its cross prefix's and its source's) in the same blocks."""
+        and BART's cross entries (its cross prefix's and its source's) in the same blocks. `graphed`: one more
+        block, out of the budget, where the graphs' pad rows write."""
         backbone = self.backbone
         size = config.kv_block_size
         per_block = PagedKVCache.bytes_per_block(backbone.shape, size, backbone.dtype)
@@ -101,6 +102,7 @@ class ModelRunner:
             config.max_num_seqs,
             config.kv_cache_bytes,
             self.is_encoder_decoder,
+            num_reserved=int(graphed),
         )
         self.block_pool = BlockPool(self.kv_plan.num_blocks, size, self.is_encoder_decoder)
         # a sequence's table: its prefix's blocks, then its own (at most the model's positions); a cross table:
@@ -117,28 +119,44 @@ class ModelRunner:
             backbone.device,
             backbone.dtype,
             max_cross_blocks=cross_width,
+            has_scratch_block=graphed,
         )
+
+    def _decode_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
+        """Decode steps as graph replays where uses_graphs says so; captured on CUDA, run padded otherwise."""
+        if not uses_graphs(config, self.backbone):
+            return None
+        capture = self.backbone.device.type == "cuda"
+        if isinstance(self.cache, PagedKVCache):
+            return PagedDecodeGraphs(self.backbone, self.cache, self.kv_plan.num_seqs, capture)
+        return DecodeGraphs(self.backbone, self.cache, self.kv_plan.num_seqs, capture)
 
     @property
     def decode_mode(self) -> str:
         """What the start-up log says about decode steps."""
         if self.graphs is not None:
+            paged = (
+                ", --kv-layout paged: block tables in fixed buffers, each row's blocks gathered"
+                if isinstance(self.cache, PagedKVCache)
+                else ""
+            )
             return (
                 f"CUDA graphs, captured on first use per bucket of rows ({', '.join(map(str, self.graphs.buckets))})"
-                f" x keys (multiples of {LENGTH_STEP}); --cuda-graphs false for eager"
+                f" x keys (multiples of {LENGTH_STEP}){paged}; --cuda-graphs false for eager"
             )
+        why = (
+            " (CUDA graphs are for the decoder-only families on CUDA)"
+            if self.backbone.device.type != "cuda" or self.is_encoder_decoder
+            else " (--cuda-graphs false)"
+        )
         if isinstance(self.cache, PagedKVCache):
             read = (
                 "blocks read in place (CPU kernel)"
                 if self.cache.kernel is not None
                 else "blocks gathered into a contiguous buffer"
             )
-            return f"eager, --kv-layout paged: {read}; CUDA graphs are not built for the paged layout"
-        return "eager" + (
-            " (CUDA graphs are for GPT-2 on CUDA)"
-            if self.backbone.device.type != "cuda" or self.is_encoder_decoder
-            else " (--cuda-graphs false)"
-        )
+            return f"eager, --kv-layout paged: {read}{why}"
+        return "eager" + why
 
     def execute(self, batch: StepInput) -> StepOutput:
         """Free the leaving rows' slots, then one token for every row the runner holds and every joining row

@@ -4,7 +4,8 @@ On CPU the padded shapes run eagerly (`capture=False`): the same rows, keys and 
 replays, so what these tests check is the padding itself — pad rows writing position 0 of free slots, keys
 rounded up to a multiple of LENGTH_STEP — with sequences joining and leaving those slots mid-flight. On CUDA
 the graphs themselves are checked by tests/engine/test_gpu.py and by `pytest --device cuda` (graphs are on by
-default there).
+default there). The runner builds the graphs itself in these tests (padded_engine): on CPU, uncaptured. The paged
+layout's graphs (block tables in fixed buffers) run these tests again in test_paged_cuda_graphs.py.
 """
 
 from __future__ import annotations
@@ -12,13 +13,28 @@ from __future__ import annotations
 import asyncio
 
 import peft_oracle
+import pytest
 from peft_oracle import PROMPTS, assert_prefixes_matter
 from test_engine_exactness import peft_device_prefixes, run_mixed
 
+from server.engine import runner
 from server.engine.backbone import load_backbone
-from server.engine.cuda_graphs import LENGTH_STEP, DecodeGraphs, batch_buckets
+from server.engine.cuda_graphs import LENGTH_STEP, PagedDecodeGraphs, batch_buckets
 from server.engine.engine import Engine, EngineConfig
+from server.engine.paged_cache import PagedKVCache
 from server.engine.request import SamplingParams
+
+
+def graphs_on_cpu(config: EngineConfig, backbone) -> bool:
+    """runner.uses_graphs without its device check: on CPU the runner builds its decode graphs, uncaptured."""
+    return config.cuda_graphs and not backbone.spec.is_encoder_decoder
+
+
+def padded_engine(backbone, config: EngineConfig, **kwargs) -> Engine:
+    """An Engine whose runner builds decode graphs wherever it would on CUDA (captured there, run padded here)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "uses_graphs", graphs_on_cpu)
+        return Engine(backbone, config, **kwargs)
 
 
 def test_batch_buckets() -> None:
@@ -38,8 +54,10 @@ def test_padded_decode_is_exact_with_sequences_joining_and_leaving(peft_case) ->
         assert runner.graphs is None and runner.decode_mode.startswith("eager")
         return
     prefixes = {None: None, **peft_device_prefixes(adapters, device)}
-    engine = Engine(backbone, EngineConfig(max_num_seqs=7))
-    graphs = DecodeGraphs(backbone, engine.runner.cache, 7, capture=device == "cuda")
+    engine = padded_engine(backbone, EngineConfig(max_num_seqs=7))
+    graphs = engine.runner.graphs
+    assert graphs.capture == (device == "cuda")
+    assert isinstance(graphs, PagedDecodeGraphs) == isinstance(engine.runner.cache, PagedKVCache)
     seen: list[tuple[int, int, int]] = []  # (rows, padded rows, keys) of each decode step
 
     def watched(tokens, positions, length):

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from peft_oracle import MAX_NEW, PROMPTS
+from test_cuda_graphs import padded_engine
 from test_engine_exactness import device_prefix, peft_device_prefixes, run_engine
 
 from prefix_store.families import family
 from prefix_store.format import Prefix
 from server.engine.backbone import GenerationRules, load_backbone
-from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.engine import Engine, EngineConfig
 from server.engine.request import Request, SamplingParams
 from server.engine.runner import ModelRunner
@@ -36,8 +36,8 @@ def poisoned(backbone, value: float, num_tokens: int = 4) -> Prefix:
 @pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)  # BART shares the runner and sampler
 @pytest.mark.parametrize("padded", [False, True], ids=["eager", "graph-padded"])
 def test_poisoned_rows_fail_alone_and_their_slots_are_clean_for_the_next(peft_case, padded):
-    """With `padded`, decode steps run the shapes a CUDA graph replays (cuda_graphs.py, eagerly here): pad
-    rows in free slots next to poisoned ones."""
+    """With `padded`, decode steps run the shapes a CUDA graph replays (cuda_graphs.py, uncaptured here): pad
+    rows in free slots (paged: writing the scratch block) next to poisoned ones."""
     kind, model_dir, adapters, expected = peft_case
     backbone = load_backbone(model_dir, "cpu", "float32")
     good = peft_device_prefixes(adapters)
@@ -51,9 +51,9 @@ def test_poisoned_rows_fail_alone_and_their_slots_are_clean_for_the_next(peft_ca
         for prefix_id, prefix in good.items():
             jobs.append((prefix, prompt, greedy))
             keys.append((prefix_id, i))
-    engine = Engine(backbone, EngineConfig(max_num_seqs=4))
-    if padded:
-        engine.runner.graphs = DecodeGraphs(backbone, engine.runner.cache, 4, capture=False)
+    config = EngineConfig(max_num_seqs=4)
+    engine = padded_engine(backbone, config) if padded else Engine(backbone, config)
+    assert (engine.runner.graphs is not None) == padded
     engine.start()
     try:
 

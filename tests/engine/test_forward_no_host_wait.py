@@ -22,8 +22,9 @@ from server.engine.engine import Engine, EngineConfig
 from server.engine.request import SamplingParams
 
 aten = torch.ops.aten
+# aten.item: what .item()/int()/float() dispatch on CPU (_local_scalar_dense is reached below the mode)
 SYNCING = {aten.nonzero.default, aten.masked_select.default, aten._local_scalar_dense.default,
-           aten.is_nonzero.default}  # fmt: skip
+           aten.item.default, aten.is_nonzero.default}  # fmt: skip
 
 
 class HostWaits(TorchDispatchMode):
