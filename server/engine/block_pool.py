@@ -72,7 +72,12 @@ class BlockPool:
         self.block_size = block_size
         self.is_encoder_decoder = is_encoder_decoder
         self._free = list(range(num_blocks - 1, 0, -1))  # popped from the end: low ids first
-        self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # least recently used first
+        self._prefixes: dict[str, _Prefix] = {}
+        # the resident prefixes no sequence references, least recently used first (evicted in that order), and
+        # their blocks and every resident prefix's, counted as they change: an admission does not scan them all
+        self._idle: OrderedDict[str, None] = OrderedDict()
+        self._num_idle_blocks = 0
+        self._num_prefix_blocks = 0
         self._sequences: dict[int, _Sequence] = {}  # by scheduler row
         self.num_evictions = 0
         # admissions that wrote their prefix into new blocks (a host-to-device copy), and those whose prefix was
@@ -92,8 +97,7 @@ class BlockPool:
     @property
     def num_prefix_blocks(self) -> int:
         """Blocks held by resident prefixes, referenced or not (each stored once)."""
-        # list(): one C-level copy, so a scrape on another thread never iterates while the engine admits
-        return sum(len(p.blocks) for p in list(self._prefixes.values()))
+        return self._num_prefix_blocks
 
     @property
     def num_sequence_blocks(self) -> int:
@@ -187,10 +191,10 @@ class BlockPool:
                 entry = self._prefixes[prefix_key] = _Prefix(
                     self._take(self.blocks_for(num_prefix_tokens), prefix_key)
                 )
-            entry.num_refs += 1
+                self._num_prefix_blocks += len(entry.blocks)
+            self._reference(prefix_key)
             self.num_prefix_loads += is_new
             self.num_prefix_hits += not is_new
-            self._prefixes.move_to_end(prefix_key)
             prefix_blocks = entry.blocks
         sequence = self._sequences[row] = _Sequence(prefix_key)
         first = self._take(self.blocks_for(num_tokens), prefix_key)
@@ -232,7 +236,7 @@ class BlockPool:
             own = self._take(len(first.own[0]), prefix_key)
             self._sequences[row] = _Sequence(prefix_key, [own], shared)
             if prefix_key is not None:
-                self._prefixes[prefix_key].num_refs += 1
+                self._reference(prefix_key)
             table = prefix_blocks + shared.blocks + own
             grants.append(SeqBlocks(table, num_prefix_blocks, grants[0].num_prefix_tokens, False, own))
         return grants
@@ -259,7 +263,11 @@ class BlockPool:
             if sequence.shared.num_refs == 0:
                 self._free.extend(reversed(sequence.shared.blocks))
         if sequence.prefix_key is not None:
-            self._prefixes[sequence.prefix_key].num_refs -= 1
+            entry = self._prefixes[sequence.prefix_key]
+            entry.num_refs -= 1
+            if entry.num_refs == 0:  # evictable from now on, the most recently used of those
+                self._idle[sequence.prefix_key] = None
+                self._num_idle_blocks += len(entry.blocks)
 
     def references(self, prefix_key: str) -> int:
         entry = self._prefixes.get(prefix_key)
@@ -276,15 +284,28 @@ class BlockPool:
         first = self.blocks_for(num_tokens)
         return first + (num_seqs - 1) * (first - num_shared // self.block_size)
 
+    def _reference(self, prefix_key: str) -> None:
+        entry = self._prefixes[prefix_key]
+        if entry.num_refs == 0 and prefix_key in self._idle:  # referenced again: no longer evictable
+            del self._idle[prefix_key]
+            self._num_idle_blocks -= len(entry.blocks)
+        entry.num_refs += 1
+
     def _num_evictable(self, keep: str | None) -> int:
         """Blocks of resident prefixes nobody references (but `keep`'s)."""
-        return sum(len(p.blocks) for k, p in list(self._prefixes.items()) if p.num_refs == 0 and k != keep)
+        if keep is not None and keep in self._idle:
+            return self._num_idle_blocks - len(self._prefixes[keep].blocks)
+        return self._num_idle_blocks
 
     def _take(self, num: int, keep: str | None) -> list[int]:
         """`num` free blocks, evicting unreferenced prefixes (least recently used first, never `keep`)."""
         while len(self._free) < num:
-            victim = next(k for k, p in self._prefixes.items() if p.num_refs == 0 and k != keep)
-            self._free.extend(reversed(self._prefixes.pop(victim).blocks))
+            victim = next(k for k in self._idle if k != keep)
+            del self._idle[victim]
+            blocks = self._prefixes.pop(victim).blocks
+            self._num_idle_blocks -= len(blocks)
+            self._num_prefix_blocks -= len(blocks)
+            self._free.extend(reversed(blocks))
             self.num_evictions += 1
         taken = self._free[len(self._free) - num :][::-1]
         del self._free[len(self._free) - num :]

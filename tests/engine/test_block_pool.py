@@ -148,3 +148,47 @@ def test_a_tenant_cycling_many_prefixes_never_takes_a_referenced_one_s_blocks():
     assert again.table[:2] == v_blocks and not again.is_prefix_new
     # 5 blocks held (row 0's 2 + 2, row 2's 1): 6 free or evictable, "v"'s 2 not among them
     assert pool.can_admit("x", 4 * 5, 4) and not pool.can_admit("x", 4 * 6, 4)
+
+
+def test_the_counted_evictable_and_prefix_blocks_match_a_recount_through_random_traffic():
+    """The pool counts its unreferenced prefixes' blocks as they change (an admission scans none of them): over
+    random admissions, choices, growth and releases across 30 prefixes the counts equal a recount, and an eviction
+    always takes the unreferenced prefix released longest ago."""
+    import random
+
+    rng = random.Random(0)
+    pool = BlockPool(num_blocks=64, block_size=4)
+    running: dict[int, str | None] = {}
+    released_at: dict[str, int] = {}
+    next_row = 0
+    for tick in range(3000):
+        if running and (rng.random() < 0.45 or len(running) > 12):
+            row = rng.choice(list(running))
+            key = running.pop(row)
+            pool.release(row)
+            if key is not None and pool.references(key) == 0:
+                released_at[key] = tick
+        elif running and rng.random() < 0.15:
+            row = rng.choice(list(running))
+            if pool.can_grow(1) and pool._sequences[row].shared is None:
+                pool.grow(row, 1)
+        else:
+            key = rng.choice([None, *(f"p{i}" for i in range(30))])
+            num_prefix, num_tokens = rng.randint(1, 12), rng.randint(1, 16)
+            choices = rng.choice([1, 1, 1, 3])
+            if not pool.can_admit(key, num_prefix, num_tokens, choices, num_shared=num_tokens):
+                continue
+            idle = [k for k, p in pool._prefixes.items() if p.num_refs == 0 and k != key]
+            evictions = pool.num_evictions
+            rows = list(range(next_row, next_row + choices))
+            next_row += choices
+            pool.admit_choices(rows, key, num_prefix, num_tokens, num_shared=num_tokens)
+            evicted = [k for k in idle if k not in pool._prefixes]
+            assert len(evicted) == pool.num_evictions - evictions
+            oldest = sorted(idle, key=lambda k: released_at[k])[: len(evicted)]
+            assert sorted(evicted) == sorted(oldest)  # least recently used first
+            running.update(dict.fromkeys(rows, key))
+        unreferenced = sum(len(p.blocks) for p in pool._prefixes.values() if p.num_refs == 0)
+        assert pool.num_evictable_blocks == unreferenced
+        assert pool.num_prefix_blocks == sum(len(p.blocks) for p in pool._prefixes.values())
+        assert pool.num_free + pool.num_prefix_blocks + pool.num_sequence_blocks == pool.num_usable
