@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import pickle
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from server.engine.block_pool import BlockPool
 from server.engine.engine import Engine, EngineConfig
 from server.engine.paged_cache import PagedKVCache
 from server.engine.request import SamplingParams
+from server.engine.step import StepMessage
 from server.engine.worker import RunnerProcess
 
 overlap = pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "in-turn"])
@@ -53,6 +55,20 @@ def paged_process_engine(
     assert isinstance(engine.scheduler.blocks, BlockPool) and engine.scheduler.blocks is runner.block_pool
     assert engine.overlaps == overlap
     return engine
+
+
+def record_messages(runner: RunnerProcess) -> list[StepMessage]:
+    """The StepMessages the front sends the child, as it sends them."""
+    sent: list[StepMessage] = []
+    send = runner._conn.send
+
+    def recording(message) -> None:
+        if isinstance(message, StepMessage):
+            sent.append(message)
+        send(message)
+
+    runner._conn.send = recording  # type: ignore[method-assign]
+    return sent
 
 
 def run(engine: Engine, jobs, stagger: bool = True) -> list[list[int]]:
@@ -93,7 +109,13 @@ def test_mixed_batches_give_peft_tokens_and_the_in_process_samples_and_beams(pef
     ]
     engine = paged_process_engine(model_dir, overlap)
     pool = engine.scheduler.blocks
+    sent = record_messages(engine.runner)
     got = run(engine, jobs + others)
+    # a steady step (nobody joins, leaves or is preempted) names only the rows that crossed into a block
+    steady = [m for m in sent if not (m.joining or m.leaving or m.preempted or m.forgotten)]
+    empty = len(pickle.dumps(StepMessage([], [], [])))
+    assert steady and all(len(blocks) == 1 for m in steady for blocks in m.grown.values())
+    assert all(len(pickle.dumps(m)) <= empty + 16 * len(m.grown) for m in steady)
     assert got[: len(jobs)] == [expected[prefix_id][i] for prefix_id, i in keys]
     assert pool.num_prefix_loads == len(prefixes) and pool.num_prefix_hits > 0  # written once each
     in_process = Engine(load_backbone(model_dir, "cpu", "float32"), EngineConfig(max_num_seqs=16, **PAGED))
