@@ -124,6 +124,8 @@ def _runner_process(settings: Settings, on_forward: Any) -> Any:
         torch_threads=settings.torch_threads,
         log_level=settings.log_level,
         log_format=settings.log_format,
+        kv_layout=settings.kv_layout,
+        kv_block_size=settings.kv_block_size,
     )
     runner = RunnerProcess(spec, on_forward=on_forward)
     log.info("forward passes run in process %d (--runner-process)", runner.pid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -81,7 +81,8 @@ class Settings(BaseSettings):
         "paged: blocks of --kv-block-size positions taken as a sequence grows (a running request is preempted, "
         "then resumed, when they run out), and a prefix is stored once as shared read-only blocks (every family; BART's "
         "cross entries in the same blocks; decode steps as CUDA graphs on CUDA with --cuda-graphs, the block tables in "
-        "fixed buffers (not yet run on a GPU), eager on CPU; no --runner-process; see docs/design/kv-cache.md)",
+        "fixed buffers (not yet run on a GPU), eager on CPU; with --runner-process the front's scheduler allots the "
+        "blocks and the child holds them; see docs/design/kv-cache.md)",
     )
     kv_block_size: int = Field(16, ge=1, le=1024, description="positions per KV block with --kv-layout paged")
     cuda_graphs: bool = Field(
@@ -162,12 +163,6 @@ class Settings(BaseSettings):
     )
     replica_name: str | None = Field(None, description="sent as X-Prefixserve-Replica; default host:port")
     log_level: str = Field("info", description="python logging level")
-
-    @model_validator(mode="after")
-    def _paged_runs_in_process(self) -> Settings:
-        if self.kv_layout == "paged" and self.runner_process:
-            raise ValueError("--kv-layout paged does not run in --runner-process yet; drop one of the two")
-        return self
 
     @field_validator("admin_key")
     @classmethod

@@ -156,6 +156,7 @@ class Engine:
                 max_queue=config.max_queue,
                 policy=config.policy,  # type: ignore[arg-type]
                 row_cooldown=self.overlaps,
+                num_ahead=int(self.overlaps),
                 # a preempted row resumes by recomputing its prompt and tokens: the runners do that for the
                 # decoder-only families, and for BART with the paged layout (its slots do not re-encode a source)
                 preempt_for_share=config.policy == "fair"

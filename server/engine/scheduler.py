@@ -63,6 +63,9 @@ class SchedulerConfig:
     # a left row is taken again one schedule() later: the answer of a step sent before it left (the engine
     # overlapping steps) still names it, and must not be read as its next occupant's
     row_cooldown: bool = False
+    # paged: tokens a running row writes beyond those recorded when the next schedule() runs (1 when the engine
+    # overlaps steps: the step in flight writes one more), so a row's next block is granted that much earlier
+    num_ahead: int = 0
     # every row taken and a tenant with nothing running waits: preempt the tenant furthest over its share (the
     # runner must resume a preempted row by recomputing it: decoder-only families, in the engine's process)
     preempt_for_share: bool = False
@@ -497,8 +500,10 @@ class Scheduler:
         or the row itself was preempted. Array tests find the rows; only those are visited."""
         assert self.blocks is not None
         rows = self.rows
-        # the next decode writes own entry prompt + num_output - 1: blocks for prompt + num_output entries
-        need = -(-(self._num_prompt + rows.num_output) // self.blocks.block_size)
+        # the next decode writes own entry prompt + num_output - 1 (+ num_ahead: a step in flight not recorded
+        # yet): blocks for prompt + num_output + num_ahead entries
+        ahead = self._num_prompt + rows.num_output + self.config.num_ahead
+        need = -(-ahead // self.blocks.block_size)
         short = np.flatnonzero(self._is_growing & ~rows.is_done & (need > self._num_own_blocks))
         for row in sorted(short.tolist(), key=lambda r: self._order[id(rows.requests[r])]):
             while self._is_growing[row] and not self.blocks.can_grow(1):
@@ -644,6 +649,9 @@ class Scheduler:
         running = self.rows
         progress = Progress()
         before = len(self._finishing)
+        # overlapped steps: a row preempted after this step was sent may finish on its token (EOS, length, a
+        # failure) while it waits; it is reported here like the running rows that finish
+        before_preempted = len(self._finished_preempted)
         for row in out.failed:
             if running.requests[row] is not None:  # else it left while the step ran (overlapped steps)
                 running.requests[row].finish("error")  # type: ignore[union-attr]
@@ -671,7 +679,7 @@ class Scheduler:
             for row in rows[(num_output >= running.max_new[rows]) & ~is_stop].tolist():
                 self._row_request(row).finish("length")
             progress.rows, progress.token_ids, progress.num_output = rows, tokens, num_output
-        progress.finished = self._finishing[before:]
+        progress.finished = self._finishing[before:] + self._finished_preempted[before_preempted:]
         return progress
 
     def _stop_token_hits(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:

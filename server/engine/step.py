@@ -122,15 +122,22 @@ class JoiningRow:
     params: SamplingParams
     prefix: Any = None  # (key, {name: wire tensor} or None) or None for the bare backbone
     resumed: tuple[int, ...] = ()  # resuming after a preemption: the tokens it generated before
+    # paged: its tables as the front's pool granted them (one per beam; fresh blocks are zeroed, a new prefix's
+    # written), and the row whose prefill it shares when it is a forking choice
+    blocks: tuple[SeqBlocks, ...] = ()
+    fork: int | None = None
 
 
 @dataclass(frozen=True)
 class StepMessage:
     """A StepInput on the pipe to the runner's process: rows that leave, are preempted (their sampler state
     stays for when they rejoin) and join (the child decodes every row it holds); `forgotten`: prefix keys the
-    child may drop."""
+    child may drop; `grown` (paged): the block each row crossing into one appends to its table (a steady step
+    carries only those rows). The child runs the messages in order, so a block the front freed and handed on
+    in this step is written by its new owner only after every earlier step that read it."""
 
     leaving: list[int]
     joining: list[JoiningRow]
     forgotten: list[int]
     preempted: list[int] = field(default_factory=list)
+    grown: dict[int, list[int]] = field(default_factory=dict)

@@ -10,6 +10,12 @@ and waits off the GIL for the StepOutput back (tokens by row, failed rows, beam 
 for, the forward's time and the child's CPU time). A steady step's message is a few empty lists, whatever the
 rows. vLLM V1 splits the same way (its EngineCore process).
 
+With `--kv-layout paged` the block pool stays in the front with the scheduler (`RunnerProcess.block_pool`, built
+from the pool the child planned) and is the one authority on blocks; the child's PagedKVCache follows the grants
+the messages carry (joining rows' tables, blocks rows grew into, forks) and zeroes and writes a block when it is
+granted. Steps run in order in the child, so a block freed and handed on is rewritten only after the steps sent
+before, which may still read it.
+
 The child mirrors only what the runner reads of a request: id, row, prompt, parameters and its prefix's
 tensors (the runner's persistent batch counts the tokens each row sampled). A prefix's tensors cross once per prefix object of the front's cache
 (the front keeps them on the host; the child copies them to its device and keeps them); when the front's
@@ -38,7 +44,10 @@ from typing import Any
 
 import torch
 
+from server.engine.block_pool import BlockPool
 from server.engine.config import EngineConfig
+from server.engine.kv_cache import PoolPlan
+from server.engine.paged_cache import POOLED_TARGETS
 from server.engine.request import Request
 from server.engine.step import JoiningRow, StepInput, StepMessage, StepOutput
 
@@ -75,6 +84,8 @@ class RunnerSpec:
     torch_threads: int | None = None
     log_level: str = "info"
     log_format: str = "text"
+    kv_layout: str = "slots"
+    kv_block_size: int = 16
 
     def engine_config(self, kv_cache_bytes: int | None) -> EngineConfig:
         """The config the child's ModelRunner is built with (`kv_cache_bytes`: the budget it worked out)."""
@@ -84,6 +95,8 @@ class RunnerSpec:
             max_prefix_tokens=self.max_prefix_tokens,
             kv_cache_bytes=kv_cache_bytes,
             cuda_graphs=self.cuda_graphs,
+            kv_layout=self.kv_layout,
+            kv_block_size=self.kv_block_size,
         )
 
 
@@ -112,6 +125,14 @@ class RunnerProcess:
             raise reply[1]
         _, self.kv_plan, self.decode_mode, self.max_model_len, self.kv_num_bytes, self.rules, one_pass = reply
         self._one_pass = one_pass  # BART: one forward call a step (encode, then decode everyone)
+        # paged: the front's pool is the one authority on blocks (the scheduler admits, grows and frees by it);
+        # the child's tensors follow the grants each step carries
+        self.block_pool: BlockPool | None = None
+        self.pooled_targets: frozenset[str] = frozenset()
+        if isinstance(self.kv_plan, PoolPlan):
+            plan = self.kv_plan
+            self.block_pool = BlockPool(plan.num_blocks, plan.block_size, plan.is_encoder_decoder)
+            self.pooled_targets = POOLED_TARGETS
         self.on_forward = on_forward or (lambda requests: None)
         self.forward_seconds = 0.0
         self.cpu_seconds = 0.0  # the child's CPU time in steps (Engine counts it in the step's CPU time)
@@ -159,6 +180,8 @@ class RunnerProcess:
                 r.params,
                 self._prefix(r.prefix),
                 tuple(batch.resumed.get(r.row, ())),
+                tuple(batch.blocks.get(r.row, ())),
+                batch.forks.get(r.row),
             )
             for r in batch.prefill
         ]
@@ -175,11 +198,12 @@ class RunnerProcess:
         else:
             if batch.decode:
                 self.on_forward(batch.decode)
-            if batch.prefill:
-                self.on_forward(batch.prefill)
+            running = [r for r in batch.prefill if r.row not in batch.forks]  # forking choices run nothing
+            if running:
+                self.on_forward(running)
         with self._pipe:
             try:
-                self._conn.send(StepMessage(leaving, joining, forgotten, preempted))
+                self._conn.send(StepMessage(leaving, joining, forgotten, preempted, batch.grown))
             except Exception as exc:
                 raise self._gone(exc) from exc
             self._answers.append(True)
@@ -308,7 +332,9 @@ def _build(spec: RunnerSpec) -> tuple[Any, Any]:
 
     torch.set_grad_enabled(False)
     backbone = load_backbone(spec.model, spec.device, spec.dtype)
-    budget = kv_budget(spec.kv_cache_bytes, spec.prefix_cache_bytes, backbone.device)
+    # paged on CUDA: the child keeps the pooled targets on the host (their blocks are their device copy)
+    on_host = spec.kv_layout == "paged" and backbone.device.type == "cuda"
+    budget = kv_budget(spec.kv_cache_bytes, 0 if on_host else spec.prefix_cache_bytes, backbone.device)
     runner = ModelRunner(backbone, spec.engine_config(budget))
     log.info("runner process %d: %s on %s/%s", os.getpid(), backbone.name, backbone.device, backbone.dtype)
     return runner, backbone
@@ -357,10 +383,19 @@ class _Child:
         self.preempted.update((r.row, r) for r in preempted)
         try:
             prefill = [self._join(row) for row in message.joining]
-            resumed = {row.row: list(row.resumed) for row in message.joining if row.resumed}
+            joining = message.joining
             # the runner decodes every row it holds: `decode` only says whether there are any
             decode = list(self.requests.values()) if len(self.requests) > len(prefill) else []
-            step = StepInput(prefill, decode, finished, preempted=preempted, resumed=resumed)
+            step = StepInput(
+                prefill,
+                decode,
+                finished,
+                blocks={row.row: list(row.blocks) for row in joining if row.blocks},
+                preempted=preempted,
+                grown=message.grown,
+                resumed={row.row: list(row.resumed) for row in joining if row.resumed},
+                forks={row.row: row.fork for row in joining if row.fork is not None},
+            )
             out = self.runner.execute(step)
         except Exception as exc:  # as in one process: the step's requests fail; they leave at the next step
             log.exception("runner step failed")
@@ -369,14 +404,19 @@ class _Child:
         return out
 
     def _join(self, row: JoiningRow) -> Request:
-        from server.engine.transfer import upload
+        from server.engine.transfer import stage, upload
 
         prefix = row.prefix
         if prefix is not None:
             key, tensors = prefix
             if tensors is not None:
                 device, dtype = self.backbone.device, self.backbone.dtype
-                targets = {name: upload(_from_wire(t), device, dtype) for name, t in tensors.items()}
+                # paged: the pooled targets stay on the host; the runner writes them into blocks when needed
+                pooled = self.runner.pooled_targets
+                targets = {
+                    name: (stage if name in pooled else upload)(_from_wire(t), device, dtype)
+                    for name, t in tensors.items()
+                }
                 self.prefixes[key] = SimpleNamespace(targets=targets)
             prefix = self.prefixes[key]
         request = Request(row.request_id, row.prompt_token_ids, row.params, prefix, row=row.row)

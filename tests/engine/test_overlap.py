@@ -15,12 +15,14 @@ from pathlib import Path
 
 import peft_oracle
 import pytest
+import torch
 from peft_oracle import MAX_NEW, PROMPTS
 from test_engine_exactness import device_prefix, peft_device_prefixes, run_mixed
 from test_fault_isolation import poisoned
 
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
+from server.engine.paged_cache import PagedKVCache
 from server.engine.request import SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.step import StepInput, StepOutput
@@ -50,8 +52,8 @@ class LaggedRunner:
         return self.runner.execute(self.sent.popleft())
 
 
-def lagged_engine(backbone, max_num_seqs: int = 5) -> Engine:
-    config = EngineConfig(max_num_seqs=max_num_seqs)
+def lagged_engine(backbone, max_num_seqs: int = 5, **config_args) -> Engine:
+    config = EngineConfig(max_num_seqs=max_num_seqs, **config_args)
     engine = Engine(backbone, config, runner=LaggedRunner(backbone, config))
     assert engine.overlaps
     return engine
@@ -179,3 +181,27 @@ def test_an_abort_mid_flight_frees_the_row(tiny_gpt2_dir: Path):
         engine.stop()
     assert got == plain(backbone, [short, short], max_num_seqs=2)
     assert engine.num_running == 0 and not engine._in_flight
+
+
+@pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)
+def test_paged_rows_grow_preempt_and_resume_when_overlapped(peft_case):
+    """--kv-layout paged, 20 blocks of 4: rows take their next block a token early (the step in flight writes
+    one more), are preempted with a step in flight (its token recorded, then recomputed on resume) and finish
+    while preempted; a hostile tenant's NaN rows fail alone in the same steps. PEFT's tokens for every other."""
+    kind, model_dir, adapters, expected = peft_case
+    backbone = load_backbone(model_dir, "cpu", "float32")
+    per_block = PagedKVCache.bytes_per_block(backbone.shape, 4, torch.float32)
+    paged = dict(kv_layout="paged", kv_block_size=4, kv_cache_bytes=21 * per_block, max_prefix_tokens=16)
+    engine = lagged_engine(backbone, max_num_seqs=16, max_model_len=64, **paged)
+    nan = device_prefix("evil/nan", poisoned(backbone, float("nan")))
+    jobs, keys = [], []
+    for i, prompt in enumerate(PROMPTS * 2):
+        jobs.append((nan, prompt, SamplingParams(max_new_tokens=MAX_NEW)))
+        keys.append(None)
+        for prefix_id, prefix in peft_device_prefixes(adapters).items():
+            jobs.append((prefix, prompt, SamplingParams(max_new_tokens=MAX_NEW)))
+            keys.append((prefix_id, i % len(PROMPTS)))
+    got = run(engine, jobs)
+    assert [g for g, k in zip(got, keys, strict=True) if k] == [expected[k[0]][k[1]] for k in keys if k]
+    assert [g for g, k in zip(got, keys, strict=True) if k is None] == [[]] * keys.count(None)
+    assert engine.scheduler.num_preemptions > 0 and engine.num_overlapped_steps > 0

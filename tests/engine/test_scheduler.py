@@ -182,3 +182,25 @@ def test_choices_queue_together_or_not_at_all_and_the_slot_layout_runs_them_alon
         s.add(request)
     step = s.schedule()
     assert step.prefill == group and not step.forks and not step.blocks
+
+
+def test_overlapped_paged_rows_grow_a_token_ahead_and_a_row_preempted_in_flight_finishes_on_its_token():
+    """Steps overlapped (step k+1 scheduled before step k is recorded), 3 blocks of 4: the step in flight writes
+    a position the recorded tokens do not count, so a row's next block comes a token early; the row preempted
+    for it gets the in-flight step's token, which is its last: it is reported finished with it."""
+    config = SchedulerConfig(max_num_seqs=2, eos_token_ids=frozenset({EOS}), row_cooldown=True, num_ahead=1)
+    s = Scheduler(config, BlockPool(4, 4))
+    a, b = make("a", max_new=3), make("b", max_new=2)
+    s.add(a)
+    s.add(b)
+    first = s.schedule()
+    second = s.schedule()  # before the first is recorded: the second writes own entry 3, in the first block
+    assert first.prefill == [a, b] and second.decode == [a, b] and second.grown == {}
+    s.update(first, StepOutput.of(first.prefill, [5, 5]))
+    third = s.schedule()  # the second in flight: the third writes own entry 4, in a second block
+    assert list(third.grown) == [a.row] and third.preempted == [b]
+    progress = s.update(second, StepOutput.of(second.decode, [6, 6]))
+    assert progress.finished == [b] and b.finish_reason == "length" and b.output_token_ids == [5, 6]
+    s.update(third, StepOutput.of([a], [7]))
+    fourth = s.schedule()
+    assert set(fourth.finished) == {a, b} and s.blocks is not None and s.blocks.num_sequence_blocks == 0

@@ -16,6 +16,7 @@ from peft_oracle import MAX_NEW, PROMPTS
 from test_engine_exactness import device_prefix, peft_device_prefixes, run_engine
 from test_fault_isolation import poisoned
 from test_overlap import LaggedRunner
+from test_paged_runner_process import paged_process_engine
 from test_runner_process import process_engine
 
 from server.engine.backbone import load_backbone
@@ -98,9 +99,11 @@ def test_a_light_tenant_is_served_at_once_and_every_answer_is_still_peft(peft_ca
 
 @pytest.mark.parametrize("peft_case", ["gpt2"], indirect=True)
 @pytest.mark.parametrize("runner", ["overlapped", "process"])
-def test_preemption_for_share_with_steps_in_flight_and_in_the_runner_process(peft_case, runner):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_preemption_for_share_with_steps_in_flight_and_in_the_runner_process(peft_case, runner, layout):
     """Overlapped steps (the victim's token of the step in flight is recorded after it was preempted) and the
-    runner process (preempted and resumed rows cross the pipe): every answer is still PEFT's."""
+    runner process (preempted and resumed rows cross the pipe; paged: their blocks, freed and granted again by
+    the front's pool): every answer is still PEFT's."""
     kind, model_dir, adapters, expected = peft_case
     prefixes = peft_device_prefixes(adapters)
     ids = sorted(prefixes)
@@ -111,8 +114,10 @@ def test_preemption_for_share_with_steps_in_flight_and_in_the_runner_process(pef
     light = [(prefixes[p], PROMPTS[i], greedy) for p, i in light_keys]
     if runner == "overlapped":
         backbone = load_backbone(model_dir, "cpu", "float32")
-        config = EngineConfig(max_num_seqs=4)
+        config = EngineConfig(max_num_seqs=4, **LAYOUTS[layout])
         engine = Engine(backbone, config, runner=LaggedRunner(backbone, config))
+    elif layout == "paged":
+        engine = paged_process_engine(model_dir, overlap=True, max_num_seqs=4)
     else:
         engine = process_engine(model_dir, max_num_seqs=4)
     try:

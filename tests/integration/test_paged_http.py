@@ -1,6 +1,6 @@
 """prefix-serve with `--kv-layout paged` as a process, over HTTP: PEFT-exact for concurrent requests sharing
 prefixes (GPT-2 and BART), the pool's blocks on /metrics, a replaced prefix never served stale, n choices sharing
-their prompt (OpenAI's client), and what the paged layout does not run refused at start."""
+their prompt (OpenAI's client); the first also with --runner-process (the front's pool, the child's blocks)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,7 @@ import httpx
 import pytest
 from openai import OpenAI
 from peft_oracle import MAX_NEW, PROMPTS, make_peft_adapter, peft_generate
-from pydantic import ValidationError
 from serving import running_server, upload_peft
-
-from server.settings import Settings
 
 PAGED = ["--kv-layout", "paged", "--kv-block-size", "4", "--max-num-seqs", "16"]
 
@@ -36,8 +33,9 @@ async def generate_all(url: str, jobs: list[tuple[str, str]]) -> list[list[int]]
         return await asyncio.gather(*(one(*job) for job in jobs))
 
 
+@pytest.mark.parametrize("process", [[], ["--runner-process", "true"]], ids=["one-process", "runner-process"])
 def test_paged_server_is_peft_exact_stores_prefixes_once_and_never_serves_stale(
-    tiny_gpt2_dir: Path, tmp_path: Path
+    tiny_gpt2_dir: Path, tmp_path: Path, process: list[str]
 ):
     first = make_peft_adapter(tiny_gpt2_dir, "gpt2", 5, tmp_path / "first", seed=1)
     second = make_peft_adapter(tiny_gpt2_dir, "gpt2", 9, tmp_path / "second", seed=2)
@@ -45,7 +43,7 @@ def test_paged_server_is_peft_exact_stores_prefixes_once_and_never_serves_stale(
         name: peft_generate(tiny_gpt2_dir, "gpt2", path, PROMPTS, MAX_NEW)
         for name, path in (("first", first), ("second", second))
     }
-    with running_server(tiny_gpt2_dir, str(tmp_path / "store"), tmp_path, args=PAGED) as server:
+    with running_server(tiny_gpt2_dir, str(tmp_path / "store"), tmp_path, args=PAGED + process) as server:
         assert "KV pool (paged)" in server.log() and "blocks of 4 positions" in server.log()
         client = httpx.Client(base_url=server.url, timeout=60)
         assert upload_peft(client, "t/a", first).status_code == 201
@@ -101,11 +99,6 @@ def test_paged_bart_server_is_peft_exact_and_holds_prefixes_and_sources_in_one_p
             time.sleep(0.1)
         else:
             raise AssertionError("blocks held after every request finished")
-
-
-def test_paged_layout_and_runner_process_are_refused_together():
-    with pytest.raises(ValidationError, match="--runner-process"):
-        Settings(kv_layout="paged", runner_process=True)
 
 
 def test_openai_n_choices_share_their_prompt_and_each_is_what_it_is_alone(
