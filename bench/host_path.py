@@ -11,7 +11,8 @@ process tree, from /proc) per generated token. Beside it, in the same run, HF's 
 (step minus forward, from /metrics) with 64 and with 256 requests in flight. With --before-root both servers
 are up at once and the rounds interleave, so a drift of a shared machine falls on both alike. The best of
 --repeats rounds is kept (its event-loop thread's CPU and write system calls per token beside it), and the
-median over the rounds. Writes bench/results/host_path.json.
+median over the rounds. The servers run their own default (--runner-process true since it became the default)
+unless --runner-process says otherwise. Writes bench/results/host_path.json.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def server_round(url: str, pid: int, jobs, new_tokens: int, stream: bool) -> dic
     }
 
 
+def _flag(value: str | None) -> bool | None:
+    return None if value is None else value == "true"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,6 +107,11 @@ def main() -> None:
     parser.add_argument("--prefixes", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--runner-process",
+        choices=["true", "false"],
+        help="every server with this --runner-process (default: theirs)",
+    )
     args = parser.parse_args()
     args.layers, args.width, args.heads, args.vocab = 1, 64, 2, 700
     roots = {"this": ROOT, **({"before": args.before_root} if args.before_root else {})}
@@ -117,7 +127,7 @@ def main() -> None:
         model_dir = build_backbone(Path(tmp) / "model", args.layers, args.width, args.heads, args.vocab)
         hf = hf_cpu_per_token(model_dir, jobs, args.new_tokens)
         servers = {
-            name: start_server(stack, model_dir, Path(tmp) / name, args, 1, root)
+            name: start_server(stack, model_dir, Path(tmp) / name, args, 1, root, _flag(args.runner_process))
             for name, root in roots.items()
         }
         for _ in range(args.repeats):

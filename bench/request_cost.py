@@ -18,7 +18,8 @@ keys and a prefix per tenant. Measured on each, side by side in one run:
 4. the batch floor (this checkout only, in-process, no HTTP): the light request decoded alone and beside 3 running
    rows, what sharing the batch costs it on this CPU before any HTTP traffic or flood client.
 The clients speak raw HTTP/1.1 over asyncio streams, so their own cost stays small beside the server's.
-Writes bench/results/request_cost.json (request_cost-runner-process.json with --runner-process).
+Writes bench/results/request_cost.json (request_cost-runner-process.json with --runner-process true, whose
+servers all run it, the base too; request_cost-in-process.json with --runner-process false).
 """
 
 from __future__ import annotations
@@ -217,8 +218,8 @@ def measure(checkout: Path, model_dir: Path, workdir: Path, args: argparse.Names
         "PREFIXSERVE_LOG_LEVEL": "warning",
     }
     server_args = ["--max-num-seqs", "4", "--max-queue", str(args.max_queue), "--max-model-len", "256"]
-    if args.runner_process:
-        server_args += ["--runner-process", "true"]
+    if args.runner_process:  # else each checkout's own default
+        server_args += ["--runner-process", args.runner_process]
     with (
         tempfile.TemporaryDirectory(dir=workdir) as tmp,
         serving.running_server(
@@ -302,7 +303,9 @@ def main() -> None:
     parser.add_argument(
         "--flood-warmup", type=float, default=2.0, help="seconds of flood before light starts"
     )
-    parser.add_argument("--runner-process", action="store_true", help="servers with --runner-process true")
+    parser.add_argument(
+        "--runner-process", choices=["true", "false"], help="every server with this --runner-process"
+    )
     parser.add_argument(
         "--rounds", type=int, default=1, help="each checkout measured this many times, in turn"
     )
@@ -329,7 +332,9 @@ def main() -> None:
         print(f"{key:28}" + "".join(f"{f[key]:>22.3f}" for f in figures.values()))
     print("batch floor (this checkout, in-process):", json.dumps(floor))
     figures["batch_floor"] = floor
-    name = "request_cost-runner-process" if args.runner_process else "request_cost"
+    name = {"true": "request_cost-runner-process", "false": "request_cost-in-process"}.get(
+        args.runner_process or "", "request_cost"
+    )
     write_result(name, "bench.request_cost", figures)
 
 

@@ -169,11 +169,14 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
-def server_args(args: argparse.Namespace, stream_interval: int, runner_process: bool = False) -> list[str]:
-    """prefix-serve flags for the load: a slot per request, and the device and stream interval asked for."""
+def server_args(
+    args: argparse.Namespace, stream_interval: int, runner_process: bool | None = None
+) -> list[str]:
+    """prefix-serve flags for the load: a slot per request, and the device, stream interval and runner process
+    asked for (None: the server's default)."""
     out = ["--max-num-seqs", str(args.requests), "--max-model-len", "1024"]
-    if runner_process:
-        out += ["--runner-process", "true"]
+    if runner_process is not None:
+        out += ["--runner-process", "true" if runner_process else "false"]
     if stream_interval != 1:  # a checkout from before the flag rejects it
         out += ["--stream-interval", str(stream_interval)]
     if args.device != "cpu":
@@ -204,7 +207,7 @@ def one_round(client: httpx.Client, url: str, mode: str, jobs, args: argparse.Na
 
 def start_server(
     stack: contextlib.ExitStack, model_dir: Path, workdir: Path, args: argparse.Namespace, stream_interval: int,
-    checkout: Path = ROOT, runner_process: bool = False,
+    checkout: Path = ROOT, runner_process: bool | None = None,
 ):  # fmt: skip
     """A prefix-serve for the load from `checkout`, stopped with `stack`, with the bench's prefixes uploaded and
     warm (its store and logs under `workdir`)."""
@@ -242,6 +245,7 @@ def run_rounds(roots: dict[str, Path], args: argparse.Namespace) -> dict[str, di
                 args,
                 args.stream_interval,
                 root,
+                # explicit both ways: the wait column (the engine thread off the CPU) is the GIL only in one process
                 args.runner_process and name == "this",
             )
             for name, root in roots.items()

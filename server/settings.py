@@ -92,11 +92,12 @@ class Settings(BaseSettings):
         "--kv-cache-bytes kept for pad rows); false = launch every kernel eagerly. Prefill, BART and CPU always run eagerly",
     )
     runner_process: bool = Field(
-        False,
+        True,
         description="run the forward passes and the sampler in a child process (spawned; it loads the weights, "
         "this process keeps the tokenizer and the HTTP front), so the front's Python never holds the GIL they "
-        "need: streaming to many clients no longer slows the steps. Costs the child's start-up (importing "
-        "torch, loading the model) and one message each way per step",
+        "need: streaming to many clients or refusing a flood no longer slows the steps. Costs the child's start-up "
+        "(importing torch, loading the model) and one message each way per step; false runs them in this "
+        "process (cheaper only where a step is tiny, e.g. a 1-layer test model)",
     )
     overlap_steps: bool = Field(
         True,

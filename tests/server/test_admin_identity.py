@@ -33,6 +33,7 @@ def test_a_tenant_named_admin_has_a_quota_and_usage_of_its_own(tiny_gpt2_dir: Pa
         device="cpu",
         dtype="float32",
         admin_key=ADMIN_KEY,
+        runner_process=False,  # the test holds engine.step, the step of the loop that runs the forward itself
     )
     with TestClient(create_app(settings)) as client:
         issued = client.post("/v1/tenants/admin/keys", headers=AS_ADMIN)

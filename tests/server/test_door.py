@@ -165,7 +165,8 @@ def test_the_door_asks_again_after_its_memory(tiny_gpt2_dir: Path, tmp_path: Pat
 
 
 def test_a_full_queue_is_refused_at_the_door(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
-    with _app(tiny_gpt2_dir, tmp_path, max_num_seqs=1, max_queue=1) as client:
+    # in-process runner: the test holds engine.step, the step of the loop that runs the forward itself
+    with _app(tiny_gpt2_dir, tmp_path, max_num_seqs=1, max_queue=1, runner_process=False) as client:
         flood, light = _key(client, "flood"), _key(client, "light")
         engine = client.app.state.engine
         release, step = threading.Event(), engine.step

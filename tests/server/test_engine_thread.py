@@ -25,7 +25,11 @@ def _metric(text: str, name: str) -> float:
 @pytest.fixture
 def client(tiny_gpt2_dir: Path, tmp_path: Path):
     settings = Settings(
-        model=str(tiny_gpt2_dir), store=str(tmp_path / "store"), device="cpu", dtype="float32"
+        model=str(tiny_gpt2_dir),
+        store=str(tmp_path / "store"),
+        device="cpu",
+        dtype="float32",
+        runner_process=False,  # these tests wrap the in-process runner's execute
     )
     with TestClient(create_app(settings)) as client:
         yield client

@@ -16,6 +16,8 @@ from server.settings import Settings
 
 
 def _settings(model: Path, tmp_path: Path, **overrides) -> Settings:
+    # in-process runner: these tests break its step or its memory probe (test_runner_process_http kills the child)
+    overrides.setdefault("runner_process", False)
     return Settings(
         model=str(model), store=str(tmp_path / "store"), device="cpu", dtype="float32", **overrides
     )
