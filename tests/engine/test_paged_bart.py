@@ -56,7 +56,7 @@ def _tight_engine(backbone, num_blocks: int, max_num_seqs: int = 16, max_model_l
     return Engine(backbone, config)
 
 
-def _peft_jobs(prefixes, repeats: int = 1):
+def peft_jobs(prefixes, repeats: int = 1):
     jobs, keys = [], []
     for _ in range(repeats):
         for p_index, prompt in enumerate(PROMPTS):
@@ -224,7 +224,7 @@ def test_preempted_requests_resume_with_the_tokens_they_would_have_had(peft_case
     monkeypatch.setattr(backbone, "prefill_decoder", recording)
     engine = _tight_engine(backbone, 26)
     pool = engine.runner.block_pool
-    jobs, keys = _peft_jobs(peft_device_prefixes(adapters))
+    jobs, keys = peft_jobs(peft_device_prefixes(adapters))
     results = _run(engine, jobs)
     engine.step()
     assert results == [expected[k][i] for k, i in keys]

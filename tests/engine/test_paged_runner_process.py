@@ -7,7 +7,6 @@ with steps overlapped (the front schedules step k+1 while the child runs step k)
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import pickle
 from pathlib import Path
@@ -15,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft_oracle import MAX_NEW, PROMPTS
-from test_engine_exactness import device_prefix, peft_device_prefixes, run_mixed
+from test_engine_exactness import device_prefix, peft_device_prefixes
 from test_fault_isolation import poisoned
+from test_overlap import run
+from test_paged_bart import peft_jobs
 from test_paged_choices import GREEDY, SAMPLED, alone, choices, run_groups
 from test_paged_kv import PAGED, random_prefix
 from test_runner_process import spec
@@ -71,24 +72,6 @@ def record_messages(runner: RunnerProcess) -> list[StepMessage]:
     return sent
 
 
-def run(engine: Engine, jobs, stagger: bool = True) -> list[list[int]]:
-    engine.start()
-    try:
-        return asyncio.run(run_mixed(engine, jobs, stagger))
-    finally:
-        engine.stop()
-
-
-def _peft_jobs(prefixes, repeats: int = 1):
-    jobs, keys = [], []
-    for _ in range(repeats):
-        for p_index, prompt in enumerate(PROMPTS):
-            for prefix_id, prefix in prefixes.items():
-                jobs.append((prefix, prompt, SamplingParams(max_new_tokens=MAX_NEW)))
-                keys.append((prefix_id, p_index))
-    return jobs, keys
-
-
 @overlap
 def test_mixed_batches_give_peft_tokens_and_the_in_process_samples_and_beams(peft_case, overlap):
     """Prefixes of 3-12 tokens and none interleaved in every step (blocks of 4: prompts, prefixes and outputs
@@ -96,7 +79,7 @@ def test_mixed_batches_give_peft_tokens_and_the_in_process_samples_and_beams(pef
     beam group as the in-process paged engine gives them; every block back at the end."""
     kind, model_dir, adapters, expected = peft_case
     prefixes = peft_device_prefixes(adapters)
-    jobs, keys = _peft_jobs({None: None, **prefixes}, repeats=2)
+    jobs, keys = peft_jobs({None: None, **prefixes}, repeats=2)
     one = next(iter(prefixes.values()))
     others = [
         (one, PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=7)),
@@ -138,7 +121,7 @@ def test_a_tight_pool_preempts_evicts_and_reuses_a_poisoned_rows_blocks(peft_cas
     pool = engine.scheduler.blocks
     backbone = load_backbone(model_dir, "cpu", "float32", weights=False)
     nan = device_prefix("evil/nan", poisoned(backbone, float("nan")))
-    jobs, keys = _peft_jobs(peft_device_prefixes(adapters), repeats=2)
+    jobs, keys = peft_jobs(peft_device_prefixes(adapters), repeats=2)
     for i in range(0, len(jobs), 6):
         jobs.insert(i, (nan, PROMPTS[i % len(PROMPTS)], SamplingParams(max_new_tokens=MAX_NEW)))
         keys.insert(i, None)
@@ -183,7 +166,7 @@ def test_bart_preempted_rows_and_evicted_prefixes_give_peft_tokens(peft_case, ov
     kind, model_dir, adapters, expected = peft_case
     engine = paged_process_engine(model_dir, overlap, num_blocks=26, max_model_len=40)
     pool = engine.scheduler.blocks
-    jobs, keys = _peft_jobs(peft_device_prefixes(adapters), repeats=2)
+    jobs, keys = peft_jobs(peft_device_prefixes(adapters), repeats=2)
     got = run(engine, jobs, stagger=False)
     assert got == [expected[k][i] for k, i in keys]
     assert engine.scheduler.num_preemptions > 0
