@@ -5,9 +5,11 @@ layers themselves stay per family."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from server.engine.transfer import copy_to_device
@@ -41,25 +43,26 @@ def prepare_prefill(
     """New sequences in slots [start, start+n) whose prefixes are in the cache: every index is built on the host
     and copied in one transfer; padded queries compute garbage that is never written to the cache nor read."""
     n = len(token_lists)
-    num_q = max(len(t) for t in token_lists)
-    ids = torch.zeros(n, num_q, dtype=torch.long)
-    positions = torch.zeros(n, num_q, dtype=torch.long)
-    rows: list[int] = []
-    cols: list[int] = []
-    queries: list[int] = []
-    last: list[int] = []
-    for i, (tokens, num_prefix) in enumerate(zip(token_lists, prefix_lens, strict=True)):
-        ids[i, : len(tokens)] = torch.tensor(tokens)
-        positions[i, : len(tokens)] = torch.arange(num_prefix, num_prefix + len(tokens))
-        rows += [start + i] * len(tokens)
-        cols += range(num_prefix, num_prefix + len(tokens))
-        queries += range(i * num_q, i * num_q + len(tokens))
-        last.append(i * num_q + len(tokens) - 1)
+    lens = np.fromiter(map(len, token_lists), np.int64, n)
+    num_prefix = np.asarray(prefix_lens, dtype=np.int64)
+    num_q = int(lens.max())
+    steps = np.arange(num_q)
+    valid = steps[None, :] < lens[:, None]  # [n, num_q]: a real query, in row-major order
+    ids_np = np.zeros((n, num_q), dtype=np.int64)
+    ids_np[valid] = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, int(lens.sum()))
+    positions_np = np.where(valid, num_prefix[:, None] + steps, 0)
+    host = [
+        ids_np,
+        positions_np,
+        np.repeat(start + np.arange(n), lens),  # the slot of each real query
+        positions_np[valid],  # its cache entry: its position
+        np.flatnonzero(valid),  # its flat index into [n * num_q]
+        np.arange(n) * num_q + lens - 1,  # each prompt's last query
+    ]
     ids, positions, rows_t, cols_t, queries_t, last_t = copy_to_device(
-        [ids, positions, torch.tensor(rows), torch.tensor(cols), torch.tensor(queries), torch.tensor(last)],
-        device,
+        [torch.from_numpy(a) for a in host], device
     )
-    length = max(p + len(t) for p, t in zip(prefix_lens, token_lists, strict=True))
+    length = int((num_prefix + lens).max())
     mask = (torch.arange(length, device=device)[None, None, :] <= positions[:, :, None])[:, None]
     attention = Attention((rows_t, cols_t), queries_t, (slice(start, start + n), length), mask)
     return PrefillInputs(ids, positions, last_t, attention)
