@@ -14,6 +14,8 @@ the decoder again (prefill_decoder) after its source is encoded again.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -94,24 +96,24 @@ class BartBackbone:
         (already written, `cross_lens[i]` entries). Returns the cross lengths (prefix + source)."""
         device = self.device
         n = len(token_lists)
-        src_len = max(len(t) for t in token_lists)
+        lens = np.fromiter(map(len, token_lists), np.int64, n)
+        src_len = int(lens.max())
         prefix, prefix_lens = _pad_prefixes(encoder_prefixes, self.model.lm_head.weight)
         num_prefix = 0 if prefix is None else prefix.shape[4]
-        # built on the host, copied once: ids, key mask, and where each real source token's cross K/V goes
-        ids = torch.full((n, src_len), self.rules.pad_token_id, dtype=torch.long)
-        key_valid = torch.zeros(n, num_prefix + src_len, dtype=torch.long)  # [prefix (padded) | source]
-        rows: list[int] = []
-        cols: list[int] = []
-        queries: list[int] = []
-        for i, tokens in enumerate(token_lists):
-            ids[i, : len(tokens)] = torch.tensor(tokens)
-            key_valid[i, : prefix_lens[i]] = 1
-            key_valid[i, num_prefix : num_prefix + len(tokens)] = 1
-            rows += [start + i] * len(tokens)
-            cols += range(cross_lens[i], cross_lens[i] + len(tokens))
-            queries += range(i * src_len, i * src_len + len(tokens))
-        ids, key_valid, queries_t = copy_to_device([ids, key_valid, torch.tensor(queries)], device)
-        where = cache.cross_where(np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64), device)
+        # built on the host in one pass, copied once: ids, key mask, and where each real source token's cross
+        # K/V goes
+        valid = np.arange(src_len)[None, :] < lens[:, None]  # [n, S]: a real source token, row-major
+        ids_np = np.full((n, src_len), self.rules.pad_token_id, dtype=np.int64)
+        ids_np[valid] = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, int(lens.sum()))
+        key_valid_np = np.zeros((n, num_prefix + src_len), dtype=np.int64)  # [prefix (padded) | source]
+        key_valid_np[:, :num_prefix] = np.arange(num_prefix)[None, :] < np.asarray(prefix_lens)[:, None]
+        key_valid_np[:, num_prefix:] = valid
+        rows = np.repeat(start + np.arange(n), lens)
+        cols = (np.asarray(cross_lens, dtype=np.int64)[:, None] + np.arange(src_len))[valid]
+        ids, key_valid, queries_t = copy_to_device(
+            [torch.from_numpy(a) for a in (ids_np, key_valid_np, np.flatnonzero(valid))], device
+        )
+        where = cache.cross_where(rows, cols, device)
         steps = torch.arange(src_len, device=device)
         mask = key_valid.bool()[
             :, None, None, :
