@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from prometheus_client.registry import Collector
 
 disable_created_metrics()  # no *_created series: noise for dashboards
 
+_PREFIX_ID = operator.attrgetter("prefix_id")
 SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -198,4 +200,5 @@ class Metrics:
     def on_forward(self, requests: list[Any]) -> None:
         """Called by the engine thread for every forward pass."""
         self.batch_size.observe(len(requests))
-        self.batch_distinct_prefixes.observe(len({r.prefix_id for r in requests}))
+        # map and set run in C: no Python loop over a steady step's rows
+        self.batch_distinct_prefixes.observe(len(set(map(_PREFIX_ID, requests))))
