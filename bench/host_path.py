@@ -4,13 +4,14 @@
     .venv/bin/python -m bench.host_path --before-root /path/to/other/checkout   # and the same load on that code
 
 A GPT-2 of 1 layer x 64 with a vocabulary of 700 (random weights, bench.throughput's recipe), so a forward at
-256 rows is cheap and what remains is the host's work: 256 concurrent requests x 64 tokens (EOS ignored) over
-16 prefixes round-robin, over HTTP, as whole responses and streamed (SSE). Per round: the server's CPU (its
-process tree, from /proc) per generated token. Beside it, in the same run, HF's batched `generate` of the same
-256 prompts with no prefix on one thread (this process's CPU per token). And the engine's host time per step
-(step minus forward, from /metrics) with 64 and with 256 requests in flight. With --before-root both servers
-are up at once and the rounds interleave, so a drift of a shared machine falls on both alike. The best of
---repeats rounds is kept (its event-loop thread's CPU and write system calls per token beside it), and the
+256 rows is cheap beside a real model's and the host's work shows: 256 concurrent requests x 64 tokens (EOS
+ignored) over 16 prefixes round-robin, over HTTP, as whole responses and streamed (SSE). Per round: the
+server's CPU (its process tree, from /proc) per generated token, split between the HTTP front's process and the
+runner's child (whose forward, on a CPU, is most of it). Beside it, in the same run, HF's batched `generate` of
+the same 256 prompts with no prefix on one thread (this process's CPU per token). And the engine's host time per
+step (step minus forward, from /metrics) with 64 and with 256 requests in flight. With --before-root both
+servers are up at once and the rounds interleave, so a drift of a shared machine falls on both alike. The best
+of --repeats rounds is kept (its event-loop thread's CPU and write system calls per token beside it), and the
 median over the rounds. The servers run their own default (--runner-process true since it became the default)
 unless --runner-process says otherwise. Writes bench/results/host_path.json.
 """
@@ -68,6 +69,12 @@ def loop_thread(pid: int) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), writes
 
 
+def front_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the server's own process (every thread), its children apart (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def server_round(url: str, pid: int, jobs, new_tokens: int, stream: bool) -> dict:
     """One round: the server's CPU µs per generated token (and its event loop's), tokens/s, write system calls
     per token, and its host ms per step."""
@@ -77,13 +84,18 @@ def server_round(url: str, pid: int, jobs, new_tokens: int, stream: bool) -> dic
             body["stream"] = True
     with httpx.Client(base_url=url, timeout=60) as client:
         before, cpu_before, loop_before = engine_seconds(client), cpu_seconds(pid), loop_thread(pid)
+        front_before = front_cpu_seconds(pid)
         seconds, tokens = asyncio.run(round_trip(url, bodies))
         cpu, loop = cpu_seconds(pid) - cpu_before, loop_thread(pid)
+        front = front_cpu_seconds(pid) - front_before
         steps, step_s, forward_s, _ = (a - b for a, b in zip(engine_seconds(client), before, strict=True))
     if tokens != len(jobs) * new_tokens:
         raise RuntimeError(f"{tokens} tokens came back, not {len(jobs) * new_tokens}")
     return {
         "server_cpu_us_per_token": cpu / tokens * 1e6,
+        # the HTTP front's process and the runner's child (0 with --runner-process false) apart
+        "front_cpu_us_per_token": front / tokens * 1e6,
+        "runner_process_cpu_us_per_token": (cpu - front) / tokens * 1e6,
         "event_loop_cpu_us_per_token": (loop[0] - loop_before[0]) / tokens * 1e6,
         "writes_per_token": (loop[1] - loop_before[1]) / tokens,
         "tokens_per_s": tokens / seconds,
@@ -157,7 +169,8 @@ def main() -> None:
             ratio = f" ({f['x_hf']:.2f}x HF)" if "x_hf" in f else ""
             print(
                 f"{name:>6} {mode:>14}: {f['server_cpu_us_per_token']:6.1f} µs/token{ratio} (median "
-                f"{f['median_server_cpu_us_per_token']:.1f}; event loop {f['event_loop_cpu_us_per_token']:.1f}, "
+                f"{f['median_server_cpu_us_per_token']:.1f}; front {f['front_cpu_us_per_token']:.1f}, runner "
+                f"process {f['runner_process_cpu_us_per_token']:.1f}, event loop {f['event_loop_cpu_us_per_token']:.1f}, "
                 f"{f['writes_per_token']:.2f} writes/token), host {f['host_ms_per_step']:.2f} ms/step, "
                 f"forward {f['forward_ms_per_step']:.2f} ms/step"
             )

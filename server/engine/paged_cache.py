@@ -26,6 +26,7 @@ no table of a sequence names.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -160,27 +161,30 @@ class PagedKVCache:
     ) -> PrefillInputs:
         """New sequences in slots [start, start+n) (joined, prefix blocks written): built on the host, one copy."""
         n, size = len(token_lists), self.block_size
-        num_q = max(len(t) for t in token_lists)
-        lens = np.array([len(t) for t in token_lists], dtype=np.int64)
-        ids = np.zeros((n, num_q), dtype=np.int64)
-        positions = np.zeros((n, num_q), dtype=np.int64)
-        flat, queries = [], []
-        for i, tokens in enumerate(token_lists):
-            ids[i, : lens[i]] = tokens
-            positions[i, : lens[i]] = np.arange(prefix_lens[i], prefix_lens[i] + lens[i])
-            logical = positions[i, : lens[i]] + self.shift[start + i]
-            # never write past a table (into block 0 or another row's block): the grants must cover the prompt
-            assert logical[-1] // size < self.num_table[start + i], "prefill past the slot's blocks"
-            flat.append(self.tables[start + i, logical // size] * size + logical % size)
-            queries.append(np.arange(i * num_q, i * num_q + lens[i]))
         slots = slice(start, start + n)
-        num_blocks = int(-(-(lens + prefix_lens + self.shift[slots]).max() // size))
+        lens = np.fromiter(map(len, token_lists), np.int64, n)
+        row_prefix = np.asarray(prefix_lens, dtype=np.int64)
+        num_q = int(lens.max())
+        steps = np.arange(num_q)
+        valid = steps[None, :] < lens[:, None]  # [n, num_q]: a real query, in row-major order
+        ids = np.zeros((n, num_q), dtype=np.int64)
+        ids[valid] = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, int(lens.sum()))
+        positions = np.where(valid, row_prefix[:, None] + steps, 0)
+        row_shift = self.shift[slots]
+        # never write past a table (into block 0 or another row's block): the grants must cover the prompt
+        assert ((row_prefix + lens - 1 + row_shift) // size < self.num_table[slots]).all(), (
+            "prefill past the slot's blocks"
+        )
+        logical = (positions + row_shift[:, None])[valid]  # [N] each real query's logical entry
+        table_rows = np.repeat(np.arange(start, start + n), lens)
+        flat = self.tables[table_rows, logical // size] * size + logical % size
+        num_blocks = int(-(-(lens + row_prefix + row_shift).max() // size))
         last = np.arange(n) * num_q + lens - 1
         host = [
             ids,
             positions,
-            np.concatenate(flat),
-            np.concatenate(queries),
+            flat,
+            np.flatnonzero(valid),
             last,
             self.tables[slots, :num_blocks],
         ]
