@@ -12,7 +12,6 @@ in `failed`, a beam group's row in `beams`, and logprobs exist for the rows that
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -113,14 +112,31 @@ class StepOutput:
 
 
 @dataclass(frozen=True)
+class WireTensor:
+    """A tensor on the pipe to the runner's process as plain bytes (no shared-memory handles, every dtype)."""
+
+    data: bytes
+    dtype: str  # torch's name for it, without "torch."
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WirePrefix:
+    """A joining row's prefix: the key the child keeps its copy by, and its tensors the first time it is sent."""
+
+    key: int
+    tensors: dict[str, WireTensor] | None = None
+
+
+@dataclass(frozen=True)
 class JoiningRow:
-    """What the runner's process needs of a joining request: its prefix as (key, tensors the first time)."""
+    """What the runner's process needs of a joining request."""
 
     row: int
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    prefix: Any = None  # (key, {name: wire tensor} or None) or None for the bare backbone
+    prefix: WirePrefix | None = None  # None: the bare backbone
     resumed: tuple[int, ...] = ()  # resuming after a preemption: the tokens it generated before
     # paged: its tables as the front's pool granted them (one per beam; fresh blocks are zeroed, a new prefix's
     # written), and the row whose prefill it shares when it is a forking choice

@@ -49,11 +49,47 @@ from server.engine.config import EngineConfig
 from server.engine.kv_cache import PoolPlan
 from server.engine.paged_cache import POOLED_TARGETS
 from server.engine.request import Request
-from server.engine.step import JoiningRow, StepInput, StepMessage, StepOutput
+from server.engine.step import JoiningRow, StepInput, StepMessage, StepOutput, WirePrefix, WireTensor
 
 log = logging.getLogger("prefixserve.engine")
 
-Wire = tuple[bytes, str, tuple[int, ...]]  # a tensor on the pipe: its bytes, dtype name, shape (_to_wire)
+
+# -- what crosses the pipe besides the steps (StepMessage, StepOutput): typed as they are ---------------------
+@dataclass(frozen=True)
+class Ready:
+    """The child, once: the backbone is loaded and the KV cache planned (what the front reports and schedules by)."""
+
+    kv_plan: Any
+    decode_mode: str
+    max_model_len: int
+    kv_num_bytes: int
+    rules: Any  # the backbone's GenerationRules
+    one_pass: bool  # BART: one forward call a step (encode, then decode everyone)
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """The child, instead of Ready: why it could not start (KVBudgetError, BackboneError, ...)."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class Forget:
+    """The front, between steps: the child may drop these prefix copies, and says how many it holds (Held)."""
+
+    keys: list[int]
+
+
+@dataclass(frozen=True)
+class Held:
+    num_prefixes: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The front: finish the message in hand and exit."""
+
 
 _RUNNERS = itertools.count()
 
@@ -119,12 +155,13 @@ class RunnerProcess:
         if not self._conn.poll(start_timeout):
             self.close()
             raise RuntimeError(f"the runner process did not start within {start_timeout:g} s")
-        reply = self._recv()
-        if reply[0] == "error":
+        ready = self._recv()
+        if isinstance(ready, StartFailed):
             self.close()
-            raise reply[1]
-        _, self.kv_plan, self.decode_mode, self.max_model_len, self.kv_num_bytes, self.rules, one_pass = reply
-        self._one_pass = one_pass  # BART: one forward call a step (encode, then decode everyone)
+            raise ready.error
+        self.kv_plan, self.decode_mode, self.rules = ready.kv_plan, ready.decode_mode, ready.rules
+        self.max_model_len, self.kv_num_bytes = ready.max_model_len, ready.kv_num_bytes
+        self._one_pass = ready.one_pass
         # paged: the front's pool is the one authority on blocks (the scheduler admits, grows and frees by it);
         # the child's tensors follow the grants each step carries
         self.block_pool: BlockPool | None = None
@@ -227,19 +264,19 @@ class RunnerProcess:
         """How many prefixes' tensors the child holds (sends what the front has dropped first)."""
         with self._forgotten_lock:
             forgotten, self._forgotten = self._forgotten, []
-        return self._call(("held", forgotten))[1]
+        return self._call(Forget(forgotten)).num_prefixes
 
-    def _prefix(self, prefix: Any) -> tuple[int, dict[str, Wire] | None] | None:
-        """(key, the tensors the first time this prefix object goes to the child, else None); None: no prefix."""
+    def _prefix(self, prefix: Any) -> WirePrefix | None:
+        """The key, and the tensors the first time this prefix object goes to the child; None: no prefix."""
         if prefix is None:
             return None
         keys = prefix.__dict__.setdefault("_runner_keys", {})  # runner -> the key its child knows it by
         key = keys.get(self._token)
         if key is not None:
-            return key, None
+            return WirePrefix(key)
         key = keys[self._token] = next(self._keys)
         weakref.finalize(prefix, self._forget, key)
-        return key, {name: _to_wire(tensor) for name, tensor in prefix.targets.items()}
+        return WirePrefix(key, {name: _to_wire(tensor) for name, tensor in prefix.targets.items()})
 
     def _forget(self, key: int) -> None:  # from whichever thread drops the front's last reference
         with self._forgotten_lock:
@@ -277,7 +314,7 @@ class RunnerProcess:
         on a step that never returns (a stuck child): then the child is killed."""
         if self.process.is_alive() and self._pipe.acquire(timeout=5):
             try:
-                self._conn.send(("stop",))
+                self._conn.send(Stop())
             except (OSError, EOFError, ValueError):
                 pass
             finally:
@@ -309,11 +346,10 @@ def _serve(conn: Any, spec: RunnerSpec) -> None:
     try:
         runner, backbone = _build(spec)
     except Exception as exc:  # the front raises it: the server does not start, and says why
-        conn.send(("error", _picklable(exc)))
+        conn.send(StartFailed(_picklable(exc)))
         return
     conn.send(
-        (
-            "ready",
+        Ready(
             runner.kv_plan,
             runner.decode_mode,
             runner.max_model_len,
@@ -359,11 +395,11 @@ class _Child:
             if isinstance(message, StepMessage):
                 conn.send(self.step(message))
                 continue
-            if message[0] == "stop":
+            if isinstance(message, Stop):
                 return
-            if message[0] == "held":
-                self._forget(message[1])
-                conn.send(("held", len(self.prefixes)))
+            if isinstance(message, Forget):
+                self._forget(message.keys)
+                conn.send(Held(len(self.prefixes)))
 
     def _forget(self, keys: list[int]) -> None:
         for key in keys:
@@ -406,9 +442,9 @@ class _Child:
     def _join(self, row: JoiningRow) -> Request:
         from server.engine.transfer import stage, upload
 
-        prefix = row.prefix
-        if prefix is not None:
-            key, tensors = prefix
+        wire, prefix = row.prefix, None
+        if wire is not None:
+            key, tensors = wire.key, wire.tensors
             if tensors is not None:
                 device, dtype = self.backbone.device, self.backbone.dtype
                 # paged: the pooled targets stay on the host; the runner writes them into blocks when needed
@@ -425,15 +461,17 @@ class _Child:
         return request
 
 
-def _to_wire(tensor: torch.Tensor) -> Wire:
+def _to_wire(tensor: torch.Tensor) -> WireTensor:
     """A tensor as plain bytes for the pipe (no shared-memory handles, every dtype bfloat16 included)."""
     host = tensor.detach().cpu().contiguous()
-    return host.view(torch.uint8).numpy().tobytes(), str(host.dtype).removeprefix("torch."), tuple(host.shape)
+    return WireTensor(
+        host.view(torch.uint8).numpy().tobytes(), str(host.dtype).removeprefix("torch."), tuple(host.shape)
+    )
 
 
-def _from_wire(wire: Wire) -> torch.Tensor:
-    data, dtype, shape = wire
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape)
+def _from_wire(wire: WireTensor) -> torch.Tensor:
+    data = torch.frombuffer(bytearray(wire.data), dtype=torch.uint8)
+    return data.view(getattr(torch, wire.dtype)).reshape(wire.shape)
 
 
 def _picklable(exc: BaseException) -> BaseException:
