@@ -1,4 +1,4 @@
-"""The host path: server CPU per generated token where the forward costs almost nothing, beside HF's.
+"""The host path: server CPU per generated token where the forward is cheap, beside HF's and the engine's alone.
 
     .venv/bin/python -m bench.host_path                                   # this checkout
     .venv/bin/python -m bench.host_path --before-root /path/to/other/checkout   # and the same load on that code
@@ -8,12 +8,14 @@ A GPT-2 of 1 layer x 64 with a vocabulary of 700 (random weights, bench.throughp
 ignored) over 16 prefixes round-robin, over HTTP, as whole responses and streamed (SSE). Per round: the
 server's CPU (its process tree, from /proc) per generated token, split between the HTTP front's process and the
 runner's child (whose forward, on a CPU, is most of it). Beside it, in the same run, HF's batched `generate` of
-the same 256 prompts with no prefix on one thread (this process's CPU per token). And the engine's host time per
-step (step minus forward, from /metrics) with 64 and with 256 requests in flight. With --before-root both
-servers are up at once and the rounds interleave, so a drift of a shared machine falls on both alike. The best
-of --repeats rounds is kept (its event-loop thread's CPU and write system calls per token beside it), and the
-median over the rounds. The servers run their own default (--runner-process true since it became the default)
-unless --runner-process says otherwise. Writes bench/results/host_path.json.
+the same 256 prompts with no prefix on one thread (this process's CPU per token), and the engine alone: this
+checkout's Engine in this process on one thread, the same prompts and prefixes, no HTTP, no runner process (the
+floor the server's figures stand on). And the engine's host time per step (step minus forward, from /metrics)
+with 64 and with 256 requests in flight. With --before-root both servers are up at once and the rounds
+interleave, so a drift of a shared machine falls on both alike. The best of --repeats rounds is kept (its
+event-loop thread's CPU and write system calls per token beside it), and the median over the rounds. The
+servers run their own default (--runner-process true since it became the default) unless --runner-process says
+otherwise. Writes bench/results/host_path.json.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import httpx
 import torch
 
 from bench.record import write_result
-from bench.sampling import bodies_for, cpu_seconds, engine_seconds, round_trip, start_server
+from bench.sampling import bodies_for, cpu_seconds, engine_seconds, native_prefixes, round_trip, start_server
 from bench.throughput import ROOT, build_backbone, workload
 
 
@@ -57,6 +59,45 @@ def hf_cpu_per_token(model_dir: Path, jobs: list[tuple[int, str]], new_tokens: i
             )
         tokens = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
         best = min(best, (time.process_time() - started) / tokens * 1e6)
+    return best
+
+
+def engine_cpu_per_token(
+    model_dir: Path, jobs: list[tuple[int, str]], new_tokens: int, num_prefixes: int
+) -> float:
+    """µs of this process's CPU per token for the engine alone: in this process on one thread, no HTTP and no
+    runner process, the same prompts and the server's prefixes (bench.sampling's files), all queued at once and
+    stepped to the end (every row prefilled, then decoded). The floor the server's figures stand on."""
+    import server.engine.engine as engine_module
+    from prefix_store.cache import DevicePrefix
+    from prefix_store.format import load_prefix
+    from prefix_store.store import make_meta
+    from server.engine.backbone import load_backbone
+    from server.engine.request import Request, SamplingParams
+    from server.host_memory import retain_freed_memory
+
+    torch.set_num_threads(1)
+    retain_freed_memory(os.environ)  # as the server does at start
+    backbone = load_backbone(model_dir, "cpu", "float32")
+    prefixes = []
+    for i, data in enumerate(native_prefixes(model_dir, num_prefixes)):
+        prefix = load_prefix(data)
+        meta = make_meta(f"bench/p{i}", prefix, data, "native", False)
+        prefixes.append(DevicePrefix(meta=meta, targets=dict(prefix.targets), num_bytes=prefix.num_bytes))
+    best = float("inf")
+    for _ in range(2):
+        engine = engine_module.Engine(backbone, engine_module.EngineConfig(max_num_seqs=len(jobs)))
+        for i, (index, prompt) in enumerate(jobs):
+            prefix = prefixes[index]
+            params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+            engine.scheduler.add(
+                Request(f"r{i}", engine.tokenize(prompt), params, prefix=prefix, prefix_id=prefix.id,
+                        num_prefix_tokens=prefix.num_virtual_tokens)
+            )  # fmt: skip
+        started = time.process_time()
+        while engine.scheduler.has_work():
+            engine.step()
+        best = min(best, (time.process_time() - started) / (len(jobs) * new_tokens) * 1e6)
     return best
 
 
@@ -138,6 +179,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = build_backbone(Path(tmp) / "model", args.layers, args.width, args.heads, args.vocab)
         hf = hf_cpu_per_token(model_dir, jobs, args.new_tokens)
+        engine_alone = engine_cpu_per_token(model_dir, jobs, args.new_tokens, args.prefixes)
         servers = {
             name: start_server(stack, model_dir, Path(tmp) / name, args, 1, root, _flag(args.runner_process))
             for name, root in roots.items()
@@ -155,7 +197,12 @@ def main() -> None:
             by_mode[mode]["median_server_cpu_us_per_token"] = statistics.median(every[name][mode])
         for mode in ("whole", "streamed"):
             by_mode[mode]["x_hf"] = by_mode[mode]["server_cpu_us_per_token"] / hf
-    figures = {"hf_batched_no_prefix_cpu_us_per_token": hf, **best}
+    figures = {
+        "hf_batched_no_prefix_cpu_us_per_token": hf,
+        "engine_alone_cpu_us_per_token": engine_alone,
+        "engine_alone_x_hf": engine_alone / hf,
+        **best,
+    }
     if "before" in best:
         figures["before_over_this"] = {
             mode: best["before"][mode]["server_cpu_us_per_token"]
@@ -164,6 +211,7 @@ def main() -> None:
         }
     write_result("host_path", "bench.host_path", figures)
     print(f"HF batched generate, no prefix: {hf:.1f} µs CPU per token")
+    print(f"the engine alone, no HTTP: {engine_alone:.1f} µs CPU per token ({engine_alone / hf:.2f}x HF)")
     for name, by_mode in best.items():
         for mode, f in by_mode.items():
             ratio = f" ({f['x_hf']:.2f}x HF)" if "x_hf" in f else ""
