@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checklist (../shared/docs/gpu.md) on a CUDA machine, from the repository root, one step or several:
 #
-#   bench/gpu_suite.sh [correctness] [dtype] [profile] [medium] [small] [memory] [sampling] [stream]
-#   (none: all eight)
+#   bench/gpu_suite.sh [correctness] [paged] [dtype] [profile] [medium] [small] [memory] [sampling] [stream]
+#   (none: all nine)
 #
 #   correctness  pytest -m gpu, then the PEFT parity tests with --device cuda (engine, runner process, server;
 #                float32)
+#   paged        --kv-layout paged on CUDA: its CUDA-graph capture and replay and its prefix blocks (pytest
+#                --device cuda), then bench.kv_capacity (paged beside slots, same budget)
 #   dtype        bench.dtype_drift: bfloat16/float16 greedy tokens vs float32 on the demo backbone + prefixes
 #   profile      bench.profile_step: torch.profiler over decode steps, GPT-2-medium shape, batch 64
 #   medium       bench.throughput, GPT-2-medium shape, 64 prefixes, 128 requests (vs PEFT, vs HF batched)
@@ -24,7 +26,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/clients/python${PYTHONPATH:+:$PYTHONPATH}"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(correctness dtype profile medium small memory sampling stream)
+[ ${#steps[@]} -eq 0 ] && steps=(correctness paged dtype profile medium small memory sampling stream)
 
 medium=(--layers 24 --width 1024 --heads 16 --vocab 50257)
 small=(--layers 12 --width 768 --heads 12 --vocab 50257)
@@ -36,6 +38,10 @@ run_step() {
             $py -m pytest -q -p no:cacheprovider --device cuda tests/engine/test_engine_exactness.py \
                 tests/engine/test_cuda_graphs.py tests/engine/test_runner_process.py \
                 tests/integration/test_serve_exact.py ;;
+    paged)
+        $py -m pytest -q -p no:cacheprovider --device cuda tests/engine/test_paged_cuda_graphs.py \
+            tests/engine/test_paged_prefixes.py tests/engine/test_paged_kv.py tests/engine/test_paged_runner_process.py &&
+            $py -m bench.kv_capacity --device cuda --requests 128 --repeats 2 ;;
     dtype) $py -m bench.dtype_drift --device cuda ;;
     profile) $py -m bench.profile_step --device cuda "${medium[@]}" --batch 64 ;;
     medium)
