@@ -100,8 +100,7 @@ class BartBackbone:
         src_len = int(lens.max())
         prefix, prefix_lens = _pad_prefixes(encoder_prefixes, self.model.lm_head.weight)
         num_prefix = 0 if prefix is None else prefix.shape[4]
-        # built on the host in one pass, copied once: ids, key mask, and where each real source token's cross
-        # K/V goes
+        # built on the host in one pass, copied once: ids, key mask, where each source token's cross K/V goes
         valid = np.arange(src_len)[None, :] < lens[:, None]  # [n, S]: a real source token, row-major
         ids_np = np.full((n, src_len), self.rules.pad_token_id, dtype=np.int64)
         ids_np[valid] = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, int(lens.sum()))
