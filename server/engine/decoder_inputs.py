@@ -37,20 +37,28 @@ class PrefillInputs:
     attention: Attention
 
 
+def padded_queries(
+    token_lists: list[list[int]], prefix_lens: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts right-padded, in one numpy pass: (lens [n]; valid [n, T]: a real query, row-major; ids [n, T], 0
+    where padded; positions [n, T] from each row's P, 0 where padded)."""
+    lens = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
+    steps = np.arange(int(lens.max()))
+    valid = steps[None, :] < lens[:, None]
+    ids = np.zeros(valid.shape, dtype=np.int64)
+    ids[valid] = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, int(lens.sum()))
+    positions = np.where(valid, np.asarray(prefix_lens, dtype=np.int64)[:, None] + steps, 0)
+    return lens, valid, ids, positions
+
+
 def prepare_prefill(
     start: int, token_lists: list[list[int]], prefix_lens: list[int], device: torch.device
 ) -> PrefillInputs:
     """New sequences in slots [start, start+n) whose prefixes are in the cache: every index is built on the host
     and copied in one transfer; padded queries compute garbage that is never written to the cache nor read."""
     n = len(token_lists)
-    lens = np.fromiter(map(len, token_lists), np.int64, n)
-    num_prefix = np.asarray(prefix_lens, dtype=np.int64)
-    num_q = int(lens.max())
-    steps = np.arange(num_q)
-    valid = steps[None, :] < lens[:, None]  # [n, num_q]: a real query, in row-major order
-    ids_np = np.zeros((n, num_q), dtype=np.int64)
-    ids_np[valid] = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, int(lens.sum()))
-    positions_np = np.where(valid, num_prefix[:, None] + steps, 0)
+    lens, valid, ids_np, positions_np = padded_queries(token_lists, prefix_lens)
+    num_q = valid.shape[1]
     host = [
         ids_np,
         positions_np,
@@ -62,7 +70,7 @@ def prepare_prefill(
     ids, positions, rows_t, cols_t, queries_t, last_t = copy_to_device(
         [torch.from_numpy(a) for a in host], device
     )
-    length = int((num_prefix + lens).max())
+    length = int((np.asarray(prefix_lens) + lens).max())
     mask = (torch.arange(length, device=device)[None, None, :] <= positions[:, :, None])[:, None]
     attention = Attention((rows_t, cols_t), queries_t, (slice(start, start + n), length), mask)
     return PrefillInputs(ids, positions, last_t, attention)

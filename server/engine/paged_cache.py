@@ -26,7 +26,6 @@ no table of a sequence names.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from prefix_store.format import BackboneShape
 from server.engine import paged_kernel
 from server.engine.block_pool import SeqBlocks
-from server.engine.decoder_inputs import Attention, PrefillInputs
+from server.engine.decoder_inputs import Attention, PrefillInputs, padded_queries
 from server.engine.transfer import copy_to_device
 
 # the prefix targets the pool holds as blocks: kept on the host by the prefix cache, so a prefix has one device
@@ -162,14 +161,8 @@ class PagedKVCache:
         """New sequences in slots [start, start+n) (joined, prefix blocks written): built on the host, one copy."""
         n, size = len(token_lists), self.block_size
         slots = slice(start, start + n)
-        lens = np.fromiter(map(len, token_lists), np.int64, n)
-        row_prefix = np.asarray(prefix_lens, dtype=np.int64)
-        num_q = int(lens.max())
-        steps = np.arange(num_q)
-        valid = steps[None, :] < lens[:, None]  # [n, num_q]: a real query, in row-major order
-        ids = np.zeros((n, num_q), dtype=np.int64)
-        ids[valid] = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, int(lens.sum()))
-        positions = np.where(valid, row_prefix[:, None] + steps, 0)
+        lens, valid, ids, positions = padded_queries(token_lists, prefix_lens)
+        row_prefix, num_q = np.asarray(prefix_lens, dtype=np.int64), valid.shape[1]
         row_shift = self.shift[slots]
         # never write past a table (into block 0 or another row's block): the grants must cover the prompt
         assert ((row_prefix + lens - 1 + row_shift) // size < self.num_table[slots]).all(), (
