@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def test_the_engine_alone_runs_every_request_to_its_last_token(
@@ -17,8 +18,9 @@ def test_the_engine_alone_runs_every_request_to_its_last_token(
     import server.host_memory
     from bench.host_path import engine_cpu_per_token
 
-    # the bench fixes malloc's thresholds for its process, as the server does: not for the test run's
+    # the bench sets its process's malloc thresholds and torch threads, as the server does: not the test run's
     monkeypatch.setattr(server.host_memory, "retain_freed_memory", lambda environ: "left alone")
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     us_per_token = engine_cpu_per_token(tiny_gpt2_dir, tiny_workload(6, 3), new_tokens=4, num_prefixes=3)
     assert math.isfinite(us_per_token) and us_per_token >= 0
 

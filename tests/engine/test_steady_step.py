@@ -23,6 +23,7 @@ from server.engine import worker
 from server.engine.backbone import load_backbone
 from server.engine.engine import Engine, EngineConfig
 from server.engine.request import SamplingParams
+from server.engine.runner import ModelRunner
 from server.engine.step import StepMessage
 from server.engine.worker import RunnerProcess
 from server.metrics import Metrics
@@ -138,8 +139,11 @@ def lines_per_steady_overlapped_step(model_dir: Path, num_rows: int) -> tuple[li
     finally:
         runner.close()
         loop.close()
-    child_runner, child_backbone = worker._build(spec)
-    child = worker._Child(child_runner, child_backbone)
+    # the child's runner as _build makes it, without _build's process-wide set_grad_enabled(False)
+    child_backbone = load_backbone(model_dir, "cpu", "float32")
+    child = worker._Child(
+        ModelRunner(child_backbone, spec.engine_config(spec.kv_cache_bytes)), child_backbone
+    )
     for message in pipe.sent[:steady_from]:
         child.step(message)
     in_child = [count_lines(lambda m=message: child.step(m)) for message in pipe.sent[steady_from:]]
