@@ -33,7 +33,15 @@ import httpx
 import torch
 
 from bench.record import write_result
-from bench.sampling import bodies_for, cpu_seconds, engine_seconds, native_prefixes, round_trip, start_server
+from bench.sampling import (
+    bodies_for,
+    cpu_seconds,
+    engine_seconds,
+    native_prefixes,
+    own_cpu_seconds,
+    round_trip,
+    start_server,
+)
 from bench.throughput import ROOT, build_backbone, workload
 
 
@@ -116,12 +124,6 @@ def loop_thread(pid: int) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), writes
 
 
-def front_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of the server's own process (every thread), its children apart (/proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def server_round(url: str, pid: int, jobs, new_tokens: int, stream: bool) -> dict:
     """One round: the server's CPU µs per generated token (and its event loop's), tokens/s, write system calls
     per token, and its host ms per step."""
@@ -131,10 +133,10 @@ def server_round(url: str, pid: int, jobs, new_tokens: int, stream: bool) -> dic
             body["stream"] = True
     with httpx.Client(base_url=url, timeout=60) as client:
         before, cpu_before, loop_before = engine_seconds(client), cpu_seconds(pid), loop_thread(pid)
-        front_before = front_cpu_seconds(pid)
+        front_before = own_cpu_seconds(pid)
         seconds, tokens = asyncio.run(round_trip(url, bodies))
         cpu, loop = cpu_seconds(pid) - cpu_before, loop_thread(pid)
-        front = front_cpu_seconds(pid) - front_before
+        front = own_cpu_seconds(pid) - front_before
         steps, step_s, forward_s, _ = (a - b for a, b in zip(engine_seconds(client), before, strict=True))
     if tokens != len(jobs) * new_tokens:
         raise RuntimeError(f"{tokens} tokens came back, not {len(jobs) * new_tokens}")

@@ -128,11 +128,15 @@ def bodies_for(mode: str, jobs: list[tuple[int, str]], new_tokens: int) -> list[
     return out
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (every thread), its children apart, so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and its live children (--runner-process) so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(cpu_seconds(child) for child in children(pid))
+    return own_cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
 
 
 def children(pid: int) -> list[int]:

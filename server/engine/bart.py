@@ -14,8 +14,6 @@ the decoder again (prefill_decoder) after its source is encoded again.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,7 +21,7 @@ from torch import nn
 
 from prefix_store.families import GenerationRules, family
 from prefix_store.families.spec import BackboneError
-from server.engine.decoder_inputs import Attention
+from server.engine.decoder_inputs import Attention, padded_queries
 from server.engine.kv_cache import KVCache
 from server.engine.paged_cache import PagedKVCache
 from server.engine.transfer import copy_to_device
@@ -96,14 +94,12 @@ class BartBackbone:
         (already written, `cross_lens[i]` entries). Returns the cross lengths (prefix + source)."""
         device = self.device
         n = len(token_lists)
-        lens = np.fromiter(map(len, token_lists), np.int64, n)
-        src_len = int(lens.max())
         prefix, prefix_lens = _pad_prefixes(encoder_prefixes, self.model.lm_head.weight)
         num_prefix = 0 if prefix is None else prefix.shape[4]
         # built on the host in one pass, copied once: ids, key mask, where each source token's cross K/V goes
-        valid = np.arange(src_len)[None, :] < lens[:, None]  # [n, S]: a real source token, row-major
-        ids_np = np.full((n, src_len), self.rules.pad_token_id, dtype=np.int64)
-        ids_np[valid] = np.fromiter(itertools.chain.from_iterable(token_lists), np.int64, int(lens.sum()))
+        lens, valid, ids_np, _ = padded_queries(token_lists, [0] * n)  # valid [n, S]: a real source token
+        src_len = valid.shape[1]
+        ids_np[~valid] = self.rules.pad_token_id
         key_valid_np = np.zeros((n, num_prefix + src_len), dtype=np.int64)  # [prefix (padded) | source]
         key_valid_np[:, :num_prefix] = np.arange(num_prefix)[None, :] < np.asarray(prefix_lens)[:, None]
         key_valid_np[:, num_prefix:] = valid
